@@ -1,0 +1,102 @@
+//! Map keys and values shared by the freeze programs (kernel side) and tcpmig (user side).
+//!
+//! Everything is `#[repr(C)]` with explicit padding so both sides agree byte for byte; addresses
+//! are stored as 16 bytes (IPv4 in the first 4, the rest zero) and ports in host byte order.
+#![no_std]
+
+/// skb mark CRIU puts on its own packets (libsoccr's FIN injection); its network lock lets them
+/// through, and so must ours.
+pub const CRIU_SKB_MARK: u32 = 0xC114;
+
+/// Capacity of the frozen-services map.
+pub const MAX_SERVICES: u32 = 1024;
+/// Capacity of the frozen-4-tuples map: enough for the largest migration we test (100,000).
+pub const MAX_TUPLES: u32 = 262_144;
+
+/// Pinned map names, under /sys/fs/bpf/tcpmig/<freeze name>/.
+pub const SERVICES_MAP: &str = "SERVICES";
+pub const TUPLES_MAP: &str = "TUPLES";
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// Address family tags used in keys (not AF_* values, so that zeroed memory is never valid).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A service: every TCP connection whose local side is `addr:port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// One connection, seen from the host that owns it (local = the migrating side).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What a frozen entry carries. The program ignores entries whose deadline has passed, so a
+/// crashed migration can never leave a permanent blackhole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreezeValue {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) after which traffic passes again.
+    pub deadline_ns: u64,
+    /// When the freeze was set, CLOCK_MONOTONIC nanoseconds (for `tcpmig status`).
+    pub since_ns: u64,
+}
+
+/// Indexes into the per-CPU counters array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// New connection attempts (SYN without ACK) to a frozen service, dropped silently.
+    SynDropped = 0,
+    /// Segments of frozen connections dropped on ingress.
+    IngressDropped = 1,
+    /// Segments of frozen connections dropped on egress.
+    EgressDropped = 2,
+    /// Segments that matched an entry whose deadline had passed and were let through.
+    PassedAfterDeadline = 3,
+    /// Egress segments carrying CRIU's mark, let through.
+    CriuMarkPassed = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::SynDropped,
+        Counter::IngressDropped,
+        Counter::EgressDropped,
+        Counter::PassedAfterDeadline,
+        Counter::CriuMarkPassed,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::SynDropped => "syn_dropped",
+            Counter::IngressDropped => "ingress_dropped",
+            Counter::EgressDropped => "egress_dropped",
+            Counter::PassedAfterDeadline => "passed_after_deadline",
+            Counter::CriuMarkPassed => "criu_mark_passed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] integers and byte arrays with explicit padding: every bit pattern
+    // is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::FreezeValue {}
+}

@@ -1,0 +1,204 @@
+//! `tcpmig freeze`, `unfreeze`, `status`.
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use tcpmig::{
+    freeze::{self, Freeze, FreezeStatus},
+    net::Netns,
+};
+
+use super::print_json;
+
+#[derive(Args)]
+pub struct NetnsArg {
+    /// Network namespace: a name under /run/netns or a path such as /proc/PID/ns/net
+    /// [default: this process's].
+    #[arg(long, value_name = "NS")]
+    netns: Option<String>,
+}
+
+impl NetnsArg {
+    fn open(&self) -> anyhow::Result<Netns> {
+        Ok(match &self.netns {
+            Some(spec) => Netns::open(spec)?,
+            None => Netns::current()?,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct FreezeArgs {
+    #[command(flatten)]
+    netns: NetnsArg,
+    /// Interface that carries the service's traffic.
+    #[arg(long, value_name = "IFACE")]
+    dev: String,
+    /// Service to freeze (local address and port of its connections); repeatable.
+    #[arg(long, value_name = "ADDR:PORT")]
+    service: Vec<SocketAddr>,
+    /// Seconds after which traffic passes again by itself, even if nobody unfreezes.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    deadline: f64,
+    /// Name of the freeze [default: the namespace's name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct UnfreezeArgs {
+    #[command(flatten)]
+    netns: NetnsArg,
+    /// Name of the freeze [default: the namespace's name].
+    #[arg(long, conflicts_with = "all")]
+    name: Option<String>,
+    /// Remove every freeze in the namespace.
+    #[arg(long)]
+    all: bool,
+    /// Only thaw these services and keep the rest of the freeze; repeatable.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "all")]
+    service: Vec<SocketAddr>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Only freezes in this namespace (name under /run/netns or path).
+    #[arg(long, value_name = "NS")]
+    netns: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct FreezeReport<'a> {
+    name: &'a str,
+    netns: &'a str,
+    dev: &'a str,
+    services: &'a [SocketAddr],
+    deadline_s: f64,
+    /// Time to attach (or find attached) the programs.
+    attach_us: f64,
+    /// Time of the map updates that froze the services.
+    freeze_us: f64,
+}
+
+pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
+    if args.service.is_empty() {
+        bail!("nothing to freeze: give at least one --service ADDR:PORT");
+    }
+    if !(args.deadline.is_finite() && args.deadline > 0.0) {
+        bail!("--deadline must be a positive number of seconds");
+    }
+    let netns = args.netns.open()?;
+    let name = args
+        .name
+        .unwrap_or_else(|| freeze::default_name(&netns));
+    let started = std::time::Instant::now();
+    let mut handle = Freeze::attach(&netns, &args.dev, &name)?;
+    let attached = started.elapsed();
+    let ttl = Duration::from_secs_f64(args.deadline);
+    let freeze_started = std::time::Instant::now();
+    handle.freeze_services(&args.service, ttl)?;
+    let froze = freeze_started.elapsed();
+    let report = FreezeReport {
+        name: &name,
+        netns: netns.spec(),
+        dev: &args.dev,
+        services: &args.service,
+        deadline_s: args.deadline,
+        attach_us: attached.as_secs_f64() * 1e6,
+        freeze_us: froze.as_secs_f64() * 1e6,
+    };
+    if args.json {
+        return print_json(&report);
+    }
+    let services: Vec<String> = args.service.iter().map(ToString::to_string).collect();
+    println!(
+        "frozen {} on {} in {} (freeze {}, traffic passes again in {} s unless unfrozen) in {:.1} us",
+        services.join(", "),
+        report.dev,
+        report.netns,
+        report.name,
+        report.deadline_s,
+        report.freeze_us
+    );
+    Ok(())
+}
+
+pub fn unfreeze(args: UnfreezeArgs) -> anyhow::Result<()> {
+    let netns = args.netns.open()?;
+    if args.all {
+        let removed = freeze::remove_all_in(&netns)?;
+        println!("removed {} freeze(s) in {}", removed.len(), netns.spec());
+        return Ok(());
+    }
+    let name = args
+        .name
+        .unwrap_or_else(|| freeze::default_name(&netns));
+    if args.service.is_empty() {
+        freeze::remove(&name).with_context(|| format!("unfreezing {name}"))?;
+        println!("unfrozen {name}: programs detached, pins removed");
+    } else {
+        Freeze::open(&name)?.thaw_services(&args.service)?;
+        println!("thawed {} service(s) of {name}", args.service.len());
+    }
+    Ok(())
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let netns = args.netns.as_deref().map(Netns::open).transpose()?;
+    let statuses = freeze::statuses(netns.as_ref())?;
+    if args.json {
+        return print_json(&statuses);
+    }
+    if statuses.is_empty() {
+        println!("no freeze");
+    }
+    for status in &statuses {
+        print_status(status);
+    }
+    Ok(())
+}
+
+fn print_status(status: &FreezeStatus) {
+    let info = &status.info;
+    println!(
+        "freeze {} on {} (ifindex {}) in {} [{:?}]",
+        info.name, info.dev, info.ifindex, info.netns, info.attach
+    );
+    for entry in &status.services {
+        if let Some(service) = entry.service {
+            println!(
+                "  service {service}: frozen {:.3} s ago, {}",
+                entry.frozen_for_s,
+                deadline_text(entry.deadline_in_s)
+            );
+        }
+    }
+    println!("  4-tuples frozen: {}", status.tuple_count);
+    for entry in &status.tuples {
+        if let Some((local, remote)) = entry.tuple {
+            println!(
+                "    {local} <-> {remote}: {}",
+                deadline_text(entry.deadline_in_s)
+            );
+        }
+    }
+    let c = &status.counters;
+    println!(
+        "  dropped: {} SYN, {} ingress, {} egress; passed after deadline: {}; CRIU-marked passed: {}",
+        c.syn_dropped, c.ingress_dropped, c.egress_dropped, c.passed_after_deadline, c.criu_mark_passed
+    );
+}
+
+fn deadline_text(deadline_in_s: f64) -> String {
+    if deadline_in_s >= 0.0 {
+        format!("deadline in {deadline_in_s:.3} s")
+    } else {
+        format!("deadline passed {:.3} s ago (traffic flows)", -deadline_in_s)
+    }
+}

@@ -1,0 +1,10 @@
+//! tcpmig: move live TCP connections between hosts with a blackout that does not grow with
+//! their number.
+//!
+//! One module per plane: [`freeze`] (eBPF programs that stop a service's traffic with one map
+//! update), [`net`] (namespaces, addresses, announcements). The library never prints: it returns
+//! values and errors, and logs with `tracing`.
+pub mod freeze;
+pub mod net;
+pub mod sys;
+pub mod tuple;
