@@ -2,9 +2,12 @@
 //! their number.
 //!
 //! One module per plane: [`freeze`] (eBPF programs that stop a service's traffic with one map
-//! update), [`net`] (namespaces, addresses, announcements). The library never prints: it returns
+//! update), [`repair`] (bulk TCP_REPAIR dump and restore), [`image`] (the format connections
+//! travel in), [`net`] (namespaces, addresses, announcements). The library never prints: it returns
 //! values and errors, and logs with `tracing`.
 pub mod freeze;
+pub mod image;
 pub mod net;
+pub mod repair;
 pub mod sys;
 pub mod tuple;

@@ -1,0 +1,1 @@
+//! The image: one versioned, checksummed stream for all connections.

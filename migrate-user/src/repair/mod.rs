@@ -1,0 +1,1 @@
+//! Socket plane: bulk TCP_REPAIR dump and restore.
