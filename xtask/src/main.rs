@@ -1,1 +1,125 @@
-fn main() {}
+//! `cargo xtask ...`: the project's own commands, so that a fresh clone needs no Makefile.
+//!
+//! Tests and benchmarks touch kernel state (namespaces, eBPF programs, pins), so they run as
+//! root and one test at a time.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check that setup.sh has been run: toolchain, bpf-linker, CRIU, bpffs.
+    Check,
+    /// Build tcpmig (and its eBPF programs), then run every test, one at a time.
+    Test {
+        /// Extra arguments for the test harness (a test name filter, say).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the benchmarks (release build); --quick is the short run CI uses.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Check => check(),
+        Task::Test { args } => test(&args),
+        Task::Bench { args } => bench(&args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(mut cmd: Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tests and benchmarks create network namespaces and load eBPF programs: run as root");
+    }
+    Ok(())
+}
+
+fn check() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (what, program, arg) in [
+        ("bpf-linker (setup.sh builds it)", "bpf-linker", "--version"),
+        ("CRIU >= 4.2 (setup.sh builds it)", "criu", "--version"),
+        ("iproute2", "ip", "-V"),
+        ("tcpdump", "tcpdump", "--version"),
+    ] {
+        let ok = Command::new(program)
+            .arg(arg)
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !ok {
+            missing.push(what);
+        }
+    }
+    if !Path::new("/sys/fs/bpf/").exists() {
+        missing.push("/sys/fs/bpf");
+    }
+    if !missing.is_empty() {
+        bail!("missing: {}; run ./setup.sh as root", missing.join(", "));
+    }
+    println!("setup looks complete");
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    require_root()?;
+    check()?;
+    // Integration tests in tests/ run the tcpmig binary; build it (and the eBPF object) first.
+    let mut build = cargo();
+    build.args(["build", "--package", "tcpmig", "--bins"]);
+    run(build)?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--exclude", "migrate-ebpf", "--", "--test-threads=1"]);
+    test.args(args);
+    run(test)
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    require_root()?;
+    check()?;
+    let mut build = cargo();
+    build.args(["build", "--release", "--package", "tcpmig", "--bins"]);
+    run(build)?;
+    let mut bench = cargo();
+    bench.args(["run", "--release", "--package", "tcpmig-bench", "--"]);
+    bench.args(args);
+    run(bench)
+}

@@ -43,6 +43,10 @@ pub struct FreezeArgs {
     /// Name of the freeze [default: the namespace's name].
     #[arg(long)]
     name: Option<String>,
+    /// Keep the freeze only while this command runs: lift it on Ctrl-C/SIGTERM or at the
+    /// deadline (if the command is killed, the deadline still lifts it).
+    #[arg(long)]
+    hold: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -98,7 +102,7 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
         .name
         .unwrap_or_else(|| freeze::default_name(&netns));
     let started = std::time::Instant::now();
-    let mut handle = Freeze::attach(&netns, &args.dev, &name)?;
+    let mut handle = freeze::RemoveOnDrop::new(Freeze::attach(&netns, &args.dev, &name)?);
     let attached = started.elapsed();
     let ttl = Duration::from_secs_f64(args.deadline);
     let freeze_started = std::time::Instant::now();
@@ -114,18 +118,28 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
         freeze_us: froze.as_secs_f64() * 1e6,
     };
     if args.json {
-        return print_json(&report);
+        print_json(&report)?;
+    } else {
+        let services: Vec<String> = args.service.iter().map(ToString::to_string).collect();
+        println!(
+            "frozen {} on {} in {} (freeze {}, traffic passes again in {} s unless unfrozen) in {:.1} us",
+            services.join(", "),
+            report.dev,
+            report.netns,
+            report.name,
+            report.deadline_s,
+            report.freeze_us
+        );
     }
-    let services: Vec<String> = args.service.iter().map(ToString::to_string).collect();
-    println!(
-        "frozen {} on {} in {} (freeze {}, traffic passes again in {} s unless unfrozen) in {:.1} us",
-        services.join(", "),
-        report.dev,
-        report.netns,
-        report.name,
-        report.deadline_s,
-        report.freeze_us
-    );
+    if args.hold {
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        let interrupted = tcpmig::sys::wait_for_termination(ttl)?;
+        tracing::info!(interrupted, "lifting the held freeze");
+        // Dropping the guard removes the freeze.
+    } else {
+        handle.keep();
+    }
     Ok(())
 }
 

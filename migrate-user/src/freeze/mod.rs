@@ -511,6 +511,28 @@ fn attach_programs(
     })
 }
 
+/// Names of the tcpmig programs attached with tcx on `dev` in `netns`, both directions: how a
+/// test or an operator checks that nothing of ours is left on an interface.
+pub fn attached_programs(netns: &Netns, dev: &str) -> Result<Vec<String>, FreezeError> {
+    let dev_c = CString::new(dev).map_err(|_| FreezeError::UnknownInterface {
+        dev: dev.to_owned(),
+        netns: netns.spec().to_owned(),
+    })?;
+    netns.run(|| {
+        let mut names = Vec::new();
+        for (_, attach_type) in programs() {
+            let (_, infos) = SchedClassifier::query_tcx(dev_c.as_c_str(), attach_type)?;
+            names.extend(
+                infos
+                    .iter()
+                    .filter_map(|info| info.name_as_str().map(str::to_owned))
+                    .filter(|name| name.starts_with("tcpmig_")),
+            );
+        }
+        Ok(names)
+    })?
+}
+
 /// Fails early, naming the capability, instead of with a bare EPERM from the bpf syscall.
 pub fn check_privileges() -> Result<(), FreezeError> {
     match sys::missing_capability(&[Capability::NetAdmin, Capability::Bpf]) {
