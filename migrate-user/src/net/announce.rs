@@ -1,0 +1,269 @@
+//! Announcing that an address now lives behind this interface's MAC: a gratuitous ARP (IPv4) or
+//! an unsolicited neighbour advertisement with the override flag (IPv6). Peers keep a REACHABLE
+//! neighbour entry for the old owner otherwise, and the connections stall (notes/tcp-repair.md:
+//! 0 of 1000 recovered without it). Frames are built here and sent on an AF_PACKET socket bound
+//! to the interface, so nothing outside tcpmig (arping, ndisc6) is needed.
+//!
+//! Receivers (measured on kernel 6.18, tests/net_plane.rs): a gratuitous ARP replaces the MAC of
+//! an existing entry with the defaults (arp_accept=0 only stops it creating new entries); a peer
+//! with net.ipv4.conf.*.drop_gratuitous_arp=1 ignores it. An unsolicited NA replaces it only
+//! with the override flag, and not on a peer whose interface has drop_unsolicited_na=1 (a
+//! per-interface setting: the `all` value is not consulted).
+use std::{
+    io, mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use netlink_packet_route::link::LinkLayerType;
+use tracing::debug;
+
+use super::{NetError, Netns, rtnl::with_link};
+
+/// How many announcements [`super::move_address`] sends: one lost frame must not matter.
+pub const ANNOUNCE_COUNT: u32 = 3;
+/// Pause between two of them.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(30);
+/// Most announcements one call sends: they exist to be quick, not to flood.
+pub const MAX_ANNOUNCE_COUNT: u32 = 16;
+/// Longest pause between two announcements.
+pub const MAX_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+
+const BROADCAST: [u8; 6] = [0xff; 6];
+/// Ethernet address of ff02::1, all nodes (RFC 2464: 33:33 + the low 32 bits).
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMPV6: u8 = 58;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+const NA_FLAG_OVERRIDE: u8 = 0x20;
+const ND_OPT_TARGET_LL_ADDR: u8 = 2;
+
+/// Sends `count` announcements of `addr` on `dev` in `netns`, `interval` apart: gratuitous ARP
+/// for IPv4, unsolicited neighbour advertisement (override set, to ff02::1) for IPv6. Refuses an
+/// address that `dev` does not hold, so tcpmig never claims someone else's address.
+pub fn announce(
+    netns: &Netns,
+    dev: &str,
+    addr: IpAddr,
+    count: u32,
+    interval: Duration,
+) -> Result<(), NetError> {
+    if count == 0 || count > MAX_ANNOUNCE_COUNT || interval > MAX_ANNOUNCE_INTERVAL {
+        return Err(NetError::InvalidAnnounce { count, interval });
+    }
+    with_link(netns, dev, |session| {
+        if !session.addresses()?.iter().any(|&(held, _)| held == addr) {
+            return Err(NetError::NotOnInterface {
+                netns: netns.to_string(),
+                dev: dev.to_owned(),
+                addr,
+            });
+        }
+        let link = &session.link;
+        let mac = match link.mac {
+            Some(mac) if link.link_type == LinkLayerType::Ether => mac,
+            _ => {
+                return Err(NetError::NotEthernet {
+                    netns: netns.to_string(),
+                    dev: dev.to_owned(),
+                    link_type: link.link_type.to_string(),
+                });
+            }
+        };
+        let (frame, ethertype, destination) = match addr {
+            IpAddr::V4(ip) => (gratuitous_arp(mac, ip), ETH_P_ARP, BROADCAST),
+            IpAddr::V6(ip) => (neighbour_advertisement(mac, ip), ETH_P_IPV6, ALL_NODES_MAC),
+        };
+        let sent = PacketSocket::bind(link.index, ethertype, destination).and_then(|socket| {
+            for round in 0..count {
+                if round > 0 {
+                    std::thread::sleep(interval);
+                }
+                socket.send(&frame)?;
+            }
+            Ok(())
+        });
+        sent.map_err(|source| NetError::Send {
+            netns: netns.to_string(),
+            dev: dev.to_owned(),
+            addr,
+            source,
+        })?;
+        debug!(%netns, dev, %addr, count, ?interval, "address announced");
+        Ok(())
+    })
+}
+
+/// ARP request with sender = target = `ip`, broadcast: how Linux itself announces (arp_notify),
+/// and what peers accept to update an existing entry whatever net.ipv4.conf.*.arp_accept says.
+fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    let mut frame = ethernet_header(BROADCAST, mac, ETH_P_ARP);
+    frame.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    frame.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    frame.extend_from_slice(&[6, 4]); // address lengths
+    frame.extend_from_slice(&1u16.to_be_bytes()); // ARPOP_REQUEST
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]); // target MAC unknown, as the kernel sends it
+    frame.extend_from_slice(&ip.octets());
+    frame
+}
+
+/// Unsolicited neighbour advertisement (RFC 4861 7.2.6) from `ip` to ff02::1, hop limit 255
+/// (receivers drop any other), override flag set so that existing entries take the new MAC,
+/// with the target link-layer address option.
+fn neighbour_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut icmp = vec![ND_NEIGHBOR_ADVERT, 0, 0, 0, NA_FLAG_OVERRIDE, 0, 0, 0];
+    icmp.extend_from_slice(&ip.octets());
+    icmp.extend_from_slice(&[ND_OPT_TARGET_LL_ADDR, 1]); // length in units of 8 bytes
+    icmp.extend_from_slice(&mac);
+    let checksum = icmpv6_checksum(ip, all_nodes, &icmp);
+    icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+
+    let mut frame = ethernet_header(ALL_NODES_MAC, mac, ETH_P_IPV6);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, no traffic class or flow label
+    let payload_len = u16::try_from(icmp.len()).expect("a neighbour advertisement is 32 bytes");
+    frame.extend_from_slice(&payload_len.to_be_bytes());
+    frame.extend_from_slice(&[IPPROTO_ICMPV6, 255]);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&all_nodes.octets());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+fn ethernet_header(destination: [u8; 6], source: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(128);
+    frame.extend_from_slice(&destination);
+    frame.extend_from_slice(&source);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame
+}
+
+/// Internet checksum of `message` over the IPv6 pseudo-header (RFC 8200 8.1). A message that
+/// already carries its correct checksum sums to 0.
+fn icmpv6_checksum(source: Ipv6Addr, destination: Ipv6Addr, message: &[u8]) -> u16 {
+    let length = u32::try_from(message.len()).expect("an ICMPv6 message fits in a u32");
+    let pseudo_header = [
+        &source.octets()[..],
+        &destination.octets(),
+        &length.to_be_bytes(),
+        &[0, 0, 0, IPPROTO_ICMPV6],
+    ]
+    .concat();
+    let sum = pseudo_header
+        .chunks(2)
+        .chain(message.chunks(2))
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .fold(0u32, |sum, word| {
+            let sum = sum + word;
+            (sum & 0xffff) + (sum >> 16)
+        });
+    !u16::try_from(sum).expect("folded to 16 bits")
+}
+
+/// An AF_PACKET socket bound to one interface that only sends (protocol 0: it receives nothing).
+struct PacketSocket {
+    fd: OwnedFd,
+    destination: libc::sockaddr_ll,
+}
+
+impl PacketSocket {
+    fn bind(ifindex: u32, ethertype: u16, destination_mac: [u8; 6]) -> io::Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned right below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut address = sockaddr_ll(ifindex, 0, destination_mac);
+        // SAFETY: `address` is a valid sockaddr_ll of the length passed.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::from_ref(&address).cast(),
+                sockaddr_ll_len(),
+            )
+        };
+        if bound != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        address.sll_protocol = ethertype.to_be();
+        Ok(Self {
+            fd,
+            destination: address,
+        })
+    }
+
+    fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` and `destination` are valid for the lengths passed.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&self.destination).cast(),
+                sockaddr_ll_len(),
+            )
+        };
+        match usize::try_from(sent) {
+            Ok(sent) if sent == frame.len() => Ok(()),
+            Ok(sent) => Err(io::Error::other(format!(
+                "sent {sent} of {} bytes",
+                frame.len()
+            ))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+fn sockaddr_ll(ifindex: u32, ethertype: u16, mac: [u8; 6]) -> libc::sockaddr_ll {
+    let mut addr = [0u8; 8];
+    addr[..6].copy_from_slice(&mac);
+    libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: ethertype.to_be(),
+        sll_ifindex: i32::try_from(ifindex).expect("interface indexes fit in an int"),
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 6,
+        sll_addr: addr,
+    }
+}
+
+fn sockaddr_ll_len() -> libc::socklen_t {
+    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x2a];
+
+    #[test]
+    fn gratuitous_arp_names_the_address_twice() {
+        let ip = Ipv4Addr::new(198, 18, 0, 7);
+        let frame = gratuitous_arp(MAC, ip);
+        assert_eq!(frame.len(), 42);
+        assert_eq!(&frame[0..6], &BROADCAST);
+        assert_eq!(&frame[22..28], &MAC);
+        assert_eq!(&frame[28..32], &ip.octets());
+        assert_eq!(&frame[38..42], &ip.octets());
+    }
+
+    #[test]
+    fn neighbour_advertisement_checksum_verifies() {
+        let ip: Ipv6Addr = "fd54:636d::7".parse().unwrap();
+        let frame = neighbour_advertisement(MAC, ip);
+        assert_eq!(frame.len(), 14 + 40 + 32);
+        assert_eq!(frame[21], 255, "hop limit");
+        let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+        assert_eq!(icmpv6_checksum(ip, all_nodes, &frame[54..]), 0);
+        assert_eq!(&frame[80..86], &MAC, "target link-layer address option");
+    }
+}
