@@ -173,8 +173,7 @@ pub fn has_capability(cap: Capability) -> bool {
 /// CAP_SYS_ADMIN, as in the kernel.
 pub fn missing_capability(needed: &[Capability]) -> Option<Capability> {
     needed.iter().copied().find(|&cap| {
-        !(has_capability(cap)
-            || (cap == Capability::Bpf && has_capability(Capability::SysAdmin)))
+        !(has_capability(cap) || (cap == Capability::Bpf && has_capability(Capability::SysAdmin)))
     })
 }
 

@@ -56,9 +56,7 @@ fn cargo() -> Command {
 }
 
 fn run(mut cmd: Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -107,7 +105,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build.args(["build", "--package", "tcpmig", "--bins"]);
     run(build)?;
     let mut test = cargo();
-    test.args(["test", "--workspace", "--exclude", "migrate-ebpf", "--", "--test-threads=1"]);
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "migrate-ebpf",
+        "--",
+        "--test-threads=1",
+    ]);
     test.args(args);
     run(test)
 }

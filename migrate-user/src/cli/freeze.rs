@@ -98,9 +98,7 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
         bail!("--deadline must be a positive number of seconds");
     }
     let netns = args.netns.open()?;
-    let name = args
-        .name
-        .unwrap_or_else(|| freeze::default_name(&netns));
+    let name = args.name.unwrap_or_else(|| freeze::default_name(&netns));
     let started = std::time::Instant::now();
     let mut handle = freeze::RemoveOnDrop::new(Freeze::attach(&netns, &args.dev, &name)?);
     let attached = started.elapsed();
@@ -150,9 +148,7 @@ pub fn unfreeze(args: UnfreezeArgs) -> anyhow::Result<()> {
         println!("removed {} freeze(s) in {}", removed.len(), netns.spec());
         return Ok(());
     }
-    let name = args
-        .name
-        .unwrap_or_else(|| freeze::default_name(&netns));
+    let name = args.name.unwrap_or_else(|| freeze::default_name(&netns));
     if args.service.is_empty() {
         freeze::remove(&name).with_context(|| format!("unfreezing {name}"))?;
         println!("unfrozen {name}: programs detached, pins removed");
@@ -205,7 +201,11 @@ fn print_status(status: &FreezeStatus) {
     let c = &status.counters;
     println!(
         "  dropped: {} SYN, {} ingress, {} egress; passed after deadline: {}; CRIU-marked passed: {}",
-        c.syn_dropped, c.ingress_dropped, c.egress_dropped, c.passed_after_deadline, c.criu_mark_passed
+        c.syn_dropped,
+        c.ingress_dropped,
+        c.egress_dropped,
+        c.passed_after_deadline,
+        c.criu_mark_passed
     );
 }
 
@@ -213,6 +213,9 @@ fn deadline_text(deadline_in_s: f64) -> String {
     if deadline_in_s >= 0.0 {
         format!("deadline in {deadline_in_s:.3} s")
     } else {
-        format!("deadline passed {:.3} s ago (traffic flows)", -deadline_in_s)
+        format!(
+            "deadline passed {:.3} s ago (traffic flows)",
+            -deadline_in_s
+        )
     }
 }

@@ -27,8 +27,8 @@ use aya::{
     util::KernelVersion,
 };
 use migrate_common::{
-    COUNTERS_MAP, Counter, FAMILY_V4, FAMILY_V6, FreezeValue, SERVICES_MAP, ServiceKey,
-    TUPLES_MAP, TupleKey,
+    COUNTERS_MAP, Counter, FAMILY_V4, FAMILY_V6, FreezeValue, SERVICES_MAP, ServiceKey, TUPLES_MAP,
+    TupleKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -416,13 +416,17 @@ impl RemoveOnDrop {
 impl std::ops::Deref for RemoveOnDrop {
     type Target = Freeze;
     fn deref(&self) -> &Freeze {
-        self.0.as_ref().expect("freeze present until kept or dropped")
+        self.0
+            .as_ref()
+            .expect("freeze present until kept or dropped")
     }
 }
 
 impl std::ops::DerefMut for RemoveOnDrop {
     fn deref_mut(&mut self) -> &mut Freeze {
-        self.0.as_mut().expect("freeze present until kept or dropped")
+        self.0
+            .as_mut()
+            .expect("freeze present until kept or dropped")
     }
 }
 
@@ -638,12 +642,11 @@ pub fn test_run_ingress(name: &str, frame: &[u8]) -> Result<i32, FreezeError> {
         .ok_or_else(|| aya::programs::ProgramError::UnexpectedProgramType)?
         .try_into()?;
     classifier.load()?;
-    let verdict = sys::prog_test_run(classifier.fd()?.as_fd(), frame).map_err(|source| {
-        FreezeError::Io {
+    let verdict =
+        sys::prog_test_run(classifier.fd()?.as_fd(), frame).map_err(|source| FreezeError::Io {
             name: name.to_owned(),
             what: "BPF_PROG_TEST_RUN",
             source,
-        }
-    })?;
+        })?;
     Ok(verdict as i32)
 }

@@ -1,1 +1,375 @@
-//! Socket plane: bulk TCP_REPAIR dump and restore.
+//! Socket plane: bulk TCP_REPAIR dump and restore (see notes/tcp-repair.md for the orders used).
+//!
+//! [`discover`] finds a process's connections (sock_diag + /proc/PID/fd) and takes their fds with
+//! pidfd_getfd; [`dump`] puts them all into repair mode and reads their state into
+//! [`Connection`]s, sharded over one thread per CPU; the returned [`DumpedSockets`] keeps them
+//! in repair mode until [`DumpedSockets::commit`] (silent close) or
+//! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
+//! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
+//! address and lift its freeze in between.
+mod diag;
+mod discover;
+mod dump;
+mod restore;
+mod sockopt;
+
+use std::{fmt, io, num::NonZeroUsize};
+
+use bytes::Bytes;
+
+pub use self::{
+    diag::DiagSocket,
+    discover::{Discovery, Filter, TakenSocket, discover, list_tcp_sockets},
+    dump::{DumpedSockets, dump, dump_with},
+    restore::{Committed, RestoredSocket, RestoredSockets, restore, restore_with},
+    sockopt::RepairWindow,
+};
+use crate::{
+    net::{Netns, NetnsError},
+    sys::Capability,
+    tuple::Tuple,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("missing capability {}: run tcpmig as root or grant it", .0.name())]
+    MissingCapability(Capability),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("listing TCP sockets with sock_diag in network namespace {netns}")]
+    Diag { netns: String, source: io::Error },
+    #[error("process {pid}: {what}: check that it runs and that tcpmig has CAP_SYS_PTRACE")]
+    Process {
+        pid: u32,
+        what: String,
+        source: io::Error,
+    },
+    #[error("fd {fd}: not a connected TCP socket ({source}); pass only established connections")]
+    NotConnected { fd: i32, source: io::Error },
+    #[error(
+        "connection {tuple} is in state {state}: tcpmig moves ESTABLISHED, FIN_WAIT1 and \
+         FIN_WAIT2 connections only; leave it out or retry once it has settled"
+    )]
+    UnsupportedState { tuple: Tuple, state: TcpState },
+    #[error(
+        "connection {tuple} is not a socket of process {pid} in network namespace {netns}: check \
+         the pid, the namespace and the 4-tuple"
+    )]
+    NotOwned {
+        tuple: Tuple,
+        pid: u32,
+        netns: String,
+    },
+    #[error("connection {tuple}: {op} failed during {phase} ({source}); {}", .phase.outcome())]
+    Socket {
+        tuple: Tuple,
+        phase: Phase,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "connection {tuple}: its {queue} queue held {expected} bytes but {got} were read: its \
+         traffic is not frozen; freeze it before dumping ({})", Phase::Dump.outcome()
+    )]
+    QueueChanged {
+        tuple: Tuple,
+        queue: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error(
+        "connection {tuple}: a live socket with this 4-tuple already exists in network namespace \
+         {netns} (connect in repair mode gave EADDRNOTAVAIL): close it or restore elsewhere ({})",
+        Phase::Restore.outcome()
+    )]
+    TupleInUse { tuple: Tuple, netns: String },
+    #[error(
+        "connection {tuple}: {left} never-sent bytes did not fit in its send buffer within \
+         {secs} s of leaving repair mode: the peer does not read; the connection was dropped \
+         silently", secs = UNSENT_TIMEOUT.as_secs()
+    )]
+    UnsentStuck { tuple: Tuple, left: usize },
+    #[error("{failed} of {total} connections could not leave repair mode; first: {first}")]
+    Rollback {
+        failed: usize,
+        total: usize,
+        first: Box<RepairError>,
+    },
+}
+
+/// Where a per-socket error happened, which also says what became of the connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Dump,
+    Rollback,
+    Restore,
+    Commit,
+}
+
+impl Phase {
+    fn outcome(self) -> &'static str {
+        match self {
+            Phase::Dump => "the dump was rolled back: the connections carry on at the source",
+            Phase::Rollback => "the connection stays in repair mode: retry, or close it (silently)",
+            Phase::Restore => {
+                "every socket restored so far was closed silently: the peers saw nothing"
+            }
+            Phase::Commit => "the connection was closed silently (no FIN, no RST)",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Dump => "dump",
+            Phase::Rollback => "rollback",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit (leaving repair mode)",
+        })
+    }
+}
+
+/// How long [`RestoredSockets::commit`] waits for the send buffer to take the never-sent tail.
+pub const UNSENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A TCP state, by its kernel number (include/net/tcp_states.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    Other(u8),
+}
+
+impl TcpState {
+    const TABLE: [(TcpState, u8, &'static str); 11] = [
+        (TcpState::Established, 1, "ESTABLISHED"),
+        (TcpState::SynSent, 2, "SYN_SENT"),
+        (TcpState::SynRecv, 3, "SYN_RECV"),
+        (TcpState::FinWait1, 4, "FIN_WAIT1"),
+        (TcpState::FinWait2, 5, "FIN_WAIT2"),
+        (TcpState::TimeWait, 6, "TIME_WAIT"),
+        (TcpState::Close, 7, "CLOSE"),
+        (TcpState::CloseWait, 8, "CLOSE_WAIT"),
+        (TcpState::LastAck, 9, "LAST_ACK"),
+        (TcpState::Listen, 10, "LISTEN"),
+        (TcpState::Closing, 11, "CLOSING"),
+    ];
+
+    pub fn from_kernel(value: u8) -> Self {
+        Self::TABLE
+            .iter()
+            .find(|(_, number, _)| *number == value)
+            .map_or(TcpState::Other(value), |(state, _, _)| *state)
+    }
+
+    pub fn to_kernel(self) -> u8 {
+        match self {
+            TcpState::Other(value) => value,
+            state => Self::TABLE
+                .iter()
+                .find(|(s, _, _)| *s == state)
+                .map_or(0, |(_, number, _)| *number),
+        }
+    }
+
+    /// States that dump and restore handle. The states where the peer's FIN was received
+    /// (CLOSE_WAIT, LAST_ACK, CLOSING) would need that FIN replayed into the new socket, which
+    /// repair mode cannot do: they are refused.
+    pub fn repairable(self) -> bool {
+        matches!(
+            self,
+            TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
+        )
+    }
+
+    /// Our FIN is in the sequence space: the restore sends it again with shutdown().
+    pub fn fin_sent(self) -> bool {
+        matches!(self, TcpState::FinWait1 | TcpState::FinWait2)
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Self::TABLE.iter().find(|(s, _, _)| s == self) {
+            Some((_, _, name)) => f.write_str(name),
+            None => write!(f, "state {}", self.to_kernel()),
+        }
+    }
+}
+
+/// TCP options negotiated at the handshake.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    pub timestamps: bool,
+    pub sack: bool,
+    /// Window scaling: (send shift, receive shift) when negotiated.
+    pub wscale: Option<(u8, u8)>,
+    /// mss_clamp: the largest segment the peer accepts.
+    pub mss: u16,
+}
+
+/// Socket options an application set and would miss on the restored socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOptions {
+    pub nodelay: bool,
+    /// SO_KEEPALIVE with TCP_KEEPIDLE, TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
+    pub keepalive: Option<Keepalive>,
+    /// TCP_USER_TIMEOUT in milliseconds (0: the kernel's default).
+    pub user_timeout_ms: u32,
+    /// SO_REUSEADDR: set again only after repair mode is off (notes, pitfalls).
+    pub reuseaddr: bool,
+    /// O_NONBLOCK on the file description.
+    pub nonblocking: bool,
+    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (doubled). Applied on restore only
+    /// when a queue does not fit in the default buffers.
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+    /// SO_MARK (0: none).
+    pub mark: u32,
+    /// IP_TOS or IPV6_TCLASS.
+    pub tos: u8,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle_s: u16,
+    pub interval_s: u16,
+    pub count: u8,
+}
+
+/// Everything needed to recreate one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// Sequence number after the last data byte of the send queue (write_seq, our FIN not
+    /// counted).
+    pub send_seq: u32,
+    /// Next sequence number expected from the peer (rcv_nxt).
+    pub recv_seq: u32,
+    pub window: RepairWindow,
+    pub negotiated: Negotiated,
+    /// TCP_TIMESTAMP: the timestamp clock, restored so the peer's PAWS check passes.
+    pub timestamp: u32,
+    pub options: SocketOptions,
+    /// Bytes sent or queued but not acknowledged by the peer, in order.
+    pub send_queue: Bytes,
+    /// How many bytes at the end of `send_queue` never went on the wire: the restore sends
+    /// them normally after repair mode is off.
+    pub unsent: u32,
+    /// Bytes received and acknowledged but not yet read by the application.
+    pub recv_queue: Bytes,
+}
+
+impl Connection {
+    /// The part of the send queue the peer may already have seen.
+    pub fn sent_part(&self) -> &[u8] {
+        &self.send_queue[..self.send_queue.len() - self.unsent_len()]
+    }
+
+    /// The never-sent tail of the send queue.
+    pub fn unsent_part(&self) -> Bytes {
+        self.send_queue
+            .slice(self.send_queue.len() - self.unsent_len()..)
+    }
+
+    fn unsent_len(&self) -> usize {
+        (self.unsent as usize).min(self.send_queue.len())
+    }
+}
+
+/// Fewer sockets than this per thread cost more in thread start-up than they save.
+const MIN_BATCH: usize = 256;
+
+/// Worker threads of the bulk operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Workers {
+    /// One per CPU (batches of at least 256 sockets).
+    #[default]
+    PerCpu,
+    /// Exactly one batch, on one thread: the plain sequential loop, for comparison.
+    One,
+}
+
+impl Workers {
+    fn count(self, items: usize) -> usize {
+        match self {
+            Workers::PerCpu => {
+                let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+                items.div_ceil(MIN_BATCH).clamp(1, cpus)
+            }
+            Workers::One => 1,
+        }
+    }
+}
+
+/// Runs `work` on contiguous batches of `items`, one batch per worker thread (one per CPU);
+/// returns the batches' results in order.
+fn sharded<T: Sync, R: Send>(
+    workers: Workers,
+    items: &[T],
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Vec<R> {
+    run_sharded(workers, items, false, work)
+}
+
+/// [`sharded`] with every worker thread inside `netns` (the caller's thread stays where it is).
+fn sharded_in<T: Sync, R: Send>(
+    workers: Workers,
+    netns: &Netns,
+    items: &[T],
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Result<Vec<R>, NetnsError> {
+    run_sharded(workers, items, true, |batch| {
+        netns.enter_current_thread()?;
+        Ok(work(batch))
+    })
+    .into_iter()
+    .collect()
+}
+
+fn run_sharded<T: Sync, R: Send>(
+    workers: Workers,
+    items: &[T],
+    always_spawn: bool,
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Vec<R> {
+    let workers = workers.count(items.len());
+    if workers == 1 && !always_spawn {
+        return vec![work(items)];
+    }
+    let batch = items.len().div_ceil(workers).max(1);
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(batch)
+            .map(|chunk| scope.spawn(move || work(chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// Fails early, naming the capability, instead of with EPERM on the first socket.
+fn check_net_admin() -> Result<(), RepairError> {
+    match crate::sys::missing_capability(&[Capability::NetAdmin]) {
+        Some(cap) => Err(RepairError::MissingCapability(cap)),
+        None => Ok(()),
+    }
+}

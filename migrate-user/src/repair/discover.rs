@@ -1,0 +1,193 @@
+//! Finds a process's TCP connections: sock_diag in its network namespace gives each socket's
+//! 4-tuple, state and inode; /proc/PID/fd maps inodes to the process's fds; pidfd_getfd copies
+//! those fds into this process.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    os::fd::{FromRawFd as _, OwnedFd},
+};
+
+use super::{DiagSocket, RepairError, TcpState, diag};
+use crate::{net::Netns, tuple::Tuple};
+
+/// Which of a process's connections to take. Empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Local port of the connections (the service's port).
+    pub port: Option<u16>,
+    /// Local address and port of the connections.
+    pub service: Option<SocketAddr>,
+    /// Exactly these connections: each must exist and be in a state repair handles.
+    pub tuples: Vec<Tuple>,
+}
+
+impl Filter {
+    fn matches_local(&self, local: SocketAddr) -> bool {
+        self.port.is_none_or(|port| local.port() == port)
+            && self.service.is_none_or(|service| {
+                let service = crate::tuple::canonical(service);
+                service.port() == local.port()
+                    && (service.ip() == local.ip() || local.ip().is_unspecified())
+            })
+    }
+
+    fn matches(&self, tuple: &Tuple) -> bool {
+        self.matches_local(tuple.local) && (self.tuples.is_empty() || self.tuples.contains(tuple))
+    }
+}
+
+/// A connection taken from a process: our own fd of its socket.
+#[derive(Debug)]
+pub struct TakenSocket {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// The fd number in the process it was taken from.
+    pub source_fd: i32,
+    pub fd: OwnedFd,
+}
+
+/// What [`discover`] found in the process.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Connections to dump, in a state repair handles.
+    pub sockets: Vec<TakenSocket>,
+    /// Listening sockets of the process that match the filter's port or service: a migration
+    /// usually wants to know that new connections are accepted there.
+    pub listening: Vec<SocketAddr>,
+    /// Matching connections left out because of their state (SYN_RECV, TIME_WAIT, CLOSE_WAIT...).
+    pub skipped: Vec<(Tuple, TcpState)>,
+}
+
+impl Discovery {
+    pub fn into_fds(self) -> Vec<OwnedFd> {
+        self.sockets.into_iter().map(|s| s.fd).collect()
+    }
+}
+
+/// Every TCP socket of `netns` (sock_diag, IPv4 and IPv6).
+pub fn list_tcp_sockets(netns: &Netns) -> Result<Vec<DiagSocket>, RepairError> {
+    netns
+        .run(diag::tcp_sockets)?
+        .map_err(|source| RepairError::Diag {
+            netns: netns.spec().to_owned(),
+            source,
+        })
+}
+
+/// The connections of process `pid` (whose sockets live in `netns`) that `filter` selects, with
+/// their fds taken into this process.
+pub fn discover(netns: &Netns, pid: u32, filter: &Filter) -> Result<Discovery, RepairError> {
+    let by_inode: HashMap<u64, DiagSocket> = list_tcp_sockets(netns)?
+        .into_iter()
+        .map(|s| (s.inode, s))
+        .collect();
+    let mut discovery = Discovery::default();
+    let mut wanted = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (fd, inode) in socket_fds(pid)? {
+        let Some(socket) = by_inode.get(&inode) else {
+            continue;
+        };
+        // dup()ed fds share a socket: take it once.
+        if !seen.insert(inode) {
+            continue;
+        }
+        if socket.state == TcpState::Listen {
+            if filter.matches_local(socket.tuple.local) {
+                discovery.listening.push(socket.tuple.local);
+            }
+        } else if filter.matches(&socket.tuple) {
+            if socket.state.repairable() {
+                wanted.push((fd, *socket));
+            } else if filter.tuples.contains(&socket.tuple) {
+                return Err(RepairError::UnsupportedState {
+                    tuple: socket.tuple,
+                    state: socket.state,
+                });
+            } else {
+                discovery.skipped.push((socket.tuple, socket.state));
+            }
+        }
+    }
+    if let Some(missing) = filter
+        .tuples
+        .iter()
+        .find(|t| !wanted.iter().any(|(_, s)| s.tuple == **t))
+    {
+        return Err(RepairError::NotOwned {
+            tuple: *missing,
+            pid,
+            netns: netns.spec().to_owned(),
+        });
+    }
+    let pidfd = pidfd_open(pid)?;
+    for (fd, socket) in wanted {
+        discovery.sockets.push(TakenSocket {
+            tuple: socket.tuple,
+            state: socket.state,
+            source_fd: fd,
+            fd: pidfd_getfd(&pidfd, pid, fd)?,
+        });
+    }
+    Ok(discovery)
+}
+
+/// (fd, socket inode) for every socket fd of `pid`, from the socket:[INODE] links in /proc.
+fn socket_fds(pid: u32) -> Result<Vec<(i32, u64)>, RepairError> {
+    let dir = format!("/proc/{pid}/fd");
+    let process_error = |source| RepairError::Process {
+        pid,
+        what: format!("reading {dir}"),
+        source,
+    };
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(process_error)? {
+        let entry = entry.map_err(process_error)?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        // An fd closed since read_dir listed it is simply not there any more.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse().ok());
+        if let Some(inode) = inode {
+            fds.push((fd, inode));
+        }
+    }
+    Ok(fds)
+}
+
+fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
+    // SAFETY: pidfd_open(2) takes a pid and flags.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(RepairError::Process {
+            pid,
+            what: "pidfd_open".to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, pid: u32, fd: i32) -> Result<OwnedFd, RepairError> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: pidfd_getfd(2) on a valid pidfd; the kernel returns a new fd (close-on-exec).
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if raw < 0 {
+        return Err(RepairError::Process {
+            pid,
+            what: format!("pidfd_getfd of its fd {fd}"),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}

@@ -1,0 +1,66 @@
+//! Multi-host test bed for tcpmig, on real network namespaces.
+//!
+//! A [`TestBed`] is three hosts (`client`, `source`, `destination`), each a network namespace with
+//! one veth `eth0` plugged into a bridge that lives in a fourth namespace. The source also carries
+//! the service address ([`SERVICE_V4`], [`SERVICE_V6`]) that a migration later moves.
+//!
+//! [`Traffic`] fills the bed with verifiable TCP connections: `tcpmig-peer` processes (this crate's
+//! binary) run as servers on the source and clients on the client host, each direction of every
+//! connection carries bytes of a known [`pattern`], and every byte is checked on request, also
+//! after the sockets have been handed to a new process on another host ([`peer`] documents the
+//! protocol).
+//!
+//! Everything is RAII: dropping a [`Traffic`], a [`Peer`] or a [`ChildGuard`] kills its
+//! processes, dropping the [`TestBed`] (also while unwinding from a panic) removes its
+//! namespaces, and [`sweep_stale`] removes those of test processes that died without unwinding.
+//! Every wait is bounded.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use tcpmig_testbed::{TestBed, Traffic};
+//! let bed = TestBed::new()?;
+//! // In an integration test: Path::new(env!("CARGO_BIN_EXE_tcpmig-peer")).
+//! let peer = std::path::Path::new("target/debug/tcpmig-peer");
+//! let mut traffic = Traffic::open(&bed, peer, 100, 1024, 8080)?;
+//! assert!(traffic.verify()?.all_verified(100));
+//! # Ok(()) }
+//! ```
+
+pub mod bed;
+mod ns;
+pub mod pattern;
+pub mod peer;
+mod process;
+pub mod sys;
+pub mod traffic;
+
+pub use bed::{
+    BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed,
+    namespaces_with_prefix, sweep_stale,
+};
+pub use ns::netns_path;
+pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
+pub use process::ChildGuard;
+pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
+
+use std::time::{Duration, Instant};
+
+/// Polls `ready` until it returns true or `timeout` passes; `what` names the wait in the error.
+pub(crate) fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if ready()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,101 @@
+//! Processes started in a test bed: a guard per child, and the bed's list of them.
+
+use std::collections::BTreeSet;
+use std::process::{Child, ExitStatus};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A killed process is gone within milliseconds, even with 15,000 sockets to close; this only
+/// bounds a process stuck in the kernel.
+const REAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pids a bed started: the ones still guarded, and all of them, so that a test can check that
+/// none survived the bed.
+#[derive(Default)]
+pub(crate) struct Children {
+    live: Mutex<BTreeSet<u32>>,
+    started: Mutex<Vec<u32>>,
+}
+
+impl Children {
+    pub(crate) fn adopt(&self, child: Child) -> ChildGuard<'_> {
+        let pid = child.id();
+        lock(&self.live).insert(pid);
+        lock(&self.started).push(pid);
+        ChildGuard {
+            child,
+            children: self,
+        }
+    }
+
+    pub(crate) fn started(&self) -> Vec<u32> {
+        lock(&self.started).clone()
+    }
+
+    /// Kills and reaps children whose guard was leaked (`mem::forget`): a guard cannot outlive
+    /// its bed otherwise.
+    pub(crate) fn kill_leaked(&self) {
+        let leaked = std::mem::take(&mut *lock(&self.live));
+        for pid in leaked {
+            let pid = pid as libc::pid_t;
+            // SAFETY: `pid` is our unreaped child (its guard never ran), so it names that process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = Instant::now() + REAP_TIMEOUT;
+            // SAFETY: reaping our own child; no status wanted.
+            while unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == 0
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// A process started in a bed's host: dropping it kills it (SIGKILL by pid) and reaps it.
+pub struct ChildGuard<'bed> {
+    child: Child,
+    children: &'bed Children,
+}
+
+impl ChildGuard<'_> {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The std handle, e.g. to take its stdio pipes.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// The exit status if it has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+}
+
+impl Drop for ChildGuard<'_> {
+    fn drop(&mut self) {
+        // std sends nothing to a child it already reaped, so a reused pid is never hit.
+        let _ = self.child.kill();
+        let deadline = Instant::now() + REAP_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(1)),
+                Ok(None) => {
+                    eprintln!(
+                        "tcpmig-testbed: pid {} still alive {REAP_TIMEOUT:?} after SIGKILL",
+                        self.pid()
+                    );
+                    return;
+                }
+                _ => break,
+            }
+        }
+        lock(&self.children.live).remove(&self.pid());
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
