@@ -295,6 +295,19 @@ impl Freeze {
         })
     }
 
+    /// Whether the traffic of `tuple` is dropped now: a service or 4-tuple entry covers it and
+    /// its deadline has not passed.
+    pub fn is_frozen(&self, tuple: &Tuple) -> Result<bool, FreezeError> {
+        let now = u64::try_from(sys::monotonic_now().as_nanos()).unwrap_or(u64::MAX);
+        let live = |entry: Result<FreezeValue, aya::maps::MapError>| match entry {
+            Ok(value) => Ok(value.deadline_ns > now),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(FreezeError::Map(e)),
+        };
+        Ok(live(self.services.get(&service_key(tuple.local), 0))?
+            || live(self.tuples.get(&tuple_key(tuple), 0))?)
+    }
+
     pub fn counters(&self) -> Result<Counters, FreezeError> {
         let mut counters = Counters::default();
         for counter in Counter::ALL {
@@ -358,6 +371,33 @@ pub fn remove_all_in(netns: &Netns) -> Result<Vec<String>, FreezeError> {
         }
     }
     Ok(removed)
+}
+
+/// The tuples of `tuples` that no freeze attached in `netns` covers now.
+pub fn unfrozen(netns: &Netns, tuples: &[Tuple]) -> Result<Vec<Tuple>, FreezeError> {
+    let mut freezes = Vec::new();
+    for name in pins::list_names()? {
+        match pins::read_info(&name)? {
+            Some(info) if info.netns_inode == netns.inode() => {
+                freezes.push(Freeze::open_with(info)?);
+            }
+            _ => {}
+        }
+    }
+    let mut left = Vec::new();
+    for tuple in tuples {
+        let mut covered = false;
+        for freeze in &freezes {
+            if freeze.is_frozen(tuple)? {
+                covered = true;
+                break;
+            }
+        }
+        if !covered {
+            left.push(*tuple);
+        }
+    }
+    Ok(left)
 }
 
 /// The status of every freeze, or of those in `netns`.
