@@ -361,29 +361,31 @@ pub fn remove(name: &str) -> Result<(), FreezeError> {
 /// Removes every freeze attached in `netns`; returns their names.
 pub fn remove_all_in(netns: &Netns) -> Result<Vec<String>, FreezeError> {
     let mut removed = Vec::new();
-    for name in pins::list_names()? {
-        match pins::read_info(&name)? {
-            Some(info) if info.netns_inode == netns.inode() => {
-                remove_by_info(&info)?;
-                removed.push(name);
-            }
-            _ => {}
-        }
+    for info in infos(Some(netns))? {
+        remove_by_info(&info)?;
+        removed.push(info.name);
     }
     Ok(removed)
 }
 
-/// The tuples of `tuples` that no freeze attached in `netns` covers now.
-pub fn unfrozen(netns: &Netns, tuples: &[Tuple]) -> Result<Vec<Tuple>, FreezeError> {
-    let mut freezes = Vec::new();
+/// What is recorded of every freeze, or of those in `netns`.
+fn infos(netns: Option<&Netns>) -> Result<Vec<FreezeInfo>, FreezeError> {
+    let mut infos = Vec::new();
     for name in pins::list_names()? {
         match pins::read_info(&name)? {
-            Some(info) if info.netns_inode == netns.inode() => {
-                freezes.push(Freeze::open_with(info)?);
-            }
+            Some(info) if netns.is_none_or(|ns| ns.inode() == info.netns_inode) => infos.push(info),
             _ => {}
         }
     }
+    Ok(infos)
+}
+
+/// The tuples of `tuples` that no freeze attached in `netns` covers now.
+pub fn unfrozen(netns: &Netns, tuples: &[Tuple]) -> Result<Vec<Tuple>, FreezeError> {
+    let freezes = infos(Some(netns))?
+        .into_iter()
+        .map(Freeze::open_with)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut left = Vec::new();
     for tuple in tuples {
         let mut covered = false;
@@ -402,16 +404,10 @@ pub fn unfrozen(netns: &Netns, tuples: &[Tuple]) -> Result<Vec<Tuple>, FreezeErr
 
 /// The status of every freeze, or of those in `netns`.
 pub fn statuses(netns: Option<&Netns>) -> Result<Vec<FreezeStatus>, FreezeError> {
-    let mut statuses = Vec::new();
-    for name in pins::list_names()? {
-        let Some(info) = pins::read_info(&name)? else {
-            continue;
-        };
-        if netns.is_none_or(|ns| ns.inode() == info.netns_inode) {
-            statuses.push(Freeze::open_with(info)?.status()?);
-        }
-    }
-    Ok(statuses)
+    infos(netns)?
+        .into_iter()
+        .map(|info| Freeze::open_with(info)?.status())
+        .collect()
 }
 
 /// The freeze name used when none is given: the namespace's name, or its inode for a path.
