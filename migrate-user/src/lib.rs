@@ -5,8 +5,10 @@
 //! update), [`repair`] (bulk TCP_REPAIR dump and restore), [`image`] (the format connections
 //! travel in), [`net`] (namespaces, addresses, announcements). The library never prints: it returns
 //! values and errors, and logs with `tracing`.
+pub mod criu;
 pub mod freeze;
 pub mod image;
+pub mod migrate;
 pub mod net;
 pub mod repair;
 pub mod sys;

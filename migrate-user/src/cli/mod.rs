@@ -1,5 +1,9 @@
 //! Command-line parsing and output: every command calls the library and prints what it returns.
+mod criu;
+mod demo;
 mod freeze;
+mod migrate;
+mod repair;
 
 use std::process::ExitCode;
 
@@ -23,18 +27,42 @@ enum Command {
     Unfreeze(freeze::UnfreezeArgs),
     /// What is frozen, since when, until when, and what was dropped.
     Status(freeze::StatusArgs),
+    /// Dump a process's connections (frozen, in repair mode) into one image.
+    Dump(repair::DumpArgs),
+    /// Restore connections from an image into a namespace and hand them to an application.
+    Restore(repair::RestoreArgs),
+    /// Move a process's connections and service address to a `tcpmig agent`.
+    Migrate(migrate::MigrateArgs),
+    /// Receive migrated connections on the destination and hand them to an application.
+    Agent(migrate::AgentArgs),
+    /// Build a client, a source and a destination on this machine, migrate live connections
+    /// between them, verify every byte, and remove everything.
+    Demo(demo::DemoArgs),
+    /// CRIU action script: replace CRIU's network lock with tcpmig's freeze.
+    CriuHook(criu::CriuHookArgs),
 }
 
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => return usage_error(error),
-    };
-    init_logging(cli.verbose);
-    let result = match cli.command {
-        Command::Freeze(args) => freeze::freeze(args),
-        Command::Unfreeze(args) => freeze::unfreeze(args),
-        Command::Status(args) => freeze::status(args),
+    let result = if criu::invoked_as_hook() {
+        init_logging(0);
+        criu::run_as_hook()
+    } else {
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(error) => return usage_error(error),
+        };
+        init_logging(cli.verbose);
+        match cli.command {
+            Command::Freeze(args) => freeze::freeze(args),
+            Command::Unfreeze(args) => freeze::unfreeze(args),
+            Command::Status(args) => freeze::status(args),
+            Command::Dump(args) => repair::dump(args),
+            Command::Restore(args) => repair::restore(args),
+            Command::Migrate(args) => migrate::migrate(args),
+            Command::Agent(args) => migrate::agent(args),
+            Command::Demo(args) => demo::demo(args),
+            Command::CriuHook(args) => criu::criu_hook(args),
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

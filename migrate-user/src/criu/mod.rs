@@ -1,0 +1,1 @@
+//! CRIU action-script hook: tcpmig replaces CRIU's network lock.

@@ -1,0 +1,1 @@
+//! Standalone migration: the source and destination state machines and their transport.
