@@ -7,6 +7,7 @@ set -euo pipefail
 RUST_TOOLCHAIN=1.98.0          # ships LLVM 22, the LLVM bpf-linker is built against below
 BPF_LINKER_VERSION=0.13.0
 LLVM_PREFIX=/usr/lib/llvm-22
+CARGO_FUZZ_VERSION=0.13.2
 CRIU_VERSION=4.2.1             # 3.17 fails on kernels >= 6.13, 4.1 cannot dump TCP on >= 6.16
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -59,6 +60,13 @@ else
   # feature are needed, or it builds against Debian's default LLVM 14 / the llvm-23 default.
   (cd / && LLVM_PREFIX=$LLVM_PREFIX cargo +"$RUST_TOOLCHAIN" install bpf-linker \
     --version "$BPF_LINKER_VERSION" --locked --no-default-features --features llvm-22)
+fi
+
+step "cargo-fuzz $CARGO_FUZZ_VERSION"
+if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  ok "present"
+else
+  (cd / && cargo +"$RUST_TOOLCHAIN" install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked)
 fi
 
 criu_ok() {

@@ -27,6 +27,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run every fuzz target for a while (libFuzzer through cargo-fuzz), from the committed
+    /// seeds plus the local corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the benchmarks (release build); --quick is the short run CI uses.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -38,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Check => check(),
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { args } => bench(&args),
     }
 }
@@ -115,6 +123,30 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     ]);
     test.args(args);
     run(test)
+}
+
+/// The fuzz targets, in migrate-user/fuzz (their seeds in seeds/<target>/).
+const FUZZ_TARGETS: &[&str] = &["image_decode"];
+
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let dir = workspace_root().join("migrate-user/fuzz");
+    for target in FUZZ_TARGETS {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut run_target = cargo();
+        run_target
+            .current_dir(&dir)
+            // The pinned stable toolchain (aya needs >= 1.98, newer than the machine's nightly)
+            // accepts the sanitizer flags with RUSTC_BOOTSTRAP.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"));
+        run(run_target)?;
+    }
+    Ok(())
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
