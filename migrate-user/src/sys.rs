@@ -2,11 +2,13 @@
 //! checks and the clock the eBPF programs read.
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _},
     time::Duration,
 };
 
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -46,7 +48,26 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+/// `union bpf_attr` for BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// `union bpf_attr` for BPF_LINK_DETACH.
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Returns the syscall's non-negative result (an fd for BPF_OBJ_GET).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly laid out bpf_attr variant of the size we pass.
     let ret = unsafe {
         libc::syscall(
@@ -59,51 +80,64 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(ret)
     }
 }
 
-/// Inserts or replaces all `keys[i] -> values[i]` in one syscall per call (the kernel may stop
-/// early: the loop resumes where it stopped).
+/// Detaches a bpf link now (BPF_LINK_DETACH), pinned at `path`. Unpinning alone lets the kernel
+/// release the link later, on a workqueue: the program would stay attached for a moment.
+pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that we own.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut detach = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut detach).map(drop)
+}
+
+/// Inserts or replaces all `keys[i] -> values[i]`, in as few syscalls as the kernel allows.
 pub fn map_update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
     assert_eq!(keys.len(), values.len(), "one value per key");
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
-        // On error `count` says how many elements went in before it.
-        done += attr.count as usize;
-        result?;
-        if attr.count == 0 {
-            return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
-        }
-    }
-    Ok(())
+    batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values), false)
 }
 
 /// Deletes all `keys`; keys that are not present are skipped.
 pub fn map_delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    batch::<K, ()>(BPF_MAP_DELETE_BATCH, map, keys, None, true)
+}
+
+/// Runs a batch command over `keys` (and `values`). The kernel may stop early, saying how far it
+/// got in `count`: the loop resumes there. A missing key stops a delete batch at that key, so
+/// with `skip_missing` the loop steps over it.
+fn batch<K, V>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+    skip_missing: bool,
+) -> io::Result<()> {
     let mut done = 0;
     while done < keys.len() {
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
+            values: values.map_or(0, |values| values[done..].as_ptr() as u64),
             count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let result = bpf(cmd, &mut attr).map(drop);
         done += attr.count as usize;
         match result {
             Ok(()) if attr.count > 0 => {}
-            Ok(()) => return Err(io::Error::other("BPF_MAP_DELETE_BATCH made no progress")),
-            // A missing key stops the batch at that key: step over it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+            Ok(()) => return Err(io::Error::other("bpf map batch made no progress")),
+            Err(e) if skip_missing && e.raw_os_error() == Some(libc::ENOENT) => done += 1,
             Err(e) => return Err(e),
         }
     }

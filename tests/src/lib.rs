@@ -43,7 +43,25 @@ pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
 pub use process::ChildGuard;
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The `tcpmig` binary of the integration tests' own build: the target directory two levels up
+/// from the test executable (`target/<profile>/deps/<test>`; `cargo xtask test` builds it first).
+pub fn tcpmig_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .join("tcpmig");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask test` or `cargo build -p tcpmig`",
+        bin.display()
+    );
+    bin
+}
 
 /// Polls `ready` until it returns true or `timeout` passes; `what` names the wait in the error.
 pub(crate) fn wait_until(

@@ -11,27 +11,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
-use tcpmig_testbed::{ChildGuard, Host, IFACE, StreamArgs, TestBed, Traffic};
+use tcpmig_testbed::{ChildGuard, Host, IFACE, StreamArgs, TestBed, Traffic, tcpmig_bin};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
 const BYTES: u64 = 1024;
 const MORE: u64 = 512;
-
-/// The tcpmig binary beside this test's target directory (`cargo xtask test` builds it first).
-fn tcpmig_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .join("tcpmig");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo xtask test`",
-        bin.display()
-    );
-    bin
-}
 
 fn tcpmig(args: &[&str]) -> Result<Output> {
     Command::new(tcpmig_bin())
@@ -51,13 +35,13 @@ fn tcpmig_ok(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn freeze_args<'a>(bed_ns: &'a str, service: &'a str, name: &'a str) -> Vec<&'a str> {
+fn freeze_args<'a>(netns: &'a str, dev: &'a str, service: &'a str, name: &'a str) -> Vec<&'a str> {
     vec![
         "freeze",
         "--netns",
-        bed_ns,
+        netns,
         "--dev",
-        IFACE,
+        dev,
         "--service",
         service,
         "--name",
@@ -166,7 +150,12 @@ fn frozen_service_holds_everything(ipv6: bool) -> Result<()> {
     let name = format!("{}-svc", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let service_arg = service.to_string();
-    tcpmig_ok(&freeze_args(bed.source().name(), &service_arg, &name))?;
+    tcpmig_ok(&freeze_args(
+        bed.source().name(),
+        IFACE,
+        &service_arg,
+        &name,
+    ))?;
     let capture = Capture::start(bed.client(), PORT)?;
 
     // Both directions write while frozen: nothing may arrive on either side.
@@ -273,7 +262,7 @@ fn other_ports_and_addresses_flow_during_a_freeze() -> Result<()> {
     let name = format!("{}-other", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let frozen_arg = frozen.to_string();
-    tcpmig_ok(&freeze_args(bed.source().name(), &frozen_arg, &name))?;
+    tcpmig_ok(&freeze_args(bed.source().name(), IFACE, &frozen_arg, &name))?;
     ensure!(
         connect(bed.client(), frozen, Duration::from_millis(700))?.is_err(),
         "the frozen service must not answer"
@@ -295,7 +284,7 @@ fn deadline_lifts_a_freeze_whose_owner_was_killed() -> Result<()> {
     let name = format!("{}-deadline", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let service_arg = service.to_string();
-    let mut args = freeze_args(bed.source().name(), &service_arg, &name);
+    let mut args = freeze_args(bed.source().name(), IFACE, &service_arg, &name);
     args.truncate(args.len() - 2);
     args.extend(["--deadline", "2", "--hold"]);
     let mut cmd = Command::new(tcpmig_bin());
@@ -338,7 +327,7 @@ fn ten_freezes_attach_one_program_per_direction() -> Result<()> {
     let _cleanup = FreezeCleanup(name.clone());
     for port in 7400..7410 {
         let service = SocketAddr::new(TestBed::service(false), port).to_string();
-        tcpmig_ok(&freeze_args(bed.source().name(), &service, &name))?;
+        tcpmig_ok(&freeze_args(bed.source().name(), IFACE, &service, &name))?;
     }
     let attached = freeze::attached_programs(&Netns::open(bed.source().name())?, IFACE)?;
     ensure!(attached.len() == 2, "attached: {attached:?}");
@@ -360,67 +349,27 @@ fn bad_input_is_one_clear_line_and_leaves_nothing() -> Result<()> {
     let name = format!("{}-bad", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let missing_ns = format!("{}-nosuch", bed.prefix());
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    // (command, what its error must name)
+    let cases = [
         (
-            vec![
-                "freeze",
-                "--netns",
-                ns,
-                "--dev",
-                "nosuch0",
-                "--service",
-                "198.18.0.100:80",
-                "--name",
-                &name,
-            ],
+            freeze_args(ns, "nosuch0", "198.18.0.100:80", &name),
             "nosuch0",
         ),
         (
-            vec![
-                "freeze",
-                "--netns",
-                &missing_ns,
-                "--dev",
-                IFACE,
-                "--service",
-                "198.18.0.100:80",
-                "--name",
-                &name,
-            ],
+            freeze_args(&missing_ns, IFACE, "198.18.0.100:80", &name),
             &missing_ns,
         ),
         (
-            vec![
-                "freeze",
-                "--netns",
-                ns,
-                "--dev",
-                IFACE,
-                "--service",
-                "198.18.0.100",
-                "--name",
-                &name,
-            ],
+            freeze_args(ns, IFACE, "198.18.0.100", &name),
             "198.18.0.100",
         ),
         (
-            vec![
-                "freeze",
-                "--netns",
-                ns,
-                "--dev",
-                IFACE,
-                "--service",
-                "300.1.1.1:80",
-                "--name",
-                &name,
-            ],
+            freeze_args(ns, IFACE, "300.1.1.1:80", &name),
             "300.1.1.1:80",
         ),
     ];
     for (args, named) in &cases {
-        let out = tcpmig(args)?;
-        check_one_line_error(&out, named)?;
+        check_one_line_error(&tcpmig(args)?, named)?;
     }
 
     let mut unprivileged = Command::new("setpriv");
@@ -432,17 +381,7 @@ fn bad_input_is_one_clear_line_and_leaves_nothing() -> Result<()> {
             "-all",
         ])
         .arg(tcpmig_bin())
-        .args([
-            "freeze",
-            "--netns",
-            ns,
-            "--dev",
-            IFACE,
-            "--service",
-            "198.18.0.100:80",
-            "--name",
-            &name,
-        ]);
+        .args(freeze_args(ns, IFACE, "198.18.0.100:80", &name));
     check_one_line_error(&unprivileged.output()?, "CAP_NET_ADMIN")?;
     nothing_left(&bed, &name)
 }

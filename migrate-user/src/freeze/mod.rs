@@ -421,15 +421,33 @@ pub fn default_name(netns: &Netns) -> String {
 }
 
 fn remove_by_info(info: &FreezeInfo) -> Result<(), FreezeError> {
-    if info.attach == AttachMode::Clsact {
-        let netns = Netns::open(&info.netns)?;
-        netns.run(|| -> Result<(), FreezeError> {
-            for (program, attach_type) in programs() {
-                // Already gone (interface deleted, say) is fine: we are removing it.
-                let _ = tc::qdisc_detach_program(info.ifindex, attach_type.into(), program);
+    match info.attach {
+        AttachMode::Tcx => {
+            for (program, _) in programs() {
+                match sys::detach_pinned_link(&pins::dir(&info.name).join(program)) {
+                    // Already gone (a half-made freeze, or the interface was deleted) is fine:
+                    // we are removing it.
+                    Ok(()) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
+                    Err(source) => {
+                        return Err(FreezeError::Io {
+                            name: info.name.clone(),
+                            what: "detaching a program",
+                            source,
+                        });
+                    }
+                }
             }
-            Ok(())
-        })??;
+        }
+        AttachMode::Clsact => {
+            let netns = Netns::open(&info.netns)?;
+            netns.run(|| {
+                for (program, attach_type) in programs() {
+                    // Already gone (interface deleted, say) is fine: we are removing it.
+                    let _ = tc::qdisc_detach_program(info.ifindex, attach_type.into(), program);
+                }
+            })?;
+        }
     }
     pins::remove_all(&info.name)
 }

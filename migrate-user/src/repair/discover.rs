@@ -122,6 +122,7 @@ pub fn discover(netns: &Netns, pid: u32, filter: &Filter) -> Result<Discovery, R
         });
     }
     let pidfd = pidfd_open(pid)?;
+    super::raise_fd_limit();
     for (fd, socket) in wanted {
         discovery.sockets.push(TakenSocket {
             tuple: socket.tuple,

@@ -6,10 +6,11 @@
 //! in repair mode until [`DumpedSockets::commit`] (silent close) or
 //! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
 //! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
-//! address and lift its freeze in between.
+//! address and lift its freeze in between. [`handoff`] gives the live sockets to the application.
 mod diag;
 mod discover;
 mod dump;
+pub mod handoff;
 mod restore;
 mod sockopt;
 
@@ -230,8 +231,9 @@ pub struct SocketOptions {
     pub reuseaddr: bool,
     /// O_NONBLOCK on the file description.
     pub nonblocking: bool,
-    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (doubled). Applied on restore only
-    /// when a queue does not fit in the default buffers.
+    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (doubled), read only for a queue that
+    /// holds bytes (0 otherwise). Applied on restore only when a queue does not fit in the
+    /// default buffers.
     pub sndbuf: u32,
     pub rcvbuf: u32,
     /// SO_MARK (0: none).
@@ -259,7 +261,8 @@ pub struct Connection {
     pub recv_seq: u32,
     pub window: RepairWindow,
     pub negotiated: Negotiated,
-    /// TCP_TIMESTAMP: the timestamp clock, restored so the peer's PAWS check passes.
+    /// TCP_TIMESTAMP: the timestamp clock, restored so the peer's PAWS check passes (0 when the
+    /// connection does not use timestamps).
     pub timestamp: u32,
     pub options: SocketOptions,
     /// Bytes sent or queued but not acknowledged by the peer, in order.
@@ -364,6 +367,13 @@ fn run_sharded<T: Sync, R: Send>(
             })
             .collect()
     })
+}
+
+/// Bulk operations hold one fd per connection: the default soft limit (1024) is far too low.
+fn raise_fd_limit() {
+    if let Err(error) = handoff::raise_nofile_limit() {
+        tracing::warn!(%error, "raising RLIMIT_NOFILE to its hard limit");
+    }
 }
 
 /// Fails early, naming the capability, instead of with EPERM on the first socket.

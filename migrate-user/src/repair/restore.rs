@@ -62,7 +62,8 @@ impl RestoredSockets {
 
     /// Takes every socket out of repair mode (window probe: the peers resynchronise at once),
     /// sends the never-sent tails normally, sends our FIN again for FIN_WAIT connections, and
-    /// sets SO_REUSEADDR and O_NONBLOCK where the source had them. Sharded over threads.
+    /// sets SO_REUSEADDR where the source had it (O_NONBLOCK was set at socket()). Sharded over
+    /// threads.
     pub fn commit(mut self) -> Committed {
         let pending = std::mem::take(&mut self.pending);
         let deadline = Instant::now() + UNSENT_TIMEOUT;
@@ -111,7 +112,7 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
             source,
         }
     };
-    so::select_queue(fd, Queue::None).map_err(fail("TCP_REPAIR_QUEUE=NO_QUEUE"))?;
+    // No TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected queue once repair is off.
     so::set_repair(fd, so::REPAIR_OFF).map_err(fail("TCP_REPAIR=0"))?;
     send_all(
         fd,
@@ -137,9 +138,6 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     if p.options.reuseaddr {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
     }
-    if p.options.nonblocking {
-        so::set_nonblocking(fd).map_err(fail("O_NONBLOCK"))?;
-    }
     Ok(())
 }
 
@@ -158,6 +156,7 @@ pub fn restore_with(
     connections: &[Connection],
 ) -> Result<RestoredSockets, RepairError> {
     super::check_net_admin()?;
+    super::raise_fd_limit();
     let abort = AtomicBool::new(false);
     let batches = super::sharded_in(workers, netns, connections, |batch| {
         let mut restored = Vec::with_capacity(batch.len());
@@ -197,7 +196,8 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
             source,
         }
     };
-    let fd = so::new_tcp_socket(&tuple.local).map_err(fail("socket()"))?;
+    let fd =
+        so::new_tcp_socket(&tuple.local, conn.options.nonblocking).map_err(fail("socket()"))?;
     let s = fd.as_fd();
     so::set_repair(s, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
     let (level, transparent) = match tuple.local {
@@ -205,21 +205,37 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
         SocketAddr::V6(_) => (libc::SOL_IPV6, so::IPV6_TRANSPARENT),
     };
     so::set_int(s, level, transparent, 1).map_err(fail("IP_TRANSPARENT"))?;
-    let sent = conn.sent_part();
-    let queue_seq = |queue, seq: u32| {
-        so::select_queue(s, queue)?;
-        so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &seq)
+    let recv = QueueState {
+        queue: Queue::Recv,
+        name: "receive",
+        seq: conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32),
+        data: &conn.recv_queue,
+        grow: (so::SO_RCVBUFFORCE, conn.options.rcvbuf),
     };
-    queue_seq(
-        Queue::Recv,
-        conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32),
-    )
-    .map_err(fail("TCP_QUEUE_SEQ (receive)"))?;
-    queue_seq(
-        Queue::Send,
-        conn.send_seq.wrapping_sub(conn.send_queue.len() as u32),
-    )
-    .map_err(fail("TCP_QUEUE_SEQ (send)"))?;
+    let send = QueueState {
+        queue: Queue::Send,
+        name: "send",
+        seq: conn.send_seq.wrapping_sub(conn.send_queue.len() as u32),
+        data: conn.sent_part(),
+        grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
+    };
+    // The queue selected last keeps its selection through bind and connect: it is the one
+    // filled first, which saves a TCP_REPAIR_QUEUE call per connection with one queue to fill.
+    let [first, last] = if recv.data.is_empty() {
+        [recv, send]
+    } else {
+        [send, recv]
+    };
+    for q in [&first, &last] {
+        so::select_queue(s, q.queue)
+            .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
+            .map_err(|source| RepairError::Socket {
+                tuple,
+                phase: Phase::Restore,
+                op: q.seq_op(),
+                source,
+            })?;
+    }
     so::bind(s, &tuple.local).map_err(fail("bind"))?;
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
@@ -242,20 +258,14 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
         so::set(s, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp)
             .map_err(fail("TCP_TIMESTAMP"))?;
     }
-    fill_queue(
-        s,
-        Queue::Recv,
-        &conn.recv_queue,
-        (so::SO_RCVBUFFORCE, conn.options.rcvbuf),
-    )
-    .map_err(fail("restoring the receive queue"))?;
-    fill_queue(
-        s,
-        Queue::Send,
-        sent,
-        (so::SO_SNDBUFFORCE, conn.options.sndbuf),
-    )
-    .map_err(fail("restoring the send queue"))?;
+    for (q, selected) in [(&last, true), (&first, false)] {
+        fill_queue(s, q, selected).map_err(|source| RepairError::Socket {
+            tuple,
+            phase: Phase::Restore,
+            op: q.fill_op(),
+            source,
+        })?;
+    }
     so::set(s, libc::SOL_TCP, so::TCP_REPAIR_WINDOW, &conn.window)
         .map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(s, tuple.local.is_ipv4(), &conn.options).map_err(fail("socket options"))?;
@@ -345,21 +355,49 @@ fn send_all(
     Ok(())
 }
 
-/// Queues `data` under TCP_REPAIR_QUEUE=`queue`, where nothing can drain it: no waiting.
-fn fill_queue(
-    fd: BorrowedFd<'_>,
+/// One repair queue of a connection being restored.
+struct QueueState<'a> {
     queue: Queue,
-    data: &[u8],
+    name: &'static str,
+    /// TCP_QUEUE_SEQ: the sequence number of the queue's first byte.
+    seq: u32,
+    data: &'a [u8],
+    /// The force option that grows its buffer, and the source's buffer size.
     grow: (libc::c_int, u32),
-) -> io::Result<()> {
-    if data.is_empty() {
+}
+
+impl QueueState<'_> {
+    fn seq_op(&self) -> &'static str {
+        match self.queue {
+            Queue::Recv => "TCP_QUEUE_SEQ (receive)",
+            Queue::Send => "TCP_QUEUE_SEQ (send)",
+        }
+    }
+
+    fn fill_op(&self) -> &'static str {
+        match self.queue {
+            Queue::Recv => "restoring the receive queue",
+            Queue::Send => "restoring the send queue",
+        }
+    }
+}
+
+/// Queues the bytes of `q` under its TCP_REPAIR_QUEUE (selected first unless it still is),
+/// where nothing can drain them: no waiting.
+fn fill_queue(fd: BorrowedFd<'_>, q: &QueueState<'_>, selected: bool) -> io::Result<()> {
+    if q.data.is_empty() {
         return Ok(());
     }
-    so::select_queue(fd, queue)?;
-    send_all(fd, data, grow, None).map_err(|(left, e)| {
+    if !selected {
+        so::select_queue(fd, q.queue)?;
+    }
+    send_all(fd, q.data, q.grow, None).map_err(|(left, e)| {
         io::Error::new(
             e.kind(),
-            format!("{left} bytes do not fit even in an enlarged buffer: {e}"),
+            format!(
+                "{left} of the {} queue's bytes do not fit even in an enlarged buffer: {e}",
+                q.name
+            ),
         )
     })
 }

@@ -20,10 +20,10 @@ pub const REPAIR_ON: libc::c_int = 1;
 /// 0.07 s instead of 0.43 s without the probe, notes/tcp-repair.md).
 pub const REPAIR_OFF: libc::c_int = 0;
 
-/// Which queue TCP_QUEUE_SEQ, send() and recv() act on in repair mode.
+/// Which queue TCP_QUEUE_SEQ, send() and recv() act on in repair mode (TCP_REPAIR=1 starts
+/// with none selected; nothing needs to select none again).
 #[derive(Clone, Copy, Debug)]
 pub enum Queue {
-    None = 0,
     Recv = 1,
     Send = 2,
 }
@@ -161,13 +161,16 @@ fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<u32> {
     Ok(value as u32)
 }
 
-/// Bytes in the receive queue, in the send queue, and in the send queue never sent.
+/// Bytes in the receive queue, in the send queue, and in the send queue never sent (not asked
+/// when the send queue is empty).
 pub fn queue_lengths(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
-    Ok((
-        ioctl_int(fd, SIOCINQ)?,
-        ioctl_int(fd, SIOCOUTQ)?,
-        ioctl_int(fd, SIOCOUTQNSD)?,
-    ))
+    let (inq, outq) = (ioctl_int(fd, SIOCINQ)?, ioctl_int(fd, SIOCOUTQ)?);
+    let unsent = if outq == 0 {
+        0
+    } else {
+        ioctl_int(fd, SIOCOUTQNSD)?
+    };
+    Ok((inq, outq, unsent))
 }
 
 pub fn set_repair(fd: BorrowedFd<'_>, value: libc::c_int) -> io::Result<()> {
@@ -216,14 +219,18 @@ pub fn send(fd: BorrowedFd<'_>, data: &[u8], flags: libc::c_int) -> io::Result<u
     }
 }
 
-pub fn new_tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+/// A TCP socket of `addr`'s family; O_NONBLOCK from the start saves two fcntl calls later
+/// (connect in repair mode completes at once either way).
+pub fn new_tcp_socket(addr: &SocketAddr, nonblocking: bool) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
+    let flags = if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags, 0) })?;
     // SAFETY: fd is a fresh, valid descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -330,12 +337,6 @@ pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: F_GETFL on a valid fd.
     let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     Ok(flags & libc::O_NONBLOCK != 0)
-}
-
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a valid fd.
-    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
 }
 
 /// Waits until `fd` can take more data, for at most `timeout_ms`.

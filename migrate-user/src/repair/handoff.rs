@@ -1,0 +1,389 @@
+//! Handing restored connections to the application that serves them (design.md, "Handing
+//! sockets to the destination application").
+//!
+//! # Exec: socket activation
+//! [`exec_with_fds`] replaces the calling process by a command (like `exec` in a shell, or
+//! systemd-socket-activate): the command keeps tcpmig's pid, so a supervisor (systemd, a
+//! container runtime, a test) that started `tcpmig restore --exec` now supervises the
+//! application, its exit status is the command's, and `LISTEN_PID` is simply that pid. The
+//! connections are fds 3, 4, ... with `LISTEN_FDS=<count>`, `LISTEN_PID=<pid>` and
+//! `LISTEN_FDNAMES` (one name per fd, `:`-separated: the [`fd_name`] of each connection, or
+//! `connection` for all of them, systemd's name with `Accept=yes`, when the names together pass
+//! the kernel's 128 KiB limit on one environment string, from about 3,500 connections on). Every
+//! other fd of tcpmig is close-on-exec.
+//!
+//! # Unix socket: SCM_RIGHTS
+//! [`send_fds`] connects to a Unix socket (SOCK_SEQPACKET if the listener is one, else
+//! SOCK_STREAM) and sends the connections in messages of at most [`MAX_FDS_PER_MESSAGE`] fds.
+//! Each message's bytes are a header line `tcpmig-fds <n>\n` and then `n` lines, one
+//! [`fd_name`] per line, the k-th name for the k-th fd of the message's SCM_RIGHTS. tcpmig then
+//! shuts down its side and waits (up to [`RECEIVER_TIMEOUT`]) for the receiver to close the
+//! connection, which says it holds the fds. Receivers read with recvmsg and room for 253 fds from
+//! the first byte on (a plain read() discards fds); on SOCK_STREAM one recvmsg returns at most
+//! one message's fds, so read lines until `n` names arrived. Python:
+//! `data, fds, _, _ = socket.recv_fds(conn, 65536, 253)`.
+use std::{
+    convert::Infallible,
+    ffi::{OsStr, OsString},
+    io::{self, Read as _},
+    mem::size_of_val,
+    net::SocketAddr,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, IntoRawFd, OwnedFd, RawFd},
+        unix::{
+            ffi::OsStrExt as _, fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _,
+        },
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::RestoredSocket;
+use crate::tuple::Tuple;
+
+/// Most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+/// How long [`send_fds`] waits for the receiver to close the connection.
+pub const RECEIVER_TIMEOUT: Duration = Duration::from_secs(30);
+const LISTEN_FDS_START: RawFd = 3;
+/// MAX_ARG_STRLEN: the longest single argument or environment string execve accepts.
+const MAX_ENV_STRING: usize = 32 * 4096;
+/// Fds the command needs besides the connections (stdio, libraries, its own files).
+const SPARE_FDS: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("--exec needs a command")]
+    EmptyCommand,
+    #[error("{program}: not found or not executable (looked in {looked}); nothing was restored")]
+    NotExecutable { program: String, looked: String },
+    #[error(
+        "{count} connections need {count} fds plus {SPARE_FDS} spare, above this process's hard \
+         limit of {limit} open files: split the migration or raise the limit (ulimit -Hn)"
+    )]
+    TooManyFds { count: usize, limit: u64 },
+    #[error("connecting to the receiver's Unix socket {path}; is the receiver listening?")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("handing the connections over: {what}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> HandoffError {
+    let what = what.into();
+    move |source| HandoffError::Io { what, source }
+}
+
+/// The name of a connection in LISTEN_FDNAMES and in the Unix socket protocol:
+/// `LOCALIP.PORT-REMOTEIP.PORT` as tcpdump writes it, with the colons of IPv6 addresses written
+/// `_` (LISTEN_FDNAMES separates names with colons).
+pub fn fd_name(tuple: &Tuple) -> String {
+    let end = |addr: SocketAddr| format!("{}.{}", addr.ip(), addr.port()).replace(':', "_");
+    format!("{}-{}", end(tuple.local), end(tuple.remote))
+}
+
+/// A command checked before anything is restored: a missing program must not cost the
+/// connections.
+#[derive(Debug)]
+pub struct ExecCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl ExecCommand {
+    /// Resolves `command[0]` (through PATH when it has no `/`) and checks that this process can
+    /// hold `connections` fds for it.
+    pub fn prepare(command: &[OsString], connections: usize) -> Result<Self, HandoffError> {
+        let (program, args) = command.split_first().ok_or(HandoffError::EmptyCommand)?;
+        let limit = raise_nofile_limit().map_err(io_error("raising RLIMIT_NOFILE"))?;
+        if LISTEN_FDS_START as u64 + connections as u64 + SPARE_FDS > limit {
+            return Err(HandoffError::TooManyFds {
+                count: connections,
+                limit,
+            });
+        }
+        Ok(Self {
+            program: resolve(program)?,
+            args: args.to_vec(),
+        })
+    }
+}
+
+fn resolve(program: &OsStr) -> Result<PathBuf, HandoffError> {
+    let executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let found = if program.as_bytes().contains(&b'/') {
+        Some(PathBuf::from(program)).filter(|p| executable(p))
+    } else {
+        std::env::split_paths(&path_var)
+            .map(|dir| dir.join(program))
+            .find(|p| executable(p))
+    };
+    found.ok_or_else(|| HandoffError::NotExecutable {
+        program: program.to_string_lossy().into_owned(),
+        looked: if program.as_bytes().contains(&b'/') {
+            "that path".to_owned()
+        } else {
+            format!("PATH={}", path_var.to_string_lossy())
+        },
+    })
+}
+
+/// Replaces this process by `command` with `sockets` as fds 3, 4, ... and LISTEN_FDS,
+/// LISTEN_PID and LISTEN_FDNAMES set (see the module docs). The calling thread must be in the
+/// namespace the command should run in. Returns only on error.
+pub fn exec_with_fds(
+    sockets: Vec<RestoredSocket>,
+    command: ExecCommand,
+) -> Result<Infallible, HandoffError> {
+    let names = listen_fdnames(&sockets);
+    let count = sockets.len();
+    place_fds(sockets.into_iter().map(|s| s.fd).collect())
+        .map_err(io_error("moving the connections to fds 3.."))?;
+    let error = std::process::Command::new(&command.program)
+        .args(&command.args)
+        .env("LISTEN_FDS", count.to_string())
+        .env("LISTEN_PID", std::process::id().to_string())
+        .env("LISTEN_FDNAMES", names)
+        .exec();
+    Err(io_error(format!("executing {}", command.program.display()))(error))
+}
+
+fn listen_fdnames(sockets: &[RestoredSocket]) -> String {
+    let names: Vec<String> = sockets.iter().map(|s| fd_name(&s.tuple)).collect();
+    let joined = names.join(":");
+    if "LISTEN_FDNAMES=".len() + joined.len() < MAX_ENV_STRING {
+        joined
+    } else {
+        vec!["connection"; sockets.len()].join(":")
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (no capability needed) and returns it: a bulk
+/// restore or dump holds one fd per connection.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit out- and in-pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Puts fd i at 3 + i without close-on-exec, in index order: a socket still to be placed that
+/// sits on the current target is first moved above the range. Each socket is closed at its old
+/// number once placed, so the sockets never need more than a few fds beyond their own count
+/// (10,000 of them fit under a 20,000 limit). Whatever else sits in the range is close-on-exec
+/// and simply replaced.
+fn place_fds(fds: Vec<OwnedFd>) -> io::Result<()> {
+    let end = LISTEN_FDS_START + fds.len() as RawFd;
+    let slot = |fd: RawFd| {
+        (LISTEN_FDS_START..end)
+            .contains(&fd)
+            .then(|| (fd - LISTEN_FDS_START) as usize)
+    };
+    // The fds leave Rust's ownership here: after exec they are the command's.
+    let mut at: Vec<RawFd> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    // Which socket sits on each target number, while it is not yet placed.
+    let mut occupant = vec![None; at.len()];
+    for (index, &fd) in at.iter().enumerate() {
+        if let Some(s) = slot(fd) {
+            occupant[s] = Some(index);
+        }
+    }
+    for index in 0..at.len() {
+        let target = LISTEN_FDS_START + index as RawFd;
+        if let Some(other) = occupant[index].filter(|&other| other != index) {
+            // SAFETY: duplicating an fd we hold; its old number is overwritten just below.
+            at[other] = check(unsafe { libc::fcntl(target, libc::F_DUPFD_CLOEXEC, end) })?;
+        }
+        // SAFETY: fcntl/dup2/close on fds we hold; `target` holds nothing still needed.
+        unsafe {
+            if at[index] == target {
+                check(libc::fcntl(target, libc::F_SETFD, 0))?;
+            } else {
+                check(libc::dup2(at[index], target))?;
+                if let Some(s) = slot(at[index]) {
+                    occupant[s] = None;
+                }
+                libc::close(at[index]);
+            }
+        }
+        occupant[index] = None;
+        at[index] = target;
+    }
+    Ok(())
+}
+
+/// Sends `sockets` to the receiver at `path` (see the module docs) and waits for it to close the
+/// connection. The receiver holds its own copies then; the caller's can be closed.
+pub fn send_fds(sockets: &[RestoredSocket], path: &Path) -> Result<(), HandoffError> {
+    let stream = connect_unix(path)?;
+    let fd = stream.as_raw_fd();
+    let what = || format!("sending to {}", path.display());
+    for batch in sockets.chunks(MAX_FDS_PER_MESSAGE) {
+        let mut text = format!("tcpmig-fds {}\n", batch.len());
+        for socket in batch {
+            text.push_str(&fd_name(&socket.tuple));
+            text.push('\n');
+        }
+        let fds: Vec<RawFd> = batch.iter().map(|s| s.fd.as_raw_fd()).collect();
+        send_with_fds(fd, text.as_bytes(), &fds).map_err(io_error(what()))?;
+    }
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(io_error(what()))?;
+    stream
+        .set_read_timeout(Some(RECEIVER_TIMEOUT))
+        .map_err(io_error(what()))?;
+    let mut sink = [0u8; 256];
+    loop {
+        match (&stream).read(&mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io_error(format!(
+                    "waiting for the receiver at {} to close the connection",
+                    path.display()
+                ))(e));
+            }
+        }
+    }
+}
+
+/// SOCK_SEQPACKET if the listener is one, SOCK_STREAM otherwise.
+fn connect_unix(path: &Path) -> Result<UnixStream, HandoffError> {
+    let connect_error = |source| HandoffError::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    // SAFETY: a zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(connect_error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a valid Unix socket path (at most 107 bytes, no NUL)",
+        )));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let mut last = io::Error::from(io::ErrorKind::InvalidInput);
+    for kind in [libc::SOCK_SEQPACKET, libc::SOCK_STREAM] {
+        // SAFETY: socket(2); owned at once.
+        let raw = check(unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) })
+            .map_err(connect_error)?;
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: connect(2) with a valid sockaddr_un and its size.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of_val(&addr) as libc::socklen_t,
+            )
+        };
+        if ret == 0 {
+            // Both kinds take read/shutdown the same way.
+            return Ok(UnixStream::from(fd));
+        }
+        last = io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EPROTOTYPE) {
+            break;
+        }
+    }
+    Err(connect_error(last))
+}
+
+/// One sendmsg with `fds` attached to `data`; on a stream socket the kernel may take part of the
+/// bytes, the rest follows without fds.
+fn send_with_fds(socket: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let payload = size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; its pointers outlive the call and the control buffer has
+    // room for one cmsghdr carrying `fds`.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut rest = &data[sent as usize..];
+    while !rest.is_empty() {
+        // SAFETY: `rest` is readable for its length.
+        let sent =
+            unsafe { libc::send(socket, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        rest = &rest[sent as usize..];
+    }
+    Ok(())
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_have_no_colons() {
+        let tuple = Tuple {
+            local: "[fd54:636d::100]:80".parse().unwrap(),
+            remote: "198.18.0.1:40000".parse().unwrap(),
+        };
+        assert_eq!(fd_name(&tuple), "fd54_636d__100.80-198.18.0.1.40000");
+    }
+
+    #[test]
+    fn missing_programs_are_refused_before_anything_happens() {
+        let error = ExecCommand::prepare(&["tcpmig-no-such-program".into()], 1).unwrap_err();
+        assert!(
+            matches!(error, HandoffError::NotExecutable { .. }),
+            "{error}"
+        );
+        assert!(matches!(
+            ExecCommand::prepare(&[], 1),
+            Err(HandoffError::EmptyCommand)
+        ));
+    }
+}

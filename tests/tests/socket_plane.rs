@@ -1,0 +1,713 @@
+//! The socket plane across hosts, driven through `tcpmig` as an operator would: connections from
+//! the client host to a server on the source host, with unread bytes queued both ways and
+//! unacknowledged and never-sent bytes in the server's send queues, are frozen, dumped, the
+//! service address moves to the destination (with its announcement), they are restored there
+//! and handed to a new server process; every byte is checked both ways, no RST may appear, and a
+//! new connection reaches the destination. Also: rollback on the source, and bad input that must
+//! leave the destination empty and the source untouched. Needs root; run with
+//! `--test-threads=1`.
+use std::{
+    ffi::OsString,
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::net::UnixListener,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use tcpmig::{
+    freeze::{Freeze, RemoveOnDrop},
+    image,
+    net::{self, Netns},
+    repair,
+    tuple::{self, Tuple},
+};
+use tcpmig_testbed::{
+    Host, IFACE, Peer, PeerArgs, PeerCommand, Report, StreamArgs, TestBed, Traffic, command_all,
+    tcpmig_bin,
+};
+
+const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
+/// Written both ways at first and left unread: the receive queues hold it.
+const BYTES: u64 = 1024;
+/// Written by every server while frozen: beyond the congestion window, so part of it is sent
+/// (and dropped: unacknowledged) and part never leaves the send queue.
+const SERVER_FROZEN: u64 = 24 * 1024;
+/// Written by every client while frozen: dropped at the source, retransmitted to the
+/// destination.
+const CLIENT_FROZEN: u64 = 1000;
+/// Exchanged both ways after the migration.
+const AFTER: u64 = 4096;
+const FREEZE_DEADLINE: &str = "120";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn tcpmig(args: &[OsString]) -> Result<Output> {
+    Command::new(tcpmig_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running tcpmig")
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn tcpmig_ok(args: &[OsString]) -> Result<String> {
+    let out = tcpmig(args)?;
+    ensure!(
+        out.status.success(),
+        "tcpmig {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A failing tcpmig run: non-zero exit and one line on stderr that contains `named`.
+fn tcpmig_fails(args: &[OsString], named: &str) -> Result<String> {
+    let out = tcpmig(args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(!out.status.success(), "tcpmig {args:?} should fail");
+    ensure!(stderr.lines().count() == 1, "one line expected: {stderr:?}");
+    ensure!(
+        stderr.to_lowercase().contains(&named.to_lowercase()),
+        "{stderr:?} should say {named:?}"
+    );
+    eprint!("refused as expected: {stderr}");
+    Ok(stderr)
+}
+
+/// `tcpmig freeze` of `service` in `host`; the guard removes the freeze however the test ends.
+fn freeze(host: &Host, service: SocketAddr, name: &str) -> Result<RemoveOnDrop> {
+    tcpmig_ok(&os(&[
+        "freeze",
+        "--netns",
+        host.name(),
+        "--dev",
+        IFACE,
+        "--service",
+        &service.to_string(),
+        "--name",
+        name,
+        "--deadline",
+        FREEZE_DEADLINE,
+    ]))?;
+    Ok(RemoveOnDrop::new(Freeze::open(name)?))
+}
+
+fn unfreeze(host: &Host, name: &str) -> Result<()> {
+    tcpmig_ok(&os(&["unfreeze", "--netns", host.name(), "--name", name])).map(drop)
+}
+
+/// A temporary directory for images and sockets, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(bed: &TestBed) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-sp", bed.prefix()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Established TCP connections of `host` whose local port is `port`, from `ss`.
+fn established_on(host: &Host, port: u16) -> Result<Vec<String>> {
+    let mut cmd = host.command("ss")?;
+    cmd.args([
+        "-Htni",
+        "state",
+        "established",
+        "sport",
+        "=",
+        &format!(":{port}"),
+    ]);
+    let out = cmd.output()?;
+    ensure!(out.status.success(), "ss failed in {host}");
+    // With -i every connection is its address line and an indented details line.
+    let text = String::from_utf8(out.stdout)?;
+    let mut connections = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) {
+            if let Some(last) = connections.last_mut() {
+                *last = format!("{last} {}", line.trim());
+            }
+        } else {
+            connections.push(line.to_owned());
+        }
+    }
+    Ok(connections)
+}
+
+/// The number after `key:` in an `ss -i` line (0 when absent).
+fn ss_field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix(':')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Established connections of `host` that went straight to CLOSED so far (Tcp EstabResets: an
+/// RST received or sent), from its snmp counters.
+fn resets(host: &Host) -> Result<u64> {
+    let snmp = host.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().context("snmp names")?,
+        tcp.next().context("snmp values")?,
+    );
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "EstabResets")
+        .context("EstabResets column")?;
+    values
+        .split_whitespace()
+        .nth(column)
+        .context("EstabResets value")?
+        .parse()
+        .context("EstabResets")
+}
+
+fn sysctls(bed: &TestBed, settings: &[(&str, &str)]) -> Result<()> {
+    for host in [bed.client(), bed.source(), bed.destination()] {
+        for (key, value) in settings {
+            host.set_sysctl(key, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Both streams of every connection checked up to their ends, and no failure.
+fn verify(traffic: &mut Traffic<'_>, to_client: u64, to_server: u64, n: u64) -> Result<()> {
+    let clients = command_all(
+        &mut traffic.clients,
+        PeerCommand::Verify {
+            until: Some(to_client),
+        },
+    )?;
+    let servers = command_all(
+        &mut traffic.servers,
+        PeerCommand::Verify {
+            until: Some(to_server),
+        },
+    )?;
+    for (side, report) in [("clients", &clients), ("servers", &servers)] {
+        ensure!(
+            report.connections == n && report.all_verified() && report.resets == 0,
+            "{side}: {report:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Connections with both data the peer has not acknowledged and data never sent, among those
+/// of `host` on `port`.
+fn with_unacked_and_unsent(host: &Host, port: u16) -> Result<(usize, Option<String>)> {
+    let connections = established_on(host, port)?;
+    let (loaded, other): (Vec<_>, Vec<_>) = connections
+        .into_iter()
+        .partition(|c| ss_field(c, "unacked") > 0 && ss_field(c, "notsent") > 0);
+    Ok((loaded.len(), other.into_iter().next()))
+}
+
+/// Opens `n` connections to `service` and loads them: for a moment the client host loses every
+/// segment of them (a 4-tuple freeze there), so what the servers write next goes out but stays
+/// unacknowledged up to their congestion window and the rest is never sent, and what the clients
+/// write stays unacknowledged too; then the service is frozen on the source (`tcpmig freeze`)
+/// and the loss ends. A freeze on the source alone would not do: its egress drop is reported to
+/// TCP as a local send failure, so nothing would count as sent.
+fn loaded_traffic<'bed>(
+    bed: &'bed TestBed,
+    service: SocketAddr,
+    n: usize,
+) -> Result<(Traffic<'bed>, RemoveOnDrop, String)> {
+    let mut traffic = Traffic::open_at(bed, Path::new(PEER), service, n, StreamArgs::new(BYTES))?;
+    let client_ns = Netns::open(bed.client().name())?;
+    let tuples: Vec<Tuple> = repair::list_tcp_sockets(&client_ns)?
+        .into_iter()
+        .filter(|s| s.tuple.remote == tuple::canonical(service))
+        .map(|s| s.tuple)
+        .collect();
+    ensure!(tuples.len() == n, "{} client sockets found", tuples.len());
+    let mut loss = RemoveOnDrop::new(Freeze::attach(
+        &client_ns,
+        IFACE,
+        &format!("{}-loss", bed.prefix()),
+    )?);
+    loss.freeze_tuples(&tuples, Duration::from_secs(120))?;
+    let wrote = |report: Report, bytes: u64| report.bytes_out == bytes * n as u64;
+    let servers = command_all(
+        &mut traffic.servers,
+        PeerCommand::Send {
+            bytes: SERVER_FROZEN,
+        },
+    )?;
+    ensure!(wrote(servers, SERVER_FROZEN + BYTES), "servers' writes");
+    let clients = command_all(
+        &mut traffic.clients,
+        PeerCommand::Send {
+            bytes: CLIENT_FROZEN,
+        },
+    )?;
+    ensure!(wrote(clients, CLIENT_FROZEN + BYTES), "clients' writes");
+    let name = format!("{}-src", bed.prefix());
+    let guard = freeze(bed.source(), service, &name)?;
+    drop(loss);
+    let (loaded, other) = with_unacked_and_unsent(bed.source(), service.port())?;
+    ensure!(
+        loaded == n,
+        "{loaded} of {n} connections hold both unacknowledged and never-sent bytes; one \
+         that does not: {other:?}"
+    );
+    Ok((traffic, guard, name))
+}
+
+fn dump_args(pid: u32, service: SocketAddr, out: &Path, then: &str) -> Vec<OsString> {
+    let mut args = os(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--service",
+        &service.to_string(),
+        "--then",
+        then,
+        "--json",
+        "--out",
+    ]);
+    args.push(out.into());
+    args
+}
+
+/// Checks the dump's report: every connection, with queued bytes of each kind.
+fn check_dump_report(json: &str, n: usize) -> Result<()> {
+    let report: serde_json::Value = serde_json::from_str(json)?;
+    let count = |key: &str| report[key].as_u64().unwrap_or(0);
+    ensure!(count("connections") == n as u64, "{report}");
+    ensure!(count("recv_bytes") == BYTES * n as u64, "{report}");
+    ensure!(
+        count("unsent_bytes") > 0 && count("send_bytes") > count("unsent_bytes"),
+        "{report}"
+    );
+    Ok(())
+}
+
+fn restore_args(image: &Path, host: &Host) -> Vec<OsString> {
+    let mut args = os(&["restore", "--in"]);
+    args.push(image.into());
+    args.extend(os(&["--netns", host.name()]));
+    args
+}
+
+/// The stream offsets a server that takes over the migrated sockets starts from.
+fn adopted_stream() -> StreamArgs {
+    StreamArgs {
+        sent_already: BYTES + SERVER_FROZEN,
+        ..StreamArgs::new(BYTES + SERVER_FROZEN)
+    }
+}
+
+/// How the restored connections reach the new server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// `tcpmig restore --exec -- tcpmig-peer server --from-listen-fds ...`
+    Exec,
+    /// `tcpmig restore --handoff SOCKET` to this test, which starts the server with the fds.
+    Unix,
+}
+
+/// One migration of `n` connections to the service on `port`, checked end to end.
+fn migrate(n: usize, ipv6: bool, port: u16, settings: &[(&str, &str)], how: Handoff) -> Result<()> {
+    let started = Instant::now();
+    let bed = TestBed::new()?;
+    sysctls(&bed, settings)?;
+    let scratch = Scratch::new(&bed)?;
+    let service = SocketAddr::new(TestBed::service(ipv6), port);
+    let (mut traffic, source_freeze, source_name) = loaded_traffic(&bed, service, n)?;
+    let client_resets = resets(bed.client())?;
+    let opened = started.elapsed();
+
+    let image = scratch.path("image");
+    let server_pid = traffic.servers[0].pid();
+    ensure!(traffic.servers.len() == 1, "one server process");
+    let dumped = tcpmig_ok(&dump_args(server_pid, service, &image, "commit"))?;
+    check_dump_report(&dumped, n)?;
+
+    // Nothing may answer the clients from the destination before the sockets are there.
+    let dest_name = format!("{}-dst", bed.prefix());
+    let dest_freeze = freeze(bed.destination(), service, &dest_name)?;
+    let (prefix, src, dst) = (
+        if ipv6 {
+            tcpmig_testbed::PREFIX_V6
+        } else {
+            tcpmig_testbed::PREFIX_V4
+        },
+        Netns::open(bed.source().name())?,
+        Netns::open(bed.destination().name())?,
+    );
+    net::move_address(&src, IFACE, &dst, IFACE, service.ip(), prefix)?;
+
+    let adopting = PeerArgs::adopting_server(adopted_stream());
+    let server = match how {
+        Handoff::Exec => {
+            let mut cmd = bed.destination().command(tcpmig_bin())?;
+            cmd.args(restore_args(&image, bed.destination()))
+                .args(["--exec", "--", PEER])
+                .args(adopting.to_args());
+            Peer::spawn(
+                bed.destination(),
+                cmd,
+                "tcpmig restore --exec",
+                adopted_stream().timeout() + Duration::from_secs(30),
+            )?
+        }
+        Handoff::Unix => {
+            let fds = receive_handoff(&scratch, &image, bed.destination(), n)?;
+            let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
+            cmd.args(adopting.to_args());
+            Peer::spawn(
+                bed.destination(),
+                cmd,
+                "server of handed-over sockets",
+                adopted_stream().timeout() + Duration::from_secs(10),
+            )?
+        }
+    };
+    let old_servers = std::mem::replace(&mut traffic.servers, vec![server]);
+    traffic.servers[0].expect_line("ready")?;
+    unfreeze(bed.destination(), &dest_name)?;
+    drop(dest_freeze);
+    let restored = started.elapsed();
+    // The old server's sockets are in repair mode: killing it closes them silently.
+    drop(old_servers);
+    unfreeze(bed.source(), &source_name)?;
+    drop(source_freeze);
+
+    verify(
+        &mut traffic,
+        BYTES + SERVER_FROZEN,
+        BYTES + CLIENT_FROZEN,
+        n as u64,
+    )?;
+    let caught_up = started.elapsed();
+    command_all(&mut traffic.servers, PeerCommand::Send { bytes: AFTER })?;
+    command_all(&mut traffic.clients, PeerCommand::Send { bytes: AFTER })?;
+    verify(
+        &mut traffic,
+        BYTES + SERVER_FROZEN + AFTER,
+        BYTES + CLIENT_FROZEN + AFTER,
+        n as u64,
+    )?;
+    ensure!(
+        resets(bed.client())? == client_resets,
+        "the clients saw resets"
+    );
+    new_connection_reaches(&bed, service)?;
+    eprintln!(
+        "{n} connections (ipv6 {ipv6}, {settings:?}): loaded at {opened:?}, restored at \
+         {restored:?}, caught up at {caught_up:?}, done at {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// `tcpmig restore --handoff` to a Unix socket of this test; returns the fds received.
+fn receive_handoff(scratch: &Scratch, image: &Path, host: &Host, n: usize) -> Result<Vec<OwnedFd>> {
+    let socket = scratch.path("handoff.sock");
+    let listener = UnixListener::bind(&socket)?;
+    let mut args = restore_args(image, host);
+    args.push("--handoff".into());
+    args.push(socket.clone().into());
+    let mut restore = Command::new(tcpmig_bin());
+    restore
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = host.spawn(&mut restore)?;
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait()? {
+                    let mut stderr = String::new();
+                    if let Some(mut pipe) = child.child_mut().stderr.take() {
+                        pipe.read_to_string(&mut stderr)?;
+                    }
+                    bail!("tcpmig restore --handoff exited ({status}) before connecting: {stderr}");
+                }
+                ensure!(Instant::now() < deadline, "tcpmig restore never connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let (text, fds) = receive_fds(&stream)?;
+    drop(stream);
+    let lines: Vec<&str> = text.lines().collect();
+    let headers = lines
+        .iter()
+        .filter(|l| l.starts_with("tcpmig-fds "))
+        .count();
+    ensure!(
+        fds.len() == n && lines.len() == n + headers && headers == n.div_ceil(253),
+        "received {} fds and {} lines ({headers} headers) for {n} connections",
+        fds.len(),
+        lines.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        ensure!(Instant::now() < deadline, "tcpmig restore did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    ensure!(status.success(), "tcpmig restore --handoff: {status}");
+    Ok(fds)
+}
+
+/// Reads the whole handoff: its text, and every fd sent with it (recvmsg from the first byte on).
+fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<OwnedFd>)> {
+    let mut text = Vec::new();
+    let mut fds = Vec::new();
+    let mut data = vec![0u8; 64 * 1024];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((253 * size_of::<libc::c_int>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: a zeroed msghdr with valid buffers; the kernel writes at most their sizes and
+        // every fd it passes is taken into an OwnedFd once.
+        let got = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let got = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if got < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let count =
+                        ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<libc::c_int>();
+                    let first = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                    for k in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(first.add(k).read_unaligned()));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            got as usize
+        };
+        if got == 0 {
+            return Ok((String::from_utf8(text)?, fds));
+        }
+        text.extend_from_slice(&data[..got]);
+    }
+}
+
+/// A new connection from the client to the service is accepted on the destination.
+fn new_connection_reaches(bed: &TestBed, service: SocketAddr) -> Result<()> {
+    let listener = bed
+        .destination()
+        .run(|| TcpListener::bind(service))?
+        .with_context(|| format!("a new listener on {service} beside the restored sockets"))?;
+    bed.client()
+        .run(|| TcpStream::connect_timeout(&service, CONNECT_TIMEOUT))?
+        .with_context(|| format!("a new connection to {service}"))?;
+    listener.set_nonblocking(true)?;
+    listener
+        .accept()
+        .context("the destination accepts the new connection")?;
+    Ok(())
+}
+
+#[test]
+fn migrate_one_v4() -> Result<()> {
+    migrate(1, false, 7500, &[], Handoff::Exec)
+}
+
+#[test]
+fn migrate_hundred_v4() -> Result<()> {
+    migrate(100, false, 7510, &[], Handoff::Exec)
+}
+
+#[test]
+fn migrate_thousand_v4_through_a_unix_socket() -> Result<()> {
+    migrate(1_000, false, 7520, &[], Handoff::Unix)
+}
+
+#[test]
+fn migrate_ten_thousand_v4() -> Result<()> {
+    migrate(10_000, false, 7530, &[], Handoff::Exec)
+}
+
+#[test]
+fn migrate_hundred_v6() -> Result<()> {
+    migrate(100, true, 7540, &[], Handoff::Exec)
+}
+
+#[test]
+fn migrate_hundred_without_timestamps() -> Result<()> {
+    migrate(
+        100,
+        false,
+        7550,
+        &[("net.ipv4.tcp_timestamps", "0")],
+        Handoff::Exec,
+    )
+}
+
+#[test]
+fn migrate_hundred_without_sack() -> Result<()> {
+    migrate(
+        100,
+        false,
+        7560,
+        &[("net.ipv4.tcp_sack", "0")],
+        Handoff::Exec,
+    )
+}
+
+/// Dump, then roll back: every connection carries on at the source, byte-exact. The dump
+/// freezes the connections itself (--freeze-dev) and lifts that freeze after the rollback.
+#[test]
+fn rollback_keeps_every_connection_at_the_source() -> Result<()> {
+    const N: usize = 100;
+    let bed = TestBed::new()?;
+    let scratch = Scratch::new(&bed)?;
+    let service = SocketAddr::new(TestBed::service(false), 7600);
+    let (mut traffic, source_freeze, source_name) = loaded_traffic(&bed, service, N)?;
+    let client_resets = resets(bed.client())?;
+    let image = scratch.path("image");
+    let pid = traffic.servers[0].pid();
+    let dumped = tcpmig_ok(&dump_args(pid, service, &image, "rollback"))?;
+    check_dump_report(&dumped, N)?;
+    unfreeze(bed.source(), &source_name)?;
+    drop(source_freeze);
+    verify(
+        &mut traffic,
+        BYTES + SERVER_FROZEN,
+        BYTES + CLIENT_FROZEN,
+        N as u64,
+    )?;
+
+    // Again, unfrozen: --freeze-dev freezes exactly these connections for the dump.
+    let mut args = dump_args(pid, service, &image, "rollback");
+    args.extend(os(&["--freeze-dev", IFACE, "--deadline", "60"]));
+    let json: serde_json::Value = serde_json::from_str(&tcpmig_ok(&args)?)?;
+    ensure!(json["freeze"] == format!("dump-{pid}"), "{json}");
+    ensure!(
+        Freeze::open(&format!("dump-{pid}")).is_err(),
+        "the dump's own freeze is lifted after a rollback"
+    );
+    command_all(&mut traffic.servers, PeerCommand::Send { bytes: AFTER })?;
+    command_all(&mut traffic.clients, PeerCommand::Send { bytes: AFTER })?;
+    verify(
+        &mut traffic,
+        BYTES + SERVER_FROZEN + AFTER,
+        BYTES + CLIENT_FROZEN + AFTER,
+        N as u64,
+    )?;
+    ensure!(resets(bed.client())? == client_resets, "resets seen");
+    Ok(())
+}
+
+/// Bad input gets one clear line and a non-zero exit, the destination keeps no socket, and the
+/// source's connections carry on byte-exact.
+#[test]
+fn bad_input_is_refused_and_leaves_both_hosts_clean() -> Result<()> {
+    const N: usize = 20;
+    const PORT: u16 = 7700;
+    let bed = TestBed::new()?;
+    let scratch = Scratch::new(&bed)?;
+    let service = SocketAddr::new(TestBed::service(false), PORT);
+    let mut traffic = Traffic::open_at(&bed, Path::new(PEER), service, N, StreamArgs::new(BYTES))?;
+    let pid = traffic.servers[0].pid();
+    let image = scratch.path("image");
+    tcpmig_fails(&dump_args(pid, service, &image, "rollback"), "not frozen")?;
+    ensure!(!image.exists(), "no image from a refused dump");
+
+    let source_name = format!("{}-src", bed.prefix());
+    let source_freeze = freeze(bed.source(), service, &source_name)?;
+    let dumped: serde_json::Value =
+        serde_json::from_str(&tcpmig_ok(&dump_args(pid, service, &image, "rollback"))?)?;
+    ensure!(dumped["connections"] == N, "{dumped}");
+    let good = std::fs::read(&image)?;
+    let dst = bed.destination();
+    let restore_with = |bytes: &[u8], name: &str, expected: &str| -> Result<()> {
+        let bad = scratch.path(name);
+        std::fs::write(&bad, bytes)?;
+        let mut args = restore_args(&bad, dst);
+        args.extend(os(&["--exec", "--", PEER, "server", "--from-listen-fds"]));
+        tcpmig_fails(&args, expected)?;
+        let left = established_on(dst, PORT)?;
+        ensure!(
+            left.is_empty(),
+            "{name}: sockets left on the destination: {left:?}"
+        );
+        Ok(())
+    };
+    restore_with(&good[..good.len() / 2], "truncated", "truncated")?;
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x10;
+    restore_with(&flipped, "flipped", "corrupt")?;
+    let mut version = good.clone();
+    version[9] = 9;
+    restore_with(&version, "version", "version 9")?;
+
+    // Peers the destination has no route to.
+    let mut conns = image::decode(&good)?;
+    for conn in &mut conns {
+        conn.tuple.remote.set_ip(IpAddr::from([192, 0, 2, 1]));
+    }
+    restore_with(&image::encode(&conns), "unroutable", "192.0.2.1")?;
+
+    // One of the 4-tuples already lives on the destination (restored there, in repair mode).
+    let conns = image::decode(&good)?;
+    let dst_netns = Netns::open(dst.name())?;
+    let held = repair::restore(&dst_netns, &conns[N / 2..N / 2 + 1])?;
+    let mut args = restore_args(&image, dst);
+    args.extend(os(&["--exec", "--", PEER, "server", "--from-listen-fds"]));
+    tcpmig_fails(&args, &conns[N / 2].tuple.to_string())?;
+    ensure!(
+        established_on(dst, PORT)?.len() == 1,
+        "only the socket that was there before may remain"
+    );
+    drop(held);
+    ensure!(established_on(dst, PORT)?.is_empty(), "destination clean");
+
+    unfreeze(bed.source(), &source_name)?;
+    drop(source_freeze);
+    let after = traffic.verify()?;
+    ensure!(
+        after.all_verified(N as u64),
+        "source connections: {after:?}"
+    );
+    command_all(&mut traffic.servers, PeerCommand::Send { bytes: AFTER })?;
+    command_all(&mut traffic.clients, PeerCommand::Send { bytes: AFTER })?;
+    verify(&mut traffic, BYTES + AFTER, BYTES + AFTER, N as u64)
+}
