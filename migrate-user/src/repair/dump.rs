@@ -104,7 +104,7 @@ fn leave_repair(fd: BorrowedFd<'_>, tuple: Tuple, reuseaddr: bool) -> Result<(),
             tuple,
             phase: Phase::Rollback,
             op,
-            source,
+            error: source,
         }
     };
     so::set_repair(fd, so::REPAIR_OFF).map_err(fail("TCP_REPAIR=0"))?;
@@ -195,7 +195,7 @@ fn enter(fd: BorrowedFd<'_>) -> Result<(Tuple, SocketOptions), RepairError> {
         Err(source) => {
             return Err(RepairError::NotConnected {
                 fd: fd.as_raw_fd(),
-                source,
+                error: source,
             });
         }
     };
@@ -204,7 +204,7 @@ fn enter(fd: BorrowedFd<'_>) -> Result<(Tuple, SocketOptions), RepairError> {
             tuple,
             phase: Phase::Dump,
             op,
-            source,
+            error: source,
         }
     };
     let options =
@@ -258,7 +258,7 @@ fn read_state(
             tuple,
             phase: Phase::Dump,
             op,
-            source,
+            error: source,
         }
     };
     let info: TcpInfoHead = so::get(fd, libc::SOL_TCP, libc::TCP_INFO).map_err(fail("TCP_INFO"))?;
@@ -334,7 +334,7 @@ fn peek(
         } else {
             "peek of the receive queue"
         },
-        source,
+        error: source,
     })?;
     if data.len() != len as usize {
         return Err(RepairError::QueueChanged {

@@ -45,8 +45,9 @@ pub enum RepairError {
         what: String,
         source: io::Error,
     },
-    #[error("fd {fd}: not a connected TCP socket ({source}); pass only established connections")]
-    NotConnected { fd: i32, source: io::Error },
+    // `error` is in the message, mid-sentence: not a `source`, or error chains would repeat it.
+    #[error("fd {fd}: not a connected TCP socket ({error}); pass only established connections")]
+    NotConnected { fd: i32, error: io::Error },
     #[error(
         "connection {tuple} is in state {state}: tcpmig moves ESTABLISHED, FIN_WAIT1 and \
          FIN_WAIT2 connections only; leave it out or retry once it has settled"
@@ -61,12 +62,12 @@ pub enum RepairError {
         pid: u32,
         netns: String,
     },
-    #[error("connection {tuple}: {op} failed during {phase} ({source}); {}", .phase.outcome())]
+    #[error("connection {tuple}: {op} failed during {phase} ({error}); {}", .phase.outcome())]
     Socket {
         tuple: Tuple,
         phase: Phase,
         op: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "connection {tuple}: its {queue} queue held {expected} bytes but {got} were read: its \

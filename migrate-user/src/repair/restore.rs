@@ -109,7 +109,7 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
             tuple: p.tuple,
             phase: Phase::Commit,
             op,
-            source,
+            error: source,
         }
     };
     // No TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected queue once repair is off.
@@ -193,7 +193,7 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
             tuple,
             phase: Phase::Restore,
             op,
-            source,
+            error: source,
         }
     };
     let fd =
@@ -233,7 +233,7 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
                 tuple,
                 phase: Phase::Restore,
                 op: q.seq_op(),
-                source,
+                error: source,
             })?;
     }
     so::bind(s, &tuple.local).map_err(fail("bind"))?;
@@ -263,7 +263,7 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
             tuple,
             phase: Phase::Restore,
             op: q.fill_op(),
-            source,
+            error: source,
         })?;
     }
     so::set(s, libc::SOL_TCP, so::TCP_REPAIR_WINDOW, &conn.window)
