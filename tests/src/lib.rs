@@ -30,6 +30,7 @@ pub mod bed;
 mod ns;
 pub mod pattern;
 pub mod peer;
+pub mod peer_process;
 mod process;
 pub mod sys;
 pub mod traffic;

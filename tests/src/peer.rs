@@ -15,6 +15,11 @@
 //! - `server --from-listen-fds`: systemd socket activation (LISTEN_FDS, LISTEN_PID), except that
 //!   fds 3, 4, ... are already-connected sockets, as `tcpmig restore --exec` hands over restored
 //!   connections.
+//! - `server --listen ADDR:PORT --expect N --mirror`: for a process that CRIU dumps (no pipes to
+//!   the test): reads no commands, and answers every byte it reads on a connection (checked
+//!   against the client's stream) with the byte at the same offset of its own stream, until no
+//!   byte arrives for 10 minutes. A wrong byte ends that connection, which its client reports.
+//!   Clients then check everything: `send M` + `verify UNTIL` round trips through the server.
 //! - `client --connect ADDR:PORT --count N`: opens N connections.
 //!
 //! Once it holds its connections, a peer writes its outgoing streams up to K on each and nothing
@@ -90,6 +95,9 @@ pub struct ServerArgs {
     /// How many connections to accept.
     #[arg(long, default_value_t = 1, conflicts_with = "from_listen_fds")]
     pub expect: usize,
+    /// Mirror the clients' streams instead of taking commands (see the module docs).
+    #[arg(long, conflicts_with = "from_listen_fds")]
+    pub mirror: bool,
     #[command(flatten)]
     pub stream: StreamArgs,
 }
@@ -144,6 +152,18 @@ impl PeerArgs {
             listen: Some(listen),
             from_listen_fds: false,
             expect,
+            mirror: false,
+            stream,
+        })
+    }
+
+    /// A `--mirror` server: the clients' streams come back, byte for byte in length.
+    pub fn mirror_server(listen: SocketAddr, expect: usize, stream: StreamArgs) -> Self {
+        Self::Server(ServerArgs {
+            listen: Some(listen),
+            from_listen_fds: false,
+            expect,
+            mirror: true,
             stream,
         })
     }
@@ -155,6 +175,7 @@ impl PeerArgs {
             listen: None,
             from_listen_fds: true,
             expect: 1,
+            mirror: false,
             stream,
         })
     }
@@ -180,15 +201,20 @@ impl PeerArgs {
             Self::Server(ServerArgs {
                 listen: Some(addr),
                 expect,
+                mirror,
                 ..
             }) => {
-                vec![
+                let mut args = vec![
                     "server".into(),
                     "--listen".into(),
                     addr.to_string(),
                     "--expect".into(),
                     expect.to_string(),
-                ]
+                ];
+                if *mirror {
+                    args.push("--mirror".into());
+                }
+                args
             }
             Self::Server(ServerArgs { listen: None, .. }) => {
                 vec!["server".into(), "--from-listen-fds".into()]
@@ -500,6 +526,7 @@ mod tests {
         };
         for args in [
             PeerArgs::server(addr, 10, stream),
+            PeerArgs::mirror_server(addr, 10, stream),
             PeerArgs::adopting_server(stream),
             PeerArgs::client(addr, 3, StreamArgs::new(1)),
         ] {

@@ -1,16 +1,212 @@
-//! `tcpmig migrate`, `tcpmig agent` (being written).
+//! `tcpmig migrate` (source) and `tcpmig agent` (destination).
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+
 use clap::Args;
+use tcpmig::{
+    migrate::{self, AgentConfig, AgentReport, Report, SourceConfig, Token},
+    net::Netns,
+    repair::handoff::{self, ExecCommand},
+};
+
+use super::print_json;
 
 #[derive(Args)]
-pub struct MigrateArgs {}
-
-#[derive(Args)]
-pub struct AgentArgs {}
-
-pub fn migrate(_args: MigrateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tcpmig migrate is not implemented yet")
+pub struct MigrateArgs {
+    /// The application whose connections move; it and its descendants are stopped (SIGSTOP)
+    /// during the migration.
+    #[arg(long)]
+    pid: u32,
+    /// Local address and port of the connections; the address moves with them.
+    #[arg(long, value_name = "ADDR:PORT")]
+    service: SocketAddr,
+    /// Interface holding the service address, in the application's network namespace.
+    #[arg(long, value_name = "IFACE")]
+    dev: String,
+    /// Where `tcpmig agent` listens.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: SocketAddr,
+    /// File holding the token the agent expects.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// End the application after the commit (SIGTERM, then SIGKILL after 5 s); without it the
+    /// application is resumed and must close its migrated sockets (they fail with EPERM).
+    #[arg(long)]
+    stop_source: bool,
+    /// Seconds to wait for each step of the agent.
+    #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
+    timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
-pub fn agent(_args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tcpmig agent is not implemented yet")
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address to wait for the source on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// Network namespace to restore the connections in: a name under /run/netns or a path.
+    #[arg(long, value_name = "NS", default_value = "/proc/self/ns/net")]
+    netns: String,
+    /// Interface that gets the service address, in that namespace.
+    #[arg(long, value_name = "IFACE")]
+    dev: String,
+    /// File holding the token the source must present [default: accept any source].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Seconds to wait for each step of the source (and 60 times that for it to connect).
+    #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
+    timeout: f64,
+    /// Send the connections over SCM_RIGHTS to the application listening on this Unix socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "exec")]
+    handoff: Option<PathBuf>,
+    /// Print the report as JSON on stdout (before the command starts, with --exec).
+    #[arg(long)]
+    json: bool,
+    /// Testing aid: stop (SIGSTOP) once this many image bytes arrived.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    stop_after_image_bytes: Option<u64>,
+    /// Become this command, with the connections as fds 3.. (LISTEN_FDS, LISTEN_PID,
+    /// LISTEN_FDNAMES).
+    #[arg(last = true, value_name = "CMD")]
+    exec: Vec<OsString>,
+}
+
+fn timeout(secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--timeout {secs}: give a positive number of seconds"))
+}
+
+fn token(path: &Option<PathBuf>) -> anyhow::Result<Option<Token>> {
+    Ok(path.as_deref().map(Token::from_file).transpose()?)
+}
+
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let config = SourceConfig {
+        pid: args.pid,
+        service: args.service,
+        dev: args.dev,
+        agent: args.to,
+        token: token(&args.token_file)?.unwrap_or_default(),
+        stop_source: args.stop_source,
+        step_timeout: timeout(args.timeout)?,
+    };
+    let report = migrate::migrate(&config)?;
+    if args.json {
+        print_json(&report)
+    } else {
+        print!("{}", summary(&report));
+        Ok(())
+    }
+}
+
+pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    if args.handoff.is_none() && args.exec.is_empty() {
+        anyhow::bail!("give -- CMD ARGS (exec) or --handoff PATH");
+    }
+    // A missing program must not cost the connections: checked before anything moves.
+    if !args.exec.is_empty() {
+        ExecCommand::prepare(&args.exec, 0)?;
+    }
+    let config = AgentConfig {
+        listen: args.listen,
+        netns: args.netns.clone(),
+        dev: args.dev,
+        token: token(&args.token_file)?,
+        step_timeout: timeout(args.timeout)?,
+        stop_after_image_bytes: args.stop_after_image_bytes,
+    };
+    let outcome = migrate::agent(&config)?;
+    // stdout belongs to the application with --exec: the summary goes to stderr.
+    eprint!(
+        "{}",
+        agent_summary(&outcome.report, outcome.source, outcome.service)
+    );
+    if args.json {
+        print_json(&outcome.report)?;
+    }
+    match args.handoff {
+        Some(path) => Ok(handoff::send_fds(&outcome.sockets, &path)?),
+        None => {
+            let command = ExecCommand::prepare(&args.exec, outcome.sockets.len())?;
+            // The application runs in the namespace its connections are in.
+            Netns::open(&args.netns)?.enter_current_thread()?;
+            match handoff::exec_with_fds(outcome.sockets, command)? {}
+        }
+    }
+}
+
+fn summary(r: &Report) -> String {
+    let p = &r.phases;
+    let d = &r.destination;
+    format!(
+        "migrated {kept}/{n} connections of {service} (pid {pid}) to {agent}\n\
+         blackout {blackout:.1} ms, total {total:.1} ms, image {image} bytes \
+         (queued: {send} sent/unsent, {recv} unread)\n\
+         phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, freeze \
+         {freeze:.3}, dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}, address \
+         {address:.1}, commit {commit:.1}, finish {finish:.1}\n\
+         destination (ms): restore {drestore:.1}, freeze {dfreeze:.1}, address {daddress:.1}, \
+         repair off {repair_off:.1}, {announcements} announcements\n\
+         dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
+         SYNs, {din} in, {dout} out\n{stopped}{skipped}",
+        kept = r.kept,
+        n = r.connections,
+        service = r.service,
+        pid = r.pid,
+        agent = r.agent,
+        blackout = r.blackout_ms,
+        total = r.total_ms,
+        image = r.image_bytes,
+        send = r.send_bytes,
+        recv = r.recv_bytes,
+        prepare = p.prepare_ms,
+        stop = p.stop_ms,
+        discover = p.discover_ms,
+        freeze = p.freeze_ms,
+        dump = p.dump_ms,
+        transfer = p.transfer_ms,
+        restore = p.restore_ms,
+        address = p.address_ms,
+        commit = p.commit_ms,
+        finish = p.finish_ms,
+        drestore = d.restore_ms,
+        dfreeze = d.freeze_ms,
+        daddress = d.address_ms,
+        repair_off = d.repair_off_ms,
+        announcements = d.announcements,
+        ssyn = r.dropped_source.syn,
+        sin = r.dropped_source.ingress,
+        sout = r.dropped_source.egress,
+        dsyn = r.dropped_destination.syn,
+        din = r.dropped_destination.ingress,
+        dout = r.dropped_destination.egress,
+        stopped = if r.source_stopped {
+            "the source application was ended\n".to_owned()
+        } else {
+            "the source application was resumed: it must close its migrated sockets\n".to_owned()
+        },
+        skipped = if r.skipped > 0 {
+            format!(
+                "{} connections left behind (not ESTABLISHED/FIN_WAIT)\n",
+                r.skipped
+            )
+        } else {
+            String::new()
+        },
+    )
+}
+
+fn agent_summary(r: &AgentReport, source: SocketAddr, service: SocketAddr) -> String {
+    let failed = match &r.first_failure {
+        Some(first) => format!(", {} failed (first: {first})", r.failed),
+        None => String::new(),
+    };
+    format!(
+        "tcpmig agent: {live}/{restored} connections of {service} from {source} are live here{failed}\n",
+        live = r.live,
+        restored = r.restored,
+    )
 }

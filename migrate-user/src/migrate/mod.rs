@@ -1,1 +1,254 @@
 //! Standalone migration: the source and destination state machines and their transport.
+//!
+//! `tcpmig migrate` ([`migrate`]) runs on the source, `tcpmig agent` ([`agent`]) on the
+//! destination. The steps (design.md, "One migration, step by step"), with a two-phase commit:
+//!
+//! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
+//!    programs.
+//! 2. the source stops the application's process tree (SIGSTOP), finds its connections, freezes
+//!    the service (one map update: the blackout starts) and dumps the sockets, which stay in
+//!    repair mode.
+//! 3. the image streams to the agent, which attaches its own freeze, freezes the service (before
+//!    the address exists there, so nothing is answered with an RST) and restores the sockets in
+//!    repair mode; it answers Restored.
+//! 4. the source deletes the service address and sends Commit; the agent adds the address,
+//!    announces it (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
+//!    repair mode (the blackout ends), and answers Committed.
+//! 5. the source closes its repair-mode sockets silently, ends the application if asked, and
+//!    removes its freeze.
+//!
+//! Any failure before the source sends Commit (the agent refuses, the restore fails, the link
+//! drops, a timeout) rolls back on both sides: the source's sockets leave repair mode, its freeze
+//! goes, the application resumes, and the agent closes what it restored silently.
+mod agent;
+mod process;
+mod source;
+mod transport;
+
+use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    agent::{AgentConfig, AgentOutcome, agent},
+    process::StoppedTree,
+    source::{SourceConfig, migrate},
+    transport::{PROTOCOL_VERSION, Token},
+};
+use crate::{
+    freeze::{Counters, FreezeError},
+    image::ImageError,
+    net::{NetError, NetnsError},
+    repair::RepairError,
+};
+
+/// How long either side waits for each step of the other by default.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The freezes' deadline: if tcpmig dies mid-migration, traffic passes again after this.
+pub const FREEZE_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("token file {path}; write the shared token into it (mode 0600)")]
+    TokenFile { path: PathBuf, source: io::Error },
+    #[error("connecting to the agent at {to}; check that `tcpmig agent` listens there")]
+    Connect { to: SocketAddr, source: io::Error },
+    #[error("link to {peer} while {step}")]
+    Link {
+        peer: SocketAddr,
+        step: &'static str,
+        source: io::Error,
+    },
+    #[error("link to {peer}: no answer within {secs} s while {step}; is the other side alive?")]
+    Timeout {
+        peer: SocketAddr,
+        step: &'static str,
+        secs: f64,
+    },
+    #[error("link to {peer} closed while {step}: the other side stopped or crashed")]
+    Closed {
+        peer: SocketAddr,
+        step: &'static str,
+    },
+    #[error("link to {peer}: got {got} while {step}; run the same tcpmig version on both sides")]
+    Protocol {
+        peer: SocketAddr,
+        step: &'static str,
+        got: String,
+    },
+    #[error("the agent refused the migration: {reason}; nothing was changed")]
+    Refused { reason: String },
+    #[error("the other side failed while {step}: {error}")]
+    Remote { step: &'static str, error: String },
+    #[error("the source aborted the migration: {reason}")]
+    Aborted { reason: String },
+    #[error("process {pid}: {what} failed; check the pid and that tcpmig runs as root")]
+    Process {
+        pid: u32,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "{ip} is not on {dev} in the network namespace of process {pid}: pass the service \
+         address the connections use (`ip addr show dev {dev}` there)"
+    )]
+    NoAddress {
+        ip: std::net::IpAddr,
+        dev: String,
+        pid: u32,
+    },
+    #[error("process {pid} has no connection on {service} to migrate")]
+    NoConnections { pid: u32, service: SocketAddr },
+    #[error("{0} (nothing was changed)")]
+    Setup(String),
+    #[error(transparent)]
+    Repair(#[from] RepairError),
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{cause}; rolled back: the connections carry on at the source")]
+    RolledBack { cause: Box<MigrateError> },
+    #[error(
+        "{cause}; rolling back failed too ({rollback}): check the connections at the source, \
+         `tcpmig status` and `tcpmig unfreeze --all`"
+    )]
+    RollbackFailed {
+        cause: Box<MigrateError>,
+        rollback: Box<MigrateError>,
+    },
+    #[error(
+        "the agent did not confirm the commit ({cause}); the source had already given up the \
+         address and closed its sockets: the connections are at the destination if the agent \
+         received the commit, see its log"
+    )]
+    InDoubt { cause: Box<MigrateError> },
+}
+
+/// Segments dropped by one side's freeze while it was on (the freeze plane's counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// New connection attempts (SYNs) to the service, dropped silently.
+    pub syn: u64,
+    /// Other segments arriving for the service's connections.
+    pub ingress: u64,
+    /// Segments the service's sockets sent (repair mode still retransmits).
+    pub egress: u64,
+}
+
+impl From<Counters> for Dropped {
+    fn from(c: Counters) -> Self {
+        Self {
+            syn: c.syn_dropped,
+            ingress: c.ingress_dropped,
+            egress: c.egress_dropped,
+        }
+    }
+}
+
+/// What the agent did, sent back to the source in Committed. Durations in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// Connections restored (in repair mode).
+    pub restored: usize,
+    /// Connections out of repair mode and handed over.
+    pub live: usize,
+    /// Connections that failed to leave repair mode (closed silently), and the first error.
+    pub failed: usize,
+    pub first_failure: Option<String>,
+    /// Attaching the freeze programs and freezing the service on the destination, in parallel
+    /// with the restore and the round trip to the source.
+    pub freeze_ms: f64,
+    /// Recreating the sockets in repair mode.
+    pub restore_ms: f64,
+    /// From Commit received to the address added and first announced.
+    pub address_ms: f64,
+    /// From Commit received to the first socket leaving repair mode: the end of the blackout.
+    pub live_after_commit_ms: f64,
+    /// Taking every socket out of repair mode.
+    pub repair_off_ms: f64,
+    /// When the blackout ended, in milliseconds since the Unix epoch on the agent's clock: to
+    /// line up measurements taken elsewhere (clients catching up) on a shared clock.
+    pub live_at_unix_ms: f64,
+    /// Gratuitous ARPs or unsolicited NAs sent.
+    pub announcements: u32,
+    /// What the destination's freeze dropped before it was lifted.
+    pub dropped: Dropped,
+}
+
+/// The source's account of a migration (`tcpmig migrate --json`). Durations in milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub pid: u32,
+    pub service: SocketAddr,
+    pub agent: SocketAddr,
+    /// Processes stopped (the application and its descendants).
+    pub processes_stopped: usize,
+    /// Connections dumped and sent.
+    pub connections: usize,
+    /// Connections live at the destination.
+    pub kept: usize,
+    /// Connections of the service left behind because of their state (SYN_RECV, CLOSE_WAIT...).
+    pub skipped: usize,
+    pub image_bytes: usize,
+    /// Bytes queued in the sockets, carried in the image: sent but unacknowledged or never sent
+    /// (`send_bytes`, of which `unsent_bytes` never left), received but unread (`recv_bytes`).
+    pub send_bytes: u64,
+    pub unsent_bytes: u64,
+    pub recv_bytes: u64,
+    /// From the freeze on the source to the first socket out of repair mode on the destination.
+    pub blackout_ms: f64,
+    pub total_ms: f64,
+    pub phases: Phases,
+    /// What each side's freeze dropped.
+    pub dropped_source: Dropped,
+    pub dropped_destination: Dropped,
+    /// Whether the application was ended after the commit (--stop-source).
+    pub source_stopped: bool,
+    pub destination: AgentReport,
+}
+
+/// Each phase of a migration as the source sees it, in order, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phases {
+    /// Connect, handshake, agent ready, source freeze programs attached.
+    pub prepare_ms: f64,
+    /// Stopping the application's process tree.
+    pub stop_ms: f64,
+    /// Finding its connections (sock_diag, pidfd_getfd).
+    pub discover_ms: f64,
+    /// The map update that freezes the service: the blackout starts.
+    pub freeze_ms: f64,
+    /// Every socket into repair mode and read.
+    pub dump_ms: f64,
+    /// Encoding the image and sending it.
+    pub transfer_ms: f64,
+    /// From the end of the image to the agent's Restored.
+    pub restore_ms: f64,
+    /// Deleting the service address on the source.
+    pub address_ms: f64,
+    /// From Commit sent to Committed received (address, announcements, repair off there).
+    pub commit_ms: f64,
+    /// Closing the source sockets, ending the application, removing the freeze.
+    pub finish_ms: f64,
+}
+
+/// An error with its causes, for the other side of the link, which only gets text.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}

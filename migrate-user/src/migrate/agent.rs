@@ -1,0 +1,309 @@
+//! The destination side: receive, restore in repair mode, and go live on Commit.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+
+use super::{
+    AgentReport, FREEZE_TTL, MigrateError, Token, millis,
+    transport::{Frame, Link, Message, PROTOCOL_VERSION},
+};
+use crate::{
+    freeze::{self, Freeze, RemoveOnDrop},
+    image::{Decoded, Decoder},
+    net::{self, Netns},
+    repair::{self, Connection, RestoredSocket, RestoredSockets},
+};
+
+/// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
+/// those of one that was killed.
+const FREEZE_PREFIX: &str = "agent-";
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Where to listen for the source.
+    pub listen: SocketAddr,
+    /// The namespace the connections are restored in and the address is added to.
+    pub netns: String,
+    /// The interface that gets the service address.
+    pub dev: String,
+    /// The token the source must present; `None` accepts any source (trusted networks only).
+    pub token: Option<Token>,
+    /// Bound on each step of the source, and on the wait for it to connect (times 60).
+    pub step_timeout: Duration,
+    /// Testing aid: once this many image bytes arrived, the agent stops itself (SIGSTOP), so a
+    /// test can kill it at a known point.
+    pub stop_after_image_bytes: Option<u64>,
+}
+
+/// A completed migration on the destination: the live sockets, to hand to the application.
+#[derive(Debug)]
+pub struct AgentOutcome {
+    pub source: SocketAddr,
+    pub service: SocketAddr,
+    pub sockets: Vec<RestoredSocket>,
+    pub report: AgentReport,
+}
+
+/// Waits for one source, receives its connections and makes them live here.
+pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
+    let netns = Netns::open(&config.netns)?;
+    remove_stale_freezes();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| MigrateError::Setup(format!("starting the async runtime: {e}")))?;
+    runtime.block_on(run(config, &netns))
+}
+
+async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| MigrateError::Setup(format!("listening on {}: {e}", config.listen)))?;
+    tracing::info!(listen = %config.listen, "waiting for a source");
+    let (stream, source) = tokio::time::timeout(config.step_timeout * 60, listener.accept())
+        .await
+        .map_err(|_| MigrateError::Setup(format!("no source connected to {}", config.listen)))?
+        .map_err(|e| MigrateError::Setup(format!("accepting on {}: {e}", config.listen)))?;
+    drop(listener);
+    let mut link = Link::new(stream, source, config.step_timeout);
+    handshake(config, &mut link).await?;
+    let (service, prefix_len) = match link.recv_message("waiting for Prepare", None).await? {
+        Message::Prepare {
+            service,
+            prefix_len,
+        } => (service, prefix_len),
+        other => return Err(link.unexpected("waiting for Prepare", &other)),
+    };
+    link.send(&Message::Prepared).await?;
+    let result = receive_and_restore(config, netns, &mut link, service).await;
+    let (restored, attaching, mut report) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            if !matches!(error, MigrateError::Aborted { .. }) {
+                let _ = link
+                    .send(&Message::Failed {
+                        error: super::chain(&error),
+                    })
+                    .await;
+            }
+            return Err(error);
+        }
+    };
+    link.send(&Message::Restored {
+        connections: restored.len(),
+        restore_ms: report.restore_ms,
+    })
+    .await?;
+    match link.recv_message("waiting for Commit", None).await? {
+        Message::Commit => {}
+        other => return Err(link.unexpected("waiting for Commit", &other)),
+    }
+    let (freeze, freeze_time) = attaching.join()?;
+    report.freeze_ms = millis(freeze_time);
+    let sockets = go_live(
+        config,
+        netns,
+        restored,
+        freeze,
+        service,
+        prefix_len,
+        &mut report,
+    )?;
+    link.send(&Message::Committed {
+        report: report.clone(),
+    })
+    .await?;
+    Ok(AgentOutcome {
+        source,
+        service,
+        sockets,
+        report,
+    })
+}
+
+async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateError> {
+    let (protocol, token) = match link.recv_message("waiting for Hello", None).await? {
+        Message::Hello { protocol, token } => (protocol, token),
+        other => return Err(link.unexpected("waiting for Hello", &other)),
+    };
+    let refusal = if protocol != PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {protocol}, this agent speaks {PROTOCOL_VERSION}: run the same \
+             tcpmig version on both sides"
+        ))
+    } else if config.token.as_ref().is_some_and(|t| !t.matches(&token)) {
+        Some("wrong token (check --token-file on both sides)".to_owned())
+    } else {
+        None
+    };
+    match refusal {
+        Some(reason) => {
+            link.send(&Message::Refused {
+                reason: reason.clone(),
+            })
+            .await?;
+            Err(MigrateError::Setup(format!(
+                "refused the source at {}: {reason}",
+                link.peer()
+            )))
+        }
+        None => {
+            link.send(&Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+        }
+    }
+}
+
+/// Receives the image and restores it in repair mode, while the freeze gets attached.
+async fn receive_and_restore(
+    config: &AgentConfig,
+    netns: &Netns,
+    link: &mut Link,
+    service: SocketAddr,
+) -> Result<(RestoredSockets, Attaching, AgentReport), MigrateError> {
+    let connections = receive_image(config, link).await?;
+    // Attached only now, so that an agent killed before leaves nothing behind; it only needs to
+    // be in place before the address exists here (on Commit), so it runs behind the restore and
+    // the round trip to the source.
+    let attaching = Attaching::start(config, service);
+    let started = Instant::now();
+    let restored = repair::restore(netns, &connections)?;
+    let report = AgentReport {
+        restored: connections.len(),
+        restore_ms: millis(started.elapsed()),
+        ..AgentReport::default()
+    };
+    Ok((restored, attaching, report))
+}
+
+/// The destination's freeze being attached and set on a thread of its own; joined on Commit,
+/// or when dropped (which then removes it).
+struct Attaching(Option<std::thread::JoinHandle<Result<(RemoveOnDrop, Duration), MigrateError>>>);
+
+impl Attaching {
+    fn start(config: &AgentConfig, service: SocketAddr) -> Self {
+        let (spec, dev) = (config.netns.clone(), config.dev.clone());
+        let name = format!("{FREEZE_PREFIX}{}", std::process::id());
+        Self(Some(std::thread::spawn(move || {
+            let started = Instant::now();
+            let netns = Netns::open(&spec)?;
+            let mut freeze = RemoveOnDrop::new(Freeze::attach(&netns, &dev, &name)?);
+            freeze.freeze_services(&[service], FREEZE_TTL)?;
+            Ok((freeze, started.elapsed()))
+        })))
+    }
+
+    fn join(mut self) -> Result<(RemoveOnDrop, Duration), MigrateError> {
+        let handle = self.0.take().expect("joined once");
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            // The freeze, if attached, is removed as its guard drops.
+            let _ = handle.join();
+        }
+    }
+}
+
+async fn receive_image(
+    config: &AgentConfig,
+    link: &mut Link,
+) -> Result<Vec<Connection>, MigrateError> {
+    let mut decoder = Decoder::new();
+    let mut buffer = BytesMut::new();
+    let mut connections = Vec::new();
+    let mut received = 0u64;
+    loop {
+        match decoder.decode(&mut buffer)? {
+            Decoded::Connection(conn) => connections.push(*conn),
+            Decoded::End => {
+                decoder.finish(&buffer)?;
+                return Ok(connections);
+            }
+            Decoded::NeedMore(_) => match link.recv("receiving the image", None).await? {
+                Frame::Image(piece) => {
+                    received += piece.len() as u64;
+                    buffer.extend_from_slice(&piece);
+                    if config.stop_after_image_bytes.is_some_and(|n| received >= n) {
+                        tracing::warn!(received, "stopping myself (--stop-after-image-bytes)");
+                        // SAFETY: raise(3) with a valid signal number.
+                        unsafe { libc::raise(libc::SIGSTOP) };
+                    }
+                }
+                Frame::Message(Message::Abort { reason }) => {
+                    return Err(MigrateError::Aborted { reason });
+                }
+                Frame::Message(other) => {
+                    return Err(link.unexpected("receiving the image", &other));
+                }
+            },
+        }
+    }
+}
+
+/// Address, first announcement, unfreeze, repair off (the blackout ends), more announcements.
+fn go_live(
+    config: &AgentConfig,
+    netns: &Netns,
+    restored: RestoredSockets,
+    mut freeze: RemoveOnDrop,
+    service: SocketAddr,
+    prefix_len: u8,
+    report: &mut AgentReport,
+) -> Result<Vec<RestoredSocket>, MigrateError> {
+    let committed_at = Instant::now();
+    let ip = service.ip();
+    net::add_address(netns, &config.dev, ip, prefix_len)?;
+    net::announce(netns, &config.dev, ip, 1, Duration::ZERO)?;
+    report.address_ms = millis(committed_at.elapsed());
+    freeze.thaw_services(&[service])?;
+    report.live_after_commit_ms = millis(committed_at.elapsed());
+    report.live_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, millis);
+    let step = Instant::now();
+    let committed = restored.commit();
+    report.repair_off_ms = millis(step.elapsed());
+    report.live = committed.sockets.len();
+    report.failed = committed.failures.len();
+    report.first_failure = committed.failures.first().map(ToString::to_string);
+    // One lost frame must not matter: the rest of the announcements, now that traffic flows.
+    let more = net::ANNOUNCE_COUNT - 1;
+    net::announce(netns, &config.dev, ip, more, net::ANNOUNCE_INTERVAL)?;
+    report.announcements = 1 + more;
+    report.dropped = freeze.counters()?.into();
+    Freeze::remove(freeze.keep())?;
+    Ok(committed.sockets)
+}
+
+/// Removes the freezes of agents that died (killed in mid-migration): their programs would stay
+/// attached, idle, until then.
+fn remove_stale_freezes() {
+    let Ok(names) = Freeze::list() else {
+        return;
+    };
+    for name in names {
+        let Some(pid) = name
+            .strip_prefix(FREEZE_PREFIX)
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match freeze::remove(&name) {
+                Ok(()) => tracing::info!(%name, "removed the freeze of a dead agent"),
+                Err(error) => tracing::warn!(%name, %error, "removing the freeze of a dead agent"),
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Stopping the source application: between the snapshot of its sockets and the commit it must
+//! not read, write or close them, so its whole process tree is stopped with SIGSTOP first.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use super::MigrateError;
+
+/// A stopped process tree: resumed (SIGCONT) when dropped, unless [`terminate`](Self::terminate)d.
+#[derive(Debug)]
+pub struct StoppedTree {
+    /// The root first, then its descendants, each with a pidfd so that a reused pid is never
+    /// signalled.
+    members: Vec<(u32, OwnedFd)>,
+}
+
+/// How long a process may take to reach the stopped state, or to exit after SIGTERM.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl StoppedTree {
+    /// Stops `pid` and every descendant (threads included: SIGSTOP stops the whole process) and
+    /// waits until each is in the stopped state.
+    pub fn stop(pid: u32) -> Result<Self, MigrateError> {
+        let mut tree = Self {
+            members: Vec::new(),
+        };
+        // Children forked while we walk are caught by walking again until nothing is new.
+        for _ in 0..8 {
+            let pids = tree_of(pid).map_err(|source| process_error(pid, "listing", source))?;
+            let mut grew = false;
+            for member in pids {
+                if tree.members.iter().any(|(p, _)| *p == member) {
+                    continue;
+                }
+                let Ok(fd) = pidfd_open(member) else {
+                    // Exited meanwhile; only the root matters.
+                    if member == pid {
+                        return Err(process_error(pid, "opening", io::Error::last_os_error()));
+                    }
+                    continue;
+                };
+                signal(&fd, libc::SIGSTOP)
+                    .map_err(|source| process_error(member, "stopping", source))?;
+                tree.members.push((member, fd));
+                grew = true;
+            }
+            if !grew {
+                break;
+            }
+        }
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        for (member, _) in &tree.members {
+            while !matches!(state(*member), Some('T' | 't' | 'Z' | 'X') | None) {
+                if Instant::now() > deadline {
+                    return Err(MigrateError::Process {
+                        pid: *member,
+                        what: "waiting for it to stop",
+                        source: io::Error::from(io::ErrorKind::TimedOut),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(tree)
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Ends the tree after a commit: SIGTERM and SIGCONT (a stopped process only acts on SIGTERM
+    /// once continued), SIGKILL for whoever is still there after a grace period.
+    pub fn terminate(mut self) -> Result<(), MigrateError> {
+        let members = std::mem::take(&mut self.members);
+        for (pid, fd) in &members {
+            signal(fd, libc::SIGTERM)
+                .and_then(|()| signal(fd, libc::SIGCONT))
+                .or_else(ignore_exited)
+                .map_err(|source| process_error(*pid, "terminating", source))?;
+        }
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        for (pid, fd) in &members {
+            if !wait_exit(fd, deadline) {
+                tracing::warn!(pid, "still running after SIGTERM: sending SIGKILL");
+                signal(fd, libc::SIGKILL)
+                    .or_else(ignore_exited)
+                    .map_err(|source| process_error(*pid, "killing", source))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StoppedTree {
+    fn drop(&mut self) {
+        for (pid, fd) in &self.members {
+            if let Err(error) = signal(fd, libc::SIGCONT).or_else(ignore_exited) {
+                tracing::warn!(pid, %error, "resuming a stopped process");
+            }
+        }
+    }
+}
+
+fn process_error(pid: u32, what: &'static str, source: io::Error) -> MigrateError {
+    MigrateError::Process { pid, what, source }
+}
+
+fn ignore_exited(error: io::Error) -> io::Result<()> {
+    if error.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(error)
+    }
+}
+
+/// `pid` and all its descendants, from /proc/PID/task/TID/children.
+fn tree_of(pid: u32) -> io::Result<Vec<u32>> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() {
+        let parent = all[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks {
+            let path = task?.path().join("children");
+            let children = std::fs::read_to_string(path).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(all)
+}
+
+/// The state letter of /proc/PID/stat (R, S, T, Z...), `None` once the process is gone.
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+fn signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) on a valid pidfd, no siginfo.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the process exits (a pidfd turns readable then, zombie or reaped).
+fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pollfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ret = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().min(1000) as libc::c_int) };
+        if ret > 0 {
+            return true;
+        }
+        if left.is_zero()
+            || (ret < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
+        {
+            return false;
+        }
+    }
+}

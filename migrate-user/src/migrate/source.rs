@@ -1,0 +1,298 @@
+//! The source side: stop, freeze, dump, send, and commit or roll back.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use super::{
+    FREEZE_TTL, MigrateError, Phases, Report, StoppedTree, Token, millis,
+    transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
+};
+use crate::{
+    freeze::{Freeze, RemoveOnDrop},
+    image,
+    net::{self, Netns},
+    repair::{self, DumpedSockets, Filter},
+};
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The application whose connections move.
+    pub pid: u32,
+    /// Local address and port of those connections; the address moves with them.
+    pub service: SocketAddr,
+    /// The interface holding the address, in the application's network namespace.
+    pub dev: String,
+    /// Where `tcpmig agent` listens.
+    pub agent: SocketAddr,
+    pub token: Token,
+    /// End the application after the commit (SIGTERM, SIGKILL after 5 s).
+    pub stop_source: bool,
+    /// Bound on each step of the agent.
+    pub step_timeout: Duration,
+}
+
+/// Runs a migration from the source side and returns its report. On any failure before the
+/// commit everything is rolled back and the error says so.
+pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| MigrateError::Setup(format!("starting the async runtime: {e}")))?;
+    runtime.block_on(run(config))
+}
+
+/// What the source holds while the migration can still be undone.
+struct Held {
+    freeze: RemoveOnDrop,
+    stopped: Option<StoppedTree>,
+    dumped: Option<DumpedSockets>,
+    /// The address was deleted and must come back on rollback.
+    address_deleted: bool,
+}
+
+async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let service = crate::tuple::canonical(config.service);
+    let netns = Netns::open(&format!("/proc/{}/ns/net", config.pid))?;
+    let prefix_len = prefix_of(&netns, config, service.ip())?;
+    let mut link = Link::connect(config.agent, config.step_timeout).await?;
+    let sent = Instant::now();
+    link.send(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: config.token.as_str().to_owned(),
+    })
+    .await?;
+    match link.recv_message("waiting for the handshake", None).await? {
+        Message::Welcome { .. } => {}
+        Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
+        other => return Err(link.unexpected("waiting for the handshake", &other)),
+    }
+    // The Commit message takes about half a round trip to arrive: counted in the blackout.
+    let one_way = sent.elapsed() / 2;
+    link.send(&Message::Prepare {
+        service,
+        prefix_len,
+    })
+    .await?;
+    let name = format!("migrate-{}", std::process::id());
+    let freeze = RemoveOnDrop::new(Freeze::attach(&netns, &config.dev, &name)?);
+    let mut held = Held {
+        freeze,
+        stopped: None,
+        dumped: None,
+        address_deleted: false,
+    };
+    let prepare_ms = millis(started.elapsed());
+    let outcome = until_commit(config, &netns, &mut link, &mut held, service, prefix_len).await;
+    let mut report = match outcome {
+        Ok(report) => report,
+        Err(cause) => {
+            if !matches!(
+                cause,
+                MigrateError::Remote { .. } | MigrateError::Refused { .. }
+            ) {
+                // Best effort: the agent may be gone, which is often why we roll back.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    link.send(&Message::Abort {
+                        reason: super::chain(&cause),
+                    }),
+                )
+                .await;
+            }
+            return Err(rollback(
+                config,
+                &netns,
+                held,
+                service.ip(),
+                prefix_len,
+                cause,
+            ));
+        }
+    };
+    report.phases.prepare_ms = prepare_ms;
+    let commit_sent = Instant::now();
+    let committed = link
+        .recv_message("waiting for the agent to commit", None)
+        .await;
+    report.phases.commit_ms = millis(commit_sent.elapsed());
+    let finished = Instant::now();
+    // Committed or not, the source is past the point of no return: see MigrateError::InDoubt.
+    if let Some(dumped) = held.dumped.take() {
+        dumped.commit();
+    }
+    // Without --stop-source, dropping the stopped tree resumes it.
+    if let Some(stopped) = held.stopped.take()
+        && config.stop_source
+    {
+        stopped.terminate()?;
+        report.source_stopped = true;
+    }
+    report.dropped_source = held.freeze.counters()?.into();
+    Freeze::remove(held.freeze.keep())?;
+    report.phases.finish_ms = millis(finished.elapsed());
+    let destination = match committed {
+        Ok(Message::Committed { report }) => report,
+        Ok(other) => {
+            let cause = link.unexpected("waiting for the agent to commit", &other);
+            return Err(MigrateError::InDoubt {
+                cause: Box::new(cause),
+            });
+        }
+        Err(cause) => {
+            return Err(MigrateError::InDoubt {
+                cause: Box::new(cause),
+            });
+        }
+    };
+    report.blackout_ms += millis(one_way) + destination.live_after_commit_ms;
+    report.kept = destination.live;
+    report.dropped_destination = destination.dropped;
+    report.destination = destination;
+    report.total_ms = millis(started.elapsed());
+    Ok(report)
+}
+
+/// Everything up to and including sending Commit. The report's `blackout_ms` holds the part up
+/// to Commit sent.
+async fn until_commit(
+    config: &SourceConfig,
+    netns: &Netns,
+    link: &mut Link,
+    held: &mut Held,
+    service: SocketAddr,
+    prefix_len: u8,
+) -> Result<Report, MigrateError> {
+    let mut phases = Phases::default();
+    match link
+        .recv_message("waiting for the agent to prepare", None)
+        .await?
+    {
+        Message::Prepared => {}
+        other => return Err(link.unexpected("waiting for the agent to prepare", &other)),
+    }
+    let step = Instant::now();
+    let stopped = held.stopped.insert(StoppedTree::stop(config.pid)?);
+    let processes_stopped = stopped.len();
+    phases.stop_ms = millis(step.elapsed());
+    let step = Instant::now();
+    let filter = Filter {
+        service: Some(service),
+        ..Filter::default()
+    };
+    let discovery = repair::discover(netns, config.pid, &filter)?;
+    let skipped = discovery.skipped.len();
+    if discovery.sockets.is_empty() {
+        return Err(MigrateError::NoConnections {
+            pid: config.pid,
+            service,
+        });
+    }
+    phases.discover_ms = millis(step.elapsed());
+    let frozen = Instant::now();
+    held.freeze.freeze_services(&[service], FREEZE_TTL)?;
+    phases.freeze_ms = millis(frozen.elapsed());
+    let step = Instant::now();
+    let dumped = held.dumped.insert(repair::dump(discovery.into_fds())?);
+    phases.dump_ms = millis(step.elapsed());
+    let step = Instant::now();
+    let connections = dumped.connections();
+    let image = image::encode(connections);
+    for piece in image.chunks(IMAGE_PIECE) {
+        link.send_image(piece).await?;
+    }
+    phases.transfer_ms = millis(step.elapsed());
+    let step = Instant::now();
+    match link
+        .recv_message("waiting for the agent to restore", None)
+        .await?
+    {
+        Message::Restored {
+            connections: restored,
+            ..
+        } if restored == connections.len() => {}
+        other => return Err(link.unexpected("waiting for the agent to restore", &other)),
+    }
+    phases.restore_ms = millis(step.elapsed());
+    let step = Instant::now();
+    net::delete_address(netns, &config.dev, service.ip(), prefix_len)?;
+    held.address_deleted = true;
+    phases.address_ms = millis(step.elapsed());
+    link.send(&Message::Commit).await?;
+    let queued = |f: fn(&repair::Connection) -> usize| -> u64 {
+        connections.iter().map(|c| f(c) as u64).sum()
+    };
+    Ok(Report {
+        pid: config.pid,
+        service,
+        agent: link.peer(),
+        processes_stopped,
+        connections: connections.len(),
+        kept: 0,
+        skipped,
+        image_bytes: image.len(),
+        send_bytes: queued(|c| c.send_queue.len()),
+        unsent_bytes: queued(|c| c.unsent as usize),
+        recv_bytes: queued(|c| c.recv_queue.len()),
+        blackout_ms: millis(frozen.elapsed()),
+        total_ms: 0.0,
+        phases,
+        dropped_source: Default::default(),
+        dropped_destination: Default::default(),
+        source_stopped: false,
+        destination: Default::default(),
+    })
+}
+
+/// Undoes what the source did, in reverse: address back, sockets out of repair mode, freeze
+/// removed, application resumed.
+fn rollback(
+    config: &SourceConfig,
+    netns: &Netns,
+    mut held: Held,
+    ip: IpAddr,
+    prefix_len: u8,
+    cause: MigrateError,
+) -> MigrateError {
+    tracing::warn!(%cause, "rolling back");
+    let mut result: Result<(), MigrateError> = Ok(());
+    if held.address_deleted {
+        result = net::add_address(netns, &config.dev, ip, prefix_len).map_err(Into::into);
+    }
+    if let Some(dumped) = held.dumped.take() {
+        result = result.and(dumped.rollback().map_err(Into::into));
+    }
+    result = result.and(Freeze::remove(held.freeze.keep()).map_err(Into::into));
+    // Dropping the stopped tree resumes it.
+    drop(held.stopped.take());
+    match result {
+        Ok(()) => MigrateError::RolledBack {
+            cause: Box::new(cause),
+        },
+        Err(rollback) => MigrateError::RollbackFailed {
+            cause: Box::new(cause),
+            rollback: Box::new(rollback),
+        },
+    }
+}
+
+/// The prefix length of `ip` on the source interface: the address is deleted and added with it.
+fn prefix_of(netns: &Netns, config: &SourceConfig, ip: IpAddr) -> Result<u8, MigrateError> {
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    // Host routes and the usual subnets first: most addresses are found in one or two queries.
+    let likely = [max, 24, 64, 16, 8, 48, 56, 96, 112, 120, 127];
+    let rest = (0..=max).rev();
+    for prefix in likely.into_iter().filter(|&p| p <= max).chain(rest) {
+        match net::has_address(netns, &config.dev, ip, prefix) {
+            Ok(true) => return Ok(prefix),
+            Ok(false) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(MigrateError::NoAddress {
+        ip,
+        dev: config.dev.clone(),
+        pid: config.pid,
+    })
+}
