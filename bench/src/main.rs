@@ -1,5 +1,6 @@
 //! tcpmig's benchmarks, run with `cargo xtask bench [--quick]`. Results go to
 //! target/bench/<UTC time>/ as JSON and Markdown, and the Markdown is printed.
+mod criu;
 mod freeze;
 mod repair;
 mod report;
@@ -22,6 +23,8 @@ enum Which {
     Freeze,
     /// Bulk dump and restore per connection, beside a one-thread loop of the same calls.
     Repair,
+    /// Real CRIU dump + restore with its iptables lock, its nftables lock and the tcpmig hook.
+    Criu,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +51,15 @@ fn main() -> anyhow::Result<()> {
             .map(|&n| repair::run(n))
             .collect::<anyhow::Result<Vec<_>>>()?;
         out.write("repair", &results, &repair::markdown(&results))?;
+    }
+    if selected(Which::Criu) {
+        let ns: &[usize] = if cli.quick {
+            &[10, 100]
+        } else {
+            &[10, 100, 1_000, 5_000]
+        };
+        let results = criu::run(ns)?;
+        out.write("criu", &results, &criu::markdown(&results))?;
     }
     println!("results in {}", out.path().display());
     Ok(())

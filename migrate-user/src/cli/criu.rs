@@ -1,19 +1,63 @@
-//! `tcpmig criu-hook` (being written).
+//! `tcpmig criu-hook` (install the action script, run the guard) and the action script itself,
+//! `tcpmig-criu-hook`, which CRIU runs without arguments.
+use std::{io::Write as _, path::PathBuf};
+
+use anyhow::Context as _;
 use clap::Args;
+use tcpmig::criu::{self, Config, GuardSpec, HookEnv};
 
 #[derive(Args)]
-pub struct CriuHookArgs {}
-
-pub fn criu_hook(_args: CriuHookArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tcpmig criu-hook is not implemented yet")
+pub struct CriuHookArgs {
+    /// Link `tcpmig-criu-hook` to this binary, for `criu --action-script`.
+    #[arg(long, required_unless_present = "guard")]
+    install: bool,
+    /// Directory of the link [default: this binary's directory].
+    #[arg(long, value_name = "DIR", requires = "install")]
+    dir: Option<PathBuf>,
+    /// Internal: the guard process a freezing action leaves behind.
+    #[arg(long, value_name = "SPEC", hide = true, conflicts_with = "install")]
+    guard: Option<String>,
 }
 
-/// Whether this process was started under the hook's name (CRIU runs action scripts with no
-/// arguments).
+pub fn criu_hook(args: CriuHookArgs) -> anyhow::Result<()> {
+    if let Some(spec) = args.guard {
+        let spec: GuardSpec = serde_json::from_str(&spec).context("parsing the guard spec")?;
+        let outcome = criu::guard(&spec)?;
+        tracing::info!(name = spec.name, ?outcome, "guard done");
+        return Ok(());
+    }
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .context("locating the tcpmig binary")?;
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => exe.parent().context("the binary has no directory")?.into(),
+    };
+    let link = criu::install(&dir, &exe)?;
+    println!("{}", link.display());
+    Ok(())
+}
+
+/// Whether this process was started as the action script.
 pub fn invoked_as_hook() -> bool {
-    false
+    std::env::args_os()
+        .next()
+        .is_some_and(|argv0| criu::invoked_as_hook(argv0.as_ref()))
 }
 
+/// Runs the action CRIU names; a failure exits non-zero, which makes CRIU stop. With
+/// TCPMIG_REPORT=FILE, appends one JSON line per action to FILE.
 pub fn run_as_hook() -> anyhow::Result<()> {
-    anyhow::bail!("tcpmig-criu-hook is not implemented yet")
+    let env = HookEnv::from_env()?;
+    let result = Config::from_env().and_then(|config| criu::run_hook(&env, &config));
+    let report = result.with_context(|| format!("tcpmig-criu-hook {}", env.action.name()))?;
+    if let Some(path) = std::env::var_os("TCPMIG_REPORT") {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening TCPMIG_REPORT {}", path.to_string_lossy()))?;
+        writeln!(file, "{}", serde_json::to_string(&report)?)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,164 @@
+//! The hook's settings: TCPMIG_* variables (CRIU passes its environment to action scripts), over
+//! a file of the same KEY=VALUE lines, since podman and runc do not let every variable through.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use super::{CriuError, seconds};
+
+/// Names the configuration file.
+pub const CONFIG_ENV: &str = "TCPMIG_CONFIG";
+/// Read when it exists and TCPMIG_CONFIG is not set.
+pub const DEFAULT_CONFIG: &str = "/etc/tcpmig/criu-hook.conf";
+
+const KEYS: [&str; 4] = [
+    "TCPMIG_DEV",
+    "TCPMIG_SERVICES",
+    "TCPMIG_ADDRESS",
+    "TCPMIG_DEADLINE",
+];
+const DEFAULT_DEV: &str = "eth0";
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// TCPMIG_DEV: the interface carrying the connections, on both hosts [eth0].
+    pub dev: String,
+    /// TCPMIG_SERVICES=ADDR:PORT,...: freeze these services whole (new SYNs too) instead of the
+    /// dumped tree's 4-tuples.
+    pub services: Vec<SocketAddr>,
+    /// TCPMIG_ADDRESS=ADDR/PREFIX: the hook moves this address itself (deleted from the source at
+    /// post-dump, added on the destination while frozen).
+    pub address: Option<(IpAddr, u8)>,
+    /// TCPMIG_DEADLINE=SECS: the longest any freeze lasts [60].
+    pub deadline: Duration,
+}
+
+impl Config {
+    /// The process's environment over the file it names (or [`DEFAULT_CONFIG`] if it exists).
+    pub fn from_env() -> Result<Self, CriuError> {
+        let named = std::env::var(CONFIG_ENV).ok();
+        let path = named.as_deref().unwrap_or(DEFAULT_CONFIG);
+        let file = match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(_) if named.is_none() && !Path::new(path).exists() => None,
+            Err(source) => {
+                return Err(CriuError::Io {
+                    step: "reading the configuration",
+                    path: path.into(),
+                    source,
+                });
+            }
+        };
+        Self::parse(file.as_deref(), std::env::vars())
+    }
+
+    /// `file` lines are KEY=VALUE (# comments); `env` wins over them.
+    pub fn parse(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, CriuError> {
+        let mut values = HashMap::new();
+        for line in file.unwrap_or_default().lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| CriuError::Config(format!("{line:?} is not KEY=VALUE")))?;
+            let key = key.trim();
+            if !KEYS.contains(&key) {
+                return Err(CriuError::Config(format!(
+                    "unknown key {key}: the keys are {}",
+                    KEYS.join(", ")
+                )));
+            }
+            values.insert(key.to_owned(), value.trim().to_owned());
+        }
+        values.extend(
+            env.into_iter()
+                .filter(|(key, _)| KEYS.contains(&key.as_str())),
+        );
+        let get = |key: &str| values.get(key).filter(|v| !v.is_empty());
+        Ok(Self {
+            dev: get("TCPMIG_DEV").map_or(DEFAULT_DEV, |v| v).to_owned(),
+            services: get("TCPMIG_SERVICES").map_or(Ok(Vec::new()), |v| services(v))?,
+            address: get("TCPMIG_ADDRESS").map(|v| address(v)).transpose()?,
+            deadline: get("TCPMIG_DEADLINE")
+                .map_or(Ok(DEFAULT_DEADLINE), |v| seconds(v, "TCPMIG_DEADLINE"))?,
+        })
+    }
+}
+
+fn services(value: &str) -> Result<Vec<SocketAddr>, CriuError> {
+    value
+        .split(',')
+        .map(|service| {
+            service.trim().parse().map_err(|_| {
+                CriuError::Config(format!("TCPMIG_SERVICES: {service:?} is not ADDR:PORT"))
+            })
+        })
+        .collect()
+}
+
+fn address(value: &str) -> Result<(IpAddr, u8), CriuError> {
+    let bad = || CriuError::Config(format!("TCPMIG_ADDRESS={value:?}: give ADDR/PREFIX"));
+    let (addr, prefix) = value.split_once('/').ok_or_else(bad)?;
+    Ok((
+        addr.trim().parse().map_err(|_| bad())?,
+        prefix.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let file = "# tcpmig\nTCPMIG_DEV = veth1\nTCPMIG_DEADLINE=5\n";
+        let config = Config::parse(
+            Some(file),
+            env(&[
+                ("TCPMIG_DEADLINE", "2.5"),
+                ("TCPMIG_ADDRESS", "fd00::1/64"),
+                ("TCPMIG_SERVICES", "10.0.0.1:80, [fd00::1]:443"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.dev, "veth1");
+        assert_eq!(config.deadline, Duration::from_millis(2500));
+        assert_eq!(config.address, Some(("fd00::1".parse().unwrap(), 64)));
+        assert_eq!(config.services.len(), 2);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let config = Config::parse(None, env(&[])).unwrap();
+        assert_eq!(
+            (config.dev.as_str(), config.deadline),
+            ("eth0", DEFAULT_DEADLINE)
+        );
+        assert!(config.services.is_empty() && config.address.is_none());
+        for bad in [
+            ("TCPMIG_DEADLINE", "0"),
+            ("TCPMIG_ADDRESS", "10.0.0.1"),
+            ("TCPMIG_SERVICES", "10.0.0.1"),
+        ] {
+            assert!(Config::parse(None, env(&[bad])).is_err(), "{bad:?}");
+        }
+        assert!(Config::parse(Some("TCPMIG_DEVICE=eth0"), env(&[])).is_err());
+    }
+}

@@ -1,0 +1,594 @@
+//! tcpmig as CRIU's network lock, with real CRIU: a server holding N live connections is dumped on
+//! the source (`--network-lock skip --action-script tcpmig-criu-hook`), the hook moves the
+//! service address, and CRIU restores the server on the destination; every byte is checked, no
+//! connection may be reset, and nothing of CRIU or tcpmig may be left on either host.
+//!
+//! The dumped server cannot keep pipes to the test, so it is a `tcpmig-peer --mirror` server (or
+//! nginx) in its own session with stdio on files; the clients check everything.
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use tcpmig::{freeze, net::Netns};
+use tcpmig_testbed::{
+    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, Report, SERVICE_V4,
+    StreamArgs, TestBed, command_all, tcpmig_bin,
+};
+
+const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
+const BYTES: u64 = 1024;
+/// Bytes each client sends (and gets back) per round of traffic.
+const ROUND: u64 = 512;
+const PORT: u16 = 8080;
+const CRIU_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a freeze may last; the guard removes what is left by then.
+const DEADLINE_S: &str = "30";
+/// The key CRIU pairs the task's netns with between `--external` and `--inherit-fd`.
+const NETNS_KEY: &str = "tcpmig-net";
+/// The fd the destination netns is passed to `criu restore` on.
+const NETNS_FD: i32 = 10;
+
+/// Where the task's network namespace is relative to CRIU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// CRIU runs in the source (then destination) netns, like the task.
+    SameNetns,
+    /// CRIU runs outside; the task's netns is external to the dump.
+    ExternalNetns,
+}
+
+/// A directory removed with its contents when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("tcpmig-criu-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join("images"))?;
+        Ok(Self(path))
+    }
+
+    fn images(&self) -> PathBuf {
+        self.0.join("images")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("TCPMIG_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Kills a process tree that is not our child (the restored server) by pids, and waits for it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pids = tree_pids(self.0);
+        for &pid in &pids {
+            // SAFETY: signalling the pids CRIU restored for this test.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = wait_gone(&pids);
+    }
+}
+
+/// `root` and its children (the servers here are at most two levels deep).
+fn tree_pids(root: u32) -> Vec<u32> {
+    let children = fs::read_to_string(format!("/proc/{root}/task/{root}/children"));
+    std::iter::once(root)
+        .chain(
+            children
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok()),
+        )
+        .collect()
+}
+
+/// Waits (bounded) until none of `pids` exists, zombies included: CRIU restores the same pids.
+fn wait_gone(pids: &[u32]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        ensure!(Instant::now() < deadline, "pids {pids:?} still exist");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// One migration's hosts, hook and files.
+struct Migration<'bed> {
+    bed: &'bed TestBed,
+    mode: Mode,
+    dir: TempDir,
+    hook: PathBuf,
+    /// TCPMIG_DEV for the hook.
+    dev: &'static str,
+}
+
+impl<'bed> Migration<'bed> {
+    fn new(bed: &'bed TestBed, mode: Mode, tag: &str) -> Result<Self> {
+        let dir = TempDir::new(tag)?;
+        let out = Command::new(tcpmig_bin())
+            .args(["criu-hook", "--install", "--dir"])
+            .arg(&dir.0)
+            .output()
+            .context("running tcpmig criu-hook --install (build tcpmig first)")?;
+        ensure!(
+            out.status.success(),
+            "install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hook = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        Ok(Self {
+            bed,
+            mode,
+            dir,
+            hook,
+            dev: IFACE,
+        })
+    }
+
+    /// Starts `cmd` (made by a host) detached: own session, stdio on files in the temp dir, as
+    /// CRIU wants a task without a terminal.
+    fn spawn_detached(
+        &self,
+        host: &'bed Host,
+        cmd: &mut Command,
+        tag: &str,
+    ) -> Result<ChildGuard<'bed>> {
+        let log = |suffix| fs::File::create(self.dir.0.join(format!("{tag}.{suffix}")));
+        cmd.stdin(Stdio::null())
+            .stdout(log("out")?)
+            .stderr(log("err")?);
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        host.spawn(cmd)
+    }
+
+    fn wait_for_line(&self, tag: &str, line: &str) -> Result<()> {
+        let path = self.dir.0.join(format!("{tag}.out"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().any(|l| l == line) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{tag} did not say {line:?}; stderr: {}",
+                fs::read_to_string(self.dir.0.join(format!("{tag}.err"))).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs CRIU with the hook configured, inside `host`'s netns or (external mode) outside;
+    /// fails with CRIU's log tail. Returns the wall time.
+    fn criu(
+        &self,
+        host: &Host,
+        args: &[&str],
+        log: &str,
+        netns: Option<fs::File>,
+    ) -> Result<Duration> {
+        let mut cmd = match self.mode {
+            Mode::SameNetns => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", host.path().display()))
+                    .arg("criu");
+                cmd
+            }
+            Mode::ExternalNetns => Command::new("criu"),
+        };
+        cmd.args(args)
+            .arg("-D")
+            .arg(self.dir.images())
+            .args([
+                "--tcp-established",
+                "--network-lock",
+                "skip",
+                "-v4",
+                "-o",
+                log,
+            ])
+            .arg("--action-script")
+            .arg(&self.hook)
+            .env("TCPMIG_DEV", self.dev)
+            .env("TCPMIG_ADDRESS", format!("{SERVICE_V4}/{PREFIX_V4}"))
+            .env("TCPMIG_DEADLINE", DEADLINE_S)
+            .env("TCPMIG_REPORT", self.dir.0.join("hooks.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.dir.0.join(format!("{log}.stderr")))?);
+        if let Some(file) = &netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+            // SAFETY: dup2 and fcntl only, in the child: the duplicate survives exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == NETNS_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0);
+                    } else if libc::dup2(fd, NETNS_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        run_bounded(&mut cmd, CRIU_TIMEOUT).with_context(|| {
+            let log_text = fs::read_to_string(self.dir.images().join(log)).unwrap_or_default();
+            let stderr =
+                fs::read_to_string(self.dir.0.join(format!("{log}.stderr"))).unwrap_or_default();
+            let tail: Vec<&str> = log_text.lines().rev().take(15).collect();
+            format!(
+                "criu {args:?}; stderr: {stderr}\nlog tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+    }
+
+    fn dump(&self, pid: u32) -> Result<Duration> {
+        let pid = pid.to_string();
+        let mut args = vec!["dump", "-t", &pid];
+        let external;
+        if self.mode == Mode::ExternalNetns {
+            let inode = Netns::open(self.bed.source().name())?.inode();
+            external = format!("net[{inode}]:{NETNS_KEY}");
+            args.extend(["--external", &external]);
+        }
+        self.criu(self.bed.source(), &args, "dump.log", None)
+    }
+
+    fn restore(&self) -> Result<Duration> {
+        let inherit = format!("fd[{NETNS_FD}]:{NETNS_KEY}");
+        let mut args = vec!["restore", "--restore-detached"];
+        let mut netns = None;
+        if self.mode == Mode::ExternalNetns {
+            args.extend(["--inherit-fd", &inherit]);
+            netns = Some(fs::File::open(self.bed.destination().path())?);
+        }
+        self.criu(self.bed.destination(), &args, "restore.log", netns)
+    }
+}
+
+/// Runs `cmd` to completion within `timeout` (killed by pid after it).
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting criu")?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            ensure!(status.success(), "exited with {status}");
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Client traffic in rounds (send ROUND, read it back) until `stop`, then two more rounds.
+fn traffic_rounds(clients: &mut [Peer<'_>], stop: &AtomicBool) -> Result<(Report, u64)> {
+    let mut offset = BYTES;
+    let mut after_stop = 0;
+    let mut rounds = 0;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            after_stop += 1;
+            if after_stop > 2 {
+                break;
+            }
+        }
+        command_all(clients, PeerCommand::Send { bytes: ROUND })?;
+        offset += ROUND;
+        let report = command_all(
+            clients,
+            PeerCommand::Verify {
+                until: Some(offset),
+            },
+        )?;
+        rounds += 1;
+        ensure!(report.all_verified(), "round {rounds}: {report:?}");
+        if after_stop > 2 {
+            break;
+        }
+    }
+    let report = command_all(
+        clients,
+        PeerCommand::Verify {
+            until: Some(offset),
+        },
+    )?;
+    Ok((report, rounds))
+}
+
+/// The namespaces' view of what is left: pins, programs, CRIU's rules.
+fn leftovers(bed: &TestBed) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    for host in [bed.source(), bed.destination()] {
+        let netns = Netns::open(host.name())?;
+        let pin = Path::new(freeze::PIN_ROOT).join(format!("criu-{}", netns.inode()));
+        if pin.exists() {
+            left.push(format!("pin {}", pin.display()));
+        }
+        for program in freeze::attached_programs(&netns, IFACE)? {
+            left.push(format!("{program} on {IFACE} in {host}"));
+        }
+        for (tool, args) in [
+            ("nft", &["list", "ruleset"][..]),
+            ("iptables-save", &[][..]),
+        ] {
+            let out = host.command(tool)?.args(args).output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("CRIU") || text.contains("0xc114") {
+                left.push(format!("{tool} rules in {host}: {text}"));
+            }
+        }
+    }
+    Ok(left)
+}
+
+/// Waits (bounded) for the guards to finish, then checks nothing is left.
+fn nothing_left(bed: &TestBed) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = leftovers(bed)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CRIU killed the dumped tree (`pids`, root first): reap the root, our child, and wait for the
+/// rest to be reaped by init, so that their pids are free for the restore.
+fn reap(task: &mut ChildGuard<'_>, pids: &[u32]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while task.try_wait()?.is_none() {
+        ensure!(Instant::now() < deadline, "the dumped task still runs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_gone(pids)
+}
+
+fn netns_inode_of(pid: u32) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
+}
+
+/// The acceptance scenario with the mirror server: N connections, traffic running through the
+/// dump and the restore, every byte checked, no reset, nothing left.
+fn migrate_mirror(mode: Mode, n: usize) -> Result<()> {
+    let bed = TestBed::new()?;
+    let migration = Migration::new(&bed, mode, &format!("mirror-{n}"))?;
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
+    let stream = StreamArgs::new(BYTES);
+    let mut server_cmd = bed.source().command(PEER)?;
+    server_cmd.args(PeerArgs::mirror_server(service, n, stream).to_args());
+    let mut server = migration.spawn_detached(bed.source(), &mut server_cmd, "server")?;
+    let pid = server.pid();
+    migration.wait_for_line("server", "listening")?;
+    let mut clients = vec![Peer::start(
+        bed.client(),
+        Path::new(PEER),
+        &PeerArgs::client(service, n, stream),
+    )?];
+    clients[0].expect_line("ready")?;
+    migration.wait_for_line("server", "ready")?;
+    let report = command_all(&mut clients, PeerCommand::Verify { until: None })?;
+    ensure!(report.all_verified(), "before the dump: {report:?}");
+
+    let stop = AtomicBool::new(false);
+    let (dumped, restored, (report, rounds)) = std::thread::scope(|scope| -> Result<_> {
+        let rounds = scope.spawn(|| traffic_rounds(&mut clients, &stop));
+        let migrated = (|| -> Result<_> {
+            // Let the rounds run first, so the dump catches traffic in flight.
+            std::thread::sleep(Duration::from_millis(200));
+            let dumped = migration.dump(pid)?;
+            reap(&mut server, &[pid])?;
+            let restored = migration.restore()?;
+            Ok((dumped, restored))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let rounds = rounds.join().expect("traffic thread");
+        let (dumped, restored) = migrated?;
+        Ok((dumped, restored, rounds?))
+    })?;
+    let _restored_server = KillOnDrop(pid);
+    eprintln!("{mode:?} N={n}: dump {dumped:?}, restore {restored:?}, {rounds} rounds: {report:?}");
+    eprintln!(
+        "hooks: {}",
+        fs::read_to_string(migration.dir.0.join("hooks.jsonl")).unwrap_or_default()
+    );
+    ensure!(
+        report.all_verified() && report.connections == n as u64 && report.resets == 0,
+        "after the migration: {report:?}"
+    );
+    let dst = Netns::open(bed.destination().name())?.inode();
+    ensure!(
+        netns_inode_of(pid)? == dst,
+        "the server was not restored in the destination"
+    );
+    nothing_left(&bed)
+}
+
+/// nginx from Debian serving keep-alive HTTP to wrk with `connections` connections: wrk runs
+/// through the dump and the restore and must see no error (a reconnect follows an error). Its
+/// workers run as root: CRIU reads their rlimits, which needs CAP_SYS_RESOURCE for another user's
+/// process, and these machines do not grant it.
+fn migrate_nginx(mode: Mode, connections: usize) -> Result<()> {
+    const SECONDS: u64 = 8;
+    let bed = TestBed::new()?;
+    let migration = Migration::new(&bed, mode, &format!("nginx-{connections}"))?;
+    let dir = &migration.dir.0;
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "user root; daemon off; master_process on; worker_processes 1;
+             worker_rlimit_nofile 20000;
+             pid {dir}/nginx.pid; error_log {dir}/error.log warn;
+             events {{ worker_connections 8192; }}
+             http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000000;
+               server {{ listen {SERVICE_V4}:{PORT}; location / {{ return 200 \"tcpmig\\n\"; }} }} }}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let mut cmd = bed.source().command("nginx")?;
+    cmd.arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    let mut nginx = migration.spawn_detached(bed.source(), &mut cmd, "nginx")?;
+    let pid = nginx.pid();
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed
+        .client()
+        .run(|| std::net::TcpStream::connect_timeout(&service, Duration::from_millis(200)))?
+        .is_err()
+    {
+        ensure!(Instant::now() < deadline, "nginx does not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut wrk = bed.client().command("wrk")?;
+    wrk.args(["-t1", &format!("-c{connections}"), &format!("-d{SECONDS}s")])
+        .args(["--timeout", "10s", &format!("http://{service}/")]);
+    let mut wrk = migration.spawn_detached(bed.client(), &mut wrk, "wrk")?;
+    // Migrate once every connection is open and busy.
+    std::thread::sleep(Duration::from_secs(2));
+    let tree = tree_pids(pid);
+    let dumped = migration.dump(pid)?;
+    reap(&mut nginx, &tree)?;
+    let restored = migration.restore()?;
+    let _restored = KillOnDrop(pid);
+    let deadline = Instant::now() + Duration::from_secs(SECONDS + 30);
+    while wrk.try_wait()?.is_none() {
+        ensure!(Instant::now() < deadline, "wrk did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fs::read_to_string(dir.join("wrk.out"))?;
+    eprintln!("{mode:?} nginx c={connections}: dump {dumped:?}, restore {restored:?}\n{out}");
+    ensure!(
+        out.contains("requests in") && !out.contains("Socket errors") && !out.contains("Non-2xx"),
+        "wrk saw errors:\n{out}"
+    );
+    let dst = Netns::open(bed.destination().name())?.inode();
+    ensure!(
+        netns_inode_of(pid)? == dst,
+        "nginx was not restored in the destination"
+    );
+    nothing_left(&bed)
+}
+
+/// A hook that fails (no such interface) stops the dump with the step in CRIU's output; the
+/// server runs on where it was, its connections intact, and nothing is left.
+#[test]
+fn failing_hook_stops_criu_and_leaves_nothing() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut migration = Migration::new(&bed, Mode::SameNetns, "failing")?;
+    migration.dev = "nosuchdev0";
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
+    let stream = StreamArgs::new(BYTES);
+    let mut server_cmd = bed.source().command(PEER)?;
+    server_cmd.args(PeerArgs::mirror_server(service, 10, stream).to_args());
+    let _server = migration.spawn_detached(bed.source(), &mut server_cmd, "server")?;
+    migration.wait_for_line("server", "listening")?;
+    let mut clients = vec![Peer::start(
+        bed.client(),
+        Path::new(PEER),
+        &PeerArgs::client(service, 10, stream),
+    )?];
+    clients[0].expect_line("ready")?;
+    let error = migration
+        .dump(_server.pid())
+        .err()
+        .context("the dump succeeded with a broken hook")?;
+    let message = format!("{error:#}");
+    ensure!(
+        message.contains("pre-dump: attaching the freeze programs")
+            && message.contains("nosuchdev0"),
+        "the error does not name the step: {message}"
+    );
+    command_all(&mut clients, PeerCommand::Send { bytes: ROUND })?;
+    let report = command_all(
+        &mut clients,
+        PeerCommand::Verify {
+            until: Some(BYTES + ROUND),
+        },
+    )?;
+    ensure!(report.all_verified(), "after the failed dump: {report:?}");
+    nothing_left(&bed)
+}
+
+#[test]
+fn nginx_same_netns_1() -> Result<()> {
+    migrate_nginx(Mode::SameNetns, 1)
+}
+
+#[test]
+fn nginx_same_netns_100() -> Result<()> {
+    migrate_nginx(Mode::SameNetns, 100)
+}
+
+#[test]
+fn nginx_same_netns_1000() -> Result<()> {
+    migrate_nginx(Mode::SameNetns, 1_000)
+}
+
+#[test]
+fn nginx_external_netns_1000() -> Result<()> {
+    migrate_nginx(Mode::ExternalNetns, 1_000)
+}
+
+#[test]
+fn same_netns_1() -> Result<()> {
+    migrate_mirror(Mode::SameNetns, 1)
+}
+
+#[test]
+fn same_netns_100() -> Result<()> {
+    migrate_mirror(Mode::SameNetns, 100)
+}
+
+#[test]
+fn same_netns_1000() -> Result<()> {
+    migrate_mirror(Mode::SameNetns, 1_000)
+}
+
+#[test]
+fn external_netns_1() -> Result<()> {
+    migrate_mirror(Mode::ExternalNetns, 1)
+}
+
+#[test]
+fn external_netns_100() -> Result<()> {
+    migrate_mirror(Mode::ExternalNetns, 100)
+}
+
+#[test]
+fn external_netns_1000() -> Result<()> {
+    migrate_mirror(Mode::ExternalNetns, 1_000)
+}
