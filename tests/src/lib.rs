@@ -44,7 +44,9 @@ pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
 pub use process::ChildGuard;
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `tcpmig` binary of the integration tests' own build: the target directory two levels up
@@ -62,6 +64,39 @@ pub fn tcpmig_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Runs the tcpmig binary with `args`, stdin closed, and returns its output.
+pub fn tcpmig<I, S>(args: I) -> anyhow::Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use anyhow::Context as _;
+    Command::new(tcpmig_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running tcpmig")
+}
+
+/// Runs tcpmig and returns its stdout; an error with its stderr if it failed.
+pub fn tcpmig_ok<I, S>(args: I) -> anyhow::Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<S> = args.into_iter().collect();
+    let out = tcpmig(&args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "tcpmig {:?} failed: {}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Polls `ready` until it returns true or `timeout` passes; `what` names the wait in the error.

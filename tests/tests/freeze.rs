@@ -11,29 +11,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
-use tcpmig_testbed::{ChildGuard, Host, IFACE, StreamArgs, TestBed, Traffic, tcpmig_bin};
+use tcpmig_testbed::{
+    ChildGuard, Host, IFACE, StreamArgs, TestBed, Traffic, tcpmig, tcpmig_bin, tcpmig_ok,
+};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
 const BYTES: u64 = 1024;
 const MORE: u64 = 512;
-
-fn tcpmig(args: &[&str]) -> Result<Output> {
-    Command::new(tcpmig_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running tcpmig")
-}
-
-fn tcpmig_ok(args: &[&str]) -> Result<String> {
-    let out = tcpmig(args)?;
-    ensure!(
-        out.status.success(),
-        "tcpmig {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 fn freeze_args<'a>(netns: &'a str, dev: &'a str, service: &'a str, name: &'a str) -> Vec<&'a str> {
     vec![
@@ -58,6 +42,15 @@ impl Drop for FreezeCleanup {
     fn drop(&mut self) {
         let _ = freeze::remove(&self.0);
     }
+}
+
+fn status_json(bed: &TestBed) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&tcpmig_ok([
+        "status",
+        "--netns",
+        bed.source().name(),
+        "--json",
+    ])?)?)
 }
 
 fn nothing_left(bed: &TestBed, name: &str) -> Result<()> {
@@ -150,12 +143,7 @@ fn frozen_service_holds_everything(ipv6: bool) -> Result<()> {
     let name = format!("{}-svc", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let service_arg = service.to_string();
-    tcpmig_ok(&freeze_args(
-        bed.source().name(),
-        IFACE,
-        &service_arg,
-        &name,
-    ))?;
+    tcpmig_ok(freeze_args(bed.source().name(), IFACE, &service_arg, &name))?;
     let capture = Capture::start(bed.client(), PORT)?;
 
     // Both directions write while frozen: nothing may arrive on either side.
@@ -191,18 +179,13 @@ fn frozen_service_holds_everything(ipv6: bool) -> Result<()> {
         "SYN-ACK or RST seen while frozen: {answers:?}"
     );
 
-    let status: serde_json::Value = serde_json::from_str(&tcpmig_ok(&[
-        "status",
-        "--netns",
-        bed.source().name(),
-        "--json",
-    ])?)?;
+    let status = status_json(&bed)?;
     let counters = &status[0]["counters"];
     ensure!(counters["syn_dropped"].as_u64() >= Some(3), "{counters}");
     ensure!(counters["ingress_dropped"].as_u64() > Some(0), "{counters}");
     ensure!(counters["egress_dropped"].as_u64() > Some(0), "{counters}");
 
-    tcpmig_ok(&["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
+    tcpmig_ok(["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
     let after = traffic.verify_until(BYTES + MORE)?;
     ensure!(
         after.all_verified(N as u64),
@@ -262,7 +245,7 @@ fn other_ports_and_addresses_flow_during_a_freeze() -> Result<()> {
     let name = format!("{}-other", bed.prefix());
     let _cleanup = FreezeCleanup(name.clone());
     let frozen_arg = frozen.to_string();
-    tcpmig_ok(&freeze_args(bed.source().name(), IFACE, &frozen_arg, &name))?;
+    tcpmig_ok(freeze_args(bed.source().name(), IFACE, &frozen_arg, &name))?;
     ensure!(
         connect(bed.client(), frozen, Duration::from_millis(700))?.is_err(),
         "the frozen service must not answer"
@@ -272,7 +255,7 @@ fn other_ports_and_addresses_flow_during_a_freeze() -> Result<()> {
     for echo in echoes {
         echo.join().expect("echo thread");
     }
-    tcpmig_ok(&["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
+    tcpmig_ok(["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
     nothing_left(&bed, &name)
 }
 
@@ -314,9 +297,9 @@ fn deadline_lifts_a_freeze_whose_owner_was_killed() -> Result<()> {
         );
     }
     // The programs and pins outlive the owner by design; the entry has simply expired.
-    let status = tcpmig_ok(&["status", "--netns", bed.source().name()])?;
+    let status = tcpmig_ok(["status", "--netns", bed.source().name()])?;
     ensure!(status.contains("deadline passed"), "{status}");
-    tcpmig_ok(&["unfreeze", "--netns", bed.source().name(), "--all"])?;
+    tcpmig_ok(["unfreeze", "--netns", bed.source().name(), "--all"])?;
     nothing_left(&bed, &name)
 }
 
@@ -327,18 +310,13 @@ fn ten_freezes_attach_one_program_per_direction() -> Result<()> {
     let _cleanup = FreezeCleanup(name.clone());
     for port in 7400..7410 {
         let service = SocketAddr::new(TestBed::service(false), port).to_string();
-        tcpmig_ok(&freeze_args(bed.source().name(), IFACE, &service, &name))?;
+        tcpmig_ok(freeze_args(bed.source().name(), IFACE, &service, &name))?;
     }
     let attached = freeze::attached_programs(&Netns::open(bed.source().name())?, IFACE)?;
     ensure!(attached.len() == 2, "attached: {attached:?}");
-    let status: serde_json::Value = serde_json::from_str(&tcpmig_ok(&[
-        "status",
-        "--netns",
-        bed.source().name(),
-        "--json",
-    ])?)?;
+    let status = status_json(&bed)?;
     ensure!(status[0]["services"].as_array().map(Vec::len) == Some(10));
-    tcpmig_ok(&["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
+    tcpmig_ok(["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
     nothing_left(&bed, &name)
 }
 

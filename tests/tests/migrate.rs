@@ -13,41 +13,24 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use tcpmig::{freeze, net::Netns, repair};
-use tcpmig_testbed::{ChildGuard, IFACE, PREFIX_V4, Role, SERVICE_V4, TestBed, Traffic};
+use tcpmig_testbed::{
+    ChildGuard, IFACE, PREFIX_V4, Role, SERVICE_V4, TestBed, Traffic, tcpmig, tcpmig_bin,
+};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
 const BYTES: u64 = 2048;
 const MORE: u64 = 700;
 const AGENT_PORT: u16 = 7070;
 
-/// The tcpmig binary beside this test's target directory (`cargo xtask test` builds it first).
-fn tcpmig_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .join("tcpmig");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo xtask test`",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs `tcpmig demo --connections n --json` and checks its report.
 fn demo(n: usize) -> Result<()> {
-    let out = Command::new(tcpmig_bin())
-        .args(["demo", "--connections", &n.to_string(), "--json"])
-        .stdin(Stdio::null())
-        .output()?;
+    let out = tcpmig(["demo", "--connections", &n.to_string(), "--json"])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "tcpmig demo failed: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;

@@ -15,7 +15,7 @@ use std::{
         unix::net::UnixListener,
     },
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -29,7 +29,7 @@ use tcpmig::{
 };
 use tcpmig_testbed::{
     Host, IFACE, Peer, PeerArgs, PeerCommand, Report, StreamArgs, TestBed, Traffic, command_all,
-    tcpmig_bin,
+    tcpmig, tcpmig_bin,
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -45,14 +45,6 @@ const CLIENT_FROZEN: u64 = 1000;
 const AFTER: u64 = 4096;
 const FREEZE_DEADLINE: &str = "120";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn tcpmig(args: &[OsString]) -> Result<Output> {
-    Command::new(tcpmig_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running tcpmig")
-}
 
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
