@@ -371,3 +371,46 @@ fn check_one_line_error(out: &Output, named: &str) -> Result<()> {
     ensure!(stderr.contains(named), "{stderr:?} should name {named}");
     Ok(())
 }
+
+#[test]
+fn tuples_of_pid_freezes_that_process_only() -> Result<()> {
+    const N: usize = 20;
+    const PORT: u16 = 7500;
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(false), PORT);
+    let mut traffic = Traffic::open_at(&bed, Path::new(PEER), service, N, StreamArgs::new(BYTES))?;
+    ensure!(traffic.verify()?.all_verified(N as u64));
+    let name = format!("{}-pid", bed.prefix());
+    let _cleanup = FreezeCleanup(name.clone());
+    let pid = traffic.server_pids()[0].to_string();
+    let ns = bed.source().name();
+    tcpmig_ok([
+        "freeze",
+        "--netns",
+        ns,
+        "--dev",
+        IFACE,
+        "--tuples-of-pid",
+        &pid,
+        "--name",
+        &name,
+        "--deadline",
+        "120",
+    ])?;
+    ensure!(status_json(&bed)?[0]["tuple_count"].as_u64() == Some(N as u64));
+
+    traffic.send_all(MORE)?;
+    // The port itself is not frozen: a new connection still gets the kernel's handshake.
+    connect(bed.client(), service, Duration::from_secs(2))?
+        .context("a new connection to the same port")?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        queued_bytes(bed.source(), PORT)? == 0,
+        "frozen connections delivered data"
+    );
+
+    tcpmig_ok(["unfreeze", "--netns", ns, "--name", &name])?;
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(after.all_verified(N as u64), "{after:?}");
+    nothing_left(&bed, &name)
+}

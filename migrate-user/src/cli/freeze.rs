@@ -37,6 +37,10 @@ pub struct FreezeArgs {
     /// Service to freeze (local address and port of its connections); repeatable.
     #[arg(long, value_name = "ADDR:PORT")]
     service: Vec<SocketAddr>,
+    /// Also freeze every TCP connection of this process, as 4-tuples (in one batched update),
+    /// leaving the other connections of the same ports alone.
+    #[arg(long, value_name = "PID")]
+    tuples_of_pid: Option<u32>,
     /// Seconds after which traffic passes again by itself, even if nobody unfreezes.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     deadline: f64,
@@ -83,16 +87,19 @@ struct FreezeReport<'a> {
     netns: &'a str,
     dev: &'a str,
     services: &'a [SocketAddr],
+    /// 4-tuples frozen (--tuples-of-pid).
+    tuples: usize,
     deadline_s: f64,
     /// Time to attach (or find attached) the programs.
     attach_us: f64,
-    /// Time of the map updates that froze the services.
+    /// Time of the map updates that froze the services and 4-tuples (with --tuples-of-pid,
+    /// finding the process's connections too).
     freeze_us: f64,
 }
 
 pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
-    if args.service.is_empty() {
-        bail!("nothing to freeze: give at least one --service ADDR:PORT");
+    if args.service.is_empty() && args.tuples_of_pid.is_none() {
+        bail!("nothing to freeze: give --service ADDR:PORT or --tuples-of-pid PID");
     }
     if !(args.deadline.is_finite() && args.deadline > 0.0) {
         bail!("--deadline must be a positive number of seconds");
@@ -105,12 +112,18 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
     let ttl = Duration::from_secs_f64(args.deadline);
     let freeze_started = std::time::Instant::now();
     handle.freeze_services(&args.service, ttl)?;
+    let tuples = match args.tuples_of_pid {
+        Some(pid) => process_tuples(&netns, pid)?,
+        None => Vec::new(),
+    };
+    handle.freeze_tuples(&tuples, ttl)?;
     let froze = freeze_started.elapsed();
     let report = FreezeReport {
         name: &name,
         netns: netns.spec(),
         dev: &args.dev,
         services: &args.service,
+        tuples: tuples.len(),
         deadline_s: args.deadline,
         attach_us: attached.as_secs_f64() * 1e6,
         freeze_us: froze.as_secs_f64() * 1e6,
@@ -118,10 +131,13 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
     if args.json {
         print_json(&report)?;
     } else {
-        let services: Vec<String> = args.service.iter().map(ToString::to_string).collect();
+        let mut frozen: Vec<String> = args.service.iter().map(ToString::to_string).collect();
+        if let Some(pid) = args.tuples_of_pid {
+            frozen.push(format!("{} connection(s) of process {pid}", tuples.len()));
+        }
         println!(
             "frozen {} on {} in {} (freeze {}, traffic passes again in {} s unless unfrozen) in {:.1} us",
-            services.join(", "),
+            frozen.join(", "),
             report.dev,
             report.netns,
             report.name,
@@ -139,6 +155,18 @@ pub fn freeze(args: FreezeArgs) -> anyhow::Result<()> {
         handle.keep();
     }
     Ok(())
+}
+
+/// The 4-tuples of every TCP connection process `pid` holds in `netns`.
+fn process_tuples(netns: &Netns, pid: u32) -> anyhow::Result<Vec<tcpmig::tuple::Tuple>> {
+    let found = tcpmig::repair::discover(netns, pid, &tcpmig::repair::Filter::default())
+        .with_context(|| format!("finding the connections of process {pid}"))?;
+    Ok(found
+        .sockets
+        .iter()
+        .map(|socket| socket.tuple)
+        .chain(found.skipped.iter().map(|(tuple, _)| *tuple))
+        .collect())
 }
 
 pub fn unfreeze(args: UnfreezeArgs) -> anyhow::Result<()> {
