@@ -1,7 +1,11 @@
 //! tcpmig's benchmarks, run with `cargo xtask bench [--quick]`. Results go to
 //! target/bench/<UTC time>/ as JSON and Markdown, and the Markdown is printed.
 mod criu;
+mod echo;
 mod freeze;
+mod gap;
+mod loadgen;
+mod plot;
 mod repair;
 mod report;
 
@@ -17,7 +21,7 @@ struct Cli {
     which: Option<Which>,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand)]
 enum Which {
     /// Freeze and unfreeze cost against N, beside CRIU's iptables and nftables locks.
     Freeze,
@@ -25,12 +29,31 @@ enum Which {
     Repair,
     /// Real CRIU dump + restore with its iptables lock, its nftables lock and the tcpmig hook.
     Criu,
+    /// Dry run of the scaling benchmark's clients: open-loop echo traffic through a service
+    /// freeze, no migration (gaps, catch-up after the thaw, nothing lost).
+    Gap(gap::GapArgs),
+    /// The server the scaling benchmark migrates (a helper process).
+    #[command(hide = true)]
+    EchoServer(echo::EchoArgs),
+    /// One process of the load generator (a helper process).
+    #[command(hide = true)]
+    LoadgenWorker(loadgen::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    match &cli.which {
+        Some(Which::EchoServer(args)) => return echo::serve(args),
+        Some(Which::LoadgenWorker(args)) => return loadgen::run_worker(args),
+        _ => {}
+    }
     let out = report::OutputDir::create()?;
-    let selected = |which| cli.which.is_none_or(|w| w == which);
+    let selected = |which: Which| {
+        let kind = std::mem::discriminant(&which);
+        cli.which
+            .as_ref()
+            .is_none_or(|w| std::mem::discriminant(w) == kind)
+    };
     if selected(Which::Freeze) {
         let ns: &[usize] = if cli.quick {
             &[10, 1_000]
@@ -60,6 +83,16 @@ fn main() -> anyhow::Result<()> {
         };
         let results = criu::run(ns)?;
         out.write("criu", &results, &criu::markdown(&results))?;
+    }
+    let gap_args = match &cli.which {
+        None => Some(gap::GapArgs::default()),
+        Some(Which::Gap(args)) => Some(args.clone()),
+        Some(_) => None,
+    };
+    if let Some(args) = gap_args {
+        let results = gap::run(&args, cli.quick)?;
+        out.write("gap", &results, &gap::markdown(&results))?;
+        gap::plot(&results, out.path())?;
     }
     println!("results in {}", out.path().display());
     Ok(())

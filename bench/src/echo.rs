@@ -1,0 +1,419 @@
+//! The server the scaling benchmark migrates: `tcpmig-bench echo-server` (hidden), which echoes
+//! every byte it receives, and [`EchoServers`], the benchmark's handle on a set of them.
+//!
+//! `--listen ADDR:PORT` accepts connections; `--from-listen-fds` takes over connected sockets
+//! passed as fds 3.. the way systemd's socket activation passes listeners (LISTEN_FDS,
+//! LISTEN_PID): that is how `tcpmig` hands restored connections to the new server. Either way it
+//! prints `ready` once it listens or holds its sockets, and exits when it has neither a listener
+//! nor a connection left, or after `--idle-exit-secs` without any event.
+//!
+//! The echo is synchronous, so that a migration loses nothing: a chunk read is written back whole
+//! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
+//! process and the server waits for room on that socket only; bytes sit in the process (where a
+//! dump of the sockets cannot see them) only between one read and its write, or while a client
+//! does not read its echoes.
+
+use std::io::{self, ErrorKind, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use tcpmig_testbed::{Host, MAX_SOCKETS_PER_PEER, sys};
+
+use crate::loadgen::{LineProcess, Target};
+
+/// A server binds and says `ready` in milliseconds; this bounds a broken start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const LISTENER: Token = Token(usize::MAX);
+/// The first fd of socket activation.
+const LISTEN_FDS_START: RawFd = 3;
+
+#[derive(clap::Args, Debug)]
+pub struct EchoArgs {
+    /// Listen here and echo on every connection accepted.
+    #[arg(
+        long,
+        required_unless_present = "from_listen_fds",
+        conflicts_with = "from_listen_fds"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// Echo on the connected sockets passed as fds 3.. (LISTEN_FDS, LISTEN_PID).
+    #[arg(long)]
+    pub from_listen_fds: bool,
+    /// Exit after this long without any event.
+    #[arg(long, default_value_t = 600)]
+    pub idle_exit_secs: u64,
+}
+
+/// The `echo-server` subcommand.
+pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
+    sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let mut server = match args.listen {
+        Some(addr) => Server::listen(addr)?,
+        None => Server::adopt(inherited_sockets()?)?,
+    };
+    println!("ready");
+    server.run(Duration::from_secs(args.idle_exit_secs))
+}
+
+/// Echo servers in one host for `connections` connections, at most [`MAX_SOCKETS_PER_PEER`] per
+/// process (the file limit): shard k listens on the service port + k. Dropping it kills them.
+pub struct EchoServers<'bed> {
+    /// Kept for their kill-on-drop guards.
+    _processes: Vec<LineProcess<'bed>>,
+    targets: Vec<Target>,
+}
+
+impl<'bed> EchoServers<'bed> {
+    /// Starts the servers on `ip` (which must be on one of `host`'s interfaces) and returns once
+    /// all of them listen.
+    pub fn listen(
+        host: &'bed Host,
+        ip: IpAddr,
+        port: u16,
+        connections: usize,
+    ) -> anyhow::Result<Self> {
+        let mut processes = Vec::new();
+        let mut targets = Vec::new();
+        for (k, count) in shard_sizes(connections).into_iter().enumerate() {
+            let port = u16::try_from(k)
+                .ok()
+                .and_then(|k| port.checked_add(k))
+                .context("service port + shard overflows")?;
+            let addr = SocketAddr::new(ip, port);
+            let args = [
+                "echo-server".to_owned(),
+                "--listen".to_owned(),
+                addr.to_string(),
+            ];
+            processes.push(LineProcess::start(host, &args)?);
+            targets.push(Target {
+                addr,
+                connections: count,
+            });
+        }
+        for process in &mut processes {
+            process.expect("ready", READY_TIMEOUT)?;
+        }
+        Ok(Self {
+            _processes: processes,
+            targets,
+        })
+    }
+
+    /// Where the clients connect, and how many connections each server gets.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+}
+
+/// Splits `connections` into the fewest shards of at most [`MAX_SOCKETS_PER_PEER`], evenly (as
+/// the test bed's `Traffic` does).
+fn shard_sizes(connections: usize) -> Vec<usize> {
+    let shards = connections.div_ceil(MAX_SOCKETS_PER_PEER).max(1);
+    (0..shards)
+        .map(|k| connections / shards + usize::from(k < connections % shards))
+        .collect()
+}
+
+/// The sockets of socket activation, after checking that they are meant for this process.
+fn inherited_sockets() -> anyhow::Result<Vec<std::net::TcpStream>> {
+    let count = listen_fd_count(
+        std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::env::var("LISTEN_PID").ok().as_deref(),
+        std::process::id(),
+    )?;
+    (0..count)
+        .map(|k| {
+            let fd = LISTEN_FDS_START + RawFd::try_from(k)?;
+            let fd = sys::claim_inherited_fd(fd)
+                .with_context(|| format!("inherited fd {fd} (LISTEN_FDS={count})"))?;
+            Ok(std::net::TcpStream::from(fd))
+        })
+        .collect()
+}
+
+/// How many fds socket activation passed: LISTEN_FDS, if LISTEN_PID (when set) is our pid.
+fn listen_fd_count(fds: Option<&str>, pid: Option<&str>, own_pid: u32) -> anyhow::Result<usize> {
+    let fds = fds.context("--from-listen-fds without LISTEN_FDS in the environment")?;
+    if let Some(pid) = pid
+        && pid.parse::<u32>().ok() != Some(own_pid)
+    {
+        bail!("LISTEN_PID={pid} is not this process ({own_pid}): the fds are not ours");
+    }
+    fds.parse()
+        .with_context(|| format!("LISTEN_FDS={fds:?} is not a count"))
+}
+
+struct Conn {
+    stream: TcpStream,
+    /// Read and not yet written back: the send buffer was full.
+    held: Vec<u8>,
+}
+
+struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    /// Indexed by token; slots of closed connections are reused.
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    fn new(listener: Option<TcpListener>) -> anyhow::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            listener,
+            conns: Vec::new(),
+            free: Vec::new(),
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    fn listen(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        // Thousands of clients connect at once; the default 128 would drop their SYNs.
+        sys::set_backlog(&listener, 4096)?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        let server = Self::new(None)?;
+        server
+            .poll
+            .registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Self {
+            listener: Some(listener),
+            ..server
+        })
+    }
+
+    fn adopt(streams: Vec<std::net::TcpStream>) -> anyhow::Result<Self> {
+        let mut server = Self::new(None)?;
+        for stream in streams {
+            stream.set_nonblocking(true)?;
+            server.add(TcpStream::from_std(stream))?;
+        }
+        Ok(server)
+    }
+
+    fn add(&mut self, mut stream: TcpStream) -> anyhow::Result<()> {
+        // Echoes must not wait for the ACK of the previous one (Nagle). A socket option is not
+        // part of what a migration restores, so it is set here for adopted sockets too.
+        stream
+            .set_nodelay(true)
+            .context("TCP_NODELAY (is every fd a TCP socket?)")?;
+        let slot = self.free.pop().unwrap_or(self.conns.len());
+        self.poll
+            .registry()
+            .register(&mut stream, Token(slot), Interest::READABLE)?;
+        let conn = Some(Conn {
+            stream,
+            held: Vec::new(),
+        });
+        match self.conns.get_mut(slot) {
+            Some(free) => *free = conn,
+            None => self.conns.push(conn),
+        }
+        Ok(())
+    }
+
+    fn open(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    fn run(&mut self, idle: Duration) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut last_event = Instant::now();
+        while self.listener.is_some() || self.open() > 0 {
+            let left = idle.saturating_sub(last_event.elapsed());
+            if left.is_zero() {
+                eprintln!("echo-server: no event for {idle:?}, exiting");
+                return Ok(());
+            }
+            match self.poll.poll(&mut events, Some(left)) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                result => result?,
+            }
+            if !events.is_empty() {
+                last_event = Instant::now();
+            }
+            for event in &events {
+                match event.token() {
+                    LISTENER => self.accept()?,
+                    Token(i) => {
+                        if let Err(e) = self.echo(i) {
+                            self.close(i, &e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self) -> anyhow::Result<()> {
+        loop {
+            let Some(listener) = &self.listener else {
+                return Ok(());
+            };
+            match listener.accept() {
+                Ok((stream, _)) => self.add(stream)?,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // The client gave up before we got to it; others wait behind it.
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
+                Err(e) => return Err(e).context("accepting"),
+            }
+        }
+    }
+
+    /// Echoes what connection `i` offers until it would block, synchronously (see the module
+    /// docs). Edge-triggered: it must read until it would block, or until it holds bytes and
+    /// waits for room; either way the next event calls it again.
+    fn echo(&mut self, i: usize) -> io::Result<()> {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return Ok(());
+        };
+        let registry = self.poll.registry();
+        loop {
+            if !conn.held.is_empty() {
+                let written = write_until_full(&mut conn.stream, &conn.held)?;
+                conn.held.drain(..written);
+                if !conn.held.is_empty() {
+                    return Ok(());
+                }
+                registry.reregister(&mut conn.stream, Token(i), Interest::READABLE)?;
+            }
+            let n = match conn.stream.read(&mut self.buf) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let written = write_until_full(&mut conn.stream, &self.buf[..n])?;
+            if written < n {
+                conn.held.extend_from_slice(&self.buf[written..n]);
+                registry.reregister(
+                    &mut conn.stream,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Closes connection `i` (the client closed it, or it failed): the clients count what they
+    /// lost, so the server only says why when it is not the end of the stream.
+    fn close(&mut self, i: usize, error: &io::Error) {
+        if let Some(Some(mut conn)) = self.conns.get_mut(i).map(Option::take) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.free.push(i);
+            if error.kind() != ErrorKind::UnexpectedEof {
+                eprintln!(
+                    "echo-server: connection {:?}: {error}",
+                    conn.stream.peer_addr().ok()
+                );
+            }
+        }
+    }
+}
+
+/// Writes as much of `bytes` as the send buffer takes; returns how much that was.
+fn write_until_full(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Shutdown, TcpListener};
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn needs_exactly_one_source_of_sockets() {
+        let parse = |args: &[&str]| -> Result<EchoArgs, clap::Error> {
+            let argv = [&["tcpmig-bench", "echo-server"], args].concat();
+            match <crate::Cli as clap::Parser>::try_parse_from(argv)?.which {
+                Some(crate::Which::EchoServer(args)) => Ok(args),
+                _ => panic!("not an echo-server command line"),
+            }
+        };
+        let adopting = parse(&["--from-listen-fds", "--idle-exit-secs", "5"]).unwrap();
+        assert!(adopting.from_listen_fds && adopting.listen.is_none());
+        assert_eq!(adopting.idle_exit_secs, 5);
+        assert!(parse(&["--listen", "198.18.0.100:9000"]).is_ok());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--listen", "198.18.0.100:9000", "--from-listen-fds"]).is_err());
+    }
+
+    #[test]
+    fn listen_fds_must_be_ours() {
+        assert_eq!(listen_fd_count(Some("3"), Some("42"), 42).unwrap(), 3);
+        assert_eq!(listen_fd_count(Some("2"), None, 42).unwrap(), 2);
+        assert!(listen_fd_count(Some("3"), Some("41"), 42).is_err());
+        assert!(listen_fd_count(None, Some("42"), 42).is_err());
+        assert!(listen_fd_count(Some("x"), Some("42"), 42).is_err());
+    }
+
+    #[test]
+    fn shards_stay_under_the_file_limit() {
+        for connections in [1, 15_000, 15_001, 50_000] {
+            let sizes = shard_sizes(connections);
+            assert_eq!(sizes.iter().sum::<usize>(), connections);
+            assert!(sizes.iter().all(|&s| s <= MAX_SOCKETS_PER_PEER));
+        }
+        assert_eq!(shard_sizes(50_000), [12_500; 4]);
+    }
+
+    /// A client that does not read for a while makes the server hold a chunk and stop reading;
+    /// every byte still comes back, in order, and the server ends with its last connection.
+    #[test]
+    fn echoes_every_byte_under_backpressure() {
+        const LEN: usize = 8 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut server = Server::adopt(vec![accepted]).unwrap();
+        let server = thread::spawn(move || server.run(Duration::from_secs(20)));
+
+        let pattern: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let mut writer = client.try_clone().unwrap();
+        let sent = pattern.clone();
+        let writer = thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        // Long enough for both directions' buffers to fill.
+        thread::sleep(Duration::from_millis(300));
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut echoed = Vec::with_capacity(LEN);
+        client.read_to_end(&mut echoed).unwrap();
+        writer.join().unwrap();
+        assert!(
+            echoed == pattern,
+            "{} of {LEN} bytes came back",
+            echoed.len()
+        );
+        server.join().unwrap().unwrap();
+    }
+}

@@ -1,0 +1,104 @@
+//! A helper process of the benchmark (an echo server, a load generator worker): this same binary,
+//! started with a hidden subcommand inside a bed host, spoken to one line at a time over its
+//! stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{ChildStdin, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use tcpmig_testbed::{ChildGuard, Host};
+
+/// Dropping it kills the process (by pid, through the bed's guard).
+pub struct LineProcess<'bed> {
+    label: String,
+    child: ChildGuard<'bed>,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl<'bed> LineProcess<'bed> {
+    /// Starts `tcpmig-bench ARGS` in `host`. `/proc/self/exe` is resolved by the forked child, so
+    /// it runs this very binary even if a rebuild replaced the file meanwhile.
+    pub fn start(host: &'bed Host, args: &[String]) -> anyhow::Result<Self> {
+        let mut cmd = host.command("/proc/self/exe")?;
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = host.spawn(&mut cmd)?;
+        let label = format!(
+            "tcpmig-bench {} (pid {}) in {host}",
+            args.first().map_or("", String::as_str),
+            child.pid()
+        );
+        let pipes = child.child_mut();
+        let stdin = pipes.stdin.take().context("stdin not piped")?;
+        let stdout = pipes.stdout.take().context("stdout not piped")?;
+        // Ends when the process closes its stdout; nobody waits for it.
+        let (sender, lines) = mpsc::channel();
+        thread::Builder::new()
+            .name("bench-child-stdout".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if sender.send(line).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            label,
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// The next line it prints, waiting at most `timeout`.
+    pub fn line(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Ok(line),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(self.failure(&format!("no line within {timeout:?}")))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.failure("closed its stdout")),
+        }
+    }
+
+    /// Waits at most `timeout` for the line `want`, e.g. `ready`.
+    pub fn expect(&mut self, want: &str, timeout: Duration) -> anyhow::Result<()> {
+        let line = self.line(timeout)?;
+        anyhow::ensure!(
+            line == want,
+            "{}: said {line:?}, expected {want:?}",
+            self.label
+        );
+        Ok(())
+    }
+
+    pub fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        match writeln!(self.stdin, "{line}").and_then(|()| self.stdin.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failure(&format!("sending {line:?}: {e}"))),
+        }
+    }
+
+    /// An error naming the process, with its exit status if it is gone (its stderr is ours).
+    fn failure(&mut self, what: &str) -> anyhow::Error {
+        let status = self.status();
+        anyhow!("{}: {what} ({status})", self.label)
+    }
+
+    fn status(&mut self) -> String {
+        // A process that closed its stdout is usually exiting: give it a moment to be reaped.
+        for _ in 0..50 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.to_string();
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        "still running".to_owned()
+    }
+}
