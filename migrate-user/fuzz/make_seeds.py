@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of the image_decode target: small valid images in the format that
 migrate-user/src/image/mod.rs documents (big-endian, CRC-32 per record). Each seed starts with
-the target's chunk-size byte. Run from this directory: python3 make_seeds.py"""
+the target's chunk-size byte. Run from this directory: python3 make_seeds.py
+It also writes the seeds of transport_frames (see the end of this file)."""
 import ipaddress, os, struct, zlib
 
 def record(kind, body):
@@ -37,3 +38,46 @@ for name, data in seeds.items():
     for chunk in (1, 7, 255):
         with open(f"seeds/image_decode/{name}_{chunk}", "wb") as f:
             f.write(bytes([chunk]) + data)
+
+# transport_frames: frames of the migrate <-> agent link (migrate-user/src/migrate/transport.rs):
+# a 4-byte big-endian length, then a tag (0: JSON message, 1: image piece) and the body. Each seed
+# starts with the target's chunk-size byte and its limit byte (bit 0: authenticated link).
+import json
+
+def frame(tag, body):
+    return struct.pack(">I", 1 + len(body)) + bytes([tag]) + body
+
+def message(**fields):
+    return frame(0, json.dumps(fields, separators=(",", ":")).encode())
+
+report = dict(restored=3, live=3, failed=0, first_failure=None, freeze_ms=1.5, restore_ms=0.25,
+              address_ms=0.75, live_after_commit_ms=1.0, repair_off_ms=0.125,
+              live_at_unix_ms=1700000000000.5, announcements=3,
+              dropped=dict(syn=1, ingress=2, egress=0), resident_kib=4096, peak_resident_kib=8192)
+source_side = (
+    message(type="hello", protocol=2, token="secret")
+    + message(type="prepare", service="198.18.0.100:8080", prefix_len=24)
+    + frame(1, seeds["three_mixed"][:40]) + frame(1, seeds["three_mixed"][40:])
+    + message(type="commit", answer_within_ms=10000)
+)
+agent_side = (
+    message(type="welcome", protocol=2) + message(type="prepared")
+    + message(type="restored", connections=3, restore_ms=0.5) + message(type="going_live")
+    + message(type="committed", report=report)
+)
+frames = {
+    "hello": (0, message(type="hello", protocol=2, token="secret")),
+    "refused": (0, message(type="refused", reason="wrong token")),
+    "source_side": (1, source_side),
+    "agent_side": (1, agent_side),
+    "failures": (1, message(type="abort", reason="x") + message(type="failed", error="y")
+                 + message(type="prepare", service="[fd54:636d::100]:443", prefix_len=64)),
+    "too_big": (0, struct.pack(">I", 1 << 20) + b"\0{"),
+    "truncated": (1, message(type="prepared")[:-2]),
+    "unknown_tag": (1, frame(7, b"?")),
+}
+os.makedirs("seeds/transport_frames", exist_ok=True)
+for name, (limit, data) in frames.items():
+    for chunk in (1, 7, 255):
+        with open(f"seeds/transport_frames/{name}_{chunk}", "wb") as f:
+            f.write(bytes([chunk, limit]) + data)

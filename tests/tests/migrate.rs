@@ -12,6 +12,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
@@ -79,6 +80,8 @@ impl TokenFile {
     fn new(bed: &TestBed, which: &str, token: &str) -> Result<Self> {
         let path = std::env::temp_dir().join(format!("{}-{which}.token", bed.prefix()));
         std::fs::write(&path, token)?;
+        // tcpmig refuses token files that group or others can read.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         Ok(Self(path))
     }
 }

@@ -34,6 +34,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Run the soak test: 100 migrations back and forth of 1,000 connections under traffic
+    /// (a few minutes; not part of `test`).
+    Soak,
     /// Run the benchmarks (release build); --quick is the short run CI uses.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Task::Check => check(),
         Task::Test { args } => test(&args),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Soak => soak(),
         Task::Bench { args } => bench(&args),
     }
 }
@@ -106,12 +110,7 @@ fn check() -> anyhow::Result<()> {
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
-    require_root()?;
-    check()?;
-    // Integration tests in tests/ run the tcpmig binary; build it (and the eBPF object) first.
-    let mut build = cargo();
-    build.args(["build", "--package", "tcpmig", "--bins"]);
-    run(build)?;
+    build_for_tests()?;
     let mut test = cargo();
     test.args([
         "test",
@@ -125,8 +124,32 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(test)
 }
 
+/// Integration tests in tests/ run the tcpmig binary: builds it (and the eBPF object) first.
+fn build_for_tests() -> anyhow::Result<()> {
+    require_root()?;
+    check()?;
+    let mut build = cargo();
+    build.args(["build", "--package", "tcpmig", "--bins"]);
+    run(build)
+}
+
+fn soak() -> anyhow::Result<()> {
+    build_for_tests()?;
+    let mut test = cargo();
+    test.args([
+        "test",
+        "--package",
+        "tcpmig-testbed",
+        "--test",
+        "soak",
+        "--",
+    ])
+    .args(["--ignored", "--nocapture", "--test-threads=1"]);
+    run(test)
+}
+
 /// The fuzz targets, in migrate-user/fuzz (their seeds in seeds/<target>/).
-const FUZZ_TARGETS: &[&str] = &["image_decode"];
+const FUZZ_TARGETS: &[&str] = &["image_decode", "transport_frames"];
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
     let dir = workspace_root().join("migrate-user/fuzz");

@@ -1,9 +1,9 @@
 //! `tcpmig migrate` (source) and `tcpmig agent` (destination).
-use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
 
 use clap::Args;
 use tcpmig::{
-    migrate::{self, AgentConfig, AgentReport, Report, SourceConfig, Token},
+    migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig, Token},
     net::Netns,
     repair::handoff::{self, ExecCommand},
 };
@@ -25,9 +25,9 @@ pub struct MigrateArgs {
     /// Where `tcpmig agent` listens.
     #[arg(long, value_name = "HOST:PORT")]
     to: SocketAddr,
-    /// File holding the token the agent expects.
+    /// File holding the token the agent expects (yours, mode 0600).
     #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    token_file: PathBuf,
     /// End the application after the commit (SIGTERM, then SIGKILL after 5 s); without it the
     /// application is resumed and must close its migrated sockets (they fail with EPERM).
     #[arg(long)]
@@ -51,9 +51,13 @@ pub struct AgentArgs {
     /// Interface that gets the service address, in that namespace.
     #[arg(long, value_name = "IFACE")]
     dev: String,
-    /// File holding the token the source must present [default: accept any source].
+    /// File holding the token the source must present (yours, mode 0600); sources without it
+    /// are refused.
     #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    token_file: PathBuf,
+    /// Refuse images larger than this (the migration then rolls back).
+    #[arg(long, value_name = "BYTES", default_value_t = migrate::DEFAULT_MAX_IMAGE_BYTES)]
+    max_image_bytes: u64,
     /// Seconds to wait for each step of the source (and 60 times that for it to connect).
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -79,9 +83,10 @@ fn timeout(secs: f64) -> anyhow::Result<Duration> {
         .ok_or_else(|| anyhow::anyhow!("--timeout {secs}: give a positive number of seconds"))
 }
 
-fn token(path: &Option<PathBuf>) -> anyhow::Result<Option<Token>> {
-    Ok(path.as_deref().map(Token::from_file).transpose()?)
-}
+/// `tcpmig migrate-guard` (hidden): started by `tcpmig migrate`, which writes its notes on our
+/// stdin; see tcpmig::migrate::guard.
+#[derive(Args)]
+pub struct GuardArgs {}
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let config = SourceConfig {
@@ -89,9 +94,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         service: args.service,
         dev: args.dev,
         agent: args.to,
-        token: token(&args.token_file)?.unwrap_or_default(),
+        token: Token::from_file(&args.token_file)?,
         stop_source: args.stop_source,
         step_timeout: timeout(args.timeout)?,
+        guard_exe: std::env::current_exe()?,
     };
     let report = migrate::migrate(&config)?;
     if args.json {
@@ -114,7 +120,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         listen: args.listen,
         netns: args.netns.clone(),
         dev: args.dev,
-        token: token(&args.token_file)?,
+        token: Token::from_file(&args.token_file)?,
+        max_image_bytes: args.max_image_bytes,
         step_timeout: timeout(args.timeout)?,
         stop_after_image_bytes: args.stop_after_image_bytes,
     };
@@ -136,6 +143,29 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
             match handoff::exec_with_fds(outcome.sockets, command)? {}
         }
     }
+}
+
+pub fn guard(_: GuardArgs) -> anyhow::Result<()> {
+    let notes = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let said = match migrate::guard(notes)? {
+        GuardOutcome::Finished => return Ok(()),
+        GuardOutcome::RolledBack {
+            migrate_pid,
+            sockets,
+            resumed,
+        } => format!(
+            "tcpmig migrate (pid {migrate_pid}) died before the commit: rolled back; {sockets} \
+             connections out of repair mode, address kept, freeze removed, {resumed} processes \
+             resumed"
+        ),
+        GuardOutcome::RolledForward { migrate_pid, ended } => format!(
+            "tcpmig migrate (pid {migrate_pid}) died after deciding to commit: commit finished; \
+             freeze removed, application {}",
+            if ended { "ended" } else { "resumed" }
+        ),
+    };
+    eprintln!("tcpmig migrate-guard: {said}");
+    Ok(())
 }
 
 fn summary(r: &Report) -> String {

@@ -40,6 +40,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// CRIU action script: replace CRIU's network lock with tcpmig's freeze.
     CriuHook(criu::CriuHookArgs),
+    /// Internal: watches a `tcpmig migrate` and undoes it if it dies (it starts this itself).
+    #[command(hide = true)]
+    MigrateGuard(migrate::GuardArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
             Command::Agent(args) => migrate::agent(args),
             Command::Demo(args) => demo::demo(args),
             Command::CriuHook(args) => criu::criu_hook(args),
+            Command::MigrateGuard(args) => migrate::guard(args),
         }
     };
     match result {

@@ -12,6 +12,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use tcpmig::{
     freeze::{self, Freeze, RemoveOnDrop},
     image,
+    migrate::{self, Privileged},
     net::Netns,
     repair::{
         self, Connection, Filter,
@@ -148,6 +149,7 @@ struct DumpReport<'a> {
 }
 
 pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    migrate::check_privileges(Privileged::Dump)?;
     if !(args.deadline.is_finite() && args.deadline > 0.0) {
         bail!("--deadline must be a positive number of seconds");
     }
@@ -310,6 +312,7 @@ enum Target {
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    migrate::check_privileges(Privileged::Restore)?;
     let started = Instant::now();
     let connections =
         image::read_file(&args.input).with_context(|| args.input.display().to_string())?;

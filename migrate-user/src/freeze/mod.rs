@@ -354,8 +354,16 @@ impl Freeze {
 /// Removes a freeze by name (programs, links, pins, metadata).
 pub fn remove(name: &str) -> Result<(), FreezeError> {
     validate_name(name)?;
-    let info = pins::read_info(name)?.ok_or_else(|| FreezeError::NotFound(name.to_owned()))?;
-    remove_by_info(&info)
+    match pins::read_info(name)? {
+        Some(info) => remove_by_info(&info),
+        // A process killed while attaching pinned some of it but wrote no metadata yet: tcx
+        // links detach by their pins alone.
+        None if pins::dir(name).exists() => {
+            detach_tcx_links(name)?;
+            pins::remove_all(name)
+        }
+        None => Err(FreezeError::NotFound(name.to_owned())),
+    }
 }
 
 /// Removes every freeze attached in `netns`; returns their names.
@@ -422,23 +430,7 @@ pub fn default_name(netns: &Netns) -> String {
 
 fn remove_by_info(info: &FreezeInfo) -> Result<(), FreezeError> {
     match info.attach {
-        AttachMode::Tcx => {
-            for (program, _) in programs() {
-                match sys::detach_pinned_link(&pins::dir(&info.name).join(program)) {
-                    // Already gone (a half-made freeze, or the interface was deleted) is fine:
-                    // we are removing it.
-                    Ok(()) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
-                    Err(source) => {
-                        return Err(FreezeError::Io {
-                            name: info.name.clone(),
-                            what: "detaching a program",
-                            source,
-                        });
-                    }
-                }
-            }
-        }
+        AttachMode::Tcx => detach_tcx_links(&info.name)?,
         AttachMode::Clsact => {
             let netns = Netns::open(&info.netns)?;
             netns.run(|| {
@@ -450,6 +442,25 @@ fn remove_by_info(info: &FreezeInfo) -> Result<(), FreezeError> {
         }
     }
     pins::remove_all(&info.name)
+}
+
+fn detach_tcx_links(name: &str) -> Result<(), FreezeError> {
+    for (program, _) in programs() {
+        match sys::detach_pinned_link(&pins::dir(name).join(program)) {
+            // Already gone (a half-made freeze, or the interface was deleted) is fine: we are
+            // removing it.
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
+            Err(source) => {
+                return Err(FreezeError::Io {
+                    name: name.to_owned(),
+                    what: "detaching a program",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The RAII form: removes the freeze when dropped, for callers whose freeze must not outlive

@@ -70,6 +70,10 @@ impl PinDir {
             .mode(0o700)
             .create(&path)
             .map_err(io_error(name, "creating the pin directory"))?;
+        // The mode above applies only to directories created now: narrow older ones too.
+        for dir in [Path::new(PIN_ROOT), &path] {
+            root_only(dir).map_err(io_error(name, "making the pin directory root-only"))?;
+        }
         Ok(Self {
             name: name.to_owned(),
             path,
@@ -94,6 +98,17 @@ impl Drop for PinDir {
             tracing::warn!(name = %self.name, %error, "cleaning up a failed attach");
         }
     }
+}
+
+/// Pins give whoever can open them the programs and maps (CAP_BPF still needed to use them):
+/// only their owner may look into the directories.
+fn root_only(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
 }
 
 pub fn links_present(name: &str) -> bool {
@@ -123,6 +138,7 @@ pub fn write_info(info: &FreezeInfo) -> Result<(), FreezeError> {
         .recursive(true)
         .mode(0o700)
         .create(INFO_ROOT)
+        .and_then(|()| root_only(Path::new(INFO_ROOT)))
         .map_err(error())?;
     let text = serde_json::to_string(info).expect("metadata serializes");
     let path = info_path(&info.name);

@@ -7,7 +7,7 @@ use std::{
 use bytes::BytesMut;
 
 use super::{
-    AgentReport, FREEZE_TTL, MigrateError, Token, millis,
+    AgentReport, FREEZE_TTL, MigrateError, Privileged, Token, check_privileges, millis, test_pause,
     transport::{Frame, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -20,6 +20,9 @@ use crate::{
 /// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
 /// those of one that was killed.
 const FREEZE_PREFIX: &str = "agent-";
+/// The largest image an agent accepts by default: about 10 million idle connections, or 16,000
+/// with full 64 KiB queues both ways. The agent holds the whole image in memory.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1 << 30;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -29,8 +32,11 @@ pub struct AgentConfig {
     pub netns: String,
     /// The interface that gets the service address.
     pub dev: String,
-    /// The token the source must present; `None` accepts any source (trusted networks only).
-    pub token: Option<Token>,
+    /// The token the source must present. Sources without it are refused, and the agent goes on
+    /// waiting for the right one.
+    pub token: Token,
+    /// Images larger than this are refused (the migration rolls back).
+    pub max_image_bytes: u64,
     /// Bound on each step of the source, and on the wait for it to connect (times 60).
     pub step_timeout: Duration,
     /// Testing aid: once this many image bytes arrived, the agent stops itself (SIGSTOP), so a
@@ -49,6 +55,7 @@ pub struct AgentOutcome {
 
 /// Waits for one source, receives its connections and makes them live here.
 pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
+    check_privileges(Privileged::Agent)?;
     let netns = Netns::open(&config.netns)?;
     remove_stale_freezes();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -59,17 +66,7 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
 }
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| MigrateError::Setup(format!("listening on {}: {e}", config.listen)))?;
-    tracing::info!(listen = %config.listen, "waiting for a source");
-    let (stream, source) = tokio::time::timeout(config.step_timeout * 60, listener.accept())
-        .await
-        .map_err(|_| MigrateError::Setup(format!("no source connected to {}", config.listen)))?
-        .map_err(|e| MigrateError::Setup(format!("accepting on {}: {e}", config.listen)))?;
-    drop(listener);
-    let mut link = Link::new(stream, source, config.step_timeout);
-    handshake(config, &mut link).await?;
+    let (mut link, source) = accept_source(config).await?;
     let (service, prefix_len) = match link.recv_message("waiting for Prepare", None).await? {
         Message::Prepare {
             service,
@@ -78,6 +75,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         other => return Err(link.unexpected("waiting for Prepare", &other)),
     };
     link.send(&Message::Prepared).await?;
+    test_pause("agent-prepared");
     let result = receive_and_restore(config, netns, &mut link, service).await;
     let (restored, attaching, mut report) = match result {
         Ok(done) => done,
@@ -97,9 +95,34 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         restore_ms: report.restore_ms,
     })
     .await?;
-    match link.recv_message("waiting for Commit", None).await? {
-        Message::Commit => {}
+    let restored_sent = Instant::now();
+    test_pause("agent-restored");
+    let answer_within_ms = match link.recv_message("waiting for Commit", None).await? {
+        Message::Commit { answer_within_ms } => answer_within_ms,
         other => return Err(link.unexpected("waiting for Commit", &other)),
+    };
+    // The source gives up waiting for GoingLive `answer_within_ms` after it sent Commit, which
+    // is after we sent Restored: answering within half of that leaves the other half for
+    // GoingLive to travel. Later, the source may have rolled back: going live would duplicate
+    // the connections.
+    let after = restored_sent.elapsed();
+    if after > Duration::from_millis(answer_within_ms) / 2 {
+        let error = MigrateError::LateCommit {
+            after_ms: after.as_millis() as u64,
+            limit_ms: answer_within_ms,
+        };
+        let _ = link
+            .send(&Message::Failed {
+                error: super::chain(&error),
+            })
+            .await;
+        return Err(error);
+    }
+    test_pause("agent-commit");
+    // From here on the connections go live here whatever happens to the link: the source
+    // committed, and a source that died meanwhile has a guard that finishes its commit.
+    if let Err(error) = link.send(&Message::GoingLive).await {
+        tracing::warn!(%error, "telling the source that the connections go live here");
     }
     let (freeze, freeze_time) = attaching.join()?;
     report.freeze_ms = millis(freeze_time);
@@ -112,16 +135,43 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         prefix_len,
         &mut report,
     )?;
-    link.send(&Message::Committed {
+    (report.resident_kib, report.peak_resident_kib) = resident_memory();
+    let committed = Message::Committed {
         report: report.clone(),
-    })
-    .await?;
+    };
+    if let Err(error) = link.send(&committed).await {
+        tracing::warn!(%error, "confirming the commit to the source");
+    }
     Ok(AgentOutcome {
         source,
         service,
         sockets,
         report,
     })
+}
+
+/// Waits for a source that passes the handshake. Those that do not (wrong token or protocol,
+/// garbage, silence) are refused and the agent goes on waiting, until 60 step timeouts passed.
+async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), MigrateError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| MigrateError::Setup(format!("listening on {}: {e}", config.listen)))?;
+    tracing::info!(listen = %config.listen, "waiting for a source");
+    let deadline = tokio::time::Instant::now() + config.step_timeout * 60;
+    loop {
+        let (stream, source) = tokio::time::timeout_at(deadline, listener.accept())
+            .await
+            .map_err(|_| MigrateError::Setup(format!("no source connected to {}", config.listen)))?
+            .map_err(|e| MigrateError::Setup(format!("accepting on {}: {e}", config.listen)))?;
+        let mut link = Link::new(stream, source, config.step_timeout);
+        match handshake(config, &mut link).await {
+            Ok(()) => {
+                link.authenticated();
+                return Ok((link, source));
+            }
+            Err(error) => tracing::warn!(%source, %error, "refused a source; waiting for another"),
+        }
+    }
 }
 
 async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateError> {
@@ -134,7 +184,7 @@ async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateE
             "protocol version {protocol}, this agent speaks {PROTOCOL_VERSION}: run the same \
              tcpmig version on both sides"
         ))
-    } else if config.token.as_ref().is_some_and(|t| !t.matches(&token)) {
+    } else if !config.token.matches(&token) {
         Some("wrong token (check --token-file on both sides)".to_owned())
     } else {
         None
@@ -224,6 +274,11 @@ async fn receive_image(
     let mut connections = Vec::new();
     let mut received = 0u64;
     loop {
+        if received > config.max_image_bytes {
+            return Err(MigrateError::ImageTooLarge {
+                limit: config.max_image_bytes,
+            });
+        }
         match decoder.decode(&mut buffer)? {
             Decoded::Connection(conn) => connections.push(*conn),
             Decoded::End => {
@@ -284,6 +339,19 @@ fn go_live(
     report.dropped = freeze.counters()?.into();
     Freeze::remove(freeze.keep())?;
     Ok(committed.sockets)
+}
+
+/// This process's resident memory and its peak, in KiB (VmRSS and VmHWM of /proc/self/status).
+fn resident_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Removes the freezes of agents that died (killed in mid-migration): their programs would stay

@@ -17,29 +17,51 @@
 //! 5. the source closes its repair-mode sockets silently, ends the application if asked, and
 //!    removes its freeze.
 //!
-//! Any failure before the source sends Commit (the agent refuses, the restore fails, the link
-//! drops, a timeout) rolls back on both sides: the source's sockets leave repair mode, its freeze
-//! goes, the application resumes, and the agent closes what it restored silently.
+//! Any failure before the agent answers Commit with GoingLive (the agent refuses, the restore
+//! fails, the link drops, a timeout) rolls back on both sides: the source's sockets leave repair
+//! mode, its freeze goes, the application resumes, and the agent closes what it restored
+//! silently. The agent sends GoingLive before it changes anything on Commit, and refuses a Commit
+//! that reaches it after half the time the source waits for that answer, so both sides agree.
+//!
+//! `tcpmig migrate` can be killed at any point: before it stops the application it starts a
+//! guard process ([`guard`]) that watches it and, if it dies before recording the decision to
+//! commit, rolls the source back the same way (or, after that decision, finishes the commit).
+//!
+//! Test hook: with `TCPMIG_TEST_PAUSE_AT=<phase>` in its environment, either side logs
+//! `test pause at <phase>` when it reaches that phase and waits (at most a minute) for a line on
+//! its stdin, so that a test can kill it there. The phases are the `test_pause` calls in
+//! source.rs and agent.rs.
 mod agent;
+mod guard;
 mod process;
 mod source;
 mod transport;
 
-use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    agent::{AgentConfig, AgentOutcome, agent},
+    agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, agent},
+    guard::{GuardOutcome, guard},
     process::StoppedTree,
     source::{SourceConfig, migrate},
-    transport::{PROTOCOL_VERSION, Token},
+    transport::{
+        Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
+        Token,
+    },
 };
 use crate::{
     freeze::{Counters, FreezeError},
     image::ImageError,
     net::{NetError, NetnsError},
     repair::RepairError,
+    sys::Capability,
 };
 
 /// How long either side waits for each step of the other by default.
@@ -51,6 +73,41 @@ pub const FREEZE_TTL: Duration = Duration::from_secs(30);
 pub enum MigrateError {
     #[error("token file {path}; write the shared token into it (mode 0600)")]
     TokenFile { path: PathBuf, source: io::Error },
+    #[error(
+        "token file {path} has mode {mode:04o} and owner uid {uid}: it must belong to uid {euid} \
+         and be closed to group and others (`chown {euid} {path} && chmod 600 {path}`)"
+    )]
+    TokenFileMode {
+        path: PathBuf,
+        mode: u32,
+        uid: u32,
+        euid: u32,
+    },
+    #[error(
+        "`tcpmig {command}` needs {} and this process lacks it: run it as root or grant the \
+         capability", .capability.name()
+    )]
+    MissingCapability {
+        command: &'static str,
+        capability: Capability,
+    },
+    #[error(
+        "the image is larger than this agent accepts ({limit} bytes): raise --max-image-bytes \
+         on the agent or migrate fewer connections"
+    )]
+    ImageTooLarge { limit: u64 },
+    #[error(
+        "Commit arrived {after_ms} ms after Restored, past half of the {limit_ms} ms the source \
+         waits for the answer: the source may have rolled back, so the connections restored \
+         here were dropped (silently)"
+    )]
+    LateCommit { after_ms: u64, limit_ms: u64 },
+    #[error("the migration's guard process: {what}")]
+    Guard {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("connecting to the agent at {to}; check that `tcpmig agent` listens there")]
     Connect { to: SocketAddr, source: io::Error },
     #[error("link to {peer} while {step}")]
@@ -122,9 +179,9 @@ pub enum MigrateError {
         rollback: Box<MigrateError>,
     },
     #[error(
-        "the agent did not confirm the commit ({cause}); the source had already given up the \
-         address and closed its sockets: the connections are at the destination if the agent \
-         received the commit, see its log"
+        "the agent started going live but did not confirm it ({cause}); the source had already \
+         given up the address and closed its sockets: the connections are at the destination if \
+         the agent finished, see its log"
     )]
     InDoubt { cause: Box<MigrateError> },
 }
@@ -151,7 +208,7 @@ impl From<Counters> for Dropped {
 }
 
 /// What the agent did, sent back to the source in Committed. Durations in milliseconds.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentReport {
     /// Connections restored (in repair mode).
     pub restored: usize,
@@ -178,6 +235,9 @@ pub struct AgentReport {
     pub announcements: u32,
     /// What the destination's freeze dropped before it was lifted.
     pub dropped: Dropped,
+    /// The agent's resident memory once the connections were live, and its peak, in KiB.
+    pub resident_kib: u64,
+    pub peak_resident_kib: u64,
 }
 
 /// The source's account of a migration (`tcpmig migrate --json`). Durations in milliseconds.
@@ -251,4 +311,83 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+/// The commands that change sockets, programs or processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privileged {
+    Dump,
+    Restore,
+    Migrate,
+    Agent,
+}
+
+impl Privileged {
+    fn name(self) -> &'static str {
+        match self {
+            Privileged::Dump => "dump",
+            Privileged::Restore => "restore",
+            Privileged::Migrate => "migrate",
+            Privileged::Agent => "agent",
+        }
+    }
+
+    /// Repair mode needs CAP_NET_ADMIN, freezes CAP_BPF, taking another process's fds
+    /// CAP_SYS_PTRACE, entering a network namespace CAP_SYS_ADMIN.
+    fn needs(self) -> &'static [Capability] {
+        use Capability::{Bpf, NetAdmin, SysAdmin, SysPtrace};
+        match self {
+            Privileged::Dump | Privileged::Migrate => &[NetAdmin, Bpf, SysPtrace, SysAdmin],
+            Privileged::Restore => &[NetAdmin, SysAdmin],
+            Privileged::Agent => &[NetAdmin, Bpf, SysAdmin],
+        }
+    }
+}
+
+/// Fails before anything is touched, naming the first capability `command` needs and lacks,
+/// instead of with an EPERM halfway through.
+pub fn check_privileges(command: Privileged) -> Result<(), MigrateError> {
+    match crate::sys::missing_capability(command.needs()) {
+        Some(capability) => Err(MigrateError::MissingCapability {
+            command: command.name(),
+            capability,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// How long a test pause waits for its line on stdin.
+const TEST_PAUSE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The test hook (see the module documentation): at `phase`, if TCPMIG_TEST_PAUSE_AT names it,
+/// logs it and waits for a line or the end of stdin, at most [`TEST_PAUSE_LIMIT`].
+fn test_pause(phase: &str) {
+    if std::env::var_os("TCPMIG_TEST_PAUSE_AT").is_none_or(|at| at != phase) {
+        return;
+    }
+    tracing::warn!("test pause at {phase}");
+    let deadline = Instant::now() + TEST_PAUSE_LIMIT;
+    let mut byte = 0u8;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pollfd = libc::pollfd {
+            fd: libc::STDIN_FILENO,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().min(1000) as i32) };
+        if left.is_zero() || ready < 0 {
+            return;
+        }
+        // One byte at a time, unbuffered: what follows the line belongs to whoever reads stdin
+        // next (the agent's application).
+        // SAFETY: reading one byte into a valid buffer.
+        if ready > 0
+            && (unsafe { libc::read(libc::STDIN_FILENO, (&raw mut byte).cast(), 1) } != 1
+                || byte == b'\n')
+        {
+            return;
+        }
+    }
 }

@@ -23,6 +23,31 @@ impl StoppedTree {
     /// Stops `pid` and every descendant (threads included: SIGSTOP stops the whole process) and
     /// waits until each is in the stopped state.
     pub fn stop(pid: u32) -> Result<Self, MigrateError> {
+        let tree = Self::walk(pid, Some(libc::SIGSTOP))?;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        for (member, _) in &tree.members {
+            while !matches!(state(*member), Some('T' | 't' | 'Z' | 'X') | None) {
+                if Instant::now() > deadline {
+                    return Err(MigrateError::Process {
+                        pid: *member,
+                        what: "waiting for it to stop",
+                        source: io::Error::from(io::ErrorKind::TimedOut),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(tree)
+    }
+
+    /// The tree of `pid` as it is now, without signalling it: for the guard of a migration that
+    /// died, which resumes (drop) or ends ([`terminate`](Self::terminate)) what it had stopped.
+    pub fn adopt(pid: u32) -> Result<Self, MigrateError> {
+        Self::walk(pid, None)
+    }
+
+    /// Opens a pidfd for `pid` and each descendant, sending `signal` to each as it is found.
+    fn walk(pid: u32, signal_each: Option<libc::c_int>) -> Result<Self, MigrateError> {
         let mut tree = Self {
             members: Vec::new(),
         };
@@ -41,26 +66,14 @@ impl StoppedTree {
                     }
                     continue;
                 };
-                signal(&fd, libc::SIGSTOP)
-                    .map_err(|source| process_error(member, "stopping", source))?;
+                if let Some(sig) = signal_each {
+                    signal(&fd, sig).map_err(|source| process_error(member, "stopping", source))?;
+                }
                 tree.members.push((member, fd));
                 grew = true;
             }
             if !grew {
                 break;
-            }
-        }
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        for (member, _) in &tree.members {
-            while !matches!(state(*member), Some('T' | 't' | 'Z' | 'X') | None) {
-                if Instant::now() > deadline {
-                    return Err(MigrateError::Process {
-                        pid: *member,
-                        what: "waiting for it to stop",
-                        source: io::Error::from(io::ErrorKind::TimedOut),
-                    });
-                }
-                std::thread::sleep(Duration::from_micros(200));
             }
         }
         Ok(tree)
@@ -151,7 +164,7 @@ fn state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) with a pid and no flags.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if raw < 0 {
@@ -179,7 +192,7 @@ fn signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
 }
 
 /// Waits until the process exits (a pidfd turns readable then, zombie or reaped).
-fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
+pub(super) fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pollfd = libc::pollfd {

@@ -1,11 +1,15 @@
 //! The source side: stop, freeze, dump, send, and commit or roll back.
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use super::{
-    FREEZE_TTL, MigrateError, Phases, Report, StoppedTree, Token, millis,
+    FREEZE_TTL, MigrateError, Phases, Privileged, Report, StoppedTree, Token, check_privileges,
+    guard::{self, Guardian, Note},
+    millis, test_pause,
     transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -30,11 +34,14 @@ pub struct SourceConfig {
     pub stop_source: bool,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
+    /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
+    pub guard_exe: PathBuf,
 }
 
 /// Runs a migration from the source side and returns its report. On any failure before the
 /// commit everything is rolled back and the error says so.
 pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
+    check_privileges(Privileged::Migrate)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,7 +71,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     })
     .await?;
     match link.recv_message("waiting for the handshake", None).await? {
-        Message::Welcome { .. } => {}
+        Message::Welcome { .. } => link.authenticated(),
         Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
         other => return Err(link.unexpected("waiting for the handshake", &other)),
     }
@@ -76,7 +83,52 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     })
     .await?;
     let name = format!("migrate-{}", std::process::id());
-    let freeze = RemoveOnDrop::new(Freeze::attach(&netns, &config.dev, &name)?);
+    // Before anything changes, so that whatever happens to us is undone.
+    let mut guardian = Guardian::start(
+        &config.guard_exe,
+        &Note::Start {
+            migrate_pid: std::process::id(),
+            pid: config.pid,
+            service,
+            dev: config.dev.clone(),
+            prefix_len,
+            freeze: name.clone(),
+            stop_source: config.stop_source,
+        },
+    )?;
+    let connected = started.elapsed();
+    let result = guarded(
+        config,
+        &netns,
+        &mut link,
+        &mut guardian,
+        &name,
+        service,
+        prefix_len,
+    )
+    .await
+    .map(|mut report| {
+        report.phases.prepare_ms += millis(connected);
+        report.blackout_ms += millis(one_way);
+        report.total_ms = millis(started.elapsed());
+        report
+    });
+    guardian.finish();
+    result
+}
+
+/// The migration from the freeze programs on, with the guard watching.
+async fn guarded(
+    config: &SourceConfig,
+    netns: &Netns,
+    link: &mut Link,
+    guardian: &mut Guardian,
+    name: &str,
+    service: SocketAddr,
+    prefix_len: u8,
+) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let freeze = RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?);
     let mut held = Held {
         freeze,
         stopped: None,
@@ -84,7 +136,10 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         address_deleted: false,
     };
     let prepare_ms = millis(started.elapsed());
-    let outcome = until_commit(config, &netns, &mut link, &mut held, service, prefix_len).await;
+    let outcome = until_live(
+        config, netns, link, guardian, &mut held, service, prefix_len,
+    )
+    .await;
     let mut report = match outcome {
         Ok(report) => report,
         Err(cause) => {
@@ -101,9 +156,13 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
                 )
                 .await;
             }
+            // Past Committing, the guard must now roll back too if we die.
+            if let Err(error) = guardian.note(&Note::RollingBack) {
+                tracing::warn!(%error, "telling the guard about the rollback");
+            }
             return Err(rollback(
                 config,
-                &netns,
+                netns,
                 held,
                 service.ip(),
                 prefix_len,
@@ -116,7 +175,8 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let committed = link
         .recv_message("waiting for the agent to commit", None)
         .await;
-    report.phases.commit_ms = millis(commit_sent.elapsed());
+    report.phases.commit_ms += millis(commit_sent.elapsed());
+    test_pause("finishing");
     let finished = Instant::now();
     // Committed or not, the source is past the point of no return: see MigrateError::InDoubt.
     if let Some(dumped) = held.dumped.take() {
@@ -146,20 +206,20 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
             });
         }
     };
-    report.blackout_ms += millis(one_way) + destination.live_after_commit_ms;
+    report.blackout_ms += destination.live_after_commit_ms;
     report.kept = destination.live;
     report.dropped_destination = destination.dropped;
     report.destination = destination;
-    report.total_ms = millis(started.elapsed());
     Ok(report)
 }
 
-/// Everything up to and including sending Commit. The report's `blackout_ms` holds the part up
-/// to Commit sent.
-async fn until_commit(
+/// Everything up to the agent's GoingLive, the answer to Commit. The report's `blackout_ms`
+/// holds the part up to Commit sent, `commit_ms` the wait for GoingLive.
+async fn until_live(
     config: &SourceConfig,
     netns: &Netns,
     link: &mut Link,
+    guardian: &mut Guardian,
     held: &mut Held,
     service: SocketAddr,
     prefix_len: u8,
@@ -173,9 +233,11 @@ async fn until_commit(
         other => return Err(link.unexpected("waiting for the agent to prepare", &other)),
     }
     let step = Instant::now();
+    guardian.note(&Note::Stopping)?;
     let stopped = held.stopped.insert(StoppedTree::stop(config.pid)?);
     let processes_stopped = stopped.len();
     phases.stop_ms = millis(step.elapsed());
+    test_pause("stopped");
     let step = Instant::now();
     let filter = Filter {
         service: Some(service),
@@ -189,17 +251,34 @@ async fn until_commit(
             service,
         });
     }
+    let sockets = discovery
+        .sockets
+        .iter()
+        .map(|taken| {
+            guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
+                pid: config.pid,
+                what: "reading its sockets",
+                source,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    guardian.note(&Note::Sockets { sockets })?;
     phases.discover_ms = millis(step.elapsed());
     let frozen = Instant::now();
     held.freeze.freeze_services(&[service], FREEZE_TTL)?;
     phases.freeze_ms = millis(frozen.elapsed());
+    test_pause("frozen");
     let step = Instant::now();
     let dumped = held.dumped.insert(repair::dump(discovery.into_fds())?);
     phases.dump_ms = millis(step.elapsed());
+    test_pause("dumped");
     let step = Instant::now();
     let connections = dumped.connections();
     let image = image::encode(connections);
-    for piece in image.chunks(IMAGE_PIECE) {
+    for (i, piece) in image.chunks(IMAGE_PIECE).enumerate() {
+        if i == 1 {
+            test_pause("mid-transfer");
+        }
         link.send_image(piece).await?;
     }
     phases.transfer_ms = millis(step.elapsed());
@@ -215,11 +294,30 @@ async fn until_commit(
         other => return Err(link.unexpected("waiting for the agent to restore", &other)),
     }
     phases.restore_ms = millis(step.elapsed());
+    test_pause("restored");
     let step = Instant::now();
     net::delete_address(netns, &config.dev, service.ip(), prefix_len)?;
     held.address_deleted = true;
     phases.address_ms = millis(step.elapsed());
-    link.send(&Message::Commit).await?;
+    test_pause("address-deleted");
+    // The decision, recorded before it is sent: if we die from here on, the guard finishes the
+    // commit instead of rolling back.
+    guardian.note(&Note::Committing)?;
+    link.send(&Message::Commit {
+        answer_within_ms: link.timeout().as_millis() as u64,
+    })
+    .await?;
+    let blackout_ms = millis(frozen.elapsed());
+    let commit_sent = Instant::now();
+    test_pause("committed");
+    match link
+        .recv_message("waiting for the agent to go live", None)
+        .await?
+    {
+        Message::GoingLive => {}
+        other => return Err(link.unexpected("waiting for the agent to go live", &other)),
+    }
+    phases.commit_ms = millis(commit_sent.elapsed());
     let queued = |f: fn(&repair::Connection) -> usize| -> u64 {
         connections.iter().map(|c| f(c) as u64).sum()
     };
@@ -235,7 +333,7 @@ async fn until_commit(
         send_bytes: queued(|c| c.send_queue.len()),
         unsent_bytes: queued(|c| c.unsent as usize),
         recv_bytes: queued(|c| c.recv_queue.len()),
-        blackout_ms: millis(frozen.elapsed()),
+        blackout_ms,
         total_ms: 0.0,
         phases,
         dropped_source: Default::default(),

@@ -4,32 +4,44 @@
 //!
 //! A frame is one tag byte and a body: [`TAG_MESSAGE`] carries a [`Message`] as JSON,
 //! [`TAG_IMAGE`] a piece of the image (see `image`), streamed as the agent decodes it.
-use std::{net::SocketAddr, path::Path, time::Duration};
+//! [`FrameCodec`] is the whole wire format, public so that it can be fuzzed on its own.
+use std::{
+    io,
+    net::SocketAddr,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    time::Duration,
+};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use super::{AgentReport, MigrateError};
 
 /// Bumped on any change of [`Message`] or of the framing: both ends must run the same one.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The largest frame either side accepts: image pieces are much smaller.
-const MAX_FRAME: usize = 8 << 20;
+/// 2: GoingLive, and Commit says how long the source waits for it.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The largest frame either side accepts once the peer is authenticated: image pieces are much
+/// smaller.
+pub const MAX_FRAME: usize = 8 << 20;
+/// The largest frame before the handshake is done: an unauthenticated peer cannot make the agent
+/// buffer more than this.
+pub const MAX_HANDSHAKE_FRAME: usize = 4 << 10;
 /// The image travels in pieces of this size, so that the agent decodes while it arrives.
 pub(super) const IMAGE_PIECE: usize = 256 << 10;
 const TAG_MESSAGE: u8 = 0;
 const TAG_IMAGE: u8 = 1;
 
 /// What the two sides say to each other, in this order: Hello, Welcome (or Refused), Prepare,
-/// Prepared, image pieces, Restored, Commit, Committed. Either side may send Abort or Failed
-/// instead of its next step.
-#[derive(Debug, Serialize, Deserialize)]
+/// Prepared, image pieces, Restored, Commit, GoingLive, Committed. Either side may send Abort or
+/// Failed instead of its next step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub(super) enum Message {
+pub enum Message {
     Hello {
         protocol: u16,
         token: String,
@@ -51,8 +63,14 @@ pub(super) enum Message {
         connections: usize,
         restore_ms: f64,
     },
-    /// The source gave up the address: go live.
-    Commit,
+    /// The source gave up the address: go live. The source rolls back if GoingLive does not
+    /// arrive within `answer_within_ms`, so an agent that reads Commit too late refuses it.
+    Commit {
+        answer_within_ms: u64,
+    },
+    /// Sent by the agent before it touches anything on Commit: from here on the source must not
+    /// roll back, since the connections may go live at the destination.
+    GoingLive,
     Committed {
         report: AgentReport,
     },
@@ -66,31 +84,113 @@ pub(super) enum Message {
     },
 }
 
-/// One received frame.
-pub(super) enum Frame {
+/// One frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
     Message(Message),
     Image(Bytes),
 }
 
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed, or a length prefix announced a frame above the limit.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("an empty frame")]
+    Empty,
+    #[error("an unreadable message ({0})")]
+    Unreadable(#[source] serde_json::Error),
+    #[error("a frame with unknown tag {0}")]
+    UnknownTag(u8),
+}
+
+/// The wire format: length-delimited frames (4-byte big-endian length) of a tag and a body.
+#[derive(Debug)]
+pub struct FrameCodec {
+    frames: LengthDelimitedCodec,
+}
+
+impl FrameCodec {
+    /// Refuses frames longer than `max_frame` bytes before buffering them.
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            frames: LengthDelimitedCodec::builder()
+                .max_frame_length(max_frame)
+                .new_codec(),
+        }
+    }
+
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.frames.set_max_frame_length(max_frame);
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some(mut frame) = self.frames.decode(src)? else {
+            return Ok(None);
+        };
+        if frame.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        let tag = frame.split_to(1)[0];
+        match tag {
+            TAG_MESSAGE => serde_json::from_slice(&frame)
+                .map(|message| Some(Frame::Message(message)))
+                .map_err(FrameError::Unreadable),
+            TAG_IMAGE => Ok(Some(Frame::Image(frame.freeze()))),
+            tag => Err(FrameError::UnknownTag(tag)),
+        }
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let mut body = BytesMut::with_capacity(128);
+        match frame {
+            Frame::Message(message) => {
+                body.put_u8(TAG_MESSAGE);
+                serde_json::to_writer((&mut body).writer(), message)
+                    .expect("messages always serialize");
+            }
+            Frame::Image(piece) => {
+                body.reserve(1 + piece.len());
+                body.put_u8(TAG_IMAGE);
+                body.put_slice(piece);
+            }
+        }
+        Ok(self.frames.encode(body.freeze(), dst)?)
+    }
+}
+
 /// One end of the link.
 pub(super) struct Link {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<TcpStream, FrameCodec>,
     peer: SocketAddr,
     timeout: Duration,
 }
 
 impl Link {
+    /// A link whose peer is not authenticated yet: see [`Link::authenticated`].
     pub(super) fn new(stream: TcpStream, peer: SocketAddr, timeout: Duration) -> Self {
         // Small control messages must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME)
-            .new_codec();
         Self {
-            framed: Framed::new(stream, codec),
+            framed: Framed::new(stream, FrameCodec::new(MAX_HANDSHAKE_FRAME)),
             peer,
             timeout,
         }
+    }
+
+    /// The handshake succeeded: image-sized frames are accepted from now on.
+    pub(super) fn authenticated(&mut self) {
+        self.framed.codec_mut().set_max_frame(MAX_FRAME);
     }
 
     /// Connects to the agent, retrying for a while if it is not listening yet (both commands
@@ -101,9 +201,9 @@ impl Link {
             let error = match tokio::time::timeout_at(deadline, TcpStream::connect(to)).await {
                 Ok(Ok(stream)) => return Ok(Self::new(stream, to, timeout)),
                 Ok(Err(error)) => error,
-                Err(_) => std::io::Error::from(std::io::ErrorKind::TimedOut),
+                Err(_) => io::Error::from(io::ErrorKind::TimedOut),
             };
-            let retry = error.kind() == std::io::ErrorKind::ConnectionRefused
+            let retry = error.kind() == io::ErrorKind::ConnectionRefused
                 && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
             if !retry {
                 return Err(MigrateError::Connect { to, source: error });
@@ -116,25 +216,25 @@ impl Link {
         self.peer
     }
 
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(super) async fn send(&mut self, message: &Message) -> Result<(), MigrateError> {
-        let mut frame = BytesMut::with_capacity(128);
-        frame.put_u8(TAG_MESSAGE);
-        serde_json::to_writer((&mut frame).writer(), message).expect("messages always serialize");
-        self.send_frame(frame.freeze(), "sending a message").await
+        // Messages are small: the clone is cheaper than a second encoder path.
+        self.send_frame(&Frame::Message(message.clone()), "sending a message")
+            .await
     }
 
     pub(super) async fn send_image(&mut self, piece: &[u8]) -> Result<(), MigrateError> {
-        let mut frame = BytesMut::with_capacity(1 + piece.len());
-        frame.put_u8(TAG_IMAGE);
-        frame.put_slice(piece);
-        self.send_frame(frame.freeze(), "sending the image").await
+        let frame = Frame::Image(Bytes::copy_from_slice(piece));
+        self.send_frame(&frame, "sending the image").await
     }
 
-    async fn send_frame(&mut self, frame: Bytes, step: &'static str) -> Result<(), MigrateError> {
-        let peer = self.peer;
+    async fn send_frame(&mut self, frame: &Frame, step: &'static str) -> Result<(), MigrateError> {
         match tokio::time::timeout(self.timeout, self.framed.send(frame)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(MigrateError::Link { peer, step, source }),
+            Ok(Err(error)) => Err(self.frame_error(step, error)),
             Err(_) => Err(self.timed_out(step)),
         }
     }
@@ -146,24 +246,15 @@ impl Link {
         step: &'static str,
         longer: Option<Duration>,
     ) -> Result<Frame, MigrateError> {
-        let peer = self.peer;
         let wait = longer.unwrap_or(self.timeout).max(self.timeout);
-        let mut frame = match tokio::time::timeout(wait, self.framed.next()).await {
-            Err(_) => return Err(self.timed_out(step)),
-            Ok(None) => return Err(MigrateError::Closed { peer, step }),
-            Ok(Some(Err(source))) => return Err(MigrateError::Link { peer, step, source }),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        if frame.is_empty() {
-            return Err(self.protocol(step, "an empty frame".to_owned()));
-        }
-        let tag = frame.split_to(1)[0];
-        match tag {
-            TAG_MESSAGE => serde_json::from_slice(&frame)
-                .map(Frame::Message)
-                .map_err(|e| self.protocol(step, format!("an unreadable message ({e})"))),
-            TAG_IMAGE => Ok(Frame::Image(frame.freeze())),
-            tag => Err(self.protocol(step, format!("a frame with unknown tag {tag}"))),
+        match tokio::time::timeout(wait, self.framed.next()).await {
+            Err(_) => Err(self.timed_out(step)),
+            Ok(None) => Err(MigrateError::Closed {
+                peer: self.peer,
+                step,
+            }),
+            Ok(Some(Err(error))) => Err(self.frame_error(step, error)),
+            Ok(Some(Ok(frame))) => Ok(frame),
         }
     }
 
@@ -183,6 +274,17 @@ impl Link {
 
     pub(super) fn unexpected(&self, step: &'static str, message: &Message) -> MigrateError {
         self.protocol(step, format!("{message:?}"))
+    }
+
+    fn frame_error(&self, step: &'static str, error: FrameError) -> MigrateError {
+        match error {
+            FrameError::Io(source) => MigrateError::Link {
+                peer: self.peer,
+                step,
+                source,
+            },
+            other => self.protocol(step, other.to_string()),
+        }
     }
 
     fn protocol(&self, step: &'static str, got: String) -> MigrateError {
@@ -205,23 +307,39 @@ impl Link {
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// A shared secret, compared in constant time.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Token(String);
 
 impl Token {
-    /// Reads the token from `path`: its content without the trailing newline. Should be readable
-    /// by root only.
+    /// Reads the token from `path`: its content without the trailing newline. The file must be
+    /// ours and closed to group and others, or anyone who can read it can move connections.
     pub fn from_file(path: &Path) -> Result<Self, MigrateError> {
-        let text = std::fs::read_to_string(path).map_err(|source| MigrateError::TokenFile {
+        let error = |source| MigrateError::TokenFile {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // Checked on the open file, so the mode seen is the mode of what is read.
+        let mut file = std::fs::File::open(path).map_err(error)?;
+        let meta = file.metadata().map_err(error)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if mode & 0o077 != 0 || meta.uid() != euid {
+            return Err(MigrateError::TokenFileMode {
+                path: path.to_owned(),
+                mode,
+                uid: meta.uid(),
+                euid,
+            });
+        }
+        let mut text = String::new();
+        io::Read::read_to_string(&mut file, &mut text).map_err(error)?;
         let token = text.trim_end_matches(['\n', '\r']);
         if token.is_empty() {
-            return Err(MigrateError::TokenFile {
-                path: path.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
-            });
+            return Err(error(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the file is empty",
+            )));
         }
         Ok(Self(token.to_owned()))
     }
@@ -238,5 +356,78 @@ impl Token {
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(codec: &mut FrameCodec, bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut buffer = BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = codec.decode_eof(&mut buffer)? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            Frame::Message(Message::Hello {
+                protocol: PROTOCOL_VERSION,
+                token: "secret".into(),
+            }),
+            Frame::Message(Message::Commit {
+                answer_within_ms: 10_000,
+            }),
+            Frame::Image(Bytes::from_static(b"TCPMIGIM")),
+            Frame::Message(Message::Committed {
+                report: AgentReport::default(),
+            }),
+        ];
+        let mut codec = FrameCodec::new(MAX_FRAME);
+        let mut wire = BytesMut::new();
+        for frame in &frames {
+            codec.encode(frame, &mut wire).unwrap();
+        }
+        assert_eq!(decode_all(&mut codec, &wire).unwrap(), frames);
+    }
+
+    #[test]
+    fn an_unauthenticated_peer_cannot_announce_a_big_frame() {
+        let mut codec = FrameCodec::new(MAX_HANDSHAKE_FRAME);
+        let mut wire = BytesMut::new();
+        wire.put_u32(MAX_HANDSHAKE_FRAME as u32 + 1);
+        let error = codec.decode(&mut wire).unwrap_err();
+        assert!(matches!(error, FrameError::Io(_)), "{error:?}");
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let mut codec = FrameCodec::new(MAX_FRAME);
+        for (wire, want) in [
+            (&b"\0\0\0\0"[..], "an empty frame"),
+            (b"\0\0\0\x01\x07", "unknown tag 7"),
+            (b"\0\0\0\x03\0{}", "unreadable message"),
+            (b"\0\0\0\x05\x01ab", "bytes remaining"),
+        ] {
+            let error = decode_all(&mut codec, wire).unwrap_err().to_string();
+            assert!(error.contains(want), "{wire:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn token_files_open_to_others_are_refused() {
+        let path = std::env::temp_dir().join(format!("tcpmig-token-{}", std::process::id()));
+        std::fs::write(&path, "secret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let error = Token::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("mode 0640"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let token = Token::from_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert!(token.unwrap().matches("secret"));
     }
 }

@@ -1,0 +1,421 @@
+//! Security of migrations on the test bed: the agent refuses sources without the token (and
+//! goes on waiting for the right one) and images above its limit; token files open to others are
+//! refused; images and pins are root-only; every command that needs CAP_NET_ADMIN or CAP_BPF says
+//! so when it lacks it, before touching anything.
+//!
+//! Run one at a time: `cargo test -p tcpmig-testbed --test security -- --test-threads=1`.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use support::{
+    AGENT_PORT, COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, nothing_left, process_state,
+    run_tcpmig, start_agent, start_migrate, start_plain_agent,
+};
+use tcpmig::{
+    freeze::{Freeze, PIN_ROOT, RemoveOnDrop},
+    migrate::{MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION},
+    net::Netns,
+};
+use tcpmig_testbed::{IFACE, SERVICE_V4, StreamArgs, TestBed, Traffic};
+
+const N: usize = 50;
+const BYTES: u64 = 1024;
+const MORE: u64 = 700;
+const PORT: u16 = 8300;
+
+fn traffic(bed: &TestBed) -> Result<Traffic<'_>> {
+    let mut traffic = Traffic::open(bed, Path::new(PEER), N, BYTES, PORT)?;
+    ensure!(traffic.verify()?.all_verified(N as u64), "before");
+    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
+    Ok(traffic)
+}
+
+/// One frame of the migrate-agent link: a 4-byte length, tag 0 and a JSON message.
+fn message_frame(message: &Message) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(message)?;
+    let mut frame = u32::try_from(body.len() + 1)?.to_be_bytes().to_vec();
+    frame.push(0);
+    frame.extend(body);
+    Ok(frame)
+}
+
+/// Connects to the agent from the client host, writes `bytes`, and returns what it answered
+/// before closing the connection.
+fn talk_to_agent(bed: &TestBed, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let agent = SocketAddr::new(bed.destination().v4().into(), AGENT_PORT);
+    bed.client().run(move || -> Result<Vec<u8>> {
+        // The agent may not listen yet.
+        let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+        let mut stream = loop {
+            match TcpStream::connect_timeout(&agent, COMMAND_TIMEOUT) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        stream.write_all(&bytes)?;
+        let mut answer = Vec::new();
+        match stream.read_to_end(&mut answer) {
+            Ok(_) => Ok(answer),
+            // Refused with unread bytes in its buffer: the agent's close is a reset.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(answer),
+            Err(e) => Err(e.into()),
+        }
+    })?
+}
+
+#[test]
+fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = traffic(&bed)?;
+    let token = TokenFile::new(&bed, "right", "the right token")?;
+    let wrong = TokenFile::new(&bed, "wrong", "a wrong token")?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let stream = StreamArgs {
+        sent_already: BYTES + MORE,
+        received_already: BYTES,
+        ..StreamArgs::new(BYTES)
+    };
+    let mut agent = start_agent(destination, &token.0, stream, &[])?;
+    let agent_pid = agent.pid();
+    // A Hello with the wrong token: answered Refused.
+    let hello = message_frame(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: "guess".into(),
+    })?;
+    let answer = String::from_utf8_lossy(&talk_to_agent(&bed, hello)?).into_owned();
+    ensure!(
+        answer.contains("refused") && answer.contains("wrong token"),
+        "{answer:?}"
+    );
+    // A frame announced far above the handshake's limit: dropped before anything is buffered.
+    let mut huge = u32::try_from(64 * MAX_HANDSHAKE_FRAME)?
+        .to_be_bytes()
+        .to_vec();
+    huge.extend([0u8; 64]);
+    ensure!(
+        talk_to_agent(&bed, huge)?.is_empty(),
+        "no answer to a huge frame"
+    );
+    // Garbage and silence.
+    ensure!(talk_to_agent(&bed, b"GET / HTTP/1.0\r\n\r\n".to_vec())?.is_empty());
+    // `tcpmig migrate` with the wrong token: refused before anything is touched.
+    let server_pid = traffic.server_pids()[0];
+    let mut refused = start_migrate(
+        source,
+        destination,
+        server_pid,
+        PORT,
+        &wrong.0,
+        STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )?;
+    let (status, _, stderr) = refused.finish()?;
+    ensure!(!status.success(), "{stderr}");
+    ensure!(
+        stderr.contains("wrong token") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    ensure!(
+        process_state(server_pid) != Some('T'),
+        "the server must run"
+    );
+    // The agent still waits, and takes the right source.
+    let mut migrate = start_migrate(
+        source,
+        destination,
+        server_pid,
+        PORT,
+        &token.0,
+        STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )?;
+    let migrate_pid = migrate.child.pid();
+    agent.expect_line("ready")?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(status.success(), "{stderr}");
+    traffic.servers = vec![agent];
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(
+        after.all_verified(N as u64),
+        "at the destination: {after:?}"
+    );
+    nothing_left(
+        &bed,
+        &[
+            format!("migrate-{migrate_pid}"),
+            format!("agent-{agent_pid}"),
+        ],
+        destination,
+    )
+}
+
+#[test]
+fn agent_refuses_images_above_its_limit() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = traffic(&bed)?;
+    let token = TokenFile::new(&bed, "limit", "limit token")?;
+    let (source, destination) = (bed.source(), bed.destination());
+    // 50 connections with 700 bytes queued each way: about 75 KB.
+    let mut agent =
+        start_plain_agent(destination, &token.0, &["--max-image-bytes", "20000"], None)?;
+    let server_pid = traffic.server_pids()[0];
+    let mut migrate = start_migrate(
+        source,
+        destination,
+        server_pid,
+        PORT,
+        &token.0,
+        STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )?;
+    let migrate_pid = migrate.child.pid();
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(!status.success(), "the migration must fail: {stderr}");
+    ensure!(stderr.contains("rolled back"), "{stderr}");
+    let (status, _, agent_stderr) = agent.finish()?;
+    ensure!(!status.success(), "{agent_stderr}");
+    ensure!(
+        agent_stderr.contains("larger than this agent accepts (20000 bytes)"),
+        "{agent_stderr}"
+    );
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(after.all_verified(N as u64), "at the source: {after:?}");
+    nothing_left(&bed, &[format!("migrate-{migrate_pid}")], source)
+}
+
+#[test]
+fn token_files_open_to_others_are_refused() -> Result<()> {
+    let bed = TestBed::new()?;
+    let traffic = traffic(&bed)?;
+    let token = TokenFile::new(&bed, "open", "an open token")?;
+    std::fs::set_permissions(&token.0, std::fs::Permissions::from_mode(0o644))?;
+    let path = token.0.to_str().context("utf-8 path")?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let want = format!("token file {path} has mode 0644");
+    let listen = SocketAddr::new(destination.v4().into(), support::AGENT_PORT).to_string();
+    let (status, stderr) = run_tcpmig(
+        destination,
+        &[
+            "agent",
+            "--listen",
+            &listen,
+            "--dev",
+            IFACE,
+            "--token-file",
+            path,
+            "--",
+            "/bin/true",
+        ],
+        |_| {},
+    )?;
+    ensure!(
+        !status.success() && stderr.contains(&want),
+        "agent: {stderr}"
+    );
+    let server_pid = traffic.server_pids()[0];
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT).to_string();
+    let (status, stderr) = run_tcpmig(
+        source,
+        &[
+            "migrate",
+            "--pid",
+            &server_pid.to_string(),
+            "--service",
+            &service,
+            "--dev",
+            IFACE,
+            "--to",
+            &listen,
+            "--token-file",
+            path,
+        ],
+        |_| {},
+    )?;
+    ensure!(
+        !status.success() && stderr.contains(&want),
+        "migrate: {stderr}"
+    );
+    ensure!(
+        process_state(server_pid) != Some('T'),
+        "the server must run"
+    );
+    Ok(())
+}
+
+#[test]
+fn images_and_pins_are_root_only() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = traffic(&bed)?;
+    // An image file that exists, open to all: the dump narrows it.
+    let image = std::env::temp_dir().join(format!("{}.image", bed.prefix()));
+    std::fs::write(&image, b"old")?;
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644))?;
+    let server_pid = traffic.server_pids()[0].to_string();
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT).to_string();
+    let out = image.to_str().context("utf-8 path")?;
+    let args = [
+        "dump",
+        "--pid",
+        &server_pid,
+        "--service",
+        &service,
+        "--out",
+        out,
+        "--freeze-dev",
+        IFACE,
+    ];
+    let (status, stderr) = run_tcpmig(bed.source(), &args, |_| {})?;
+    let mode = std::fs::metadata(&image)?.permissions().mode() & 0o777;
+    std::fs::remove_file(&image)?;
+    ensure!(status.success(), "{stderr}");
+    ensure!(mode == 0o600, "image mode {mode:o}");
+    // Rolled back: the connections carry on.
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(after.all_verified(N as u64), "after the dump: {after:?}");
+
+    // Pins: the root directory narrowed even if someone opened it, the freeze's own directory,
+    // its pins and its metadata closed to group and others.
+    std::fs::set_permissions(PIN_ROOT, std::fs::Permissions::from_mode(0o755))?;
+    let netns = Netns::open(bed.source().name())?;
+    let name = format!("{}-pins", bed.prefix());
+    let freeze = RemoveOnDrop::new(Freeze::attach(&netns, IFACE, &name)?);
+    let dir = Path::new(PIN_ROOT).join(&name);
+    let metadata = Path::new("/run/tcpmig/freeze").join(format!("{name}.json"));
+    let mut checked = vec![
+        Path::new(PIN_ROOT).to_owned(),
+        dir.clone(),
+        "/run/tcpmig/freeze".into(),
+        metadata,
+    ];
+    checked.extend(
+        std::fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    ensure!(checked.len() > 5, "pins: {checked:?}");
+    for path in &checked {
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        ensure!(mode & 0o077 == 0, "{} has mode {mode:o}", path.display());
+    }
+    drop(freeze);
+    Ok(())
+}
+
+/// Runs `args` without the capabilities in `drop` (a root process whose bounding set lacks
+/// them gets none of them at exec) and expects an error naming `capability`.
+fn without(host: &tcpmig_testbed::Host, drop: &str, args: &[&str], capability: &str) -> Result<()> {
+    let bin = tcpmig_testbed::tcpmig_bin();
+    let mut setpriv = vec!["--bounding-set", drop, "--inh-caps", "-all", "--"];
+    let bin = bin.to_str().context("utf-8 path")?;
+    setpriv.push(bin);
+    setpriv.extend(args);
+    let mut cmd = host.command("setpriv")?;
+    cmd.args(&setpriv)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = host.spawn(&mut cmd)?;
+    let mut lines = support::Lines::new(child.child_mut().stderr.take().context("piped")?);
+    let stderr = lines.until_closed(COMMAND_TIMEOUT)?.to_owned();
+    let status = child.child_mut().wait()?;
+    ensure!(
+        !status.success() && stderr.contains(&format!("needs {capability}")),
+        "tcpmig {} without {drop}: {stderr}",
+        args[0]
+    );
+    Ok(())
+}
+
+#[test]
+fn commands_without_their_capabilities_say_which() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = traffic(&bed)?;
+    let token = TokenFile::new(&bed, "caps", "caps token")?;
+    let token = token.0.to_str().context("utf-8 path")?.to_owned();
+    let (source, destination) = (bed.source(), bed.destination());
+    let server_pid = traffic.server_pids()[0].to_string();
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT).to_string();
+    let listen = SocketAddr::new(destination.v4().into(), AGENT_PORT).to_string();
+    let image = std::env::temp_dir().join(format!("{}.image", bed.prefix()));
+    let image = image.to_str().context("utf-8 path")?;
+    let dump = [
+        "dump",
+        "--pid",
+        &server_pid,
+        "--service",
+        &service,
+        "--out",
+        image,
+        "--freeze-dev",
+        IFACE,
+    ];
+    let restore = [
+        "restore",
+        "--in",
+        image,
+        "--netns",
+        destination.name(),
+        "--handoff",
+        image,
+    ];
+    let migrate = [
+        "migrate",
+        "--pid",
+        &server_pid,
+        "--service",
+        &service,
+        "--dev",
+        IFACE,
+        "--to",
+        &listen,
+        "--token-file",
+        &token,
+    ];
+    let agent = [
+        "agent",
+        "--listen",
+        &listen,
+        "--dev",
+        IFACE,
+        "--token-file",
+        &token,
+        "--",
+        "/bin/true",
+    ];
+    for (host, args) in [
+        (source, &dump[..]),
+        (destination, &restore[..]),
+        (source, &migrate[..]),
+        (destination, &agent[..]),
+    ] {
+        without(host, "-net_admin", args, "CAP_NET_ADMIN")?;
+        // CAP_SYS_ADMIN would stand in for CAP_BPF, as in the kernel.
+        if args[0] != "restore" {
+            without(host, "-bpf,-sys_admin", args, "CAP_BPF")?;
+        }
+    }
+    ensure!(!Path::new(image).exists(), "nothing written");
+    ensure!(
+        process_state(traffic.server_pids()[0]) != Some('T'),
+        "never stopped"
+    );
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(after.all_verified(N as u64), "untouched: {after:?}");
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! What the fault, security and soak tests share: running `tcpmig agent` and `tcpmig migrate` on
+//! the bed, reading their stderr line by line, and checking that nothing is left behind.
+#![allow(dead_code)] // Each test crate uses its own part.
+
+use std::{
+    io::{BufRead as _, BufReader, Read},
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{ChildStdin, Command, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use tcpmig::{freeze, net::Netns};
+use tcpmig_testbed::{
+    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, SERVICE_V4, StreamArgs, TestBed, tcpmig_bin,
+};
+
+pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
+pub const AGENT_PORT: u16 = 7070;
+/// `--timeout` of both commands: a dead peer is noticed within this.
+pub const STEP_TIMEOUT_SECS: &str = "5";
+/// Bound on a whole migration command and on the guard after it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A token file (mode 0600, as tcpmig demands), removed when dropped.
+pub struct TokenFile(pub PathBuf);
+
+impl TokenFile {
+    pub fn new(bed: &TestBed, which: &str, token: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}-{which}.token", bed.prefix()));
+        std::fs::write(&path, token)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A child's stderr, line by line, read on a thread of its own (which ends with the pipe).
+pub struct Lines {
+    lines: Receiver<String>,
+    /// Everything read so far, for error messages.
+    pub seen: String,
+}
+
+impl Lines {
+    pub fn new(pipe: impl Read + Send + 'static) -> Self {
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a line containing `want`.
+    pub fn wait_for(&mut self, want: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(want);
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "no line with {want:?} within {timeout:?}; stderr: {}",
+                        self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("stderr closed before a line with {want:?}: {}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Reads until the pipe closes (every process holding it is gone) and returns all of it.
+    pub fn until_closed(&mut self, timeout: Duration) -> Result<&str> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(&self.seen),
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("stderr still open after {timeout:?}: {}", self.seen)
+                }
+            }
+        }
+    }
+}
+
+/// `tcpmig agent` on `host`, listening on its own address, pausing at `pause_at` if given; the
+/// command after `--` is the caller's to add.
+pub fn agent_command(
+    host: &Host,
+    token: &Path,
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Command> {
+    let mut cmd = host.command(tcpmig_bin())?;
+    cmd.arg("agent")
+        .arg("--listen")
+        .arg(SocketAddr::new(host.v4().into(), AGENT_PORT).to_string())
+        .args(["--netns", host.name(), "--dev", IFACE])
+        .args(["--timeout", STEP_TIMEOUT_SECS, "--token-file"])
+        .arg(token)
+        .args(extra);
+    if let Some(phase) = pause_at {
+        cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
+    }
+    Ok(cmd)
+}
+
+/// The agent on `host`; once the connections are live it becomes an adopting `tcpmig-peer`
+/// server that goes on from `stream`'s offsets.
+pub fn start_agent<'bed>(
+    host: &'bed Host,
+    token: &Path,
+    stream: StreamArgs,
+    extra: &[&str],
+) -> Result<Peer<'bed>> {
+    let mut cmd = agent_command(host, token, extra, None)?;
+    cmd.arg("--")
+        .arg(PEER)
+        .args(PeerArgs::adopting_server(stream).to_args());
+    Peer::spawn(host, cmd, "tcpmig agent", COMMAND_TIMEOUT)
+}
+
+/// An agent that never gets to hand anything over (its command is /bin/true), with its stdin
+/// (to continue a test pause) and stderr at hand.
+pub fn start_plain_agent<'bed>(
+    host: &'bed Host,
+    token: &Path,
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Running<'bed>> {
+    let mut cmd = agent_command(host, token, extra, pause_at)?;
+    cmd.args(["--", "/bin/true"]);
+    Running::spawn(host, cmd)
+}
+
+/// A running tcpmig command, its stdin (to continue a test pause) and its stderr.
+pub struct Running<'bed> {
+    pub child: ChildGuard<'bed>,
+    pub stdin: ChildStdin,
+    pub stderr: Lines,
+}
+
+impl<'bed> Running<'bed> {
+    fn spawn(host: &'bed Host, mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = host.spawn(&mut cmd)?;
+        let pipes = child.child_mut();
+        let stdin = pipes.stdin.take().context("stdin piped")?;
+        let stderr = Lines::new(pipes.stderr.take().context("stderr piped")?);
+        Ok(Self {
+            child,
+            stdin,
+            stderr,
+        })
+    }
+}
+
+/// `tcpmig migrate --stop-source` of process `pid` on `from` to the agent on `to`, with
+/// `--timeout timeout`, pausing at `pause_at` if given.
+#[allow(clippy::too_many_arguments)]
+pub fn start_migrate<'bed>(
+    from: &'bed Host,
+    to: &Host,
+    pid: u32,
+    port: u16,
+    token: &Path,
+    timeout: &str,
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Running<'bed>> {
+    let mut cmd = from.command(tcpmig_bin())?;
+    cmd.arg("migrate")
+        .args(["--pid", &pid.to_string(), "--service"])
+        .arg(SocketAddr::new(SERVICE_V4.into(), port).to_string())
+        .args([
+            "--dev",
+            IFACE,
+            "--timeout",
+            timeout,
+            "--stop-source",
+            "--to",
+        ])
+        .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
+        .arg("--token-file")
+        .arg(token)
+        .args(extra);
+    if let Some(phase) = pause_at {
+        cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
+    }
+    Running::spawn(from, cmd)
+}
+
+impl Running<'_> {
+    /// Waits (bounded) for the command to exit; returns its status, its stdout and everything
+    /// said on its stderr (by it and its guard, for `migrate`).
+    pub fn finish(&mut self) -> Result<(std::process::ExitStatus, String, String)> {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "tcpmig did not end in {COMMAND_TIMEOUT:?}: {}",
+                self.stderr.seen
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stdout = String::new();
+        if let Some(pipe) = self.child.child_mut().stdout.as_mut() {
+            pipe.read_to_string(&mut stdout)?;
+        }
+        let stderr = self.stderr.until_closed(COMMAND_TIMEOUT)?.to_owned();
+        Ok((status, stdout, stderr))
+    }
+
+    /// Kills it (-9) and waits until whatever it started that holds its stderr (the guard of
+    /// `migrate`) is done too; returns all of that stderr.
+    pub fn kill(&mut self) -> Result<String> {
+        self.child.child_mut().kill()?;
+        self.child.child_mut().wait()?;
+        Ok(self.stderr.until_closed(COMMAND_TIMEOUT)?.to_owned())
+    }
+
+    /// Lets it go on from a test pause.
+    pub fn resume(&mut self) -> Result<()> {
+        std::io::Write::write_all(&mut self.stdin, b"\n")?;
+        Ok(())
+    }
+}
+
+/// The state letter of /proc/PID/stat; `None` once it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Waits (bounded) until `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn wait_exited(pid: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !matches!(process_state(pid), None | Some('Z' | 'X')) {
+        ensure!(
+            Instant::now() < deadline,
+            "pid {pid} still runs after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// No freeze named in `freezes`, no tcpmig program on either host's interface, and the service
+/// address on `holder` only.
+pub fn nothing_left(bed: &TestBed, freezes: &[String], holder: &Host) -> Result<()> {
+    let names = freeze::Freeze::list()?;
+    ensure!(
+        !names.iter().any(|n| freezes.contains(n)),
+        "freezes left: {names:?}"
+    );
+    let ip = IpAddr::from(SERVICE_V4);
+    for host in [bed.source(), bed.destination()] {
+        let netns = Netns::open(host.name())?;
+        let attached = freeze::attached_programs(&netns, IFACE)?;
+        ensure!(attached.is_empty(), "programs left on {host}: {attached:?}");
+        let has = host.name() == holder.name();
+        ensure!(
+            tcpmig::net::has_address(&netns, IFACE, ip, PREFIX_V4)? == has,
+            "service address on {host}: expected {has}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `tcpmig ARGS` in `host` to the end (bounded) with `setup` applied to the command;
+/// returns its status and stderr.
+pub fn run_tcpmig(
+    host: &Host,
+    args: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd = host.command(tcpmig_bin())?;
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    let mut child = host.spawn(&mut cmd)?;
+    let mut stderr = Lines::new(child.child_mut().stderr.take().context("stderr piped")?);
+    let text = stderr.until_closed(COMMAND_TIMEOUT)?.to_owned();
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, text));
+        }
+        ensure!(Instant::now() < deadline, "tcpmig {args:?} did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
