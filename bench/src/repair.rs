@@ -38,6 +38,8 @@ pub struct RepairBench {
     /// total / plain total: the design's goal is at most 0.5.
     pub ratio: f64,
     pub image_bytes: usize,
+    /// One-minute load average when the run ended (other users of the machine).
+    pub load_average: f64,
 }
 
 /// Peers: connect N times, send one byte on each, say "ready", hold until stdin closes.
@@ -54,6 +56,8 @@ sys.stdin.read()
 "#;
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Rounds of library and plain loop per N; the best time of each is reported.
+const ROUNDS: usize = 3;
 
 struct Namespace {
     name: String,
@@ -141,10 +145,30 @@ pub fn run(n: usize) -> anyhow::Result<RepairBench> {
     // Let the last bytes and ACKs land.
     std::thread::sleep(Duration::from_millis(200));
 
-    let (dump, restore, conns, fds) = round(&netns, fds)?;
-    let image_bytes = image::encode(&conns).len();
-    let (plain_dump, plain_restore, fds) = plain::round(&netns, fds)?;
-    ensure!(fds.len() == n, "{} of {n} connections came back", fds.len());
+    // Library and plain loop take turns on the same connections, which come back live after
+    // each round; the best of each is kept, so that a burst of load on this shared machine
+    // during one round does not decide the ratio.
+    let mut best = [Duration::MAX; 4];
+    let mut image_bytes = 0;
+    let mut fds = fds;
+    for _ in 0..ROUNDS {
+        let (dump, restore, conns, live) = round(&netns, fds)?;
+        image_bytes = image::encode(&conns).len();
+        let (plain_dump, plain_restore, live) = plain::round(&netns, live)?;
+        ensure!(
+            live.len() == n,
+            "{} of {n} connections came back",
+            live.len()
+        );
+        for (best, time) in best
+            .iter_mut()
+            .zip([dump, restore, plain_dump, plain_restore])
+        {
+            *best = (*best).min(time);
+        }
+        fds = live;
+    }
+    let [dump, restore, plain_dump, plain_restore] = best;
     drop(fds);
     drop(peers);
 
@@ -162,7 +186,16 @@ pub fn run(n: usize) -> anyhow::Result<RepairBench> {
         plain_total_ms: plain_total.as_secs_f64() * 1e3,
         ratio: total.as_secs_f64() / plain_total.as_secs_f64(),
         image_bytes,
+        load_average: load_average()?,
     })
+}
+
+fn load_average() -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").context("reading /proc/loadavg")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|load| load.parse().ok())
+        .context("parsing /proc/loadavg")
 }
 
 /// Dump (timed), silent close, restore and repair off (timed); returns the live sockets.
@@ -213,12 +246,12 @@ fn accept(listener: &TcpListener, n: usize) -> anyhow::Result<Vec<OwnedFd>> {
 pub fn markdown(results: &[RepairBench]) -> String {
     let mut md = String::from(
         "### Bulk dump and restore (microseconds per connection; total in ms)\n\n\
-         | N | dump | restore | one-thread dump | one-thread restore | total | one-thread total | ratio |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | N | dump | restore | one-thread dump | one-thread restore | total | one-thread total | ratio | load |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |\n",
             r.connections,
             r.dump_us_per_conn,
             r.restore_us_per_conn,
@@ -226,7 +259,8 @@ pub fn markdown(results: &[RepairBench]) -> String {
             r.plain_restore_us_per_conn,
             r.total_ms,
             r.plain_total_ms,
-            r.ratio
+            r.ratio,
+            r.load_average
         ));
     }
     md

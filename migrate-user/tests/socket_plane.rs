@@ -44,6 +44,11 @@ impl TestNetns {
 
     /// RSTs sent in this namespace so far (Tcp OutRsts).
     fn resets_sent(&self) -> u64 {
+        self.tcp_counter("OutRsts")
+    }
+
+    /// One of the namespace's Tcp counters in /proc/net/snmp.
+    fn tcp_counter(&self, name: &str) -> u64 {
         let snmp = self
             .netns
             .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
@@ -51,10 +56,7 @@ impl TestNetns {
             .unwrap();
         let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
         let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-        let column = names
-            .split_whitespace()
-            .position(|n| n == "OutRsts")
-            .unwrap();
+        let column = names.split_whitespace().position(|n| n == name).unwrap();
         values
             .split_whitespace()
             .nth(column)
@@ -298,6 +300,47 @@ fn rollback_leaves_connections_running() {
         .collect();
     drop(repair::dump(fds).expect("dump"));
     conns.verify();
+    assert_eq!(ns.resets_sent(), resets);
+}
+
+/// The application still holds the sockets (we dumped duplicates, as pidfd_getfd gives):
+/// after the commit they are disconnected without a word. Its reads fail with ECONNABORTED,
+/// and nothing leaves the namespace, neither then nor later from a timer, although the flooded
+/// connections had bytes waiting behind a zero window (a live repair-mode socket would probe
+/// it); closing them afterwards sends no RST either.
+#[test]
+fn commit_disconnects_the_applications_sockets() {
+    let ns = TestNetns::new();
+    let mut conns = Connections::open(&ns, 20, "127.0.0.1");
+    conns.load(4);
+    let resets = ns.resets_sent();
+    let fds: Vec<OwnedFd> = conns
+        .servers
+        .iter()
+        .map(|s| s.try_clone().unwrap().into())
+        .collect();
+    repair::dump(fds).expect("dump").commit();
+    let sent = ns.tcp_counter("OutSegs");
+    let port = conns.listener.local_addr().unwrap().port();
+    let server_ends = repair::list_tcp_sockets(&ns.netns)
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.tuple.local.port() == port && s.state != TcpState::Listen)
+        .count();
+    assert_eq!(server_ends, 0, "disconnected sockets leave the tables");
+    // Longer than the persist and retransmission timers (notes: 0.5 s in repair mode).
+    std::thread::sleep(Duration::from_millis(1500));
+    for (k, server) in conns.servers.iter().enumerate() {
+        let error = (&*server).read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ECONNABORTED),
+            "connection {k}: {error}"
+        );
+    }
+    assert_eq!(ns.tcp_counter("OutSegs"), sent, "no segment may leave");
+    conns.servers.clear();
+    assert_eq!(ns.tcp_counter("OutSegs"), sent, "closing sends nothing");
     assert_eq!(ns.resets_sent(), resets);
 }
 

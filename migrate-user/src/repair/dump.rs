@@ -1,13 +1,19 @@
-//! Bulk dump: every socket into repair mode, then its state in the order of notes/tcp-repair.md.
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
+//! Bulk dump: each socket into repair mode and its state read, in the order of
+//! notes/tcp-repair.md; the commit that disconnects them silently, or the rollback.
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+};
 
 use bytes::Bytes;
 
 use super::{
-    Connection, Keepalive, Negotiated, Phase, RepairError, SocketOptions, TcpState, Workers,
-    sockopt::{self as so, Queue, RepairWindow, TcpInfoHead},
+    Connection, Keepalive, Negotiated, Phase, RepairError, SocketOptions, Workers,
+    diag::{self, DiagState},
+    sockopt::{self as so, Queue, RepairWindow},
 };
-use crate::tuple::{Tuple, canonical};
+use crate::{net::Netns, tuple::Tuple};
 
 /// Sockets in repair mode at the source and their dumped state. They stay frozen in repair
 /// mode until [`commit`](Self::commit) or [`rollback`](Self::rollback); dropping the handle
@@ -32,11 +38,32 @@ impl DumpedSockets {
         self.fds.is_empty()
     }
 
-    /// The connections live on elsewhere: closes our fds while they are still in repair mode,
-    /// which sends nothing (no FIN, no RST). A process that holds other fds of the same sockets
-    /// keeps them in repair mode: its reads and writes fail until it closes them, silently.
+    /// The connections live on elsewhere: disconnects each socket while it is still in repair
+    /// mode (connect(AF_UNSPEC), which sends nothing: no FIN, no RST) and closes our fds. The
+    /// process we took the fds from may still hold the same sockets: disconnected, they run no
+    /// retransmission or keepalive timer any more, and once out of repair mode (without the
+    /// window probe, which a closed socket does not send anyway) its reads fail with
+    /// ECONNABORTED instead of EPERM. Failures are logged: the sockets are closed either way.
     pub fn commit(mut self) {
-        self.fds.clear();
+        let fds = std::mem::take(&mut self.fds);
+        let connections = std::mem::take(&mut self.connections);
+        let pairs: Vec<(OwnedFd, Tuple)> = fds
+            .into_iter()
+            .zip(connections.iter().map(|c| c.tuple))
+            .collect();
+        super::sharded(self.workers, &pairs, |batch| {
+            for (fd, tuple) in batch {
+                let fd = fd.as_fd();
+                let result = so::disconnect(fd)
+                    .map_err(|e| ("connect(AF_UNSPEC)", e))
+                    .and_then(|()| {
+                        so::set_repair(fd, so::REPAIR_OFF_NO_WP).map_err(|e| ("TCP_REPAIR=-1", e))
+                    });
+                if let Err((op, error)) = result {
+                    tracing::warn!(%tuple, op, %error, "disconnecting a committed socket");
+                }
+            }
+        });
     }
 
     /// Takes every socket out of repair mode and gives back the options repair mode changed:
@@ -122,16 +149,66 @@ pub fn dump(fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
 }
 
 /// [`dump`] with a chosen number of worker threads.
+///
+/// One sock_diag dump of the sockets' namespace gives each socket's addresses, state, negotiated
+/// options, queue lengths, mark and TOS; each socket then costs only the calls that have no
+/// bulk form (its cookie to find it there, the options sock_diag lacks, repair on, mss_clamp,
+/// timestamp, queue sequences, peeks of non-empty queues, window), all in one pass while its
+/// kernel structures are in the cache. Sockets of another namespace than the first's are found
+/// by further sock_diag dumps, one per namespace.
 pub fn dump_with(workers: Workers, fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
     super::check_net_admin()?;
-    let outcomes: Vec<Outcome> = super::sharded(workers, &fds, dump_batch)
-        .into_iter()
-        .flatten()
-        .collect();
+    let mut outcomes: Vec<Option<Outcome>> = fds.iter().map(|_| None).collect();
+    let mut listed = Vec::new();
+    // Each round settles the first socket not dumped yet, or lists one more namespace.
+    for _ in 0..=2 * fds.len() {
+        let Some(first) = outcomes.iter().position(Option::is_none) else {
+            break;
+        };
+        let fd = fds[first].as_fd();
+        let states = match states_of_netns(fd, &mut listed) {
+            Ok(Some(states)) => states,
+            Ok(None) => {
+                outcomes[first] = Some(Outcome::failed(not_connected(
+                    fd,
+                    io::Error::other("sock_diag does not list it as a TCP socket"),
+                )));
+                continue;
+            }
+            Err(error) => {
+                for outcome in outcomes.iter_mut().skip(first + 1).filter(|o| o.is_none()) {
+                    *outcome = Some(Outcome::failed(RepairError::Diag {
+                        netns: "of an earlier socket".to_owned(),
+                        source: io::Error::other("not dumped"),
+                    }));
+                }
+                outcomes[first] = Some(Outcome::failed(error));
+                continue;
+            }
+        };
+        let todo: Vec<(usize, BorrowedFd<'_>)> = fds
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| outcomes[*i].is_none())
+            .map(|(i, fd)| (i, fd.as_fd()))
+            .collect();
+        let results = super::sharded(workers, &todo, |batch| {
+            batch
+                .iter()
+                .map(|(_, fd)| dump_one(*fd, &states))
+                .collect::<Vec<_>>()
+        });
+        for ((i, _), result) in todo.iter().zip(results.into_iter().flatten()) {
+            outcomes[*i] = result;
+        }
+    }
     let mut connections = Vec::with_capacity(fds.len());
     let mut first_error = None;
-    let mut in_repair = Vec::new();
+    let mut in_repair = Vec::with_capacity(fds.len());
     for (fd, outcome) in fds.into_iter().zip(outcomes) {
+        let outcome = outcome.unwrap_or_else(|| {
+            Outcome::failed(not_connected(fd.as_fd(), io::Error::other("not dumped")))
+        });
         match outcome.result {
             Ok(conn) => {
                 connections.push(conn);
@@ -159,46 +236,65 @@ pub fn dump_with(workers: Workers, fds: Vec<OwnedFd>) -> Result<DumpedSockets, R
     }
 }
 
+/// The sock_diag states of the namespace `fd` belongs to, or None when that namespace was
+/// listed already (`fd` is then not a TCP socket there).
+fn states_of_netns(
+    fd: BorrowedFd<'_>,
+    listed: &mut Vec<u64>,
+) -> Result<Option<HashMap<u64, DiagState>>, RepairError> {
+    let namespace = so::socket_netns(fd).map_err(|error| not_connected(fd, error))?;
+    let path = format!("/proc/self/fd/{}", namespace.as_raw_fd());
+    let netns = Netns::open(&path)?;
+    if listed.contains(&netns.inode()) {
+        return Ok(None);
+    }
+    listed.push(netns.inode());
+    netns
+        .run(diag::socket_states)?
+        .map(Some)
+        .map_err(|source| RepairError::Diag {
+            netns: format!("of socket fd {}", fd.as_raw_fd()),
+            source,
+        })
+}
+
+fn not_connected(fd: BorrowedFd<'_>, error: io::Error) -> RepairError {
+    RepairError::NotConnected {
+        fd: fd.as_raw_fd(),
+        error,
+    }
+}
+
 /// One socket's dump: `entered` is set once it is in repair mode (and must leave it on error).
 struct Outcome {
     entered: Option<(Tuple, SocketOptions)>,
     result: Result<Connection, RepairError>,
 }
 
-/// First every socket of the batch into repair mode, then the state of each.
-fn dump_batch(fds: &[OwnedFd]) -> Vec<Outcome> {
-    let entered: Vec<_> = fds.iter().map(|fd| enter(fd.as_fd())).collect();
-    fds.iter()
-        .zip(entered)
-        .map(|(fd, entered)| match entered {
-            Ok((tuple, options)) => Outcome {
-                entered: Some((tuple, options)),
-                result: read_state(fd.as_fd(), tuple, options),
-            },
-            Err(error) => Outcome {
-                entered: None,
-                result: Err(error),
-            },
-        })
-        .collect()
+impl Outcome {
+    fn failed(error: RepairError) -> Self {
+        Self {
+            entered: None,
+            result: Err(error),
+        }
+    }
 }
 
-/// Names and options (SO_REUSEADDR must be read before repair mode forces it on), then
-/// TCP_REPAIR=1.
-fn enter(fd: BorrowedFd<'_>) -> Result<(Tuple, SocketOptions), RepairError> {
-    let names = so::local_addr(fd).and_then(|local| Ok((local, so::peer_addr(fd)?)));
-    let tuple = match names {
-        Ok((local, remote)) => Tuple {
-            local: canonical(local),
-            remote: canonical(remote),
-        },
-        Err(source) => {
-            return Err(RepairError::NotConnected {
-                fd: fd.as_raw_fd(),
-                error: source,
-            });
-        }
+/// Options (SO_REUSEADDR must be read before repair mode forces it on), TCP_REPAIR=1, then the
+/// repair state; None when `states` does not hold the socket (another namespace).
+fn dump_one(fd: BorrowedFd<'_>, states: &HashMap<u64, DiagState>) -> Option<Outcome> {
+    let cookie = match so::get::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE) {
+        Ok(cookie) => cookie,
+        Err(error) => return Some(Outcome::failed(not_connected(fd, error))),
     };
+    let diag = states.get(&cookie)?;
+    let tuple = diag.tuple;
+    if !diag.state.repairable() {
+        return Some(Outcome::failed(RepairError::UnsupportedState {
+            tuple,
+            state: diag.state,
+        }));
+    }
     let fail = |op| {
         move |source| RepairError::Socket {
             tuple,
@@ -207,13 +303,23 @@ fn enter(fd: BorrowedFd<'_>) -> Result<(Tuple, SocketOptions), RepairError> {
             error: source,
         }
     };
-    let options =
-        read_options(fd, tuple.local.is_ipv4()).map_err(fail("reading socket options"))?;
-    so::set_repair(fd, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
-    Ok((tuple, options))
+    let entered = read_options(fd, diag)
+        .map_err(fail("reading socket options"))
+        .and_then(|options| {
+            so::set_repair(fd, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
+            Ok(options)
+        });
+    Some(match entered {
+        Ok(options) => Outcome {
+            entered: Some((tuple, options)),
+            result: read_state(fd, diag, options),
+        },
+        Err(error) => Outcome::failed(error),
+    })
 }
 
-fn read_options(fd: BorrowedFd<'_>, ipv4: bool) -> std::io::Result<SocketOptions> {
+/// The options sock_diag does not report; mark, TOS and buffer sizes come from `diag`.
+fn read_options(fd: BorrowedFd<'_>, diag: &DiagState) -> io::Result<SocketOptions> {
     let flag = |level, name| so::get_int(fd, level, name).map(|v| v != 0);
     let keepalive = if flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE)? {
         Some(Keepalive {
@@ -224,18 +330,27 @@ fn read_options(fd: BorrowedFd<'_>, ipv4: bool) -> std::io::Result<SocketOptions
     } else {
         None
     };
-    let (tos_level, tos_name) = tos_option(ipv4);
+    let ipv4 = diag.tuple.local.is_ipv4();
+    // sock_diag reports the traffic class of an AF_INET6 socket, but a v4-mapped connection
+    // sends with its IP_TOS, restored on an AF_INET socket.
+    let tos = if ipv4 && diag.ipv6_socket {
+        let (level, name) = tos_option(true);
+        so::get_int(fd, level, name)? as u8
+    } else {
+        diag.tos
+    };
+    // Only needed, and so only kept, for a queue that holds bytes.
+    let buffer = |size, queued| if queued == 0 { 0 } else { size };
     Ok(SocketOptions {
         nodelay: flag(libc::SOL_TCP, libc::TCP_NODELAY)?,
         keepalive,
         user_timeout_ms: so::get_int(fd, libc::SOL_TCP, libc::TCP_USER_TIMEOUT)? as u32,
         reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR)?,
         nonblocking: so::is_nonblocking(fd)?,
-        // Read with the queues, only for the queues that hold bytes.
-        sndbuf: 0,
-        rcvbuf: 0,
-        mark: so::get_int(fd, libc::SOL_SOCKET, libc::SO_MARK)? as u32,
-        tos: so::get_int(fd, tos_level, tos_name)? as u8,
+        sndbuf: buffer(diag.sndbuf, diag.outq),
+        rcvbuf: buffer(diag.rcvbuf, diag.inq),
+        mark: diag.mark,
+        tos,
     })
 }
 
@@ -248,11 +363,13 @@ pub(super) fn tos_option(ipv4: bool) -> (libc::c_int, libc::c_int) {
     }
 }
 
+/// The per-socket repair state, in repair mode.
 fn read_state(
     fd: BorrowedFd<'_>,
-    tuple: Tuple,
-    mut options: SocketOptions,
+    diag: &DiagState,
+    options: SocketOptions,
 ) -> Result<Connection, RepairError> {
+    let tuple = diag.tuple;
     let fail = |op| {
         move |source| RepairError::Socket {
             tuple,
@@ -261,21 +378,8 @@ fn read_state(
             error: source,
         }
     };
-    let info: TcpInfoHead = so::get(fd, libc::SOL_TCP, libc::TCP_INFO).map_err(fail("TCP_INFO"))?;
-    let state = TcpState::from_kernel(info.state);
-    if !state.repairable() {
-        return Err(RepairError::UnsupportedState { tuple, state });
-    }
-    let (inq, outq, notsent) =
-        so::queue_lengths(fd).map_err(fail("SIOCINQ/SIOCOUTQ/SIOCOUTQNSD"))?;
-    let buffer = |name, len: u32| match len {
-        0 => Ok(0),
-        _ => so::get_int(fd, libc::SOL_SOCKET, name).map(|size| size as u32),
-    };
-    options.sndbuf = buffer(libc::SO_SNDBUF, outq).map_err(fail("SO_SNDBUF"))?;
-    options.rcvbuf = buffer(libc::SO_RCVBUF, inq).map_err(fail("SO_RCVBUF"))?;
     let mss = so::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).map_err(fail("TCP_MAXSEG"))?;
-    let timestamps = info.options & so::TCPI_OPT_TIMESTAMPS != 0;
+    let timestamps = diag.options & so::TCPI_OPT_TIMESTAMPS != 0;
     // Only restored when the connection uses timestamps.
     let timestamp: u32 = if timestamps {
         so::get(fd, libc::SOL_TCP, so::TCP_TIMESTAMP).map_err(fail("TCP_TIMESTAMP"))?
@@ -283,34 +387,34 @@ fn read_state(
         0
     };
     // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
-    let fin = u32::from(state.fin_sent());
+    let fin = u32::from(diag.state.fin_sent());
     so::select_queue(fd, Queue::Send).map_err(fail("TCP_REPAIR_QUEUE=SEND"))?;
     let write_seq: u32 =
         so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).map_err(fail("TCP_QUEUE_SEQ (send)"))?;
-    let send_queue = peek(fd, tuple, "send", outq.saturating_sub(fin))?;
+    let send_queue = peek(fd, tuple, "send", diag.outq.saturating_sub(fin))?;
     so::select_queue(fd, Queue::Recv).map_err(fail("TCP_REPAIR_QUEUE=RECV"))?;
     let recv_seq: u32 =
         so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).map_err(fail("TCP_QUEUE_SEQ (receive)"))?;
-    let recv_queue = peek(fd, tuple, "receive", inq)?;
+    let recv_queue = peek(fd, tuple, "receive", diag.inq)?;
     let window: RepairWindow =
         so::get(fd, libc::SOL_TCP, so::TCP_REPAIR_WINDOW).map_err(fail("TCP_REPAIR_WINDOW"))?;
     Ok(Connection {
         tuple,
-        state,
+        state: diag.state,
         send_seq: write_seq.wrapping_sub(fin),
         recv_seq,
         window,
         negotiated: Negotiated {
             timestamps,
-            sack: info.options & so::TCPI_OPT_SACK != 0,
-            wscale: (info.options & so::TCPI_OPT_WSCALE != 0)
-                .then_some((info.wscales & 0xf, info.wscales >> 4)),
+            sack: diag.options & so::TCPI_OPT_SACK != 0,
+            wscale: (diag.options & so::TCPI_OPT_WSCALE != 0)
+                .then_some((diag.wscales & 0xf, diag.wscales >> 4)),
             mss: mss as u16,
         },
         timestamp,
         options,
         send_queue,
-        unsent: notsent.saturating_sub(fin),
+        unsent: diag.notsent.saturating_sub(fin),
         recv_queue,
     })
 }

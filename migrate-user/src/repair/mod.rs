@@ -357,7 +357,21 @@ fn run_sharded<T: Sync, R: Send>(
     std::thread::scope(|scope| {
         let handles: Vec<_> = items
             .chunks(batch)
-            .map(|chunk| scope.spawn(move || work(chunk)))
+            .enumerate()
+            .map(|(worker, chunk)| {
+                scope.spawn(move || {
+                    let started = std::time::Instant::now();
+                    let result = work(chunk);
+                    // Shows whether the workers really ran side by side.
+                    tracing::debug!(
+                        worker,
+                        items = chunk.len(),
+                        us = started.elapsed().as_micros(),
+                        "batch done"
+                    );
+                    result
+                })
+            })
             .collect();
         handles
             .into_iter()

@@ -2,7 +2,7 @@
 //! sockets out of repair mode.
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -157,14 +157,16 @@ pub fn restore_with(
 ) -> Result<RestoredSockets, RepairError> {
     super::check_net_admin()?;
     super::raise_fd_limit();
+    reserve_fds(connections.len());
     let abort = AtomicBool::new(false);
     let batches = super::sharded_in(workers, netns, connections, |batch| {
         let mut restored = Vec::with_capacity(batch.len());
+        let mut local = LocalAddresses::default();
         for conn in batch {
             if abort.load(Ordering::Relaxed) {
                 break;
             }
-            let result = restore_one(conn, netns);
+            let result = restore_one(conn, netns, &mut local);
             if result.is_err() {
                 abort.store(true, Ordering::Relaxed);
             }
@@ -180,7 +182,67 @@ pub fn restore_with(
     Ok(RestoredSockets { pending, workers })
 }
 
-fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError> {
+/// Grows this process's fd table once to hold `count` more fds. Grown one doubling at a time by
+/// the sockets themselves, each growth of a table shared by several threads waits for an RCU
+/// grace period (expand_fdtable), milliseconds each on a busy machine.
+fn reserve_fds(count: usize) {
+    // Its number is the lowest free one, where the sockets' numbers start.
+    let Ok(lowest) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    let highest = std::os::fd::AsRawFd::as_raw_fd(&lowest) as usize + count;
+    // Fails harmlessly beyond RLIMIT_NOFILE: the sockets would not fit anyway.
+    drop(so::dup_at_least(lowest.as_fd(), highest));
+}
+
+/// Whether each local IP of a batch needs IP_TRANSPARENT (is not an address of the namespace),
+/// learnt from the first bind to it: the option is set only where it is needed, which saves a
+/// call per socket.
+#[derive(Default)]
+struct LocalAddresses {
+    transparent: Vec<(IpAddr, bool)>,
+}
+
+impl LocalAddresses {
+    /// Binds `fd` to `addr`, with IP_TRANSPARENT when the address is not (or no longer) local.
+    fn bind(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        addr: &SocketAddr,
+    ) -> Result<(), (&'static str, io::Error)> {
+        let known = self.transparent.iter().position(|(ip, _)| *ip == addr.ip());
+        let mut needed = known.is_some_and(|i| self.transparent[i].1);
+        if needed {
+            set_transparent(fd, addr)?;
+        }
+        let mut result = so::bind(fd, addr);
+        if !needed && matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)) {
+            set_transparent(fd, addr)?;
+            needed = true;
+            result = so::bind(fd, addr);
+        }
+        match known {
+            Some(i) => self.transparent[i].1 = needed,
+            None => self.transparent.push((addr.ip(), needed)),
+        }
+        result.map_err(|e| ("bind", e))
+    }
+}
+
+/// IP_TRANSPARENT: bind and connect then accept an address the namespace does not have yet.
+fn set_transparent(fd: BorrowedFd<'_>, addr: &SocketAddr) -> Result<(), (&'static str, io::Error)> {
+    let (level, transparent) = match addr {
+        SocketAddr::V4(_) => (libc::SOL_IP, so::IP_TRANSPARENT),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, so::IPV6_TRANSPARENT),
+    };
+    so::set_int(fd, level, transparent, 1).map_err(|e| ("IP_TRANSPARENT", e))
+}
+
+fn restore_one(
+    conn: &Connection,
+    netns: &Netns,
+    local: &mut LocalAddresses,
+) -> Result<Pending, RepairError> {
     let tuple = conn.tuple;
     if !conn.state.repairable() {
         return Err(RepairError::UnsupportedState {
@@ -200,11 +262,6 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
         so::new_tcp_socket(&tuple.local, conn.options.nonblocking).map_err(fail("socket()"))?;
     let s = fd.as_fd();
     so::set_repair(s, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
-    let (level, transparent) = match tuple.local {
-        SocketAddr::V4(_) => (libc::SOL_IP, so::IP_TRANSPARENT),
-        SocketAddr::V6(_) => (libc::SOL_IPV6, so::IPV6_TRANSPARENT),
-    };
-    so::set_int(s, level, transparent, 1).map_err(fail("IP_TRANSPARENT"))?;
     let recv = QueueState {
         queue: Queue::Recv,
         name: "receive",
@@ -236,7 +293,9 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
                 error: source,
             })?;
     }
-    so::bind(s, &tuple.local).map_err(fail("bind"))?;
+    local
+        .bind(s, &tuple.local)
+        .map_err(|(op, source)| fail(op)(source))?;
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             RepairError::TupleInUse {
@@ -247,13 +306,9 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
             fail("connect (repair mode)")(source)
         }
     })?;
-    so::set_slice(
-        s,
-        libc::SOL_TCP,
-        so::TCP_REPAIR_OPTIONS,
-        &repair_options(conn),
-    )
-    .map_err(fail("TCP_REPAIR_OPTIONS"))?;
+    let (options, count) = repair_options(conn);
+    so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
+        .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     if conn.negotiated.timestamps {
         so::set(s, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp)
             .map_err(fail("TCP_TIMESTAMP"))?;
@@ -278,31 +333,34 @@ fn restore_one(conn: &Connection, netns: &Netns) -> Result<Pending, RepairError>
     })
 }
 
-fn repair_options(conn: &Connection) -> Vec<RepairOpt> {
+/// The negotiated options, in a fixed array: no allocation per socket.
+fn repair_options(conn: &Connection) -> ([RepairOpt; 4], usize) {
     let n = &conn.negotiated;
-    let mut options = vec![RepairOpt {
-        code: so::OPT_MSS,
-        val: u32::from(n.mss),
-    }];
-    if let Some((snd, rcv)) = n.wscale {
-        options.push(RepairOpt {
+    let candidates = [
+        Some(RepairOpt {
+            code: so::OPT_MSS,
+            val: u32::from(n.mss),
+        }),
+        n.wscale.map(|(snd, rcv)| RepairOpt {
             code: so::OPT_WINDOW,
             val: u32::from(snd) | (u32::from(rcv) << 16),
-        });
-    }
-    if n.sack {
-        options.push(RepairOpt {
+        }),
+        n.sack.then_some(RepairOpt {
             code: so::OPT_SACK_PERM,
             val: 0,
-        });
-    }
-    if n.timestamps {
-        options.push(RepairOpt {
+        }),
+        n.timestamps.then_some(RepairOpt {
             code: so::OPT_TIMESTAMP,
             val: 0,
-        });
+        }),
+    ];
+    let mut options = [RepairOpt { code: 0, val: 0 }; 4];
+    let mut count = 0;
+    for option in candidates.into_iter().flatten() {
+        options[count] = option;
+        count += 1;
     }
-    options
+    (options, count)
 }
 
 /// Sends all of `data` (in repair mode: into the selected queue). When the buffer is full it is

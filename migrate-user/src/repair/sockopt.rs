@@ -3,7 +3,7 @@
 //! connection and phase they belong to.
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
+    mem::size_of,
     net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
@@ -19,6 +19,8 @@ pub const REPAIR_ON: libc::c_int = 1;
 /// Leaves repair mode and sends a window probe: the peer answers at once (measured recovery
 /// 0.07 s instead of 0.43 s without the probe, notes/tcp-repair.md).
 pub const REPAIR_OFF: libc::c_int = 0;
+/// Leaves repair mode without sending anything.
+pub const REPAIR_OFF_NO_WP: libc::c_int = -1;
 
 /// Which queue TCP_QUEUE_SEQ, send() and recv() act on in repair mode (TCP_REPAIR=1 starts
 /// with none selected; nothing needs to select none again).
@@ -52,28 +54,12 @@ pub struct RepairWindow {
     pub rcv_wup: u32,
 }
 
-/// The first bytes of struct tcp_info: all the dump needs.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TcpInfoHead {
-    pub state: u8,
-    pub ca_state: u8,
-    pub retransmits: u8,
-    pub probes: u8,
-    pub backoff: u8,
-    pub options: u8,
-    /// snd_wscale in the low nibble, rcv_wscale in the high one.
-    pub wscales: u8,
-    pub app_limited: u8,
-}
-
 pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
 pub const TCPI_OPT_SACK: u8 = 2;
 pub const TCPI_OPT_WSCALE: u8 = 4;
 
-const SIOCINQ: libc::c_ulong = 0x541B;
-const SIOCOUTQ: libc::c_ulong = 0x5411;
-const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+/// Opens the network namespace of a socket (include/uapi/linux/sockios.h).
+const SIOCGSKNS: libc::c_ulong = 0x894C;
 
 pub const IP_TRANSPARENT: libc::c_int = 19;
 pub const IPV6_TRANSPARENT: libc::c_int = 75;
@@ -154,23 +140,21 @@ pub fn get_int(
     get(fd, level, name)
 }
 
-fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<u32> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: these ioctls write one int.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value) })?;
-    Ok(value as u32)
+/// A close-on-exec duplicate of `fd` numbered `min` or above (F_DUPFD_CLOEXEC).
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: usize) -> io::Result<OwnedFd> {
+    let min = libc::c_int::try_from(min).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd.
+    let fd = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Bytes in the receive queue, in the send queue, and in the send queue never sent (not asked
-/// when the send queue is empty).
-pub fn queue_lengths(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
-    let (inq, outq) = (ioctl_int(fd, SIOCINQ)?, ioctl_int(fd, SIOCOUTQ)?);
-    let unsent = if outq == 0 {
-        0
-    } else {
-        ioctl_int(fd, SIOCOUTQNSD)?
-    };
-    Ok((inq, outq, unsent))
+/// An fd of the network namespace the socket lives in.
+pub fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd.
+    let ns = check(unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS) })?;
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(ns) })
 }
 
 pub fn set_repair(fd: BorrowedFd<'_>, value: libc::c_int) -> io::Result<()> {
@@ -284,53 +268,20 @@ pub fn connect(fd: BorrowedFd<'_>, addr: &SocketAddr) -> io::Result<()> {
         .map(drop)
 }
 
-fn name_of(
-    fd: BorrowedFd<'_>,
-    call: unsafe extern "C" fn(
-        libc::c_int,
-        *mut libc::sockaddr,
-        *mut libc::socklen_t,
-    ) -> libc::c_int,
-) -> io::Result<SocketAddr> {
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: storage is writable for `len` bytes.
-    check(unsafe { call(fd.as_raw_fd(), storage.as_mut_ptr().cast(), &mut len) })?;
-    // SAFETY: zero-initialised and possibly filled by the kernel: valid either way.
-    let storage = unsafe { storage.assume_init() };
-    match storage.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in.
-            let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read(std::ptr::from_ref(&storage).cast()) };
-            Ok(SocketAddr::from((
-                sin.sin_addr.s_addr.to_ne_bytes(),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read(std::ptr::from_ref(&storage).cast()) };
-            Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
-                sin6.sin6_addr.s6_addr.into(),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        family => Err(io::Error::other(format!(
-            "not an inet socket (family {family})"
-        ))),
-    }
-}
-
-pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    name_of(fd, libc::getsockname)
-}
-
-pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    name_of(fd, libc::getpeername)
+/// connect(AF_UNSPEC): tcp_disconnect, which in repair mode sends no RST (it only sets
+/// ECONNABORTED), stops the timers, drops the queues and unhashes the socket.
+pub fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: all-zero is a valid sockaddr; its family is AF_UNSPEC (0).
+    let unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+    // SAFETY: `unspec` is readable for its size.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
