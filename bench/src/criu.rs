@@ -53,14 +53,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn seconds(&self) -> Option<f64> {
+    pub(crate) fn seconds(&self) -> Option<f64> {
         match self {
             Outcome::Done { seconds } => Some(*seconds),
             _ => None,
         }
     }
 
-    fn cell(&self) -> String {
+    pub(crate) fn cell(&self) -> String {
         match self {
             Outcome::Done { seconds } => format!("{seconds:.3}"),
             Outcome::OverCap { cap_seconds } => format!("> {cap_seconds:.0} (stopped)"),
@@ -106,21 +106,22 @@ struct Binaries {
 }
 
 fn binaries() -> anyhow::Result<Binaries> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("benchmark directory")?;
-    let find = |name: &str| {
-        let path = dir.join(name);
-        ensure!(
-            path.exists(),
-            "{} missing: cargo build --release -p tcpmig -p tcpmig-testbed",
-            path.display()
-        );
-        Ok(path)
-    };
     Ok(Binaries {
-        tcpmig: find("tcpmig")?,
-        peer: find("tcpmig-peer")?,
+        tcpmig: sibling("tcpmig")?,
+        peer: sibling("tcpmig-peer")?,
     })
+}
+
+/// A binary of the workspace built beside this benchmark (target/release/NAME).
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("benchmark directory")?.join(name);
+    ensure!(
+        path.exists(),
+        "{} missing: cargo build --release -p tcpmig -p tcpmig-testbed",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A scratch directory for images, logs and the hook link; removed at the end.

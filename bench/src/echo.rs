@@ -62,8 +62,8 @@ pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
 /// Echo servers in one host for `connections` connections, at most [`MAX_SOCKETS_PER_PEER`] per
 /// process (the file limit): shard k listens on the service port + k. Dropping it kills them.
 pub struct EchoServers<'bed> {
-    /// Kept for their kill-on-drop guards.
-    _processes: Vec<LineProcess<'bed>>,
+    /// Dropping them kills the servers (by pid).
+    processes: Vec<LineProcess<'bed>>,
     targets: Vec<Target>,
 }
 
@@ -98,10 +98,12 @@ impl<'bed> EchoServers<'bed> {
         for process in &mut processes {
             process.expect("ready", READY_TIMEOUT)?;
         }
-        Ok(Self {
-            _processes: processes,
-            targets,
-        })
+        Ok(Self { processes, targets })
+    }
+
+    /// The servers' pids, in the order of [`Self::targets`] (what `tcpmig migrate --pid` takes).
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(LineProcess::pid).collect()
     }
 
     /// Where the clients connect, and how many connections each server gets.

@@ -1,5 +1,9 @@
 //! tcpmig's benchmarks, run with `cargo xtask bench [--quick]`. Results go to
-//! target/bench/<UTC time>/ as JSON and Markdown, and the Markdown is printed.
+//! target/bench/<UTC time>/ as JSON, CSV, Markdown and SVG, and the Markdown is printed.
+//!
+//! Without a subcommand it runs the scaling benchmark, which measures the freeze, repair and
+//! CRIU references for the same connection counts in the same run; the other subcommands run
+//! one part alone.
 mod criu;
 mod echo;
 mod freeze;
@@ -8,6 +12,7 @@ mod loadgen;
 mod plot;
 mod repair;
 mod report;
+mod scaling;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Which {
+    /// tcpmig migrate under load against N, with every reference for the same N (the default).
+    Scaling(scaling::ScalingArgs),
     /// Freeze and unfreeze cost against N, beside CRIU's iptables and nftables locks.
     Freeze,
     /// Bulk dump and restore per connection, beside a one-thread loop of the same calls.
@@ -48,51 +55,42 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let out = report::OutputDir::create()?;
-    let selected = |which: Which| {
-        let kind = std::mem::discriminant(&which);
-        cli.which
-            .as_ref()
-            .is_none_or(|w| std::mem::discriminant(w) == kind)
-    };
-    if selected(Which::Freeze) {
-        let ns: &[usize] = if cli.quick {
-            &[10, 1_000]
-        } else {
-            &[10, 1_000, 100_000]
-        };
-        let results = freeze::run(ns)?;
-        out.write("freeze", &results, &freeze::markdown(&results))?;
-    }
-    if selected(Which::Repair) {
-        let ns: &[usize] = if cli.quick {
-            &[1_000]
-        } else {
-            &[1_000, 10_000]
-        };
-        let results = ns
-            .iter()
-            .map(|&n| repair::run(n))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        out.write("repair", &results, &repair::markdown(&results))?;
-    }
-    if selected(Which::Criu) {
-        let ns: &[usize] = if cli.quick {
-            &[10, 100]
-        } else {
-            &[10, 100, 1_000, 5_000]
-        };
-        let results = criu::run(ns)?;
-        out.write("criu", &results, &criu::markdown(&results))?;
-    }
-    let gap_args = match &cli.which {
-        None => Some(gap::GapArgs::default()),
-        Some(Which::Gap(args)) => Some(args.clone()),
-        Some(_) => None,
-    };
-    if let Some(args) = gap_args {
-        let results = gap::run(&args, cli.quick)?;
-        out.write("gap", &results, &gap::markdown(&results))?;
-        gap::plot(&results, out.path())?;
+    let quick = cli.quick;
+    match cli.which {
+        None => scaling::run(&scaling::ScalingArgs::default(), quick, &out)?,
+        Some(Which::Scaling(args)) => scaling::run(&args, quick, &out)?,
+        Some(Which::Freeze) => {
+            let ns: &[usize] = if quick {
+                &[10, 1_000]
+            } else {
+                &[10, 1_000, 100_000]
+            };
+            let results = freeze::run(ns)?;
+            out.write("freeze", &results, &freeze::markdown(&results))?;
+        }
+        Some(Which::Repair) => {
+            let ns: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+            let results = ns
+                .iter()
+                .map(|&n| repair::run(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            out.write("repair", &results, &repair::markdown(&results))?;
+        }
+        Some(Which::Criu) => {
+            let ns: &[usize] = if quick {
+                &[10, 100]
+            } else {
+                &[10, 100, 1_000, 5_000]
+            };
+            let results = criu::run(ns)?;
+            out.write("criu", &results, &criu::markdown(&results))?;
+        }
+        Some(Which::Gap(args)) => {
+            let results = gap::run(&args, quick)?;
+            out.write("gap", &results, &gap::markdown(&results))?;
+            gap::plot(&results, out.path())?;
+        }
+        Some(Which::EchoServer(_) | Which::LoadgenWorker(_)) => unreachable!("handled above"),
     }
     println!("results in {}", out.path().display());
     Ok(())

@@ -111,13 +111,6 @@ pub fn against_connections(
 
 /// The phases of one migration at one connection count, in milliseconds, in the order they
 /// happen (freeze, dump, transfer, restore, address move, unfreeze).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "drawn by the scaling benchmark once migrations run in it"
-    )
-)]
 #[derive(Clone, Debug)]
 pub struct PhaseBar {
     pub connections: usize,
@@ -125,13 +118,6 @@ pub struct PhaseBar {
 }
 
 /// One stacked bar per connection count, a colour per phase (in order of first appearance).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "drawn by the scaling benchmark once migrations run in it"
-    )
-)]
 pub fn phases(path: &Path, title: &str, bars: &[PhaseBar]) -> anyhow::Result<()> {
     ensure!(!bars.is_empty(), "nothing to plot in {}", path.display());
     let names = in_order(

@@ -39,6 +39,27 @@ impl OutputDir {
         println!("{markdown}");
         Ok(())
     }
+
+    /// Writes `<name>.csv`: a header line and one line per row (the cells must not hold commas).
+    pub fn write_csv(
+        &self,
+        name: &str,
+        header: &[&str],
+        rows: &[Vec<String>],
+    ) -> anyhow::Result<()> {
+        let mut csv = header.join(",");
+        csv.push('\n');
+        for row in rows {
+            anyhow::ensure!(
+                row.len() == header.len() && row.iter().all(|cell| !cell.contains(',')),
+                "{name}.csv: row {row:?} does not fit the header"
+            );
+            csv.push_str(&row.join(","));
+            csv.push('\n');
+        }
+        let path = self.0.join(format!("{name}.csv"));
+        fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))
+    }
 }
 
 /// Median and spread of repeated measurements, in microseconds.
@@ -51,12 +72,22 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Of values in milliseconds (as the migration and the load generator report them).
+    pub fn of_ms(samples: &[f64]) -> Self {
+        let durations: Vec<Duration> = samples
+            .iter()
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3))
+            .collect();
+        Self::of(&durations)
+    }
+
     pub fn of(samples: &[Duration]) -> Self {
         assert!(!samples.is_empty(), "at least one sample");
         let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
         us.sort_by(f64::total_cmp);
         Self {
-            median_us: us[us.len() / 2],
+            // The mean of the middle two for an even count: with 2 runs, not the larger one.
+            median_us: (us[(us.len() - 1) / 2] + us[us.len() / 2]) / 2.0,
             min_us: us[0],
             max_us: us[us.len() - 1],
             runs: us.len(),

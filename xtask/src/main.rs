@@ -175,8 +175,17 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
 fn bench(args: &[String]) -> anyhow::Result<()> {
     require_root()?;
     check()?;
+    // The benchmarks run the tcpmig binary and the test bed's tcpmig-peer (CRIU references).
     let mut build = cargo();
-    build.args(["build", "--release", "--package", "tcpmig", "--bins"]);
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "tcpmig",
+        "--package",
+        "tcpmig-testbed",
+        "--bins",
+    ]);
     run(build)?;
     let mut bench = cargo();
     bench.args(["run", "--release", "--package", "tcpmig-bench", "--"]);

@@ -167,9 +167,15 @@ impl<'bed> LoadRun<'bed> {
     /// connection caught up. Workers learn of it within about a millisecond
     /// ([`MarkReport::delay_ms`] says how long); at most one mark per run.
     pub fn mark(&mut self) -> anyhow::Result<()> {
+        self.mark_at(now_ns())
+    }
+
+    /// Marks an instant already past, on [`now_ns`]'s clock: e.g. the end of a blackout that
+    /// another process reported, known only once it returns.
+    pub fn mark_at(&mut self, at_ns: u64) -> anyhow::Result<()> {
         ensure!(!self.marked, "one mark per run");
         self.marked = true;
-        let line = format!("mark {}", now_ns());
+        let line = format!("mark {at_ns}");
         self.workers.iter_mut().try_for_each(|w| w.send(&line))
     }
 

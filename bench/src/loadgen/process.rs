@@ -3,7 +3,7 @@
 //! stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{ChildStdin, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
@@ -24,16 +24,19 @@ impl<'bed> LineProcess<'bed> {
     /// it runs this very binary even if a rebuild replaced the file meanwhile.
     pub fn start(host: &'bed Host, args: &[String]) -> anyhow::Result<Self> {
         let mut cmd = host.command("/proc/self/exe")?;
-        cmd.args(args)
-            .stdin(Stdio::piped())
+        cmd.args(args);
+        let what = format!("tcpmig-bench {}", args.first().map_or("", String::as_str));
+        Self::spawn(host, cmd, &what)
+    }
+
+    /// Starts `cmd` (from [`Host::command`]: another program, e.g. `tcpmig agent` that becomes
+    /// an echo server) with its stdin and stdout piped to us; `what` names it in errors.
+    pub fn spawn(host: &'bed Host, mut cmd: Command, what: &str) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = host.spawn(&mut cmd)?;
-        let label = format!(
-            "tcpmig-bench {} (pid {}) in {host}",
-            args.first().map_or("", String::as_str),
-            child.pid()
-        );
+        let label = format!("{what} (pid {}) in {host}", child.pid());
         let pipes = child.child_mut();
         let stdin = pipes.stdin.take().context("stdin not piped")?;
         let stdout = pipes.stdout.take().context("stdout not piped")?;
@@ -54,6 +57,10 @@ impl<'bed> LineProcess<'bed> {
             stdin,
             lines,
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// The next line it prints, waiting at most `timeout`.

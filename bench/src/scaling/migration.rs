@@ -1,0 +1,269 @@
+//! One measured migration on a fresh bed: an echo server on the source, the open-loop clients on
+//! the client host, `tcpmig agent` on the destination (it becomes an echo server adopting the
+//! restored connections) and `tcpmig migrate --stop-source --json` on the source.
+//!
+//! The clients' catch-up is counted from the end of the blackout as the agent reports it
+//! (`live_at_unix_ms`), not from the moment `tcpmig migrate` returned: the source learns of the
+//! end only after a round trip and its own clean-up, which would hide part of the catch-up.
+
+use std::fs;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail, ensure};
+use serde::{Deserialize, Serialize};
+use tcpmig_testbed::{IFACE, Role, TestBed};
+
+use crate::echo::EchoServers;
+use crate::loadgen::{LineProcess, LoadConfig, LoadReport, LoadRun, now_ns};
+
+const PORT: u16 = 9000;
+const AGENT_PORT: u16 = 7070;
+/// Traffic before the migration: every connection has had echoes before the blackout.
+const WARMUP: Duration = Duration::from_secs(1);
+/// The schedule's room for the migration itself (agent handshake, blackout, hand-over); a
+/// slower migration still completes, the clients only stop sending sooner after it.
+const MIGRATION_ALLOWANCE: Duration = Duration::from_secs(3);
+/// Sending goes on at least this long after the allowance, so that the catch-up (retransmission
+/// backoff: up to 1.7 s in the notes) happens while the schedule runs.
+const SETTLE: Duration = Duration::from_secs(3);
+/// Bound on `tcpmig migrate` and on the adopted server saying `ready`.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One migration: the times `tcpmig migrate --json` reported and what the clients saw.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrationRun {
+    pub connections: usize,
+    pub kept: usize,
+    pub blackout_ms: f64,
+    pub total_ms: f64,
+    pub phases: Phases,
+    pub load: LoadReport,
+    /// `tcpmig migrate --json` as printed.
+    pub report: serde_json::Value,
+}
+
+/// The blackout split into the steps of design.md, in milliseconds, in order.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Phases {
+    pub freeze_ms: f64,
+    pub dump_ms: f64,
+    pub transfer_ms: f64,
+    /// From the end of the image to the agent's Restored.
+    pub restore_ms: f64,
+    /// Deleting the address on the source, adding and announcing it on the destination.
+    pub address_ms: f64,
+    /// Destination unfreeze and the first socket out of repair mode.
+    pub unfreeze_ms: f64,
+    /// The rest of the blackout: the Commit's way to the agent.
+    pub other_ms: f64,
+}
+
+impl Phases {
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
+            ("freeze", self.freeze_ms),
+            ("dump", self.dump_ms),
+            ("transfer", self.transfer_ms),
+            ("restore", self.restore_ms),
+            ("address move", self.address_ms),
+            ("unfreeze", self.unfreeze_ms),
+            ("other (Commit in flight)", self.other_ms),
+        ]
+    }
+}
+
+/// The fields of `tcpmig migrate --json` used here (README, "Moving a service").
+#[derive(Deserialize)]
+struct MigrateJson {
+    connections: usize,
+    kept: usize,
+    blackout_ms: f64,
+    total_ms: f64,
+    phases: SourcePhases,
+    destination: AgentJson,
+}
+
+#[derive(Deserialize)]
+struct SourcePhases {
+    freeze_ms: f64,
+    dump_ms: f64,
+    transfer_ms: f64,
+    restore_ms: f64,
+    address_ms: f64,
+}
+
+#[derive(Deserialize)]
+struct AgentJson {
+    address_ms: f64,
+    live_after_commit_ms: f64,
+    live_at_unix_ms: f64,
+}
+
+impl MigrateJson {
+    fn phases(&self) -> Phases {
+        let (p, d) = (&self.phases, &self.destination);
+        let mut phases = Phases {
+            freeze_ms: p.freeze_ms,
+            dump_ms: p.dump_ms,
+            transfer_ms: p.transfer_ms,
+            restore_ms: p.restore_ms,
+            address_ms: p.address_ms + d.address_ms,
+            unfreeze_ms: (d.live_after_commit_ms - d.address_ms).max(0.0),
+            other_ms: 0.0,
+        };
+        let named: f64 = phases.named().iter().map(|(_, ms)| ms).sum();
+        phases.other_ms = (self.blackout_ms - named).max(0.0);
+        phases
+    }
+}
+
+/// A token file for both sides, mode 0600 (tcpmig refuses others), removed when dropped.
+struct TokenFile(PathBuf);
+
+impl TokenFile {
+    fn new(bed: &TestBed) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}-bench.token", bed.prefix()));
+        let file = Self(path);
+        fs::write(&file.0, "tcpmig bench token\n")?;
+        fs::set_permissions(&file.0, fs::Permissions::from_mode(0o600))?;
+        Ok(file)
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Migrates `n` connections under load once, on a bed of its own.
+pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
+    let bed = TestBed::new()?;
+    let token = TokenFile::new(&bed)?;
+    let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
+    let (pid, service) = match (&echo.pids()[..], echo.targets()) {
+        ([pid], [target]) => (*pid, target.addr),
+        (pids, _) => bail!(
+            "{n} connections need {} echo servers, and `tcpmig migrate` moves one process",
+            pids.len()
+        ),
+    };
+    let mut agent = start_agent(&bed, tcpmig, &token.0)?;
+    let config = LoadConfig::default();
+    let interval = config.interval(n);
+    let warmup = WARMUP.max(interval * 2);
+    let config = LoadConfig {
+        duration: warmup + MIGRATION_ALLOWANCE + SETTLE.max(interval * 2),
+        ..config
+    };
+    let mut run = LoadRun::start(&bed, echo.targets(), &config)?;
+    thread::sleep(warmup);
+    let raw = migrate(&bed, tcpmig, pid, service, &token.0)?;
+    let report: MigrateJson = serde_json::from_value(raw.clone())
+        .with_context(|| format!("unexpected `tcpmig migrate --json` output: {raw}"))?;
+    ensure!(
+        report.connections == n,
+        "tcpmig migrate found {} of the {n} connections",
+        report.connections
+    );
+    agent.expect("ready", MIGRATION_TIMEOUT)?;
+    run.mark_at(monotonic_ns_of(report.destination.live_at_unix_ms))?;
+    let load = run.finish()?;
+    Ok(MigrationRun {
+        connections: n,
+        kept: report.kept,
+        blackout_ms: report.blackout_ms,
+        total_ms: report.total_ms,
+        phases: report.phases(),
+        load,
+        report: raw,
+    })
+}
+
+/// `tcpmig agent` on the destination; once the connections are live it becomes this benchmark's
+/// echo server adopting them, which says `ready` on the agent's stdout.
+fn start_agent<'bed>(
+    bed: &'bed TestBed,
+    tcpmig: &Path,
+    token: &Path,
+) -> anyhow::Result<LineProcess<'bed>> {
+    let host = bed.destination();
+    let mut cmd = host.command(tcpmig)?;
+    cmd.arg("agent")
+        .arg("--listen")
+        .arg(agent_addr().to_string())
+        .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
+        .arg(token)
+        .arg("--")
+        .arg(std::env::current_exe()?)
+        .args(["echo-server", "--from-listen-fds"]);
+    LineProcess::spawn(host, cmd, "tcpmig agent")
+}
+
+fn agent_addr() -> SocketAddr {
+    SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT)
+}
+
+/// Runs `tcpmig migrate --json` on the source to its end (bounded) and returns its report.
+fn migrate(
+    bed: &TestBed,
+    tcpmig: &Path,
+    pid: u32,
+    service: SocketAddr,
+    token: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let host = bed.source();
+    let mut cmd = host.command(tcpmig)?;
+    cmd.arg("migrate")
+        .args(["--pid", &pid.to_string(), "--service", &service.to_string()])
+        .args(["--dev", IFACE, "--to", &agent_addr().to_string()])
+        .arg("--token-file")
+        .arg(token)
+        .args(["--stop-source", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = host.spawn(&mut cmd)?;
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    // The report is a few kilobytes and errors a few lines: both fit in the pipes meanwhile.
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "tcpmig migrate did not end within {MIGRATION_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let pipes = child.child_mut();
+    if let Some(pipe) = pipes.stdout.as_mut() {
+        pipe.read_to_string(&mut stdout)?;
+    }
+    if let Some(pipe) = pipes.stderr.as_mut() {
+        pipe.read_to_string(&mut stderr)?;
+    }
+    ensure!(
+        status.success(),
+        "tcpmig migrate failed ({status}): {}",
+        stderr.trim()
+    );
+    serde_json::from_str(&stdout).with_context(|| format!("tcpmig migrate printed {stdout:?}"))
+}
+
+/// The instant `unix_ms` (wall clock, as the agent reports it) on the load generator's
+/// monotonic clock: both clocks are this machine's, so the offset is read once, now.
+fn monotonic_ns_of(unix_ms: f64) -> u64 {
+    let now_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let ago_ns = ((now_unix_ms - unix_ms).max(0.0) * 1e6) as u64;
+    now_ns().saturating_sub(ago_ns)
+}
