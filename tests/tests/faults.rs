@@ -21,8 +21,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, nothing_left, process_state, start_agent,
-    start_migrate, start_plain_agent, wait_exited,
+    COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left, process_state,
+    start_agent, start_migrate, start_plain_agent, wait_exited,
 };
 use tcpmig_testbed::{StreamArgs, TestBed, Traffic, sys::take_fd};
 
@@ -274,23 +274,10 @@ fn kill_agent_at(phase: &str) -> Result<()> {
         received_already: BYTES + 2 * MORE,
         ..StreamArgs::new(BYTES)
     };
-    let mut agent = start_agent(destination, &token.0, stream, &[])?;
+    let agent = start_agent(destination, &token.0, stream, &[])?;
     let agent_pid = agent.pid();
-    let mut migrate = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
-    let second_pid = migrate.child.pid();
-    agent.expect_line("ready")?;
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(status.success(), "the second migration: {stderr}");
-    traffic.servers = vec![agent];
+    let second_pid = migrate_to(&bed, &mut traffic, agent, server_pid, PORT, &token.0)
+        .context("the second migration")?;
     let after = traffic.verify_until(BYTES + 3 * MORE)?;
     ensure!(
         after.all_verified(N as u64),

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    AGENT_PORT, COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, nothing_left, process_state,
-    run_tcpmig, start_agent, start_migrate, start_plain_agent,
+    AGENT_PORT, COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left,
+    process_state, run_tcpmig, start_agent, start_migrate, start_plain_agent,
 };
 use tcpmig::{
     freeze::{Freeze, PIN_ROOT, RemoveOnDrop},
@@ -88,7 +88,7 @@ fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Resu
         received_already: BYTES,
         ..StreamArgs::new(BYTES)
     };
-    let mut agent = start_agent(destination, &token.0, stream, &[])?;
+    let agent = start_agent(destination, &token.0, stream, &[])?;
     let agent_pid = agent.pid();
     // A Hello with the wrong token: answered Refused.
     let hello = message_frame(&Message::Hello {
@@ -134,21 +134,7 @@ fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Resu
         "the server must run"
     );
     // The agent still waits, and takes the right source.
-    let mut migrate = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
-    let migrate_pid = migrate.child.pid();
-    agent.expect_line("ready")?;
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(status.success(), "{stderr}");
-    traffic.servers = vec![agent];
+    let migrate_pid = migrate_to(&bed, &mut traffic, agent, server_pid, PORT, &token.0)?;
     let after = traffic.verify_until(BYTES + MORE)?;
     ensure!(
         after.all_verified(N as u64),

@@ -15,7 +15,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, SERVICE_V4, StreamArgs, TestBed, tcpmig_bin,
+    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, SERVICE_V4, StreamArgs, TestBed, Traffic,
+    tcpmig_bin,
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -219,6 +220,35 @@ pub fn start_migrate<'bed>(
         cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
     }
     Running::spawn(from, cmd)
+}
+
+/// A migration of `server_pid` (port `port`) to `agent`, waiting on the destination, that must
+/// succeed; the agent, now the adopting server, joins `traffic`. Returns migrate's pid (its freeze
+/// is named after it).
+pub fn migrate_to<'bed>(
+    bed: &'bed TestBed,
+    traffic: &mut Traffic<'bed>,
+    mut agent: Peer<'bed>,
+    server_pid: u32,
+    port: u16,
+    token: &Path,
+) -> Result<u32> {
+    let mut migrate = start_migrate(
+        bed.source(),
+        bed.destination(),
+        server_pid,
+        port,
+        token,
+        STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )?;
+    let migrate_pid = migrate.child.pid();
+    agent.expect_line("ready")?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    traffic.servers = vec![agent];
+    Ok(migrate_pid)
 }
 
 impl Running<'_> {
