@@ -15,29 +15,18 @@ mod support;
 
 use std::{
     os::fd::{AsRawFd as _, OwnedFd},
-    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left, process_state,
-    start_agent, start_migrate, start_plain_agent, wait_exited,
+    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left,
+    process_state, queued_traffic, start_agent, start_migrate, start_plain_agent, wait_exited,
 };
 use tcpmig_testbed::{StreamArgs, TestBed, Traffic, sys::take_fd};
 
 const N: usize = 500;
-const BYTES: u64 = 1024;
-const MORE: u64 = 700;
 const PORT: u16 = 8100;
-
-/// Traffic verified once, then MORE bytes each way left unread: the image carries queues.
-fn traffic(bed: &TestBed) -> Result<Traffic<'_>> {
-    let mut traffic = Traffic::open(bed, Path::new(PEER), N, BYTES, PORT)?;
-    ensure!(traffic.verify()?.all_verified(N as u64), "before");
-    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
-    Ok(traffic)
-}
 
 /// Where the server's streams stand when it is stopped: what an adopting server goes on from.
 fn adopted() -> StreamArgs {
@@ -63,7 +52,7 @@ fn carries_on(traffic: &mut Traffic<'_>) -> Result<()> {
 /// where the connections carry on.
 fn kill_source_at(phase: &str, mid_dump: bool) -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
     let server_pid = traffic.server_pids()[0];
     let agent = start_agent(bed.destination(), &token.0, adopted(), &[])?;
@@ -238,7 +227,7 @@ fn source_killed_after_the_agent_confirmed() -> Result<()> {
 /// must succeed and leave nothing behind, the dead agent's freeze included.
 fn kill_agent_at(phase: &str) -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
     let (source, destination) = (bed.source(), bed.destination());
     let server_pid = traffic.server_pids()[0];
@@ -319,7 +308,7 @@ fn agent_killed_on_commit_before_going_live() -> Result<()> {
 #[test]
 fn an_agent_that_reads_commit_too_late_does_not_go_live() -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
     let (source, destination) = (bed.source(), bed.destination());
     let server_pid = traffic.server_pids()[0];

@@ -15,27 +15,19 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    AGENT_PORT, COMMAND_TIMEOUT, PEER, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left,
-    process_state, run_tcpmig, start_agent, start_migrate, start_plain_agent,
+    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to,
+    nothing_left, process_state, queued_traffic, run_tcpmig, start_agent, start_migrate,
+    start_plain_agent,
 };
 use tcpmig::{
     freeze::{Freeze, PIN_ROOT, RemoveOnDrop},
     migrate::{MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION},
     net::Netns,
 };
-use tcpmig_testbed::{IFACE, SERVICE_V4, StreamArgs, TestBed, Traffic};
+use tcpmig_testbed::{IFACE, SERVICE_V4, StreamArgs, TestBed};
 
 const N: usize = 50;
-const BYTES: u64 = 1024;
-const MORE: u64 = 700;
 const PORT: u16 = 8300;
-
-fn traffic(bed: &TestBed) -> Result<Traffic<'_>> {
-    let mut traffic = Traffic::open(bed, Path::new(PEER), N, BYTES, PORT)?;
-    ensure!(traffic.verify()?.all_verified(N as u64), "before");
-    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
-    Ok(traffic)
-}
 
 /// One frame of the migrate-agent link: a 4-byte length, tag 0 and a JSON message.
 fn message_frame(message: &Message) -> Result<Vec<u8>> {
@@ -79,7 +71,7 @@ fn talk_to_agent(bed: &TestBed, bytes: Vec<u8>) -> Result<Vec<u8>> {
 #[test]
 fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "right", "the right token")?;
     let wrong = TokenFile::new(&bed, "wrong", "a wrong token")?;
     let (source, destination) = (bed.source(), bed.destination());
@@ -153,7 +145,7 @@ fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Resu
 #[test]
 fn agent_refuses_images_above_its_limit() -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "limit", "limit token")?;
     let (source, destination) = (bed.source(), bed.destination());
     // 50 connections with 700 bytes queued each way: about 75 KB.
@@ -188,7 +180,7 @@ fn agent_refuses_images_above_its_limit() -> Result<()> {
 #[test]
 fn token_files_open_to_others_are_refused() -> Result<()> {
     let bed = TestBed::new()?;
-    let traffic = traffic(&bed)?;
+    let traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "open", "an open token")?;
     std::fs::set_permissions(&token.0, std::fs::Permissions::from_mode(0o644))?;
     let path = token.0.to_str().context("utf-8 path")?;
@@ -247,7 +239,7 @@ fn token_files_open_to_others_are_refused() -> Result<()> {
 #[test]
 fn images_and_pins_are_root_only() -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     // An image file that exists, open to all: the dump narrows it.
     let image = std::env::temp_dir().join(format!("{}.image", bed.prefix()));
     std::fs::write(&image, b"old")?;
@@ -331,7 +323,7 @@ fn without(host: &tcpmig_testbed::Host, drop: &str, args: &[&str], capability: &
 #[test]
 fn commands_without_their_capabilities_say_which() -> Result<()> {
     let bed = TestBed::new()?;
-    let mut traffic = traffic(&bed)?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "caps", "caps token")?;
     let token = token.0.to_str().context("utf-8 path")?.to_owned();
     let (source, destination) = (bed.source(), bed.destination());

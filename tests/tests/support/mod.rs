@@ -20,11 +20,23 @@ use tcpmig_testbed::{
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
+/// Bytes each way verified before a migration.
+pub const BYTES: u64 = 1024;
+/// Bytes each way queued unread after that: the image carries them in the socket queues.
+pub const MORE: u64 = 700;
 pub const AGENT_PORT: u16 = 7070;
 /// `--timeout` of both commands: a dead peer is noticed within this.
 pub const STEP_TIMEOUT_SECS: &str = "5";
 /// Bound on a whole migration command and on the guard after it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `n` connections to the service on `port`, verified once, then MORE bytes each way left unread.
+pub fn queued_traffic(bed: &TestBed, n: usize, port: u16) -> Result<Traffic<'_>> {
+    let mut traffic = Traffic::open(bed, Path::new(PEER), n, BYTES, port)?;
+    ensure!(traffic.verify()?.all_verified(n as u64), "before");
+    ensure!(traffic.send_all(MORE)?.all_verified(n as u64), "queueing");
+    Ok(traffic)
+}
 
 /// A token file (mode 0600, as tcpmig demands), removed when dropped.
 pub struct TokenFile(pub PathBuf);
