@@ -41,7 +41,7 @@ pub use bed::{
 };
 pub use ns::netns_path;
 pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
-pub use process::ChildGuard;
+pub use process::{ChildGuard, line_reader};
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
 
 use std::ffi::OsStr;

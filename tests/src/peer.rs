@@ -44,14 +44,14 @@
 //! more [`PeerCommand`] variant and one arm in the binary's command loop.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::iter::Sum;
 use std::net::SocketAddr;
 use std::ops::AddAssign;
 use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -61,7 +61,7 @@ use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
 use crate::bed::Host;
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, line_reader};
 
 const DEFAULT_BYTES: u64 = 1024;
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
@@ -398,16 +398,7 @@ impl<'bed> Peer<'bed> {
                 _ => bail!("{label}: stdio not piped"),
             };
         // Reader threads end when the process does (its pipes close); nobody waits for them.
-        let (sender, lines) = mpsc::channel();
-        thread::Builder::new()
-            .name("peer-stdout".into())
-            .spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if sender.send(line).is_err() {
-                        break;
-                    }
-                }
-            })?;
+        let lines = line_reader(stdout, "peer-stdout")?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let tail = Arc::clone(&stderr);
         thread::Builder::new()

@@ -1,7 +1,9 @@
 //! Processes started in a test bed: a guard per child, and the bed's list of them.
 
 use std::collections::BTreeSet;
+use std::io::{self, BufRead as _, BufReader, Read};
 use std::process::{Child, ExitStatus};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -98,4 +100,20 @@ impl Drop for ChildGuard<'_> {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lines a child writes to `pipe`, read on a thread named `name`. The thread ends when the
+/// pipe closes (the child is gone) or nobody listens any more; nobody waits for it.
+pub fn line_reader(pipe: impl Read + Send + 'static, name: &str) -> io::Result<Receiver<String>> {
+    let (sender, lines) = mpsc::channel();
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(lines)
 }

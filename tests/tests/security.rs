@@ -309,7 +309,7 @@ fn without(host: &tcpmig_testbed::Host, drop: &str, args: &[&str], capability: &
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = host.spawn(&mut cmd)?;
-    let mut lines = support::Lines::new(child.child_mut().stderr.take().context("piped")?);
+    let mut lines = support::Lines::new(child.child_mut().stderr.take().context("piped")?)?;
     let stderr = lines.until_closed(COMMAND_TIMEOUT)?.to_owned();
     let status = child.child_mut().wait()?;
     ensure!(

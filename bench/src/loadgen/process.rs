@@ -2,14 +2,14 @@
 //! started with a hidden subcommand inside a bed host, spoken to one line at a time over its
 //! stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use tcpmig_testbed::{ChildGuard, Host};
+use tcpmig_testbed::{ChildGuard, Host, line_reader};
 
 /// Dropping it kills the process (by pid, through the bed's guard).
 pub struct LineProcess<'bed> {
@@ -40,17 +40,7 @@ impl<'bed> LineProcess<'bed> {
         let pipes = child.child_mut();
         let stdin = pipes.stdin.take().context("stdin not piped")?;
         let stdout = pipes.stdout.take().context("stdout not piped")?;
-        // Ends when the process closes its stdout; nobody waits for it.
-        let (sender, lines) = mpsc::channel();
-        thread::Builder::new()
-            .name("bench-child-stdout".into())
-            .spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if sender.send(line).is_err() {
-                        break;
-                    }
-                }
-            })?;
+        let lines = line_reader(stdout, "bench-child-stdout")?;
         Ok(Self {
             label,
             child,

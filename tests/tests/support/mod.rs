@@ -3,12 +3,12 @@
 #![allow(dead_code)] // Each test crate uses its own part.
 
 use std::{
-    io::{BufRead as _, BufReader, Read},
+    io::Read,
     net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    sync::mpsc::{Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
     ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, SERVICE_V4, StreamArgs, TestBed, Traffic,
-    tcpmig_bin,
+    line_reader, tcpmig_bin,
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -64,19 +64,11 @@ pub struct Lines {
 }
 
 impl Lines {
-    pub fn new(pipe: impl Read + Send + 'static) -> Self {
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            lines,
+    pub fn new(pipe: impl Read + Send + 'static) -> Result<Self> {
+        Ok(Self {
+            lines: line_reader(pipe, "tcpmig-stderr")?,
             seen: String::new(),
-        }
+        })
     }
 
     /// Waits for a line containing `want`.
@@ -190,7 +182,7 @@ impl<'bed> Running<'bed> {
         let mut child = host.spawn(&mut cmd)?;
         let pipes = child.child_mut();
         let stdin = pipes.stdin.take().context("stdin piped")?;
-        let stderr = Lines::new(pipes.stderr.take().context("stderr piped")?);
+        let stderr = Lines::new(pipes.stderr.take().context("stderr piped")?)?;
         Ok(Self {
             child,
             stdin,
@@ -357,7 +349,7 @@ pub fn run_tcpmig(
         .stderr(Stdio::piped());
     setup(&mut cmd);
     let mut child = host.spawn(&mut cmd)?;
-    let mut stderr = Lines::new(child.child_mut().stderr.take().context("stderr piped")?);
+    let mut stderr = Lines::new(child.child_mut().stderr.take().context("stderr piped")?)?;
     let text = stderr.until_closed(COMMAND_TIMEOUT)?.to_owned();
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     loop {
