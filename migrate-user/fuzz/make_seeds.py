@@ -55,23 +55,25 @@ report = dict(restored=3, live=3, failed=0, first_failure=None, freeze_ms=1.5, r
               live_at_unix_ms=1700000000000.5, announcements=3,
               dropped=dict(syn=1, ingress=2, egress=0), resident_kib=4096, peak_resident_kib=8192)
 source_side = (
-    message(type="hello", protocol=2, token="secret")
-    + message(type="prepare", service="198.18.0.100:8080", prefix_len=24)
+    message(type="hello", protocol=3, token="secret")
+    + message(type="prepare", service="198.18.0.100:8080", prefix_len=24,
+              expected_connections=1000)
     + frame(1, seeds["three_mixed"][:40]) + frame(1, seeds["three_mixed"][40:])
     + message(type="commit", answer_within_ms=10000)
 )
 agent_side = (
-    message(type="welcome", protocol=2) + message(type="prepared")
+    message(type="welcome", protocol=3) + message(type="prepared")
     + message(type="restored", connections=3, restore_ms=0.5) + message(type="going_live")
     + message(type="committed", report=report)
 )
 frames = {
-    "hello": (0, message(type="hello", protocol=2, token="secret")),
+    "hello": (0, message(type="hello", protocol=3, token="secret")),
     "refused": (0, message(type="refused", reason="wrong token")),
     "source_side": (1, source_side),
     "agent_side": (1, agent_side),
     "failures": (1, message(type="abort", reason="x") + message(type="failed", error="y")
-                 + message(type="prepare", service="[fd54:636d::100]:443", prefix_len=64)),
+                 + message(type="prepare", service="[fd54:636d::100]:443", prefix_len=64,
+                         expected_connections=100)),
     "too_big": (0, struct.pack(">I", 1 << 20) + b"\0{"),
     "truncated": (1, message(type="prepared")[:-2]),
     "unknown_tag": (1, frame(7, b"?")),

@@ -71,6 +71,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         Message::Prepare {
             service,
             prefix_len,
+            ..
         } => (service, prefix_len),
         other => return Err(link.unexpected("waiting for Prepare", &other)),
     };

@@ -63,6 +63,11 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let service = crate::tuple::canonical(config.service);
     let netns = Netns::open(&format!("/proc/{}/ns/net", config.pid))?;
     let prefix_len = prefix_of(&netns, config, service.ip())?;
+    let filter = Filter {
+        service: Some(service),
+        ..Filter::default()
+    };
+    let expected = repair::count_connections(&netns, &filter)?;
     let mut link = Link::connect(config.agent, config.step_timeout).await?;
     let sent = Instant::now();
     link.send(&Message::Hello {
@@ -80,6 +85,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     link.send(&Message::Prepare {
         service,
         prefix_len,
+        expected_connections: u32::try_from(expected).unwrap_or(u32::MAX),
     })
     .await?;
     let name = format!("migrate-{}", std::process::id());

@@ -24,7 +24,8 @@ use super::{AgentReport, MigrateError};
 
 /// Bumped on any change of [`Message`] or of the framing: both ends must run the same one.
 /// 2: GoingLive, and Commit says how long the source waits for it.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: Prepare says how many connections to expect.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
 pub const MAX_FRAME: usize = 8 << 20;
@@ -53,9 +54,12 @@ pub enum Message {
         reason: String,
     },
     /// Get ready for the connections of `service`, whose address has `prefix_len` on the source.
+    /// `expected_connections` is the source's count before it stopped the application: the
+    /// agent makes that many sockets ahead, outside the blackout (more may come, or fewer).
     Prepare {
         service: SocketAddr,
         prefix_len: u8,
+        expected_connections: u32,
     },
     Prepared,
     /// The image is complete; the agent restored this many connections, in repair mode.

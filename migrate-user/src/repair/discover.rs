@@ -75,6 +75,15 @@ pub fn list_tcp_sockets(netns: &Netns) -> Result<Vec<DiagSocket>, RepairError> {
         })
 }
 
+/// How many repairable connections `filter` selects in `netns`, whoever holds them: announced
+/// by a migration before it stops the application, so that the destination gets ready for them.
+pub fn count_connections(netns: &Netns, filter: &Filter) -> Result<usize, RepairError> {
+    Ok(list_tcp_sockets(netns)?
+        .iter()
+        .filter(|s| s.state.repairable() && filter.matches(&s.tuple))
+        .count())
+}
+
 /// The connections of process `pid` (whose sockets live in `netns`) that `filter` selects, with
 /// their fds taken into this process.
 pub fn discover(netns: &Netns, pid: u32, filter: &Filter) -> Result<Discovery, RepairError> {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 pub use self::{
     diag::DiagSocket,
-    discover::{Discovery, Filter, TakenSocket, discover, list_tcp_sockets},
+    discover::{Discovery, Filter, TakenSocket, count_connections, discover, list_tcp_sockets},
     dump::{DumpedSockets, dump, dump_with},
     restore::{Committed, RestoredSocket, RestoredSockets, restore, restore_with},
     sockopt::RepairWindow,
