@@ -92,6 +92,24 @@ impl Counter {
     }
 }
 
+/// Most byte ranges of a socket one [`StateRecord`] holds.
+pub const STATE_SPANS: usize = 8;
+/// Longest range, and the limits that let the verifier prove every copy stays in the record: a
+/// range starts before `STATE_SPAN_START_MAX` in the record and is shorter than
+/// `STATE_SPAN_LEN_MAX`.
+pub const STATE_SPAN_LEN_MAX: u32 = 127;
+pub const STATE_SPAN_START_MAX: u32 = 255;
+pub const STATE_RECORD_BYTES: usize = 384;
+
+/// What the tcp_state iterator writes for each TCP socket: the byte ranges of its struct
+/// tcp_sock user space asked for (from the kernel's BTF), one after the other, so the program
+/// knows no kernel layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StateRecord {
+    pub bytes: [u8; STATE_RECORD_BYTES],
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain #[repr(C)] integers and byte arrays with explicit padding: every bit pattern
@@ -99,4 +117,5 @@ mod user {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::FreezeValue {}
+    unsafe impl aya::Pod for super::StateRecord {}
 }

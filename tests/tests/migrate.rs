@@ -9,6 +9,8 @@
 //! byte-exact, and no freeze, program, pin or address may be left on either side.
 //!
 //! Run one at a time: `cargo test -p tcpmig-testbed --test migrate -- --test-threads=1`.
+mod support;
+
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -167,6 +169,67 @@ fn rollback_case(fault: Fault) -> Result<()> {
 fn agent_killed_in_the_middle_of_the_image_rolls_back() -> Result<()> {
     // 1,000 connections with 700 unread bytes each way: an image of about 1.5 MB.
     rollback_case(Fault::KillAgentAfter(700 << 10))
+}
+
+/// On Prepare, before the source freezes, the agent has its pool of sockets and its freeze
+/// programs attached, unpinned: not listed, nothing under the pin root, and a kill at that point
+/// leaves nothing behind.
+#[test]
+fn agent_is_ready_on_prepare_with_nothing_pinned() -> Result<()> {
+    const N: usize = 200;
+    const PORT: u16 = 8095;
+    let bed = TestBed::new()?;
+    let mut traffic = support::queued_traffic(&bed, N, PORT)?;
+    let token = support::TokenFile::new(&bed, "prepare", "prepare token")?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let server_pid = traffic.server_pids()[0];
+    let mut agent = support::start_plain_agent(destination, &token.0, &[], Some("agent-prepared"))?;
+    let agent_pid = agent.child.pid();
+    let mut migrate = support::start_migrate(
+        source,
+        destination,
+        server_pid,
+        PORT,
+        &token.0,
+        support::STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )?;
+    let migrate_pid = migrate.child.pid();
+    agent
+        .stderr
+        .wait_for("test pause at agent-prepared", support::COMMAND_TIMEOUT)?;
+
+    let attached = freeze::attached_programs(&Netns::open(destination.name())?, IFACE)?;
+    ensure!(attached.len() == 2, "programs on Prepare: {attached:?}");
+    let name = format!("agent-{agent_pid}");
+    ensure!(
+        !freeze::Freeze::list()?.contains(&name),
+        "the agent's freeze is listed"
+    );
+    ensure!(
+        !Path::new(freeze::PIN_ROOT).join(&name).exists(),
+        "the agent's freeze is pinned"
+    );
+    let sockets = std::fs::read_dir(format!("/proc/{agent_pid}/fd"))?
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count();
+    ensure!(
+        sockets > N,
+        "the agent holds {sockets} sockets: no pool of {N}"
+    );
+
+    agent.kill()?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(!status.success(), "the migration must fail: {stderr}");
+    ensure!(stderr.contains("rolled back"), "{stderr}");
+    let after = traffic.verify_until(support::BYTES + support::MORE)?;
+    ensure!(
+        after.all_verified(N as u64),
+        "after the rollback: {after:?}"
+    );
+    support::nothing_left(&bed, &[format!("migrate-{migrate_pid}"), name], source)
 }
 
 #[test]

@@ -333,6 +333,11 @@ enum Handoff {
     Exec,
     /// `tcpmig restore --handoff SOCKET` to this test, which starts the server with the fds.
     Unix,
+    /// In this test, in the agent's order: a pool of this many sockets bound to the service
+    /// before its address reaches the destination, the restore on it, the address moved, then
+    /// the commit; the server gets the fds. Half the connections are restored as blocking
+    /// sockets, which the pool's (non-blocking) sockets must become.
+    Pool(usize),
 }
 
 /// One migration of `n` connections to the service on `port`, checked end to end.
@@ -364,6 +369,10 @@ fn migrate(n: usize, ipv6: bool, port: u16, settings: &[(&str, &str)], how: Hand
         Netns::open(bed.source().name())?,
         Netns::open(bed.destination().name())?,
     );
+    let mut pooled = match how {
+        Handoff::Pool(size) => Some(restore_on_a_pool(&dst, &image, service, size)?),
+        Handoff::Exec | Handoff::Unix => None,
+    };
     net::move_address(&src, IFACE, &dst, IFACE, service.ip(), prefix)?;
 
     let adopting = PeerArgs::adopting_server(adopted_stream());
@@ -380,8 +389,11 @@ fn migrate(n: usize, ipv6: bool, port: u16, settings: &[(&str, &str)], how: Hand
                 adopted_stream().timeout() + Duration::from_secs(30),
             )?
         }
-        Handoff::Unix => {
-            let fds = receive_handoff(&scratch, &image, bed.destination(), n)?;
+        Handoff::Unix | Handoff::Pool(_) => {
+            let fds = match pooled.take() {
+                Some((restored, blocking)) => commit_pooled(restored, &blocking)?,
+                None => receive_handoff(&scratch, &image, bed.destination(), n)?,
+            };
             let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
             cmd.args(adopting.to_args());
             Peer::spawn(
@@ -428,6 +440,50 @@ fn migrate(n: usize, ipv6: bool, port: u16, settings: &[(&str, &str)], how: Hand
         started.elapsed()
     );
     Ok(())
+}
+
+/// The image restored in `netns` on a pool of `size` sockets made first, every other connection
+/// as a blocking socket; returns the sockets, in repair mode, and those tuples.
+fn restore_on_a_pool(
+    netns: &Netns,
+    image: &Path,
+    service: SocketAddr,
+    size: usize,
+) -> Result<(repair::RestoredSockets, Vec<Tuple>)> {
+    let pool = repair::SocketPool::prepare(repair::Workers::PerCpu, netns, service, size)?;
+    ensure!(pool.len() == size, "a pool of {} sockets", pool.len());
+    let mut conns = image::decode(&std::fs::read(image)?)?;
+    let mut blocking = Vec::new();
+    for conn in conns.iter_mut().step_by(2) {
+        conn.options.nonblocking = false;
+        blocking.push(conn.tuple);
+    }
+    let restored = repair::restore_with_pool(repair::Workers::PerCpu, netns, &conns, pool)?;
+    ensure!(restored.len() == conns.len(), "{} restored", restored.len());
+    Ok((restored, blocking))
+}
+
+/// Takes the pooled sockets out of repair mode; checks that exactly the `blocking` ones are
+/// blocking, and returns their fds.
+fn commit_pooled(restored: repair::RestoredSockets, blocking: &[Tuple]) -> Result<Vec<OwnedFd>> {
+    let committed = restored.commit();
+    ensure!(
+        committed.failures.is_empty(),
+        "commit: {:?}",
+        committed.failures
+    );
+    for socket in &committed.sockets {
+        // SAFETY: F_GETFL on an fd we own.
+        let flags = unsafe { libc::fcntl(socket.fd.as_raw_fd(), libc::F_GETFL) };
+        ensure!(flags >= 0, "F_GETFL: {}", std::io::Error::last_os_error());
+        ensure!(
+            (flags & libc::O_NONBLOCK == 0) == blocking.contains(&socket.tuple),
+            "{}: O_NONBLOCK is {}",
+            socket.tuple,
+            flags & libc::O_NONBLOCK != 0
+        );
+    }
+    Ok(committed.sockets.into_iter().map(|s| s.fd).collect())
 }
 
 /// `tcpmig restore --handoff` to a Unix socket of this test; returns the fds received.
@@ -570,6 +626,18 @@ fn migrate_thousand_v4_through_a_unix_socket() -> Result<()> {
 #[test]
 fn migrate_ten_thousand_v4() -> Result<()> {
     migrate(10_000, false, 7530, &[], Handoff::Exec)
+}
+
+/// More sockets than connections: those left over are closed, and a new listener takes the port.
+#[test]
+fn migrate_hundred_v4_on_a_larger_pool() -> Result<()> {
+    migrate(100, false, 7570, &[], Handoff::Pool(150))
+}
+
+/// Fewer sockets than connections: the others get fresh ones.
+#[test]
+fn migrate_hundred_v6_on_a_smaller_pool() -> Result<()> {
+    migrate(100, true, 7580, &[], Handoff::Pool(40))
 }
 
 #[test]

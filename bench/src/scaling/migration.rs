@@ -54,9 +54,10 @@ pub struct Phases {
     pub freeze_ms: f64,
     pub dump_ms: f64,
     pub transfer_ms: f64,
-    /// From the end of the image to the agent's Restored.
+    /// From the address deleted on the source to the agent's Restored.
     pub restore_ms: f64,
-    /// Deleting the address on the source, adding and announcing it on the destination.
+    /// Deleting the address on the source (while the agent restores), adding and announcing it
+    /// on the destination.
     pub address_ms: f64,
     /// Destination unfreeze and the first socket out of repair mode.
     pub unfreeze_ms: f64,

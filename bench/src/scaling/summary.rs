@@ -150,7 +150,8 @@ fn markdown(s: &Scaling) -> String {
     md.push_str(&goals(s));
     md.push_str(
         "\nPhases: as `tcpmig migrate --json` reports them; address move = deleting the address \
-         on the source + adding and announcing it on the destination; unfreeze = the \
+         on the source (while the agent restores) + adding and announcing it on the \
+         destination; restore = from the address deleted to the agent's Restored; unfreeze = the \
          destination's unfreeze and first socket out of repair mode. Clients: open loop, 16-byte \
          messages at 20,000 per second over all connections (every connection at least every \
          10 ms), each echo checked byte for byte; the longest gap is the longest silence of any \

@@ -176,10 +176,11 @@ fn summary(r: &Report) -> String {
          blackout {blackout:.1} ms, total {total:.1} ms, image {image} bytes \
          (queued: {send} sent/unsent, {recv} unread)\n\
          phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, freeze \
-         {freeze:.3}, dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}, address \
-         {address:.1}, commit {commit:.1}, finish {finish:.1}\n\
-         destination (ms): restore {drestore:.1}, freeze {dfreeze:.1}, address {daddress:.1}, \
-         repair off {repair_off:.1}, {announcements} announcements\n\
+         {freeze:.3}, dump {dump:.1}, transfer {transfer:.1}, address {address:.1}, restore \
+         {restore:.1}, commit {commit:.1}, finish {finish:.1}\n\
+         destination (ms): on Prepare pool of {pooled} sockets {pool:.1} and freeze programs \
+         {dfreeze:.1}; restore {drestore:.1}, address {daddress:.1}, repair off \
+         {repair_off:.1}, {announcements} announcements\n\
          dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
          SYNs, {din} in, {dout} out\n{stopped}{skipped}",
         kept = r.kept,
@@ -202,6 +203,8 @@ fn summary(r: &Report) -> String {
         address = p.address_ms,
         commit = p.commit_ms,
         finish = p.finish_ms,
+        pooled = d.pooled,
+        pool = d.pool_ms,
         drestore = d.restore_ms,
         dfreeze = d.freeze_ms,
         daddress = d.address_ms,

@@ -15,7 +15,7 @@ use tcpmig::{
     migrate::{self, Privileged},
     net::Netns,
     repair::{
-        self, Connection, Filter,
+        self, Connection, Filter, Workers,
         handoff::{self, ExecCommand},
     },
     tuple::Tuple,
@@ -181,6 +181,11 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let tuples: Vec<Tuple> = discovery.sockets.iter().map(|s| s.tuple).collect();
     let (skipped, listening) = (discovery.skipped.len(), discovery.listening.clone());
 
+    // What needs no freeze is done before it: loading the socket reader, reading the options.
+    let port = args.service.map(|service| service.port()).or(args.port);
+    let reader = repair::StateReader::load(port)?;
+    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds(), reader)?;
+
     let started = Instant::now();
     let freeze_name = format!("dump-{}", args.pid);
     let own_freeze = match &args.freeze_dev {
@@ -198,7 +203,7 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     // From here on, an error drops `dumped` (rolls back) and then `own_freeze` (lifts it).
-    let dumped = repair::dump(discovery.into_fds())?;
+    let dumped = prepared.dump()?;
     let dump_time = started.elapsed();
     let started = Instant::now();
     let encoded = image::encode(dumped.connections());

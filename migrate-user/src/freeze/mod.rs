@@ -4,7 +4,9 @@
 //! A freeze has a name. Its programs are attached with tcx links (clsact filters on kernels
 //! before 6.6) and everything is pinned under /sys/fs/bpf/tcpmig/<name>/, so a freeze set by one
 //! process (a CRIU action script, say) is seen and lifted by another. Every entry carries a
-//! deadline after which the programs let traffic pass again by themselves.
+//! deadline after which the programs let traffic pass again by themselves. A freeze attached with
+//! [`Freeze::attach_unpinned`] instead lives only as long as its handle: a process that must not
+//! leave one behind even when killed (the migration agent) uses that.
 mod pins;
 
 use std::{
@@ -57,6 +59,11 @@ pub enum FreezeError {
     UnknownInterface { dev: String, netns: String },
     #[error("freeze {name} already exists on {dev} in another network namespace or interface")]
     NameInUse { name: String, dev: String },
+    #[error(
+        "freeze {0} is pinned under {PIN_ROOT}/{0}: remove it (`tcpmig unfreeze`) or choose \
+         another name"
+    )]
+    Pinned(String),
     #[error("no freeze named {0} (nothing pinned under {PIN_ROOT}/{0})")]
     NotFound(String),
     #[error("mounting bpffs for {PIN_ROOT}")]
@@ -158,14 +165,26 @@ pub struct FreezeStatus {
 /// Status lists tuples one by one only up to this many.
 const STATUS_TUPLE_LIST_MAX: usize = 32;
 
-/// An attached, pinned freeze: its maps are open, its programs stay attached after this handle
-/// (and the process) is gone, until [`Freeze::remove`] or `tcpmig unfreeze`.
+/// An attached freeze, its maps open. A pinned one ([`Freeze::attach`]) stays attached after this
+/// handle (and the process) is gone, until [`Freeze::remove`] or `tcpmig unfreeze`; an unpinned
+/// one ([`Freeze::attach_unpinned`]) is detached when the handle drops.
 pub struct Freeze {
     info: FreezeInfo,
     services: HashMap<MapData, ServiceKey, FreezeValue>,
     tuples: HashMap<MapData, TupleKey, FreezeValue>,
     tuples_fd: OwnedFd,
     counters: PerCpuArray<MapData, u64>,
+    links: Links,
+}
+
+/// What keeps a freeze's programs attached.
+enum Links {
+    /// Pins (tcx) or the qdisc (clsact): they outlive the handle and the process.
+    Pinned,
+    /// The handle's own tcx links: the kernel detaches them when their last fd closes, also when
+    /// the process is killed. Clsact filters (kernels before 6.6) are deleted when the handle
+    /// drops; a killed process leaves those behind.
+    Owned { _links: Vec<FdLink> },
 }
 
 impl Freeze {
@@ -188,10 +207,33 @@ impl Freeze {
             }
         }
         let dir = pins::PinDir::create(name)?;
-        let info = netns.run(|| attach_programs(netns, dev, name, dir.path()))??;
+        let (info, _) = netns.run(|| attach_programs(netns, dev, name, dir.path(), Pin::Yes))??;
         pins::write_info(&info)?;
         dir.keep();
         Self::open_with(info)
+    }
+
+    /// Attaches the freeze programs to `dev` in `netns` for as long as the returned handle lives:
+    /// nothing is pinned and no metadata is written, so a process killed at any point leaves
+    /// nothing attached (tcx), and other processes (`tcpmig status`, `unfreeze`) do not see it.
+    /// Nothing is frozen yet.
+    pub fn attach_unpinned(netns: &Netns, dev: &str, name: &str) -> Result<Self, FreezeError> {
+        check_privileges()?;
+        validate_name(name)?;
+        ensure_bpffs().map_err(FreezeError::Bpffs)?;
+        if pins::dir(name).exists() || pins::read_info(name)?.is_some() {
+            return Err(FreezeError::Pinned(name.to_owned()));
+        }
+        // The programs declare their maps pinned by name, which the loader always honours: they
+        // are pinned in the freeze's directory for the time of the attach, and this guard removes
+        // it (the open maps live on). A process killed meanwhile leaves only that directory,
+        // which `remove` deletes.
+        let dir = pins::PinDir::create(name)?;
+        let (info, links) =
+            netns.run(|| attach_programs(netns, dev, name, dir.path(), Pin::No))??;
+        let freeze = Self::open_with_links(info, links)?;
+        drop(dir);
+        Ok(freeze)
     }
 
     /// Opens an existing freeze by name, from any process.
@@ -208,6 +250,11 @@ impl Freeze {
     }
 
     fn open_with(info: FreezeInfo) -> Result<Self, FreezeError> {
+        Self::open_with_links(info, Links::Pinned)
+    }
+
+    /// Opens the maps pinned for `info`, with `links` keeping the programs attached.
+    fn open_with_links(info: FreezeInfo, links: Links) -> Result<Self, FreezeError> {
         let dir = pins::dir(&info.name);
         let open = |map: &str| -> Result<Map, FreezeError> {
             Ok(Map::from_map_data(MapData::from_pin(dir.join(map))?)?)
@@ -228,6 +275,7 @@ impl Freeze {
             tuples_fd,
             counters: PerCpuArray::try_from(open(COUNTERS_MAP)?)?,
             info,
+            links,
         })
     }
 
@@ -346,8 +394,26 @@ impl Freeze {
     /// flows, and nothing of tcpmig is left on the interface.
     pub fn remove(self) -> Result<(), FreezeError> {
         let info = self.info.clone();
+        let pinned = matches!(self.links, Links::Pinned);
+        // An unpinned freeze detaches as it drops.
         drop(self);
-        remove_by_info(&info)
+        if pinned {
+            remove_by_info(&info)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        // Owned tcx links detach as their fds close, after this; clsact filters need a request.
+        if matches!(self.links, Links::Owned { .. })
+            && self.info.attach == AttachMode::Clsact
+            && let Err(error) = detach_clsact(&self.info)
+        {
+            tracing::warn!(name = %self.info.name, %error, "detaching the freeze's filters");
+        }
     }
 }
 
@@ -431,17 +497,20 @@ pub fn default_name(netns: &Netns) -> String {
 fn remove_by_info(info: &FreezeInfo) -> Result<(), FreezeError> {
     match info.attach {
         AttachMode::Tcx => detach_tcx_links(&info.name)?,
-        AttachMode::Clsact => {
-            let netns = Netns::open(&info.netns)?;
-            netns.run(|| {
-                for (program, attach_type) in programs() {
-                    // Already gone (interface deleted, say) is fine: we are removing it.
-                    let _ = tc::qdisc_detach_program(info.ifindex, attach_type.into(), program);
-                }
-            })?;
-        }
+        AttachMode::Clsact => detach_clsact(info)?,
     }
     pins::remove_all(&info.name)
+}
+
+fn detach_clsact(info: &FreezeInfo) -> Result<(), FreezeError> {
+    let netns = Netns::open(&info.netns)?;
+    netns.run(|| {
+        for (program, attach_type) in programs() {
+            // Already gone (interface deleted, say) is fine: we are removing it.
+            let _ = tc::qdisc_detach_program(info.ifindex, attach_type.into(), program);
+        }
+    })?;
+    Ok(())
 }
 
 fn detach_tcx_links(name: &str) -> Result<(), FreezeError> {
@@ -513,13 +582,22 @@ fn programs() -> [(&'static str, TcAttachType); 2] {
     ]
 }
 
-/// Loads the programs (their maps pinned in `dir`) and attaches them; runs inside `netns`.
+/// Whether [`attach_programs`] pins the tcx links or hands them over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    Yes,
+    No,
+}
+
+/// Loads the programs (their maps pinned in `dir`) and attaches them; runs inside `netns`. The
+/// tcx links are pinned in `dir`, or returned with [`Pin::No`].
 fn attach_programs(
     netns: &Netns,
     dev: &str,
     name: &str,
     dir: &Path,
-) -> Result<FreezeInfo, FreezeError> {
+    pin: Pin,
+) -> Result<(FreezeInfo, Links), FreezeError> {
     let unknown = || FreezeError::UnknownInterface {
         dev: dev.to_owned(),
         netns: netns.spec().to_owned(),
@@ -553,6 +631,7 @@ fn attach_programs(
             }
         }
     }
+    let mut owned = Vec::new();
     for (program, attach_type) in programs() {
         let classifier: &mut SchedClassifier = ebpf
             .program_mut(program)
@@ -561,23 +640,30 @@ fn attach_programs(
         classifier.load()?;
         let link_id = classifier.attach(ifindex, TcAttach::Auto(attach_type))?;
         let link = classifier.take_link(link_id)?;
-        match attach {
-            AttachMode::Tcx => {
+        match (attach, pin) {
+            (AttachMode::Tcx, Pin::Yes) => {
                 let link: FdLink = link.try_into()?;
                 let _: PinnedLink = link.pin(dir.join(program))?;
             }
-            // A clsact filter stays on the qdisc once our handle is gone; remove() deletes it.
-            AttachMode::Clsact => std::mem::forget(link),
+            (AttachMode::Tcx, Pin::No) => owned.push(link.try_into()?),
+            // A clsact filter stays on the qdisc once our handle is gone; remove() (or the
+            // unpinned handle's drop) deletes it.
+            (AttachMode::Clsact, _) => std::mem::forget(link),
         }
     }
-    Ok(FreezeInfo {
+    let info = FreezeInfo {
         name: name.to_owned(),
         netns: netns.spec().to_owned(),
         netns_inode: netns.inode(),
         dev: dev.to_owned(),
         ifindex,
         attach,
-    })
+    };
+    let links = match pin {
+        Pin::Yes => Links::Pinned,
+        Pin::No => Links::Owned { _links: owned },
+    };
+    Ok((info, links))
 }
 
 /// Names of the tcpmig programs attached with tcx on `dev` in `netns`, both directions: how a

@@ -1,4 +1,5 @@
-//! The destination side: receive, restore in repair mode, and go live on Commit.
+//! The destination side: get ready on Prepare (a pool of sockets and the freeze programs, before
+//! the source freezes), receive, restore in repair mode, and go live on Commit.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -11,14 +12,14 @@ use super::{
     transport::{Frame, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
-    freeze::{self, Freeze, RemoveOnDrop},
+    freeze::{self, Freeze},
     image::{Decoded, Decoder},
-    net::{self, Netns},
-    repair::{self, Connection, RestoredSocket, RestoredSockets},
+    net::{self, Netns, Takeover},
+    repair::{self, Connection, RestoredSocket, RestoredSockets, SocketPool, Workers},
 };
 
 /// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
-/// those of one that was killed.
+/// what one that was killed left pinned.
 const FREEZE_PREFIX: &str = "agent-";
 /// The largest image an agent accepts by default: about 10 million idle connections, or 16,000
 /// with full 64 KiB queues both ways. The agent holds the whole image in memory.
@@ -67,29 +68,35 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
     let (mut link, source) = accept_source(config).await?;
-    let (service, prefix_len) = match link.recv_message("waiting for Prepare", None).await? {
-        Message::Prepare {
-            service,
-            prefix_len,
-            ..
-        } => (service, prefix_len),
-        other => return Err(link.unexpected("waiting for Prepare", &other)),
+    let (service, prefix_len, expected) =
+        match link.recv_message("waiting for Prepare", None).await? {
+            Message::Prepare {
+                service,
+                prefix_len,
+                expected_connections,
+            } => (service, prefix_len, expected_connections),
+            other => return Err(link.unexpected("waiting for Prepare", &other)),
+        };
+    let mut report = AgentReport::default();
+    let ready = prepare(config, netns, service, prefix_len, expected, &mut report);
+    let Ready {
+        pool,
+        mut freeze,
+        takeover,
+    } = match ready {
+        Ok(ready) => ready,
+        Err(error) => return Err(failed(&mut link, error).await),
     };
     link.send(&Message::Prepared).await?;
     test_pause("agent-prepared");
-    let result = receive_and_restore(config, netns, &mut link, service).await;
-    let (restored, attaching, mut report) = match result {
-        Ok(done) => done,
-        Err(error) => {
-            if !matches!(error, MigrateError::Aborted { .. }) {
-                let _ = link
-                    .send(&Message::Failed {
-                        error: super::chain(&error),
-                    })
-                    .await;
-            }
-            return Err(error);
-        }
+    let restoring = receive_and_restore(config, netns, &mut link, pool, &mut report).await;
+    let restored = match restoring.and_then(|restored| {
+        // The deadline counts from here, not from Prepare: one map update.
+        freeze.freeze_services(&[service], FREEZE_TTL)?;
+        Ok(restored)
+    }) {
+        Ok(restored) => restored,
+        Err(error) => return Err(failed(&mut link, error).await),
     };
     link.send(&Message::Restored {
         connections: restored.len(),
@@ -112,12 +119,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
             after_ms: after.as_millis() as u64,
             limit_ms: answer_within_ms,
         };
-        let _ = link
-            .send(&Message::Failed {
-                error: super::chain(&error),
-            })
-            .await;
-        return Err(error);
+        return Err(failed(&mut link, error).await);
     }
     test_pause("agent-commit");
     // From here on the connections go live here whatever happens to the link: the source
@@ -125,17 +127,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    let (freeze, freeze_time) = attaching.join()?;
-    report.freeze_ms = millis(freeze_time);
-    let sockets = go_live(
-        config,
-        netns,
-        restored,
-        freeze,
-        service,
-        prefix_len,
-        &mut report,
-    )?;
+    let sockets = go_live(&takeover, restored, freeze, service, &mut report)?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
         report: report.clone(),
@@ -210,60 +202,78 @@ async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateE
     }
 }
 
-/// Receives the image and restores it in repair mode, while the freeze gets attached.
+/// Tells the source that this side failed (unless the source aborted), and returns the error.
+async fn failed(link: &mut Link, error: MigrateError) -> MigrateError {
+    if !matches!(error, MigrateError::Aborted { .. }) {
+        let _ = link
+            .send(&Message::Failed {
+                error: super::chain(&error),
+            })
+            .await;
+    }
+    error
+}
+
+/// What [`prepare`] made ready.
+struct Ready<'a> {
+    pool: SocketPool,
+    freeze: Freeze,
+    takeover: Takeover<'a>,
+}
+
+/// What the blackout would otherwise pay for, done on Prepare, before the source stops its
+/// application: a pool of `expected` sockets bound to the service (socket() and bind are the
+/// costliest restore calls); on a thread beside it, the freeze programs (10-40 ms of CPU that
+/// would compete with the restore for the CPUs); then the netlink session and packet socket
+/// that add and announce the address. The freeze is unpinned: an agent killed at any point
+/// leaves nothing attached.
+fn prepare<'a>(
+    config: &'a AgentConfig,
+    netns: &'a Netns,
+    service: SocketAddr,
+    prefix_len: u8,
+    expected: u32,
+    report: &mut AgentReport,
+) -> Result<Ready<'a>, MigrateError> {
+    let name = format!("{FREEZE_PREFIX}{}", std::process::id());
+    let (pool, freeze) = std::thread::scope(|scope| {
+        let attaching = scope.spawn(|| {
+            let started = Instant::now();
+            let freeze = Freeze::attach_unpinned(netns, &config.dev, &name);
+            (freeze, started.elapsed())
+        });
+        let started = Instant::now();
+        let pool = SocketPool::prepare(Workers::PerCpu, netns, service, expected as usize);
+        report.pool_ms = millis(started.elapsed());
+        let (freeze, freeze_time) = attaching
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        report.freeze_ms = millis(freeze_time);
+        (pool, freeze)
+    });
+    let pool = pool?;
+    report.pooled = pool.len();
+    Ok(Ready {
+        pool,
+        freeze: freeze?,
+        takeover: Takeover::prepare(netns, &config.dev, service.ip(), prefix_len)?,
+    })
+}
+
+/// Receives the image and restores it in repair mode, on the pool's sockets.
 async fn receive_and_restore(
     config: &AgentConfig,
     netns: &Netns,
     link: &mut Link,
-    service: SocketAddr,
-) -> Result<(RestoredSockets, Attaching, AgentReport), MigrateError> {
+    pool: SocketPool,
+    report: &mut AgentReport,
+) -> Result<RestoredSockets, MigrateError> {
     let connections = receive_image(config, link).await?;
-    // Attached only now, so that an agent killed before leaves nothing behind; it only needs to
-    // be in place before the address exists here (on Commit), so it runs behind the restore and
-    // the round trip to the source.
-    let attaching = Attaching::start(config, service);
     let started = Instant::now();
-    let restored = repair::restore(netns, &connections)?;
-    let report = AgentReport {
-        restored: connections.len(),
-        restore_ms: millis(started.elapsed()),
-        ..AgentReport::default()
-    };
-    Ok((restored, attaching, report))
-}
-
-/// The destination's freeze being attached and set on a thread of its own; joined on Commit,
-/// or when dropped (which then removes it).
-struct Attaching(Option<std::thread::JoinHandle<Result<(RemoveOnDrop, Duration), MigrateError>>>);
-
-impl Attaching {
-    fn start(config: &AgentConfig, service: SocketAddr) -> Self {
-        let (spec, dev) = (config.netns.clone(), config.dev.clone());
-        let name = format!("{FREEZE_PREFIX}{}", std::process::id());
-        Self(Some(std::thread::spawn(move || {
-            let started = Instant::now();
-            let netns = Netns::open(&spec)?;
-            let mut freeze = RemoveOnDrop::new(Freeze::attach(&netns, &dev, &name)?);
-            freeze.freeze_services(&[service], FREEZE_TTL)?;
-            Ok((freeze, started.elapsed()))
-        })))
-    }
-
-    fn join(mut self) -> Result<(RemoveOnDrop, Duration), MigrateError> {
-        let handle = self.0.take().expect("joined once");
-        handle
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
-}
-
-impl Drop for Attaching {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            // The freeze, if attached, is removed as its guard drops.
-            let _ = handle.join();
-        }
-    }
+    let restored = repair::restore_with_pool(Workers::PerCpu, netns, &connections, pool)?;
+    report.restored = connections.len();
+    report.restore_ms = millis(started.elapsed());
+    Ok(restored)
 }
 
 async fn receive_image(
@@ -309,18 +319,14 @@ async fn receive_image(
 
 /// Address, first announcement, unfreeze, repair off (the blackout ends), more announcements.
 fn go_live(
-    config: &AgentConfig,
-    netns: &Netns,
+    takeover: &Takeover<'_>,
     restored: RestoredSockets,
-    mut freeze: RemoveOnDrop,
+    mut freeze: Freeze,
     service: SocketAddr,
-    prefix_len: u8,
     report: &mut AgentReport,
 ) -> Result<Vec<RestoredSocket>, MigrateError> {
     let committed_at = Instant::now();
-    let ip = service.ip();
-    net::add_address(netns, &config.dev, ip, prefix_len)?;
-    net::announce(netns, &config.dev, ip, 1, Duration::ZERO)?;
+    takeover.claim()?;
     report.address_ms = millis(committed_at.elapsed());
     freeze.thaw_services(&[service])?;
     report.live_after_commit_ms = millis(committed_at.elapsed());
@@ -334,11 +340,19 @@ fn go_live(
     report.failed = committed.failures.len();
     report.first_failure = committed.failures.first().map(ToString::to_string);
     // One lost frame must not matter: the rest of the announcements, now that traffic flows.
-    let more = net::ANNOUNCE_COUNT - 1;
-    net::announce(netns, &config.dev, ip, more, net::ANNOUNCE_INTERVAL)?;
-    report.announcements = 1 + more;
+    // The connections are live by now, so a frame the interface refuses (ENOBUFS while the
+    // window probes of thousands of sockets fill its queue) is only logged, and the next one is
+    // tried.
+    report.announcements = 1;
+    for _ in 1..net::ANNOUNCE_COUNT {
+        std::thread::sleep(net::ANNOUNCE_INTERVAL);
+        match takeover.announce(1, Duration::ZERO) {
+            Ok(()) => report.announcements += 1,
+            Err(error) => tracing::warn!(%error, "announcing the address again"),
+        }
+    }
     report.dropped = freeze.counters()?.into();
-    Freeze::remove(freeze.keep())?;
+    freeze.remove()?;
     Ok(committed.sockets)
 }
 
@@ -355,8 +369,9 @@ fn resident_memory() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Removes the freezes of agents that died (killed in mid-migration): their programs would stay
-/// attached, idle, until then.
+/// Removes what agents that died left pinned: the whole freeze of an older agent (its programs
+/// would stay attached, idle, until then), or the maps of one killed while attaching its unpinned
+/// freeze.
 fn remove_stale_freezes() {
     let Ok(names) = Freeze::list() else {
         return;

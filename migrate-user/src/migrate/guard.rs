@@ -352,7 +352,7 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
     );
     let mut first_error = None;
     let ip = start.service.ip();
-    // Deleted just before Commit; adding an address that is there is a no-op.
+    // Deleted while the agent restores; adding an address that is there is a no-op.
     if let Err(error) = net::add_address(&start.netns, &start.dev, ip, start.prefix_len) {
         first_error.get_or_insert(error.into());
     }

@@ -4,14 +4,17 @@
 //! destination. The steps (design.md, "One migration, step by step"), with a two-phase commit:
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
-//!    programs.
-//! 2. the source stops the application's process tree (SIGSTOP), finds its connections, freezes
-//!    the service (one map update: the blackout starts) and dumps the sockets, which stay in
-//!    repair mode.
-//! 3. the image streams to the agent, which attaches its own freeze, freezes the service (before
-//!    the address exists there, so nothing is answered with an RST) and restores the sockets in
-//!    repair mode; it answers Restored.
-//! 4. the source deletes the service address and sends Commit; the agent adds the address,
+//!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
+//!    makes a pool of sockets bound to the service, one per connection the source counted.
+//! 2. the source stops the application's process tree (SIGSTOP), finds its connections and reads
+//!    the options only the application sets, freezes the service (one map update: the blackout
+//!    starts) and dumps the sockets (one pass of a BPF iterator, then repair mode on each), which
+//!    stay in repair mode.
+//! 3. the image streams to the agent, which restores the sockets in repair mode on its pool and
+//!    freezes the service (before the address exists there, so nothing is answered with an RST);
+//!    it answers Restored.
+//! 4. the source has deleted the service address while the agent restored, and sends Commit
+//!    once it has Restored; the agent adds the address (netlink session opened on Prepare),
 //!    announces it (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
 //!    repair mode (the blackout ends), and answers Committed.
 //! 5. the source closes its repair-mode sockets silently, ends the application if asked, and
@@ -217,10 +220,18 @@ pub struct AgentReport {
     /// Connections that failed to leave repair mode (closed silently), and the first error.
     pub failed: usize,
     pub first_failure: Option<String>,
-    /// Attaching the freeze programs and freezing the service on the destination, in parallel
-    /// with the restore and the round trip to the source.
+    /// Attaching the freeze programs on the destination, on Prepare (before the source
+    /// freezes), beside the pool.
     pub freeze_ms: f64,
-    /// Recreating the sockets in repair mode.
+    /// Making the pool of sockets on Prepare, before the source freezes: socket(), repair mode
+    /// and bind, out of the blackout.
+    #[serde(default)]
+    pub pool_ms: f64,
+    /// Sockets in that pool: the source's count of connections before it stopped the
+    /// application. Connections beyond it, or on another local address, got fresh sockets.
+    #[serde(default)]
+    pub pooled: usize,
+    /// Recreating the sockets in repair mode, on the pool's sockets.
     pub restore_ms: f64,
     /// From Commit received to the address added and first announced.
     pub address_ms: f64,
@@ -279,7 +290,8 @@ pub struct Phases {
     pub prepare_ms: f64,
     /// Stopping the application's process tree.
     pub stop_ms: f64,
-    /// Finding its connections (sock_diag, pidfd_getfd).
+    /// Finding its connections (sock_diag, pidfd_getfd) and reading the options only the
+    /// application sets, before the freeze.
     pub discover_ms: f64,
     /// The map update that freezes the service: the blackout starts.
     pub freeze_ms: f64,
@@ -287,10 +299,10 @@ pub struct Phases {
     pub dump_ms: f64,
     /// Encoding the image and sending it.
     pub transfer_ms: f64,
-    /// From the end of the image to the agent's Restored.
-    pub restore_ms: f64,
-    /// Deleting the service address on the source.
+    /// Deleting the service address on the source, while the agent restores.
     pub address_ms: f64,
+    /// From the address deleted to the agent's Restored.
+    pub restore_ms: f64,
     /// From Commit sent to Committed received (address, announcements, repair off there).
     pub commit_ms: f64,
     /// Closing the source sockets, ending the application, removing the freeze.

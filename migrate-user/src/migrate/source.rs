@@ -16,7 +16,7 @@ use crate::{
     freeze::{Freeze, RemoveOnDrop},
     image,
     net::{self, Netns},
-    repair::{self, DumpedSockets, Filter},
+    repair::{self, DumpedSockets, Filter, StateReader, Workers},
 };
 
 #[derive(Clone, Debug)]
@@ -52,6 +52,8 @@ pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
 /// What the source holds while the migration can still be undone.
 struct Held {
     freeze: RemoveOnDrop,
+    /// The dump's socket reader, loaded before the application stops; taken by the dump.
+    reader: Option<StateReader>,
     stopped: Option<StoppedTree>,
     dumped: Option<DumpedSockets>,
     /// The address was deleted and must come back on rollback.
@@ -135,8 +137,10 @@ async fn guarded(
 ) -> Result<Report, MigrateError> {
     let started = Instant::now();
     let freeze = RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?);
+    let reader = StateReader::load(Some(service.port()))?;
     let mut held = Held {
         freeze,
+        reader: Some(reader),
         stopped: None,
         dumped: None,
         address_deleted: false,
@@ -269,13 +273,16 @@ async fn until_live(
         })
         .collect::<Result<_, _>>()?;
     guardian.note(&Note::Sockets { sockets })?;
+    // What only the stopped application could change is read now, outside the blackout.
+    let reader = held.reader.take().expect("the reader is taken once");
+    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds(), reader)?;
     phases.discover_ms = millis(step.elapsed());
     let frozen = Instant::now();
     held.freeze.freeze_services(&[service], FREEZE_TTL)?;
     phases.freeze_ms = millis(frozen.elapsed());
     test_pause("frozen");
     let step = Instant::now();
-    let dumped = held.dumped.insert(repair::dump(discovery.into_fds())?);
+    let dumped = held.dumped.insert(prepared.dump()?);
     phases.dump_ms = millis(step.elapsed());
     test_pause("dumped");
     let step = Instant::now();
@@ -288,6 +295,13 @@ async fn until_live(
         link.send_image(piece).await?;
     }
     phases.transfer_ms = millis(step.elapsed());
+    // While the agent restores: the address is of no use here any more (the freeze drops the
+    // service's traffic), and a rollback puts it back.
+    let step = Instant::now();
+    net::delete_address(netns, &config.dev, service.ip(), prefix_len)?;
+    held.address_deleted = true;
+    phases.address_ms = millis(step.elapsed());
+    test_pause("address-deleted");
     let step = Instant::now();
     match link
         .recv_message("waiting for the agent to restore", None)
@@ -301,11 +315,6 @@ async fn until_live(
     }
     phases.restore_ms = millis(step.elapsed());
     test_pause("restored");
-    let step = Instant::now();
-    net::delete_address(netns, &config.dev, service.ip(), prefix_len)?;
-    held.address_deleted = true;
-    phases.address_ms = millis(step.elapsed());
-    test_pause("address-deleted");
     // The decision, recorded before it is sent: if we die from here on, the guard finishes the
     // commit instead of rolling back.
     guardian.note(&Note::Committing)?;

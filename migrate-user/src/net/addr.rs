@@ -6,36 +6,44 @@ use tracing::{debug, info, warn};
 use super::{
     NetError, Netns, announce,
     announce::{ANNOUNCE_COUNT, ANNOUNCE_INTERVAL},
-    rtnl::{errno, with_link},
+    rtnl::{Session, errno, with_link},
 };
 
 /// Puts `addr/prefix_len` on `dev` in `netns`. Already there with that prefix: nothing to do.
 /// IPv6 addresses skip duplicate address detection so that they are usable at once.
 pub fn add_address(netns: &Netns, dev: &str, addr: IpAddr, prefix_len: u8) -> Result<(), NetError> {
     check_prefix(addr, prefix_len)?;
-    with_link(netns, dev, |session| {
-        let error = match session.add_address(addr, prefix_len) {
-            Ok(()) => {
-                info!(%netns, dev, %addr, prefix_len, "address added");
-                return Ok(());
-            }
-            Err(error) => error,
-        };
-        if errno(&error) != Some(libc::EEXIST) {
-            return Err(session.netlink_error(format!("adding {addr}/{prefix_len}"), error));
+    with_link(netns, dev, |session| add_with(session, addr, prefix_len))
+}
+
+/// [`add_address`] on an open session.
+pub(super) fn add_with(
+    session: &Session<'_>,
+    addr: IpAddr,
+    prefix_len: u8,
+) -> Result<(), NetError> {
+    let (netns, dev) = (session.netns, session.dev);
+    let error = match session.add_address(addr, prefix_len) {
+        Ok(()) => {
+            info!(%netns, dev, %addr, prefix_len, "address added");
+            return Ok(());
         }
-        // IPv6 refuses a second prefix length for the same address with EEXIST too.
-        if session.addresses()?.contains(&(addr, prefix_len)) {
-            debug!(%netns, dev, %addr, prefix_len, "address already there");
-            Ok(())
-        } else {
-            Err(NetError::AddressConflict {
-                netns: netns.to_string(),
-                dev: dev.to_owned(),
-                addr,
-            })
-        }
-    })
+        Err(error) => error,
+    };
+    if errno(&error) != Some(libc::EEXIST) {
+        return Err(session.netlink_error(format!("adding {addr}/{prefix_len}"), error));
+    }
+    // IPv6 refuses a second prefix length for the same address with EEXIST too.
+    if session.addresses()?.contains(&(addr, prefix_len)) {
+        debug!(%netns, dev, %addr, prefix_len, "address already there");
+        Ok(())
+    } else {
+        Err(NetError::AddressConflict {
+            netns: netns.to_string(),
+            dev: dev.to_owned(),
+            addr,
+        })
+    }
 }
 
 /// Removes `addr/prefix_len` from `dev` in `netns`; [`NetError::AddressMissing`] if it is not
@@ -129,7 +137,7 @@ pub fn move_address(
 }
 
 /// Catches a wrong prefix before the kernel answers a bare EINVAL.
-fn check_prefix(addr: IpAddr, prefix_len: u8) -> Result<(), NetError> {
+pub(super) fn check_prefix(addr: IpAddr, prefix_len: u8) -> Result<(), NetError> {
     let max = if addr.is_ipv4() { 32 } else { 128 };
     if prefix_len > max {
         return Err(NetError::InvalidPrefix {

@@ -19,7 +19,10 @@ use std::{
 use netlink_packet_route::link::LinkLayerType;
 use tracing::debug;
 
-use super::{NetError, Netns, rtnl::with_link};
+use super::{
+    NetError, Netns,
+    rtnl::{Session, with_link},
+};
 
 /// How many announcements [`super::move_address`] sends: one lost frame must not matter.
 pub const ANNOUNCE_COUNT: u32 = 3;
@@ -61,13 +64,31 @@ pub fn announce(
                 addr,
             });
         }
+        Announcer::open_here(session, addr)?.send(count, interval)
+    })
+}
+
+/// A packet socket on the interface and the frame announcing one address on it.
+pub(super) struct Announcer {
+    socket: PacketSocket,
+    frame: Vec<u8>,
+    netns: String,
+    dev: String,
+    addr: IpAddr,
+}
+
+impl Announcer {
+    /// Builds the frame from the interface's MAC and binds the socket; the calling thread must
+    /// be in the session's namespace (a packet socket belongs to the one it was made in).
+    pub(super) fn open_here(session: &Session<'_>, addr: IpAddr) -> Result<Self, NetError> {
+        let (netns, dev) = (session.netns.to_string(), session.dev.to_owned());
         let link = &session.link;
         let mac = match link.mac {
             Some(mac) if link.link_type == LinkLayerType::Ether => mac,
             _ => {
                 return Err(NetError::NotEthernet {
-                    netns: netns.to_string(),
-                    dev: dev.to_owned(),
+                    netns,
+                    dev,
                     link_type: link.link_type.to_string(),
                 });
             }
@@ -76,24 +97,41 @@ pub fn announce(
             IpAddr::V4(ip) => (gratuitous_arp(mac, ip), ETH_P_ARP, BROADCAST),
             IpAddr::V6(ip) => (neighbour_advertisement(mac, ip), ETH_P_IPV6, ALL_NODES_MAC),
         };
-        let sent = PacketSocket::bind(link.index, ethertype, destination).and_then(|socket| {
-            for round in 0..count {
-                if round > 0 {
-                    std::thread::sleep(interval);
-                }
-                socket.send(&frame)?;
+        match PacketSocket::bind(link.index, ethertype, destination) {
+            Ok(socket) => Ok(Self {
+                socket,
+                frame,
+                netns,
+                dev,
+                addr,
+            }),
+            Err(source) => Err(NetError::Send {
+                netns,
+                dev,
+                addr,
+                source,
+            }),
+        }
+    }
+
+    /// Sends `count` announcements, `interval` apart.
+    pub(super) fn send(&self, count: u32, interval: Duration) -> Result<(), NetError> {
+        for round in 0..count {
+            if round > 0 {
+                std::thread::sleep(interval);
             }
-            Ok(())
-        });
-        sent.map_err(|source| NetError::Send {
-            netns: netns.to_string(),
-            dev: dev.to_owned(),
-            addr,
-            source,
-        })?;
-        debug!(%netns, dev, %addr, count, ?interval, "address announced");
+            self.socket
+                .send(&self.frame)
+                .map_err(|source| NetError::Send {
+                    netns: self.netns.clone(),
+                    dev: self.dev.clone(),
+                    addr: self.addr,
+                    source,
+                })?;
+        }
+        debug!(netns = self.netns, dev = self.dev, addr = %self.addr, count, ?interval, "address announced");
         Ok(())
-    })
+    }
 }
 
 /// ARP request with sender = target = `ip`, broadcast: how Linux itself announces (arp_notify),

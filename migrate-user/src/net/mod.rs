@@ -7,6 +7,7 @@ mod addr;
 mod announce;
 mod netns;
 mod rtnl;
+mod takeover;
 
 use std::{io, net::IpAddr, time::Duration};
 
@@ -15,6 +16,7 @@ pub use announce::{
     ANNOUNCE_COUNT, ANNOUNCE_INTERVAL, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL, announce,
 };
 pub use netns::{Netns, NetnsError};
+pub use takeover::Takeover;
 
 /// Failures of the network plane; each names the namespace, interface or address involved and
 /// what to do about it.

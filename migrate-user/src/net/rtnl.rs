@@ -27,8 +27,8 @@ pub(super) struct Session<'a> {
     runtime: Runtime,
     handle: Handle,
     pub(super) link: Link,
-    netns: &'a Netns,
-    dev: &'a str,
+    pub(super) netns: &'a Netns,
+    pub(super) dev: &'a str,
 }
 
 impl Session<'_> {
@@ -142,13 +142,9 @@ fn local_address(message: &AddressMessage) -> Option<IpAddr> {
     find(true).or_else(|| find(false))
 }
 
-/// Runs `f` on a thread inside `netns` with a netlink session there and `dev` looked up.
-pub(super) fn with_link<T: Send>(
-    netns: &Netns,
-    dev: &str,
-    f: impl FnOnce(&Session<'_>) -> Result<T, NetError> + Send,
-) -> Result<T, NetError> {
-    netns.run(|| {
+impl<'a> Session<'a> {
+    /// Opens a session in the calling thread's namespace, which must be `netns`.
+    fn open_here(netns: &'a Netns, dev: &'a str) -> Result<Self, NetError> {
         let failed = |action, source| netlink_error(netns, dev, action, source);
         let (runtime, handle) =
             connect().map_err(|e| failed("opening a netlink socket".to_owned(), e))?;
@@ -158,14 +154,35 @@ pub(super) fn with_link<T: Send>(
                 netns: netns.to_string(),
                 dev: dev.to_owned(),
             })?;
-        f(&Session {
+        Ok(Session {
             runtime,
             handle,
             link,
             netns,
             dev,
         })
-    })?
+    }
+
+    /// Closes the session without waiting for its runtime: the way to drop it from inside
+    /// another runtime, where a blocking drop panics.
+    pub(super) fn close_in_background(self) {
+        self.runtime.shutdown_background();
+    }
+
+    /// Opens a session inside `netns` from any thread: its netlink socket stays bound to that
+    /// namespace, so the session works from whichever thread uses it.
+    pub(super) fn open(netns: &'a Netns, dev: &'a str) -> Result<Self, NetError> {
+        netns.run(|| Self::open_here(netns, dev))?
+    }
+}
+
+/// Runs `f` on a thread inside `netns` with a netlink session there and `dev` looked up.
+pub(super) fn with_link<T: Send>(
+    netns: &Netns,
+    dev: &str,
+    f: impl FnOnce(&Session<'_>) -> Result<T, NetError> + Send,
+) -> Result<T, NetError> {
+    netns.run(|| f(&Session::open_here(netns, dev)?))?
 }
 
 fn netlink_error(netns: &Netns, dev: &str, action: String, source: NetlinkError) -> NetError {

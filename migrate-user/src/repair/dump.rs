@@ -10,8 +10,8 @@ use bytes::Bytes;
 
 use super::{
     Connection, Keepalive, Negotiated, Phase, RepairError, SocketOptions, Workers,
-    diag::{self, DiagState},
-    sockopt::{self as so, Queue, RepairWindow},
+    kernel_state::{SocketState, StateReader},
+    sockopt::{self as so, Queue},
 };
 use crate::{net::Netns, tuple::Tuple};
 
@@ -141,107 +141,180 @@ fn leave_repair(fd: BorrowedFd<'_>, tuple: Tuple, reuseaddr: bool) -> Result<(),
     Ok(())
 }
 
-/// Dumps connected TCP sockets. Their traffic must be frozen (see the freeze plane): repair mode
-/// alone does not stop a socket from receiving and sending. On error every socket is taken out
-/// of repair mode again and the error names the first connection that failed.
-pub fn dump(fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
-    dump_with(Workers::PerCpu, fds)
+/// Sockets taken for a dump, with their cookies and the options only their application changes
+/// (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, SO_REUSEADDR, O_NONBLOCK, TOS) already read: once
+/// the application is stopped these hold still, so [`prepare_dump`] reads them before the
+/// freeze, and the blackout pays only for one pass of the [`StateReader`] over the namespace
+/// and repair mode on each socket.
+pub struct PreparedDump {
+    sockets: Vec<PreparedSocket>,
+    reader: StateReader,
+    workers: Workers,
 }
 
-/// [`dump`] with a chosen number of worker threads.
-///
-/// One sock_diag dump of the sockets' namespace gives each socket's addresses, state, negotiated
-/// options, queue lengths, mark and TOS; each socket then costs only the calls that have no
-/// bulk form (its cookie to find it there, the options sock_diag lacks, repair on, mss_clamp,
-/// timestamp, queue sequences, peeks of non-empty queues, window), all in one pass while its
-/// kernel structures are in the cache. Sockets of another namespace than the first's are found
-/// by further sock_diag dumps, one per namespace.
-pub fn dump_with(workers: Workers, fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
-    super::check_net_admin()?;
-    let mut outcomes: Vec<Option<Outcome>> = fds.iter().map(|_| None).collect();
-    let mut listed = Vec::new();
-    // Each round settles the first socket not dumped yet, or lists one more namespace.
-    for _ in 0..=2 * fds.len() {
-        let Some(first) = outcomes.iter().position(Option::is_none) else {
-            break;
-        };
-        let fd = fds[first].as_fd();
-        let states = match states_of_netns(fd, &mut listed) {
-            Ok(Some(states)) => states,
-            Ok(None) => {
-                outcomes[first] = Some(Outcome::failed(not_connected(
-                    fd,
-                    io::Error::other("sock_diag does not list it as a TCP socket"),
-                )));
-                continue;
-            }
-            Err(error) => {
-                for outcome in outcomes.iter_mut().skip(first + 1).filter(|o| o.is_none()) {
-                    *outcome = Some(Outcome::failed(RepairError::Diag {
-                        netns: "of an earlier socket".to_owned(),
-                        source: io::Error::other("not dumped"),
-                    }));
+struct PreparedSocket {
+    fd: OwnedFd,
+    cookie: u64,
+    /// Without what the state reader gives at dump time (buffers, mark) and TOS.
+    options: SocketOptions,
+    /// IP_TOS, and IPV6_TCLASS for an AF_INET6 socket: which one the connection uses depends on
+    /// whether it is v4-mapped, known from its tuple at dump time.
+    tos: u8,
+    tclass: Option<u8>,
+}
+
+impl PreparedDump {
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Dumps the sockets. Their traffic must be frozen (see the freeze plane): repair mode alone
+    /// does not stop a socket from receiving and sending. On error every socket is taken out of
+    /// repair mode again and the error names the first connection that failed.
+    ///
+    /// One pass of the state reader over the sockets' namespace gives each socket's addresses,
+    /// state, sequence numbers, window, negotiated options, queue lengths, buffers and mark;
+    /// each socket then costs repair on, and two calls per queue that holds bytes (selection
+    /// and peek). Sockets of another namespace than the first's are found by further passes,
+    /// one per namespace.
+    pub fn dump(self) -> Result<DumpedSockets, RepairError> {
+        let Self {
+            sockets,
+            mut reader,
+            workers,
+        } = self;
+        let mut outcomes: Vec<Option<Outcome>> = sockets.iter().map(|_| None).collect();
+        let mut listed = Vec::new();
+        // Each round settles the first socket not dumped yet, or reads one more namespace.
+        for _ in 0..=2 * sockets.len() {
+            let Some(first) = outcomes.iter().position(Option::is_none) else {
+                break;
+            };
+            let fd = sockets[first].fd.as_fd();
+            let states = match states_of_netns(fd, &mut reader, &mut listed) {
+                Ok(Some(states)) => states,
+                Ok(None) => {
+                    outcomes[first] = Some(Outcome::failed(not_connected(
+                        fd,
+                        io::Error::other(
+                            "not among the TCP sockets of its namespace (on the reader's port)",
+                        ),
+                    )));
+                    continue;
                 }
-                outcomes[first] = Some(Outcome::failed(error));
-                continue;
-            }
-        };
-        let todo: Vec<(usize, BorrowedFd<'_>)> = fds
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| outcomes[*i].is_none())
-            .map(|(i, fd)| (i, fd.as_fd()))
-            .collect();
-        let results = super::sharded(workers, &todo, |batch| {
-            batch
+                Err(error) => {
+                    for outcome in outcomes.iter_mut().skip(first + 1).filter(|o| o.is_none()) {
+                        *outcome = Some(Outcome::failed(RepairError::StateIterator {
+                            netns: Some("of an earlier socket".to_owned()),
+                            error: io::Error::other("not dumped"),
+                        }));
+                    }
+                    outcomes[first] = Some(Outcome::failed(error));
+                    continue;
+                }
+            };
+            let todo: Vec<(usize, &PreparedSocket)> = sockets
                 .iter()
-                .map(|(_, fd)| dump_one(*fd, &states))
-                .collect::<Vec<_>>()
-        });
-        for ((i, _), result) in todo.iter().zip(results.into_iter().flatten()) {
-            outcomes[*i] = result;
-        }
-    }
-    let mut connections = Vec::with_capacity(fds.len());
-    let mut first_error = None;
-    let mut in_repair = Vec::with_capacity(fds.len());
-    for (fd, outcome) in fds.into_iter().zip(outcomes) {
-        let outcome = outcome.unwrap_or_else(|| {
-            Outcome::failed(not_connected(fd.as_fd(), io::Error::other("not dumped")))
-        });
-        match outcome.result {
-            Ok(conn) => {
-                connections.push(conn);
-                in_repair.push(fd);
+                .enumerate()
+                .filter(|(i, _)| outcomes[*i].is_none())
+                .collect();
+            let results = super::sharded(workers, &todo, |batch| {
+                batch
+                    .iter()
+                    .map(|(_, socket)| dump_one(socket, &states))
+                    .collect::<Vec<_>>()
+            });
+            for ((i, _), result) in todo.iter().zip(results.into_iter().flatten()) {
+                outcomes[*i] = result;
             }
-            Err(error) => {
-                if let Some((tuple, options)) = outcome.entered
-                    && let Err(rollback) = leave_repair(fd.as_fd(), tuple, options.reuseaddr)
-                {
-                    tracing::warn!(%rollback, "rolling back a socket whose dump failed");
+        }
+        let mut connections = Vec::with_capacity(sockets.len());
+        let mut first_error = None;
+        let mut in_repair = Vec::with_capacity(sockets.len());
+        for (socket, outcome) in sockets.into_iter().zip(outcomes) {
+            let fd = socket.fd;
+            let outcome = outcome.unwrap_or_else(|| {
+                Outcome::failed(not_connected(fd.as_fd(), io::Error::other("not dumped")))
+            });
+            match outcome.result {
+                Ok(conn) => {
+                    connections.push(conn);
+                    in_repair.push(fd);
                 }
-                first_error.get_or_insert(error);
+                Err(error) => {
+                    if let Some(tuple) = outcome.entered
+                        && let Err(rollback) =
+                            leave_repair(fd.as_fd(), tuple, socket.options.reuseaddr)
+                    {
+                        tracing::warn!(%rollback, "rolling back a socket whose dump failed");
+                    }
+                    first_error.get_or_insert(error);
+                }
             }
         }
-    }
-    let dumped = DumpedSockets {
-        fds: in_repair,
-        connections,
-        workers,
-    };
-    match first_error {
-        // Dropping `dumped` rolls the others back.
-        Some(error) => Err(error),
-        None => Ok(dumped),
+        let dumped = DumpedSockets {
+            fds: in_repair,
+            connections,
+            workers,
+        };
+        match first_error {
+            // Dropping `dumped` rolls the others back.
+            Some(error) => Err(error),
+            None => Ok(dumped),
+        }
     }
 }
 
-/// The sock_diag states of the namespace `fd` belongs to, or None when that namespace was
-/// listed already (`fd` is then not a TCP socket there).
+/// Reads what only the sockets' application changes, sharded like the dump: call it once the
+/// application is stopped, before the freeze. Changes nothing on the sockets.
+pub fn prepare_dump(
+    workers: Workers,
+    fds: Vec<OwnedFd>,
+    reader: StateReader,
+) -> Result<PreparedDump, RepairError> {
+    super::check_net_admin()?;
+    let read = super::sharded(workers, &fds, |batch| {
+        batch
+            .iter()
+            .map(|fd| prepare_one(fd.as_fd()))
+            .collect::<Vec<_>>()
+    });
+    let mut sockets = Vec::with_capacity(fds.len());
+    for (fd, read) in fds.into_iter().zip(read.into_iter().flatten()) {
+        let (cookie, options, tos, tclass) =
+            read.map_err(|error| not_connected(fd.as_fd(), error))?;
+        sockets.push(PreparedSocket {
+            fd,
+            cookie,
+            options,
+            tos,
+            tclass,
+        });
+    }
+    Ok(PreparedDump {
+        sockets,
+        reader,
+        workers,
+    })
+}
+
+/// Dumps connected TCP sockets: [`StateReader::load`], [`prepare_dump`] and
+/// [`PreparedDump::dump`] in one go, one thread per CPU.
+pub fn dump(fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
+    prepare_dump(Workers::PerCpu, fds, StateReader::load(None)?)?.dump()
+}
+
+/// The states of the namespace `fd` belongs to, or None when that namespace was read already
+/// (`fd` is then not a TCP socket there).
 fn states_of_netns(
     fd: BorrowedFd<'_>,
+    reader: &mut StateReader,
     listed: &mut Vec<u64>,
-) -> Result<Option<HashMap<u64, DiagState>>, RepairError> {
+) -> Result<Option<HashMap<u64, SocketState>>, RepairError> {
     let namespace = so::socket_netns(fd).map_err(|error| not_connected(fd, error))?;
     let path = format!("/proc/self/fd/{}", namespace.as_raw_fd());
     let netns = Netns::open(&path)?;
@@ -249,13 +322,7 @@ fn states_of_netns(
         return Ok(None);
     }
     listed.push(netns.inode());
-    netns
-        .run(diag::socket_states)?
-        .map(Some)
-        .map_err(|source| RepairError::Diag {
-            netns: format!("of socket fd {}", fd.as_raw_fd()),
-            source,
-        })
+    reader.read(&netns).map(Some)
 }
 
 fn not_connected(fd: BorrowedFd<'_>, error: io::Error) -> RepairError {
@@ -267,7 +334,7 @@ fn not_connected(fd: BorrowedFd<'_>, error: io::Error) -> RepairError {
 
 /// One socket's dump: `entered` is set once it is in repair mode (and must leave it on error).
 struct Outcome {
-    entered: Option<(Tuple, SocketOptions)>,
+    entered: Option<Tuple>,
     result: Result<Connection, RepairError>,
 }
 
@@ -280,46 +347,36 @@ impl Outcome {
     }
 }
 
-/// Options (SO_REUSEADDR must be read before repair mode forces it on), TCP_REPAIR=1, then the
-/// repair state; None when `states` does not hold the socket (another namespace).
-fn dump_one(fd: BorrowedFd<'_>, states: &HashMap<u64, DiagState>) -> Option<Outcome> {
-    let cookie = match so::get::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE) {
-        Ok(cookie) => cookie,
-        Err(error) => return Some(Outcome::failed(not_connected(fd, error))),
-    };
-    let diag = states.get(&cookie)?;
-    let tuple = diag.tuple;
-    if !diag.state.repairable() {
+/// Completes the options from `state`, then TCP_REPAIR=1 and the queues; None when `states`
+/// does not hold the socket (another namespace).
+fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Option<Outcome> {
+    let fd = socket.fd.as_fd();
+    let state = states.get(&socket.cookie)?;
+    let tuple = state.tuple;
+    if !state.state.repairable() {
         return Some(Outcome::failed(RepairError::UnsupportedState {
             tuple,
-            state: diag.state,
+            state: state.state,
         }));
     }
-    let fail = |op| {
-        move |source| RepairError::Socket {
+    if let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
+        return Some(Outcome::failed(RepairError::Socket {
             tuple,
             phase: Phase::Dump,
-            op,
-            error: source,
-        }
-    };
-    let entered = read_options(fd, diag)
-        .map_err(fail("reading socket options"))
-        .and_then(|options| {
-            so::set_repair(fd, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
-            Ok(options)
-        });
-    Some(match entered {
-        Ok(options) => Outcome {
-            entered: Some((tuple, options)),
-            result: read_state(fd, diag, options),
-        },
-        Err(error) => Outcome::failed(error),
+            op: "TCP_REPAIR=1",
+            error,
+        }));
+    }
+    Some(Outcome {
+        entered: Some(tuple),
+        result: read_queues(fd, state, with_state(socket, state)),
     })
 }
 
-/// The options sock_diag does not report; mark, TOS and buffer sizes come from `diag`.
-fn read_options(fd: BorrowedFd<'_>, diag: &DiagState) -> io::Result<SocketOptions> {
+/// Cookie, then the options only the application changes. SO_REUSEADDR must be read before
+/// repair mode, which forces it on.
+fn prepare_one(fd: BorrowedFd<'_>) -> io::Result<(u64, SocketOptions, u8, Option<u8>)> {
+    let cookie = so::get::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
     let flag = |level, name| so::get_int(fd, level, name).map(|v| v != 0);
     let keepalive = if flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE)? {
         Some(Keepalive {
@@ -330,28 +387,42 @@ fn read_options(fd: BorrowedFd<'_>, diag: &DiagState) -> io::Result<SocketOption
     } else {
         None
     };
-    let ipv4 = diag.tuple.local.is_ipv4();
-    // sock_diag reports the traffic class of an AF_INET6 socket, but a v4-mapped connection
-    // sends with its IP_TOS, restored on an AF_INET socket.
-    let tos = if ipv4 && diag.ipv6_socket {
-        let (level, name) = tos_option(true);
-        so::get_int(fd, level, name)? as u8
-    } else {
-        diag.tos
-    };
-    // Only needed, and so only kept, for a queue that holds bytes.
-    let buffer = |size, queued| if queued == 0 { 0 } else { size };
-    Ok(SocketOptions {
+    let options = SocketOptions {
         nodelay: flag(libc::SOL_TCP, libc::TCP_NODELAY)?,
         keepalive,
         user_timeout_ms: so::get_int(fd, libc::SOL_TCP, libc::TCP_USER_TIMEOUT)? as u32,
         reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR)?,
         nonblocking: so::is_nonblocking(fd)?,
-        sndbuf: buffer(diag.sndbuf, diag.outq),
-        rcvbuf: buffer(diag.rcvbuf, diag.inq),
-        mark: diag.mark,
+        ..SocketOptions::default()
+    };
+    let (level, name) = tos_option(true);
+    let tos = so::get_int(fd, level, name)? as u8;
+    let tclass = if so::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_INET6 {
+        let (level, name) = tos_option(false);
+        Some(so::get_int(fd, level, name)? as u8)
+    } else {
+        None
+    };
+    Ok((cookie, options, tos, tclass))
+}
+
+/// The socket's options with what the state reader gives: mark, buffer sizes, and the TOS the
+/// connection sends with (IP_TOS for IPv4 and v4-mapped connections, the traffic class for
+/// IPv6 ones).
+fn with_state(socket: &PreparedSocket, state: &SocketState) -> SocketOptions {
+    // Only needed, and so only kept, for a queue that holds bytes.
+    let buffer = |size, queued| if queued == 0 { 0 } else { size };
+    let tos = match socket.tclass {
+        Some(tclass) if !state.tuple.local.is_ipv4() => tclass,
+        _ => socket.tos,
+    };
+    SocketOptions {
+        sndbuf: buffer(state.sndbuf, state.outq),
+        rcvbuf: buffer(state.rcvbuf, state.inq),
+        mark: state.mark,
         tos,
-    })
+        ..socket.options
+    }
 }
 
 /// IP_TOS for IPv4 sockets, IPV6_TCLASS for IPv6 ones.
@@ -363,13 +434,52 @@ pub(super) fn tos_option(ipv4: bool) -> (libc::c_int, libc::c_int) {
     }
 }
 
-/// The per-socket repair state, in repair mode.
-fn read_state(
+/// The connection from `state`, with the bytes of its queues (in repair mode).
+fn read_queues(
     fd: BorrowedFd<'_>,
-    diag: &DiagState,
+    state: &SocketState,
     options: SocketOptions,
 ) -> Result<Connection, RepairError> {
-    let tuple = diag.tuple;
+    let tuple = state.tuple;
+    // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
+    let fin = u32::from(state.state.fin_sent());
+    let send_queue = peek(fd, tuple, Queue::Send, state.outq.saturating_sub(fin))?;
+    let recv_queue = peek(fd, tuple, Queue::Recv, state.inq)?;
+    Ok(Connection {
+        tuple,
+        state: state.state,
+        send_seq: state.write_seq.wrapping_sub(fin),
+        recv_seq: state.rcv_nxt,
+        window: state.window,
+        negotiated: Negotiated {
+            timestamps: state.timestamps,
+            sack: state.sack,
+            wscale: state.wscale,
+            mss: state.mss_clamp,
+        },
+        // Only restored when the connection uses timestamps.
+        timestamp: if state.timestamps { state.timestamp } else { 0 },
+        options,
+        send_queue,
+        unsent: state.notsent.saturating_sub(fin),
+        recv_queue,
+    })
+}
+
+/// Selects `queue` and reads it without consuming it; an empty queue costs no call. One byte
+/// more than expected is asked for, so that data arriving during the dump is noticed.
+fn peek(fd: BorrowedFd<'_>, tuple: Tuple, queue: Queue, len: u32) -> Result<Bytes, RepairError> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let (name, select_op, peek_op) = match queue {
+        Queue::Send => ("send", "TCP_REPAIR_QUEUE=SEND", "peek of the send queue"),
+        Queue::Recv => (
+            "receive",
+            "TCP_REPAIR_QUEUE=RECV",
+            "peek of the receive queue",
+        ),
+    };
     let fail = |op| {
         move |source| RepairError::Socket {
             tuple,
@@ -378,72 +488,12 @@ fn read_state(
             error: source,
         }
     };
-    let mss = so::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).map_err(fail("TCP_MAXSEG"))?;
-    let timestamps = diag.options & so::TCPI_OPT_TIMESTAMPS != 0;
-    // Only restored when the connection uses timestamps.
-    let timestamp: u32 = if timestamps {
-        so::get(fd, libc::SOL_TCP, so::TCP_TIMESTAMP).map_err(fail("TCP_TIMESTAMP"))?
-    } else {
-        0
-    };
-    // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
-    let fin = u32::from(diag.state.fin_sent());
-    so::select_queue(fd, Queue::Send).map_err(fail("TCP_REPAIR_QUEUE=SEND"))?;
-    let write_seq: u32 =
-        so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).map_err(fail("TCP_QUEUE_SEQ (send)"))?;
-    let send_queue = peek(fd, tuple, "send", diag.outq.saturating_sub(fin))?;
-    so::select_queue(fd, Queue::Recv).map_err(fail("TCP_REPAIR_QUEUE=RECV"))?;
-    let recv_seq: u32 =
-        so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).map_err(fail("TCP_QUEUE_SEQ (receive)"))?;
-    let recv_queue = peek(fd, tuple, "receive", diag.inq)?;
-    let window: RepairWindow =
-        so::get(fd, libc::SOL_TCP, so::TCP_REPAIR_WINDOW).map_err(fail("TCP_REPAIR_WINDOW"))?;
-    Ok(Connection {
-        tuple,
-        state: diag.state,
-        send_seq: write_seq.wrapping_sub(fin),
-        recv_seq,
-        window,
-        negotiated: Negotiated {
-            timestamps,
-            sack: diag.options & so::TCPI_OPT_SACK != 0,
-            wscale: (diag.options & so::TCPI_OPT_WSCALE != 0)
-                .then_some((diag.wscales & 0xf, diag.wscales >> 4)),
-            mss: mss as u16,
-        },
-        timestamp,
-        options,
-        send_queue,
-        unsent: diag.notsent.saturating_sub(fin),
-        recv_queue,
-    })
-}
-
-/// Reads the selected queue without consuming it; an empty queue costs no syscall. One byte
-/// more than expected is asked for, so that data arriving during the dump is noticed.
-fn peek(
-    fd: BorrowedFd<'_>,
-    tuple: Tuple,
-    queue: &'static str,
-    len: u32,
-) -> Result<Bytes, RepairError> {
-    if len == 0 {
-        return Ok(Bytes::new());
-    }
-    let data = so::peek_queue(fd, len as usize + 1).map_err(|source| RepairError::Socket {
-        tuple,
-        phase: Phase::Dump,
-        op: if queue == "send" {
-            "peek of the send queue"
-        } else {
-            "peek of the receive queue"
-        },
-        error: source,
-    })?;
+    so::select_queue(fd, queue).map_err(fail(select_op))?;
+    let data = so::peek_queue(fd, len as usize + 1).map_err(fail(peek_op))?;
     if data.len() != len as usize {
         return Err(RepairError::QueueChanged {
             tuple,
-            queue,
+            queue: name,
             expected: len as usize,
             got: data.len(),
         });

@@ -7,22 +7,28 @@
 //! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
 //! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
 //! address and lift its freeze in between. [`handoff`] gives the live sockets to the application.
+mod btf;
 mod diag;
 mod discover;
 mod dump;
 pub mod handoff;
+mod kernel_state;
 mod restore;
 mod sockopt;
 
-use std::{fmt, io, num::NonZeroUsize};
+use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 
 use bytes::Bytes;
 
 pub use self::{
     diag::DiagSocket,
     discover::{Discovery, Filter, TakenSocket, count_connections, discover, list_tcp_sockets},
-    dump::{DumpedSockets, dump, dump_with},
-    restore::{Committed, RestoredSocket, RestoredSockets, restore, restore_with},
+    dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
+    kernel_state::StateReader,
+    restore::{
+        Committed, RestoredSocket, RestoredSockets, SocketPool, restore, restore_with,
+        restore_with_pool,
+    },
     sockopt::RepairWindow,
 };
 use crate::{
@@ -39,6 +45,16 @@ pub enum RepairError {
     Netns(#[from] NetnsError),
     #[error("listing TCP sockets with sock_diag in network namespace {netns}")]
     Diag { netns: String, source: io::Error },
+    // `error` is in the message: see NotConnected.
+    #[error(
+        "the dump's BPF iterator over TCP sockets{}: {error}; it needs kernel BTF \
+         (CONFIG_DEBUG_INFO_BTF) and BPF iterators (Linux 5.9 or later)",
+        .netns.as_ref().map(|n| format!(" in network namespace {n}")).unwrap_or_default()
+    )]
+    StateIterator {
+        netns: Option<String>,
+        error: io::Error,
+    },
     #[error("process {pid}: {what}: check that it runs and that tcpmig has CAP_SYS_PTRACE")]
     Process {
         pid: u32,
@@ -85,6 +101,16 @@ pub enum RepairError {
         Phase::Restore.outcome()
     )]
     TupleInUse { tuple: Tuple, netns: String },
+    #[error(
+        "making {count} sockets for {local} ahead of the restore: {op} failed ({error}); none \
+         was kept"
+    )]
+    Pool {
+        local: SocketAddr,
+        count: usize,
+        op: &'static str,
+        error: io::Error,
+    },
     #[error(
         "connection {tuple}: {left} never-sent bytes did not fit in its send buffer within \
          {secs} s of leaving repair mode: the peer does not read; the connection was dropped \

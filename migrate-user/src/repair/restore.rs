@@ -1,10 +1,13 @@
 //! Bulk restore in the order of notes/tcp-repair.md, and the commit that takes the restored
-//! sockets out of repair mode.
+//! sockets out of repair mode. The sockets can be made ahead, in a [`SocketPool`].
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
-    sync::atomic::{AtomicBool, Ordering},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -129,7 +132,7 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     })?;
     if p.shutdown {
         // SAFETY: shutdown on a valid socket.
-        if unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SHUT_WR) } != 0 {
+        if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
             return Err(fail("shutdown(SHUT_WR) for FIN_WAIT")(
                 io::Error::last_os_error(),
             ));
@@ -139,6 +142,79 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
     }
     Ok(())
+}
+
+/// Sockets made ahead of a restore: TCP sockets in repair mode, bound to one local address.
+///
+/// socket() (about 3 us) and bind are the costliest calls of a restore. Made while the source's
+/// application still runs (the migration agent makes them on Prepare, for the source's count of
+/// connections), they leave the blackout: [`restore_with_pool`] only sets each connection's
+/// state. Dropping the pool closes the sockets it still holds, silently: they are unconnected
+/// and in repair mode.
+pub struct SocketPool {
+    local: SocketAddr,
+    sockets: Vec<OwnedFd>,
+}
+
+impl SocketPool {
+    /// `count` sockets bound to `local` inside `netns`, made on one thread per CPU. Repair mode
+    /// sets SK_FORCE_REUSE, so any number of them bind the same address and port; `local` need
+    /// not exist in `netns` yet (IP_TRANSPARENT). They are non-blocking, as most servers' sockets
+    /// are; the restore clears it for the others.
+    pub fn prepare(
+        workers: Workers,
+        netns: &Netns,
+        local: SocketAddr,
+        count: usize,
+    ) -> Result<Self, RepairError> {
+        let mut pool = Self::empty(local);
+        if count == 0 {
+            return Ok(pool);
+        }
+        super::check_net_admin()?;
+        super::raise_fd_limit();
+        reserve_fds(count);
+        // Zero-sized: only shares the work out.
+        let slots = vec![(); count];
+        let batches = super::sharded_in(workers, netns, &slots, |batch| {
+            let mut bound = LocalAddresses::default();
+            batch
+                .iter()
+                .map(|()| repair_socket(&local, true, &mut bound))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        for batch in batches {
+            // Returning early drops the sockets made so far: they close silently.
+            let sockets = batch.map_err(|(op, error)| RepairError::Pool {
+                local,
+                count,
+                op,
+                error,
+            })?;
+            pool.sockets.extend(sockets);
+        }
+        Ok(pool)
+    }
+
+    fn empty(local: SocketAddr) -> Self {
+        Self {
+            local,
+            sockets: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Whether `conn` can have a socket of this pool (it may be empty by then).
+    fn fits(&self, conn: &Connection) -> bool {
+        conn.tuple.local == self.local
+    }
 }
 
 /// Recreates `connections` inside `netns`, sharded over one thread per CPU, each in repair mode
@@ -155,18 +231,41 @@ pub fn restore_with(
     netns: &Netns,
     connections: &[Connection],
 ) -> Result<RestoredSockets, RepairError> {
+    // Any address: an empty pool fits no connection.
+    let none = SocketPool::empty(SocketAddr::from(([0, 0, 0, 0], 0)));
+    restore_with_pool(workers, netns, connections, none)
+}
+
+/// [`restore_with`] on the sockets of `pool` (made in `netns`) for the connections on its local
+/// address, as far as it has sockets; the other connections get fresh ones. The sockets left in
+/// the pool are closed (silently) before this returns, so that a listener can take the port
+/// later.
+pub fn restore_with_pool(
+    workers: Workers,
+    netns: &Netns,
+    connections: &[Connection],
+    pool: SocketPool,
+) -> Result<RestoredSockets, RepairError> {
     super::check_net_admin()?;
     super::raise_fd_limit();
-    reserve_fds(connections.len());
+    let fitting = connections.iter().filter(|c| pool.fits(c)).count();
+    reserve_fds(connections.len() - fitting.min(pool.len()));
+    let spare = Mutex::new(pool);
     let abort = AtomicBool::new(false);
     let batches = super::sharded_in(workers, netns, connections, |batch| {
+        let mut mine = take_sockets(&spare, batch);
         let mut restored = Vec::with_capacity(batch.len());
         let mut local = LocalAddresses::default();
         for conn in batch {
             if abort.load(Ordering::Relaxed) {
                 break;
             }
-            let result = restore_one(conn, netns, &mut local);
+            let socket = if mine.fits(conn) {
+                mine.sockets.pop()
+            } else {
+                None
+            };
+            let result = restore_one(conn, netns, socket, &mut local);
             if result.is_err() {
                 abort.store(true, Ordering::Relaxed);
             }
@@ -174,6 +273,7 @@ pub fn restore_with(
         }
         restored
     })?;
+    drop(spare);
     let mut pending = Vec::with_capacity(connections.len());
     for result in batches.into_iter().flatten() {
         // Returning early drops `pending`: those sockets close silently in repair mode.
@@ -182,15 +282,30 @@ pub fn restore_with(
     Ok(RestoredSockets { pending, workers })
 }
 
+/// A worker's share of the pool: one socket for each of its connections that fits, while the
+/// pool lasts. One lock per worker.
+fn take_sockets(pool: &Mutex<SocketPool>, batch: &[Connection]) -> SocketPool {
+    let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
+    let wanted = batch.iter().filter(|c| pool.fits(c)).count();
+    let from = pool.sockets.len().saturating_sub(wanted);
+    SocketPool {
+        local: pool.local,
+        sockets: pool.sockets.split_off(from),
+    }
+}
+
 /// Grows this process's fd table once to hold `count` more fds. Grown one doubling at a time by
 /// the sockets themselves, each growth of a table shared by several threads waits for an RCU
 /// grace period (expand_fdtable), milliseconds each on a busy machine.
 fn reserve_fds(count: usize) {
+    if count == 0 {
+        return;
+    }
     // Its number is the lowest free one, where the sockets' numbers start.
     let Ok(lowest) = std::fs::File::open("/dev/null") else {
         return;
     };
-    let highest = std::os::fd::AsRawFd::as_raw_fd(&lowest) as usize + count;
+    let highest = lowest.as_raw_fd() as usize + count;
     // Fails harmlessly beyond RLIMIT_NOFILE: the sockets would not fit anyway.
     drop(so::dup_at_least(lowest.as_fd(), highest));
 }
@@ -229,6 +344,29 @@ impl LocalAddresses {
     }
 }
 
+/// A TCP socket in repair mode, bound to `local`: what a restore needs before it sets any state
+/// (the queues' sequence numbers, which must be set before connect, are also accepted after
+/// bind: the socket is still CLOSED). Do not set SO_REUSEADDR on it (notes, pitfalls).
+fn repair_socket(
+    local: &SocketAddr,
+    nonblocking: bool,
+    bound: &mut LocalAddresses,
+) -> Result<OwnedFd, (&'static str, io::Error)> {
+    let fd = so::new_tcp_socket(local, nonblocking).map_err(|e| ("socket()", e))?;
+    so::set_repair(fd.as_fd(), so::REPAIR_ON).map_err(|e| ("TCP_REPAIR=1", e))?;
+    bound.bind(fd.as_fd(), local)?;
+    Ok(fd)
+}
+
+/// Clears O_NONBLOCK: F_SETFL sets only the status flags, and a fresh socket has no other.
+fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_SETFL on a valid fd.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// IP_TRANSPARENT: bind and connect then accept an address the namespace does not have yet.
 fn set_transparent(fd: BorrowedFd<'_>, addr: &SocketAddr) -> Result<(), (&'static str, io::Error)> {
     let (level, transparent) = match addr {
@@ -238,9 +376,12 @@ fn set_transparent(fd: BorrowedFd<'_>, addr: &SocketAddr) -> Result<(), (&'stati
     so::set_int(fd, level, transparent, 1).map_err(|e| ("IP_TRANSPARENT", e))
 }
 
+/// Restores `conn` on `pooled` (a socket of a [`SocketPool`] bound to its local address), or on
+/// a fresh socket.
 fn restore_one(
     conn: &Connection,
     netns: &Netns,
+    pooled: Option<OwnedFd>,
     local: &mut LocalAddresses,
 ) -> Result<Pending, RepairError> {
     let tuple = conn.tuple;
@@ -258,10 +399,17 @@ fn restore_one(
             error: source,
         }
     };
-    let fd =
-        so::new_tcp_socket(&tuple.local, conn.options.nonblocking).map_err(fail("socket()"))?;
+    let fd = match pooled {
+        Some(fd) => {
+            if !conn.options.nonblocking {
+                set_blocking(fd.as_fd()).map_err(fail("clearing O_NONBLOCK"))?;
+            }
+            fd
+        }
+        None => repair_socket(&tuple.local, conn.options.nonblocking, local)
+            .map_err(|(op, source)| fail(op)(source))?,
+    };
     let s = fd.as_fd();
-    so::set_repair(s, so::REPAIR_ON).map_err(fail("TCP_REPAIR=1"))?;
     let recv = QueueState {
         queue: Queue::Recv,
         name: "receive",
@@ -276,8 +424,8 @@ fn restore_one(
         data: conn.sent_part(),
         grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
     };
-    // The queue selected last keeps its selection through bind and connect: it is the one
-    // filled first, which saves a TCP_REPAIR_QUEUE call per connection with one queue to fill.
+    // The queue selected last keeps its selection through connect: it is the one filled first,
+    // which saves a TCP_REPAIR_QUEUE call per connection with one queue to fill.
     let [first, last] = if recv.data.is_empty() {
         [recv, send]
     } else {
@@ -293,9 +441,6 @@ fn restore_one(
                 error: source,
             })?;
     }
-    local
-        .bind(s, &tuple.local)
-        .map_err(|(op, source)| fail(op)(source))?;
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             RepairError::TupleInUse {

@@ -54,10 +54,6 @@ pub struct RepairWindow {
     pub rcv_wup: u32,
 }
 
-pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
-pub const TCPI_OPT_SACK: u8 = 2;
-pub const TCPI_OPT_WSCALE: u8 = 4;
-
 /// Opens the network namespace of a socket (include/uapi/linux/sockios.h).
 const SIOCGSKNS: libc::c_ulong = 0x894C;
 
