@@ -361,6 +361,8 @@ pub struct Peer<'bed> {
     stdin: ChildStdin,
     lines: Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    /// Disconnects when the stderr reader has read everything: the process's last words.
+    stderr_read: Receiver<()>,
     reply_timeout: Duration,
 }
 
@@ -401,9 +403,11 @@ impl<'bed> Peer<'bed> {
         let lines = line_reader(stdout, "peer-stdout")?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let tail = Arc::clone(&stderr);
+        let (reading, stderr_read) = std::sync::mpsc::channel::<()>();
         thread::Builder::new()
             .name("peer-stderr".into())
             .spawn(move || {
+                let _reading = reading;
                 let mut chunk = [0; 1024];
                 let mut pipe = stderr_pipe;
                 while let Ok(n @ 1..) = pipe.read(&mut chunk) {
@@ -423,6 +427,7 @@ impl<'bed> Peer<'bed> {
             stdin,
             lines,
             stderr,
+            stderr_read,
             reply_timeout,
         })
     }
@@ -484,6 +489,10 @@ impl<'bed> Peer<'bed> {
                 break;
             }
             thread::sleep(Duration::from_millis(5));
+        }
+        if status.is_some() {
+            // Gone: its stderr is complete once the reader reaches the end of the pipe.
+            let _ = self.stderr_read.recv_timeout(Duration::from_secs(1));
         }
         let status = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
         let stderr = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);

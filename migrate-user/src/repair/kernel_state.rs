@@ -397,3 +397,66 @@ fn monotonic_ns() -> std::io::Result<u64> {
     }
     Ok(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write as _,
+        net::{TcpListener, TcpStream},
+        os::fd::AsFd as _,
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::repair::sockopt::{self as so, Queue};
+
+    /// A loopback connection (root namespace's loopback) with bytes unread at the server: what
+    /// the reader finds of the server's socket is what the repair getsockopts say of it.
+    #[test]
+    fn agrees_with_the_repair_getsockopts() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        server.write_all(b"0123456789").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let fd = server.as_fd();
+        let cookie: u64 = so::get(fd, libc::SOL_SOCKET, libc::SO_COOKIE).unwrap();
+
+        let mut reader = StateReader::load(Some(port)).unwrap();
+        let states = reader.read(&Netns::current().unwrap()).unwrap();
+        // The listener and the server's end; the client's end is on another local port.
+        assert!(states.values().all(|s| s.tuple.local.port() == port));
+        assert_eq!(states.len(), 2, "{states:?}");
+        let state = states[&cookie];
+        assert_eq!(state.tuple.local, server.local_addr().unwrap());
+        assert_eq!(state.tuple.remote, server.peer_addr().unwrap());
+        assert_eq!(state.state, TcpState::Established);
+        assert!(!state.ipv6_socket);
+        assert_eq!((state.inq, state.outq, state.notsent), (5, 0, 0));
+        assert!(
+            state.timestamps && state.sack && state.wscale.is_some(),
+            "{state:?}"
+        );
+
+        so::set_repair(fd, so::REPAIR_ON).unwrap();
+        so::select_queue(fd, Queue::Recv).unwrap();
+        let rcv_nxt: u32 = so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).unwrap();
+        so::select_queue(fd, Queue::Send).unwrap();
+        let write_seq: u32 = so::get(fd, libc::SOL_TCP, so::TCP_QUEUE_SEQ).unwrap();
+        let window: RepairWindow = so::get(fd, libc::SOL_TCP, so::TCP_REPAIR_WINDOW).unwrap();
+        let mss = so::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).unwrap();
+        let timestamp: u32 = so::get(fd, libc::SOL_TCP, so::TCP_TIMESTAMP).unwrap();
+        so::set_repair(fd, so::REPAIR_OFF_NO_WP).unwrap();
+
+        assert_eq!((state.rcv_nxt, state.write_seq), (rcv_nxt, write_seq));
+        assert_eq!(state.window, window);
+        assert_eq!(i32::from(state.mss_clamp), mss);
+        // The same clock, read a few milliseconds apart.
+        assert!(
+            timestamp.wrapping_sub(state.timestamp) < 1_000,
+            "{timestamp} {state:?}"
+        );
+    }
+}
