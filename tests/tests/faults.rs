@@ -20,8 +20,9 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to, nothing_left,
-    process_state, queued_traffic, start_agent, start_migrate, start_plain_agent, wait_exited,
+    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to,
+    migrate_to_paused_agent, nothing_left, process_state, queued_traffic, start_agent,
+    start_migrate, wait_exited,
 };
 use tcpmig_testbed::{StreamArgs, TestBed, Traffic, sys::take_fd};
 
@@ -229,24 +230,12 @@ fn kill_agent_at(phase: &str) -> Result<()> {
     let bed = TestBed::new()?;
     let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
-    let (source, destination) = (bed.source(), bed.destination());
+    let destination = bed.destination();
     let server_pid = traffic.server_pids()[0];
-    let mut dead_agent = start_plain_agent(destination, &token.0, &[], Some(phase))?;
+    let (mut dead_agent, mut migrate) =
+        migrate_to_paused_agent(&bed, server_pid, PORT, &token.0, phase, STEP_TIMEOUT_SECS)?;
     let dead_pid = dead_agent.child.pid();
-    let mut migrate = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
     let first_pid = migrate.child.pid();
-    dead_agent
-        .stderr
-        .wait_for(&format!("test pause at {phase}"), COMMAND_TIMEOUT)?;
     dead_agent.kill()?;
     let (status, _, stderr) = migrate.finish()?;
     ensure!(!status.success(), "the migration must fail: {stderr}");
@@ -310,24 +299,12 @@ fn an_agent_that_reads_commit_too_late_does_not_go_live() -> Result<()> {
     let bed = TestBed::new()?;
     let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
-    let (source, destination) = (bed.source(), bed.destination());
+    let source = bed.source();
     let server_pid = traffic.server_pids()[0];
-    let mut agent = start_plain_agent(destination, &token.0, &[], Some("agent-restored"))?;
+    let (mut agent, mut migrate) =
+        migrate_to_paused_agent(&bed, server_pid, PORT, &token.0, "agent-restored", "2")?;
     let agent_pid = agent.child.pid();
-    let mut migrate = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &token.0,
-        "2",
-        &[],
-        None,
-    )?;
     let migrate_pid = migrate.child.pid();
-    agent
-        .stderr
-        .wait_for("test pause at agent-restored", COMMAND_TIMEOUT)?;
     let (status, _, stderr) = migrate.finish()?;
     ensure!(!status.success(), "the migration must fail: {stderr}");
     ensure!(

@@ -183,22 +183,16 @@ fn agent_is_ready_on_prepare_with_nothing_pinned() -> Result<()> {
     let token = support::TokenFile::new(&bed, "prepare", "prepare token")?;
     let (source, destination) = (bed.source(), bed.destination());
     let server_pid = traffic.server_pids()[0];
-    let mut agent = support::start_plain_agent(destination, &token.0, &[], Some("agent-prepared"))?;
-    let agent_pid = agent.child.pid();
-    let mut migrate = support::start_migrate(
-        source,
-        destination,
+    let (mut agent, mut migrate) = support::migrate_to_paused_agent(
+        &bed,
         server_pid,
         PORT,
         &token.0,
+        "agent-prepared",
         support::STEP_TIMEOUT_SECS,
-        &[],
-        None,
     )?;
+    let agent_pid = agent.child.pid();
     let migrate_pid = migrate.child.pid();
-    agent
-        .stderr
-        .wait_for("test pause at agent-prepared", support::COMMAND_TIMEOUT)?;
 
     let attached = freeze::attached_programs(&Netns::open(destination.name())?, IFACE)?;
     ensure!(attached.len() == 2, "programs on Prepare: {attached:?}");

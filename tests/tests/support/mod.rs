@@ -167,6 +167,25 @@ pub fn start_plain_agent<'bed>(
     Running::spawn(host, cmd)
 }
 
+/// An agent on the destination that pauses at `pause` (a test hook), and `tcpmig migrate` of
+/// `pid` to it (`--timeout timeout`); returns (agent, migrate) once the agent is paused there.
+pub fn migrate_to_paused_agent<'bed>(
+    bed: &'bed TestBed,
+    pid: u32,
+    port: u16,
+    token: &Path,
+    pause: &str,
+    timeout: &str,
+) -> Result<(Running<'bed>, Running<'bed>)> {
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut agent = start_plain_agent(destination, token, &[], Some(pause))?;
+    let migrate = start_migrate(source, destination, pid, port, token, timeout, &[], None)?;
+    agent
+        .stderr
+        .wait_for(&format!("test pause at {pause}"), COMMAND_TIMEOUT)?;
+    Ok((agent, migrate))
+}
+
 /// A running tcpmig command, its stdin (to continue a test pause) and its stderr.
 pub struct Running<'bed> {
     pub child: ChildGuard<'bed>,
