@@ -347,8 +347,8 @@ impl Outcome {
     }
 }
 
-/// Completes the options from `state`, then TCP_REPAIR=1 and the queues; None when `states`
-/// does not hold the socket (another namespace).
+/// The receive queue's bytes, TCP_REPAIR=1, the send queue's bytes, and the options completed
+/// from `state`; None when `states` does not hold the socket (another namespace).
 fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Option<Outcome> {
     let fd = socket.fd.as_fd();
     let state = states.get(&socket.cookie)?;
@@ -359,6 +359,11 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
             state: state.state,
         }));
     }
+    // Read before repair mode, as any reader would: no queue to select.
+    let recv_queue = match peek(fd, tuple, Queue::Recv, state.inq) {
+        Ok(bytes) => bytes,
+        Err(error) => return Some(Outcome::failed(error)),
+    };
     if let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
         return Some(Outcome::failed(RepairError::Socket {
             tuple,
@@ -369,7 +374,7 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
     }
     Some(Outcome {
         entered: Some(tuple),
-        result: read_queues(fd, state, with_state(socket, state)),
+        result: with_send_queue(fd, state, recv_queue, with_state(socket, state)),
     })
 }
 
@@ -434,17 +439,18 @@ pub(super) fn tos_option(ipv4: bool) -> (libc::c_int, libc::c_int) {
     }
 }
 
-/// The connection from `state`, with the bytes of its queues (in repair mode).
-fn read_queues(
+/// The connection from `state` and its queues; the send queue is read here, in repair mode
+/// (only repair mode shows it).
+fn with_send_queue(
     fd: BorrowedFd<'_>,
     state: &SocketState,
+    recv_queue: Bytes,
     options: SocketOptions,
 ) -> Result<Connection, RepairError> {
     let tuple = state.tuple;
     // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
     let fin = u32::from(state.state.fin_sent());
     let send_queue = peek(fd, tuple, Queue::Send, state.outq.saturating_sub(fin))?;
-    let recv_queue = peek(fd, tuple, Queue::Recv, state.inq)?;
     Ok(Connection {
         tuple,
         state: state.state,
@@ -466,20 +472,13 @@ fn read_queues(
     })
 }
 
-/// Selects `queue` and reads it without consuming it; an empty queue costs no call. One byte
-/// more than expected is asked for, so that data arriving during the dump is noticed.
+/// Reads `queue` without consuming it: the receive queue out of repair mode, the send queue
+/// selected in repair mode. An empty queue costs no call. One byte more than expected is asked
+/// for, so that data arriving during the dump is noticed.
 fn peek(fd: BorrowedFd<'_>, tuple: Tuple, queue: Queue, len: u32) -> Result<Bytes, RepairError> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let (name, select_op, peek_op) = match queue {
-        Queue::Send => ("send", "TCP_REPAIR_QUEUE=SEND", "peek of the send queue"),
-        Queue::Recv => (
-            "receive",
-            "TCP_REPAIR_QUEUE=RECV",
-            "peek of the receive queue",
-        ),
-    };
     let fail = |op| {
         move |source| RepairError::Socket {
             tuple,
@@ -488,8 +487,17 @@ fn peek(fd: BorrowedFd<'_>, tuple: Tuple, queue: Queue, len: u32) -> Result<Byte
             error: source,
         }
     };
-    so::select_queue(fd, queue).map_err(fail(select_op))?;
-    let data = so::peek_queue(fd, len as usize + 1).map_err(fail(peek_op))?;
+    let name = match queue {
+        Queue::Send => {
+            so::select_queue(fd, queue).map_err(fail("TCP_REPAIR_QUEUE=SEND"))?;
+            "send"
+        }
+        Queue::Recv => "receive",
+    };
+    let data = so::peek_queue(fd, len as usize + 1).map_err(fail(match queue {
+        Queue::Send => "peek of the send queue",
+        Queue::Recv => "peek of the receive queue",
+    }))?;
     if data.len() != len as usize {
         return Err(RepairError::QueueChanged {
             tuple,
