@@ -16,6 +16,7 @@
 use std::io::{self, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -48,9 +49,24 @@ pub struct EchoArgs {
     pub idle_exit_secs: u64,
 }
 
+/// Set by SIGTERM: how a migration ends the old server (`--stop-source`, after SIGSTOP).
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    TERMINATED.store(true, Ordering::Relaxed);
+}
+
 /// The `echo-server` subcommand.
 pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
     sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    // Caught rather than fatal, so that a server stopped between a read and its echo says so
+    // when it is ended: those bytes were in its memory, where no dump of the sockets sees them.
+    // SAFETY: the handler only stores to an atomic.
+    if unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) }
+        == libc::SIG_ERR
+    {
+        return Err(io::Error::last_os_error()).context("handling SIGTERM");
+    }
     let mut server = match args.listen {
         Some(addr) => Server::listen(addr)?,
         None => Server::adopt(inherited_sockets()?)?,
@@ -237,6 +253,9 @@ impl Server {
                 eprintln!("echo-server: no event for {idle:?}, exiting");
                 return Ok(());
             }
+            if TERMINATED.load(Ordering::Relaxed) {
+                return self.ended();
+            }
             match self.poll.poll(&mut events, Some(left)) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 result => result?,
@@ -249,11 +268,31 @@ impl Server {
                     LISTENER => self.accept()?,
                     Token(i) => {
                         if let Err(e) = self.echo(i) {
+                            if TERMINATED.load(Ordering::Relaxed) {
+                                // Its sockets moved away: what it holds is reported, not echoed.
+                                return self.ended();
+                            }
                             self.close(i, &e);
                         }
                     }
                 }
+                if TERMINATED.load(Ordering::Relaxed) {
+                    return self.ended();
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Ended by SIGTERM: says what it still held (read, not yet echoed), which is lost.
+    fn ended(&self) -> anyhow::Result<()> {
+        let holding: Vec<usize> = self.conns.iter().flatten().map(|c| c.held.len()).collect();
+        let bytes: usize = holding.iter().sum();
+        if bytes > 0 {
+            eprintln!(
+                "echo-server: ended holding {bytes} bytes read but not echoed on {} connections",
+                holding.iter().filter(|&&n| n > 0).count()
+            );
         }
         Ok(())
     }
@@ -298,7 +337,14 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let written = write_until_full(&mut conn.stream, &self.buf[..n])?;
+            let written = match write_until_full(&mut conn.stream, &self.buf[..n]) {
+                Ok(written) => written,
+                Err(e) => {
+                    // Read but not echoed: kept so that an ended server can tell.
+                    conn.held.extend_from_slice(&self.buf[..n]);
+                    return Err(e);
+                }
+            };
             if written < n {
                 conn.held.extend_from_slice(&self.buf[written..n]);
                 registry.reregister(
