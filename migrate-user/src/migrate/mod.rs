@@ -233,7 +233,7 @@ pub struct AgentReport {
     pub pooled: usize,
     /// Recreating the sockets in repair mode, on the pool's sockets.
     pub restore_ms: f64,
-    /// From Commit received to the address added and first announced.
+    /// From Commit received to the address added and announced.
     pub address_ms: f64,
     /// From Commit received to the first socket leaving repair mode: the end of the blackout.
     pub live_after_commit_ms: f64,

@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Duration};
 use super::{
     NetError, Netns,
     addr::{add_with, check_prefix},
-    announce::{Announcer, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL},
+    announce::{Announcer, MAX_ANNOUNCE_COUNT},
     rtnl::Session,
 };
 
@@ -39,10 +39,16 @@ impl<'a> Takeover<'a> {
         })
     }
 
-    /// Adds the address (already there with that prefix: nothing to do) and announces it once.
-    /// The netlink request runs on a thread of its own: the session's runtime cannot be driven
-    /// from inside the caller's, if it has one.
-    pub fn claim(&self) -> Result<(), NetError> {
+    /// Adds the address (already there with that prefix: nothing to do) and sends `announcements`
+    /// announcements of it, back to back. The netlink request runs on a thread of its own: the
+    /// session's runtime cannot be driven from inside the caller's, if it has one.
+    pub fn claim(&self, announcements: u32) -> Result<(), NetError> {
+        if announcements == 0 || announcements > MAX_ANNOUNCE_COUNT {
+            return Err(NetError::InvalidAnnounce {
+                count: announcements,
+                interval: Duration::ZERO,
+            });
+        }
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -52,16 +58,7 @@ impl<'a> Takeover<'a> {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })?;
-        self.announcer.send(1, Duration::ZERO)
-    }
-
-    /// `count` more announcements, `interval` apart, once traffic flows: one lost frame must not
-    /// matter.
-    pub fn announce(&self, count: u32, interval: Duration) -> Result<(), NetError> {
-        if count == 0 || count > MAX_ANNOUNCE_COUNT || interval > MAX_ANNOUNCE_INTERVAL {
-            return Err(NetError::InvalidAnnounce { count, interval });
-        }
-        self.announcer.send(count, interval)
+        self.announcer.send(announcements, Duration::ZERO)
     }
 }
 
