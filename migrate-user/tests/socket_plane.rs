@@ -169,6 +169,14 @@ impl Connections {
             .collect()
     }
 
+    /// Duplicates of the server ends, which stay with the "application" (as pidfd_getfd gives).
+    fn duplicated_server_fds(&self) -> Vec<OwnedFd> {
+        self.servers
+            .iter()
+            .map(|s| s.try_clone().unwrap().into())
+            .collect()
+    }
+
     /// The server ends, in client order, from sockets restored in any order.
     fn adopt(&mut self, restored: Vec<repair::RestoredSocket>) {
         let mut by_tuple: HashMap<Tuple, OwnedFd> =
@@ -283,21 +291,13 @@ fn rollback_leaves_connections_running() {
     let mut conns = Connections::open(&ns, 50, "127.0.0.1");
     conns.load(4);
     let resets = ns.resets_sent();
-    let fds: Vec<OwnedFd> = conns
-        .servers
-        .iter()
-        .map(|s| s.try_clone().unwrap().into())
-        .collect();
+    let fds = conns.duplicated_server_fds();
     let dumped = repair::dump(fds).expect("dump");
     assert_eq!(dumped.len(), 50);
     dumped.rollback().expect("rollback");
     conns.verify();
     // Dropping an unsettled dump rolls back too.
-    let fds: Vec<OwnedFd> = conns
-        .servers
-        .iter()
-        .map(|s| s.try_clone().unwrap().into())
-        .collect();
+    let fds = conns.duplicated_server_fds();
     drop(repair::dump(fds).expect("dump"));
     conns.verify();
     assert_eq!(ns.resets_sent(), resets);
@@ -314,11 +314,7 @@ fn commit_disconnects_the_applications_sockets() {
     let mut conns = Connections::open(&ns, 20, "127.0.0.1");
     conns.load(4);
     let resets = ns.resets_sent();
-    let fds: Vec<OwnedFd> = conns
-        .servers
-        .iter()
-        .map(|s| s.try_clone().unwrap().into())
-        .collect();
+    let fds = conns.duplicated_server_fds();
     repair::dump(fds).expect("dump").commit();
     let sent = ns.tcp_counter("OutSegs");
     let port = conns.listener.local_addr().unwrap().port();

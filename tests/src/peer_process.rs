@@ -151,22 +151,7 @@ fn mirror_once(conn: &mut Conn, buf: &mut [u8], expected: &mut [u8]) -> Result<b
         match (&conn.socket).read(buf) {
             Ok(0) => return Err(Failure::Eof),
             Ok(got) => {
-                pattern::fill(
-                    conn.client,
-                    Direction::ClientToServer,
-                    conn.read_at,
-                    &mut expected[..got],
-                );
-                if let Some(i) = buf[..got]
-                    .iter()
-                    .zip(&expected[..got])
-                    .position(|(b, e)| b != e)
-                {
-                    return Err(Failure::Mismatch {
-                        offset: conn.read_at + i as u64,
-                    });
-                }
-                conn.read_at += got as u64;
+                take_checked(conn, Direction::ClientToServer, &buf[..got], expected)?;
                 came = true;
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
@@ -488,18 +473,31 @@ fn read_until(
         if got == 0 {
             return Err(Failure::Eof);
         }
-        pattern::fill(conn.client, direction, conn.read_at, &mut expected[..got]);
-        if let Some(i) = buf[..got]
-            .iter()
-            .zip(&expected[..got])
-            .position(|(b, e)| b != e)
-        {
-            return Err(Failure::Mismatch {
-                offset: conn.read_at + i as u64,
-            });
-        }
-        conn.read_at += got as u64;
+        take_checked(conn, direction, &buf[..got], expected)?;
     }
+    Ok(())
+}
+
+/// Checks bytes just read against the stream's pattern (`expected` is scratch room) and counts
+/// them as read.
+fn take_checked(
+    conn: &mut Conn,
+    direction: Direction,
+    received: &[u8],
+    expected: &mut [u8],
+) -> Result<(), Failure> {
+    let expected = &mut expected[..received.len()];
+    pattern::fill(conn.client, direction, conn.read_at, expected);
+    if let Some(i) = received
+        .iter()
+        .zip(expected.iter())
+        .position(|(b, e)| b != e)
+    {
+        return Err(Failure::Mismatch {
+            offset: conn.read_at + i as u64,
+        });
+    }
+    conn.read_at += received.len() as u64;
     Ok(())
 }
 

@@ -12,24 +12,19 @@
 mod support;
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use tcpmig::{freeze, net::Netns, repair};
-use tcpmig_testbed::{
-    ChildGuard, IFACE, PREFIX_V4, Role, SERVICE_V4, TestBed, Traffic, tcpmig, tcpmig_bin,
-};
+use tcpmig_testbed::{IFACE, TestBed, Traffic, tcpmig};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
 const BYTES: u64 = 2048;
 const MORE: u64 = 700;
-const AGENT_PORT: u16 = 7070;
 
 /// Runs `tcpmig demo --connections n --json` and checks its report.
 fn demo(n: usize) -> Result<()> {
@@ -75,25 +70,6 @@ fn ten_thousand_connections_under_traffic() -> Result<()> {
     demo(10_000)
 }
 
-/// A file holding `token`, removed when dropped.
-struct TokenFile(PathBuf);
-
-impl TokenFile {
-    fn new(bed: &TestBed, which: &str, token: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("{}-{which}.token", bed.prefix()));
-        std::fs::write(&path, token)?;
-        // tcpmig refuses token files that group or others can read.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TokenFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// How a rollback case breaks the migration.
 enum Fault {
     /// The agent stops itself after this many image bytes and the test kills it (-9).
@@ -111,29 +87,37 @@ fn rollback_case(fault: Fault) -> Result<()> {
     ensure!(traffic.verify()?.all_verified(N as u64), "before");
     // Unread data both ways, so the image carries queues.
     ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
-    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
-    let source_token = TokenFile::new(&bed, "source", "right token")?;
+    let source_token = support::TokenFile::new(&bed, "source", "right token")?;
     let agent_token = match fault {
-        Fault::WrongToken => TokenFile::new(&bed, "agent", "another token")?,
-        _ => TokenFile::new(&bed, "agent", "right token\n")?,
+        Fault::WrongToken => support::TokenFile::new(&bed, "agent", "another token")?,
+        _ => support::TokenFile::new(&bed, "agent", "right token\n")?,
     };
     let _blocker = match fault {
         Fault::TupleInUse => Some(hold_tuple_at_destination(&bed, PORT)?),
         _ => None,
     };
-    let mut agent = Some(start_agent(&bed, &agent_token.0, &fault)?);
-    let agent_pid = agent.as_ref().map_or(0, ChildGuard::pid);
+    let stop_after = match fault {
+        Fault::KillAgentAfter(bytes) => bytes.to_string(),
+        _ => String::new(),
+    };
+    let extra: &[&str] = match fault {
+        Fault::KillAgentAfter(_) => &["--stop-after-image-bytes", &stop_after],
+        _ => &[],
+    };
+    let agent = support::start_plain_agent(bed.destination(), &agent_token.0, extra, None)?;
+    let agent_pid = agent.child.pid();
+    let mut agent = Some(agent);
     let server_pid = traffic.server_pids()[0];
-    let mut migrate = start_migrate(&bed, server_pid, service, &source_token.0)?;
-    let migrate_pid = migrate.pid();
+    let mut migrate = support::start_plain_migrate(&bed, server_pid, PORT, &source_token.0)?;
+    let migrate_pid = migrate.child.pid();
     if let Fault::KillAgentAfter(_) = fault {
         wait_for(Duration::from_secs(30), "the agent to stop itself", || {
-            Ok(process_state(agent_pid) == Some('T'))
+            Ok(support::process_state(agent_pid) == Some('T'))
         })?;
         // SIGKILL, by the guard.
         agent = None;
     }
-    let (status, stderr) = finish(&mut migrate, Duration::from_secs(60))?;
+    let (status, _, stderr) = migrate.finish()?;
     ensure!(!status.success(), "the migration must fail");
     let expected = match fault {
         // Refused at the handshake, before anything was touched.
@@ -142,7 +126,7 @@ fn rollback_case(fault: Fault) -> Result<()> {
     };
     ensure!(stderr.contains(expected), "{stderr}");
     ensure!(
-        !matches!(process_state(server_pid), Some('T') | None),
+        !matches!(support::process_state(server_pid), Some('T') | None),
         "the server must run again"
     );
 
@@ -156,12 +140,13 @@ fn rollback_case(fault: Fault) -> Result<()> {
     ensure!(more.all_verified(N as u64), "still flowing: {more:?}");
     ensure!(more.client.resets + more.server.resets == 0);
     drop(agent);
-    nothing_left(
+    support::nothing_left(
         &bed,
         &[
             format!("migrate-{migrate_pid}"),
             format!("agent-{agent_pid}"),
         ],
+        bed.source(),
     )
 }
 
@@ -236,68 +221,6 @@ fn failed_restore_rolls_back() -> Result<()> {
     rollback_case(Fault::TupleInUse)
 }
 
-fn start_agent<'bed>(bed: &'bed TestBed, token: &Path, fault: &Fault) -> Result<ChildGuard<'bed>> {
-    let host = bed.destination();
-    let mut cmd = host.command(tcpmig_bin())?;
-    cmd.arg("agent")
-        .arg("--listen")
-        .arg(SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT).to_string())
-        .args(["--netns", host.name(), "--dev", IFACE, "--timeout", "5"])
-        .arg("--token-file")
-        .arg(token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Fault::KillAgentAfter(bytes) = fault {
-        cmd.args(["--stop-after-image-bytes", &bytes.to_string()]);
-    }
-    cmd.args(["--", "/bin/true"]);
-    host.spawn(&mut cmd)
-}
-
-fn start_migrate<'bed>(
-    bed: &'bed TestBed,
-    pid: u32,
-    service: SocketAddr,
-    token: &Path,
-) -> Result<ChildGuard<'bed>> {
-    let host = bed.source();
-    let mut cmd = host.command(tcpmig_bin())?;
-    cmd.arg("migrate")
-        .args(["--pid", &pid.to_string(), "--service", &service.to_string()])
-        .args(["--dev", IFACE, "--timeout", "5", "--stop-source", "--to"])
-        .arg(SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT).to_string())
-        .arg("--token-file")
-        .arg(token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    host.spawn(&mut cmd)
-}
-
-/// Waits (bounded) for `child` to exit; returns its status and stderr.
-fn finish(
-    child: &mut ChildGuard<'_>,
-    timeout: Duration,
-) -> Result<(std::process::ExitStatus, String)> {
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "tcpmig migrate did not end in {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    if let Some(pipe) = child.child_mut().stderr.as_mut() {
-        std::io::Read::read_to_string(pipe, &mut stderr)?;
-    }
-    Ok((status, stderr))
-}
-
 fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !done()? {
@@ -305,11 +228,6 @@ fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// A socket in the destination with the 4-tuple of one of the client's connections, made live
@@ -362,25 +280,4 @@ fn hold_tuple_at_destination(bed: &TestBed, port: u16) -> Result<OwnedFd> {
             Ok(fd)
         }
     })?
-}
-
-/// No freeze of this migration, no tcpmig program on either interface, and the service address
-/// on the source only.
-fn nothing_left(bed: &TestBed, freezes: &[String]) -> Result<()> {
-    let names = freeze::Freeze::list()?;
-    ensure!(
-        !names.iter().any(|n| freezes.contains(n)),
-        "freezes left: {names:?}"
-    );
-    let ip = IpAddr::from(SERVICE_V4);
-    for (host, has) in [(bed.source(), true), (bed.destination(), false)] {
-        let netns = Netns::open(host.name())?;
-        let attached = freeze::attached_programs(&netns, IFACE)?;
-        ensure!(attached.is_empty(), "programs left on {host}: {attached:?}");
-        ensure!(
-            tcpmig::net::has_address(&netns, IFACE, ip, PREFIX_V4)? == has,
-            "service address on {host}: expected {has}"
-        );
-    }
-    Ok(())
 }

@@ -15,9 +15,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to,
-    nothing_left, process_state, queued_traffic, run_tcpmig, start_agent, start_migrate,
-    start_plain_agent,
+    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, TokenFile, migrate_to, nothing_left, process_state,
+    queued_traffic, run_tcpmig, start_agent, start_plain_agent, start_plain_migrate,
 };
 use tcpmig::{
     freeze::{Freeze, PIN_ROOT, RemoveOnDrop},
@@ -74,7 +73,7 @@ fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Resu
     let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "right", "the right token")?;
     let wrong = TokenFile::new(&bed, "wrong", "a wrong token")?;
-    let (source, destination) = (bed.source(), bed.destination());
+    let destination = bed.destination();
     let stream = StreamArgs {
         sent_already: BYTES + MORE,
         received_already: BYTES,
@@ -105,16 +104,7 @@ fn agent_refuses_sources_without_the_token_and_waits_for_the_right_one() -> Resu
     ensure!(talk_to_agent(&bed, b"GET / HTTP/1.0\r\n\r\n".to_vec())?.is_empty());
     // `tcpmig migrate` with the wrong token: refused before anything is touched.
     let server_pid = traffic.server_pids()[0];
-    let mut refused = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &wrong.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
+    let mut refused = start_plain_migrate(&bed, server_pid, PORT, &wrong.0)?;
     let (status, _, stderr) = refused.finish()?;
     ensure!(!status.success(), "{stderr}");
     ensure!(
@@ -152,16 +142,7 @@ fn agent_refuses_images_above_its_limit() -> Result<()> {
     let mut agent =
         start_plain_agent(destination, &token.0, &["--max-image-bytes", "20000"], None)?;
     let server_pid = traffic.server_pids()[0];
-    let mut migrate = start_migrate(
-        source,
-        destination,
-        server_pid,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
+    let mut migrate = start_plain_migrate(&bed, server_pid, PORT, &token.0)?;
     let migrate_pid = migrate.child.pid();
     let (status, _, stderr) = migrate.finish()?;
     ensure!(!status.success(), "the migration must fail: {stderr}");
@@ -247,17 +228,7 @@ fn images_and_pins_are_root_only() -> Result<()> {
     let server_pid = traffic.server_pids()[0].to_string();
     let service = SocketAddr::new(SERVICE_V4.into(), PORT).to_string();
     let out = image.to_str().context("utf-8 path")?;
-    let args = [
-        "dump",
-        "--pid",
-        &server_pid,
-        "--service",
-        &service,
-        "--out",
-        out,
-        "--freeze-dev",
-        IFACE,
-    ];
+    let args = dump_args(&server_pid, &service, out);
     let (status, stderr) = run_tcpmig(bed.source(), &args, |_| {})?;
     let mode = std::fs::metadata(&image)?.permissions().mode() & 0o777;
     std::fs::remove_file(&image)?;
@@ -332,17 +303,7 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
     let listen = SocketAddr::new(destination.v4().into(), AGENT_PORT).to_string();
     let image = std::env::temp_dir().join(format!("{}.image", bed.prefix()));
     let image = image.to_str().context("utf-8 path")?;
-    let dump = [
-        "dump",
-        "--pid",
-        &server_pid,
-        "--service",
-        &service,
-        "--out",
-        image,
-        "--freeze-dev",
-        IFACE,
-    ];
+    let dump = dump_args(&server_pid, &service, image);
     let restore = [
         "restore",
         "--in",
@@ -396,4 +357,19 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
     let after = traffic.verify_until(BYTES + MORE)?;
     ensure!(after.all_verified(N as u64), "untouched: {after:?}");
     Ok(())
+}
+
+/// `tcpmig dump` of process `pid`'s connections on `service` into `out`, freezing them itself.
+fn dump_args<'a>(pid: &'a str, service: &'a str, out: &'a str) -> [&'a str; 9] {
+    [
+        "dump",
+        "--pid",
+        pid,
+        "--service",
+        service,
+        "--out",
+        out,
+        "--freeze-dev",
+        IFACE,
+    ]
 }

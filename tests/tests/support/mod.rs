@@ -245,6 +245,27 @@ pub fn start_migrate<'bed>(
     Running::spawn(from, cmd)
 }
 
+/// [`start_migrate`] from the bed's source to its destination, with the usual step timeout, no
+/// extra argument and no pause.
+pub fn start_plain_migrate<'bed>(
+    bed: &'bed TestBed,
+    pid: u32,
+    port: u16,
+    token: &Path,
+) -> Result<Running<'bed>> {
+    let (source, destination) = (bed.source(), bed.destination());
+    start_migrate(
+        source,
+        destination,
+        pid,
+        port,
+        token,
+        STEP_TIMEOUT_SECS,
+        &[],
+        None,
+    )
+}
+
 /// A migration of `server_pid` (port `port`) to `agent`, waiting on the destination, that must
 /// succeed; the agent, now the adopting server, joins `traffic`. Returns migrate's pid (its freeze
 /// is named after it).
@@ -256,16 +277,7 @@ pub fn migrate_to<'bed>(
     port: u16,
     token: &Path,
 ) -> Result<u32> {
-    let mut migrate = start_migrate(
-        bed.source(),
-        bed.destination(),
-        server_pid,
-        port,
-        token,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
+    let mut migrate = start_plain_migrate(bed, server_pid, port, token)?;
     let migrate_pid = migrate.child.pid();
     agent.expect_line("ready")?;
     let (status, _, stderr) = migrate.finish()?;
