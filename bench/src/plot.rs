@@ -99,14 +99,7 @@ pub fn against_connections(
             )
         }))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&mut chart, &root)
 }
 
 /// The phases of one migration at one connection count, in milliseconds, in the order they
@@ -179,6 +172,14 @@ pub fn phases(path: &Path, title: &str, bars: &[PhaseBar]) -> anyhow::Result<()>
             .label(name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
+    finish(&mut chart, &root)
+}
+
+/// Draws the legend in the upper left and writes the file: the end of every plot here.
+fn finish<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)

@@ -314,6 +314,14 @@ pub fn run_hook(env: &HookEnv, config: &Config) -> Result<HookReport, CriuError>
     Ok(report)
 }
 
+/// This namespace's freeze, attached on the configured interface, nothing frozen yet; removed
+/// again if the hook fails before it keeps it.
+fn attach_freeze(netns: &Netns, config: &Config) -> Result<(String, RemoveOnDrop), CriuError> {
+    let name = freeze_name(netns);
+    let freeze = Freeze::attach(netns, &config.dev, &name).step("attaching the freeze programs")?;
+    Ok((name, RemoveOnDrop::new(freeze)))
+}
+
 /// Freezes the dumped tree's connections (or the configured services) and starts the guard.
 fn lock_source(
     env: &HookEnv,
@@ -321,10 +329,7 @@ fn lock_source(
     netns: &Netns,
     report: &mut HookReport,
 ) -> Result<(), CriuError> {
-    let name = freeze_name(netns);
-    let mut freeze = RemoveOnDrop::new(
-        Freeze::attach(netns, &config.dev, &name).step("attaching the freeze programs")?,
-    );
+    let (name, mut freeze) = attach_freeze(netns, config)?;
     let addresses: BTreeSet<IpAddr> = if config.services.is_empty() {
         let tuples = tree_connections(netns, env.init_pid()?)?;
         freeze
@@ -401,10 +406,7 @@ fn lock_destination(
     sidecar: &Sidecar,
     report: &mut HookReport,
 ) -> Result<(), CriuError> {
-    let name = freeze_name(netns);
-    let mut freeze = RemoveOnDrop::new(
-        Freeze::attach(netns, &config.dev, &name).step("attaching the freeze programs")?,
-    );
+    let (name, mut freeze) = attach_freeze(netns, config)?;
     let services = if config.services.is_empty() {
         &sidecar.services
     } else {

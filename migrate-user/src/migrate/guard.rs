@@ -51,15 +51,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(tag = "note", rename_all = "snake_case")]
 pub(super) enum Note {
     /// Before anything changes: what a rollback must restore.
-    Start {
-        migrate_pid: u32,
-        pid: u32,
-        service: SocketAddr,
-        dev: String,
-        prefix_len: u8,
-        freeze: String,
-        stop_source: bool,
-    },
+    Start(Plan),
     /// The application's process tree is about to be stopped.
     Stopping,
     /// The sockets about to enter repair mode: inode, and whether SO_REUSEADDR was on (repair
@@ -157,6 +149,18 @@ pub enum GuardOutcome {
     },
 }
 
+/// The migration `migrate` is about to make.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Plan {
+    pub(super) migrate_pid: u32,
+    pub(super) pid: u32,
+    pub(super) service: SocketAddr,
+    pub(super) dev: String,
+    pub(super) prefix_len: u8,
+    pub(super) freeze: String,
+    pub(super) stop_source: bool,
+}
+
 /// What the notes said so far.
 #[derive(Default)]
 struct Progress {
@@ -168,13 +172,7 @@ struct Progress {
 }
 
 struct Start {
-    migrate_pid: u32,
-    pid: u32,
-    service: SocketAddr,
-    dev: String,
-    prefix_len: u8,
-    freeze: String,
-    stop_source: bool,
+    plan: Plan,
     /// Opened at once, while the application surely lives.
     netns: Netns,
 }
@@ -182,26 +180,9 @@ struct Start {
 impl Progress {
     fn apply(&mut self, note: Note) -> Result<(), MigrateError> {
         match note {
-            Note::Start {
-                migrate_pid,
-                pid,
-                service,
-                dev,
-                prefix_len,
-                freeze,
-                stop_source,
-            } => {
-                let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
-                self.start = Some(Start {
-                    migrate_pid,
-                    pid,
-                    service,
-                    dev,
-                    prefix_len,
-                    freeze,
-                    stop_source,
-                    netns,
-                });
+            Note::Start(plan) => {
+                let netns = Netns::open(&format!("/proc/{}/ns/net", plan.pid))?;
+                self.start = Some(Start { plan, netns });
             }
             Note::Stopping => self.stopping = true,
             Note::Sockets { sockets } => self.sockets.extend(sockets),
@@ -264,7 +245,7 @@ pub fn guard(notes: OwnedFd) -> Result<GuardOutcome, MigrateError> {
             if watched.is_none()
                 && let Some(start) = &progress.start
             {
-                match watch(start.migrate_pid) {
+                match watch(start.plan.migrate_pid) {
                     Some(pidfd) => watched = Some(pidfd),
                     // Gone before we looked: the notes already say all there is.
                     None => break true,
@@ -347,16 +328,16 @@ impl NoteReader {
 /// returned after all were tried.
 fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, MigrateError> {
     tracing::warn!(
-        migrate_pid = start.migrate_pid,
+        migrate_pid = start.plan.migrate_pid,
         "tcpmig migrate died before the commit: rolling back"
     );
     let mut first_error = None;
-    let ip = start.service.ip();
+    let ip = start.plan.service.ip();
     // Deleted while the agent restores; adding an address that is there is a no-op.
-    if let Err(error) = net::add_address(&start.netns, &start.dev, ip, start.prefix_len) {
+    if let Err(error) = net::add_address(&start.netns, &start.plan.dev, ip, start.plan.prefix_len) {
         first_error.get_or_insert(error.into());
     }
-    let alive = Path::new(&format!("/proc/{}", start.pid)).exists();
+    let alive = Path::new(&format!("/proc/{}", start.plan.pid)).exists();
     let mut sockets = 0;
     if alive && !progress.sockets.is_empty() {
         match release_sockets(start, &progress.sockets) {
@@ -366,12 +347,12 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
             }
         }
     }
-    if let Err(error) = remove_freeze(&start.freeze) {
+    if let Err(error) = remove_freeze(&start.plan.freeze) {
         first_error.get_or_insert(error);
     }
     let mut resumed = 0;
     if alive && progress.stopping {
-        match StoppedTree::adopt(start.pid) {
+        match StoppedTree::adopt(start.plan.pid) {
             // Dropping it resumes it.
             Ok(tree) => resumed = tree.len(),
             Err(error) => {
@@ -382,7 +363,7 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
     match first_error {
         Some(error) => Err(error),
         None => Ok(GuardOutcome::RolledBack {
-            migrate_pid: start.migrate_pid,
+            migrate_pid: start.plan.migrate_pid,
             sockets,
             resumed,
         }),
@@ -393,13 +374,13 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
 /// by ending it (or it resumes, and its sockets fail until it closes them), the freeze removed.
 fn roll_forward(start: &Start) -> Result<GuardOutcome, MigrateError> {
     tracing::warn!(
-        migrate_pid = start.migrate_pid,
+        migrate_pid = start.plan.migrate_pid,
         "tcpmig migrate died after deciding to commit: finishing the commit"
     );
-    let alive = Path::new(&format!("/proc/{}", start.pid)).exists();
+    let alive = Path::new(&format!("/proc/{}", start.plan.pid)).exists();
     let result = if alive {
-        StoppedTree::adopt(start.pid).and_then(|tree| {
-            if start.stop_source {
+        StoppedTree::adopt(start.plan.pid).and_then(|tree| {
+            if start.plan.stop_source {
                 tree.terminate()
             } else {
                 Ok(())
@@ -408,10 +389,10 @@ fn roll_forward(start: &Start) -> Result<GuardOutcome, MigrateError> {
     } else {
         Ok(())
     };
-    let removed = remove_freeze(&start.freeze);
+    let removed = remove_freeze(&start.plan.freeze);
     result.and(removed).map(|()| GuardOutcome::RolledForward {
-        migrate_pid: start.migrate_pid,
-        ended: start.stop_source,
+        migrate_pid: start.plan.migrate_pid,
+        ended: start.plan.stop_source,
     })
 }
 
@@ -426,10 +407,10 @@ fn remove_freeze(name: &str) -> Result<(), MigrateError> {
 /// returns how many.
 fn release_sockets(start: &Start, noted: &HashMap<u64, bool>) -> Result<usize, MigrateError> {
     let filter = Filter {
-        service: Some(start.service),
+        service: Some(start.plan.service),
         ..Filter::default()
     };
-    let discovery = repair::discover(&start.netns, start.pid, &filter)?;
+    let discovery = repair::discover(&start.netns, start.plan.pid, &filter)?;
     let mut released = 0;
     for taken in &discovery.sockets {
         let fd = taken.fd.as_fd();

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     FREEZE_TTL, MigrateError, Phases, Privileged, Report, StoppedTree, Token, check_privileges,
-    guard::{self, Guardian, Note},
+    guard::{self, Guardian, Note, Plan},
     millis, test_pause,
     transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
@@ -94,7 +94,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     // Before anything changes, so that whatever happens to us is undone.
     let mut guardian = Guardian::start(
         &config.guard_exe,
-        &Note::Start {
+        &Note::Start(Plan {
             migrate_pid: std::process::id(),
             pid: config.pid,
             service,
@@ -102,7 +102,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
             prefix_len,
             freeze: name.clone(),
             stop_source: config.stop_source,
-        },
+        }),
     )?;
     let connected = started.elapsed();
     let result = guarded(
