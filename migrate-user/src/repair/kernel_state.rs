@@ -162,6 +162,14 @@ fn load_error(error: impl std::fmt::Display) -> RepairError {
     }
 }
 
+/// The iterator program of the loaded object.
+fn iterator(ebpf: &mut Ebpf) -> Result<&mut Iter, RepairError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or_else(|| load_error(format!("no program {PROGRAM_NAME} in the object")))?
+        .try_into()
+        .map_err(load_error)
+}
+
 impl StateReader {
     /// Loads the program; with `port`, it reports only sockets of that local port.
     pub fn load(port: Option<u16>) -> Result<Self, RepairError> {
@@ -207,12 +215,9 @@ impl StateReader {
             .load(PROGRAM)
             .map_err(load_error)?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(load_error)?;
-        let program: &mut Iter = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| load_error(format!("no program {PROGRAM_NAME} in the object")))?
-            .try_into()
+        iterator(&mut ebpf)?
+            .load("tcp", &kernel_btf)
             .map_err(load_error)?;
-        program.load("tcp", &kernel_btf).map_err(load_error)?;
         Ok(Self { ebpf, extract })
     }
 
@@ -223,12 +228,7 @@ impl StateReader {
             netns: Some(netns.spec().to_owned()),
             error,
         };
-        let program: &mut Iter = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| load_error("program gone"))?
-            .try_into()
-            .map_err(load_error)?;
+        let program = iterator(&mut self.ebpf)?;
         let link_id = program.attach().map_err(load_error)?;
         let link = program.take_link(link_id).map_err(load_error)?;
         // The iterator walks the namespace of the thread that creates it.
@@ -246,7 +246,7 @@ impl StateReader {
             }
             bytes.extend_from_slice(&chunk[..got]);
         }
-        let read_at = Instant::now();
+        let decoding = Instant::now();
         if !finished {
             return Err(fail(std::io::Error::other("the iterator did not end")));
         }
@@ -262,7 +262,7 @@ impl StateReader {
             .chunks_exact(record_len)
             .map(|record| self.decode(record, clock))
             .collect();
-        tracing::debug!(elapsed = ?read_at.elapsed(), "decoded the iterator's records");
+        tracing::debug!(elapsed = ?decoding.elapsed(), "decoded the iterator's records");
         Ok(states)
     }
 
