@@ -227,11 +227,11 @@ fn round(
 ) -> anyhow::Result<(Timed, Vec<Connection>, Vec<OwnedFd>)> {
     let started = Instant::now();
     let n = fds.len();
-    let reader = StateReader::load(Some(local.port()))?;
-    let prepared = repair::prepare_dump(Workers::PerCpu, fds, reader)?;
+    let mut reader = StateReader::load(Some(local.port()))?;
+    let prepared = repair::prepare_dump(Workers::PerCpu, fds)?;
     let setup = started.elapsed();
     let started = Instant::now();
-    let dumped = prepared.dump()?;
+    let dumped = prepared.dump(&mut reader)?;
     let dump = started.elapsed();
     let conns = dumped.connections().to_vec();
     dumped.commit();

@@ -11,5 +11,6 @@ pub mod image;
 pub mod migrate;
 pub mod net;
 pub mod repair;
+pub mod shard;
 pub mod sys;
 pub mod tuple;

@@ -190,10 +190,16 @@ fn agent_is_ready_on_prepare_with_nothing_pinned() -> Result<()> {
         !Path::new(freeze::PIN_ROOT).join(&name).exists(),
         "the agent's freeze is pinned"
     );
-    let sockets = std::fs::read_dir(format!("/proc/{agent_pid}/fd"))?
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("socket:"))
-        .count();
+    // Over every thread's fd table: the pool lives in a thread of its own (one per group).
+    let mut sockets = std::collections::HashSet::new();
+    for task in std::fs::read_dir(format!("/proc/{agent_pid}/task"))? {
+        let fds = std::fs::read_dir(task?.path().join("fd"))?;
+        sockets.extend(
+            fds.filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("socket:")),
+        );
+    }
+    let sockets = sockets.len();
     ensure!(
         sockets > N,
         "the agent holds {sockets} sockets: no pool of {N}"

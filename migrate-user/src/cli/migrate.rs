@@ -4,7 +4,6 @@ use std::{ffi::OsString, net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time
 use clap::Args;
 use tcpmig::{
     migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig, Token},
-    net::Netns,
     repair::handoff::{self, ExecCommand},
 };
 
@@ -13,9 +12,16 @@ use super::print_json;
 #[derive(Args)]
 pub struct MigrateArgs {
     /// The application whose connections move; it and its descendants are stopped (SIGSTOP)
-    /// during the migration.
-    #[arg(long)]
-    pid: u32,
+    /// during the migration. Repeat it (or give a list) for an application of several processes
+    /// in one network namespace, e.g. workers sharing the port with SO_REUSEPORT: their
+    /// connections move together, in one freeze and one address move.
+    #[arg(
+        long = "pid",
+        value_name = "PID",
+        required = true,
+        value_delimiter = ','
+    )]
+    pids: Vec<u32>,
     /// Local address and port of the connections; the address moves with them.
     #[arg(long, value_name = "ADDR:PORT")]
     service: SocketAddr,
@@ -67,11 +73,16 @@ pub struct AgentArgs {
     /// Print the report as JSON on stdout (before the command starts, with --exec).
     #[arg(long)]
     json: bool,
+    /// Most connections one process of the application gets. More are restored in several
+    /// groups, and CMD is started once per group (with TCPMIG_SHARD and TCPMIG_SHARDS set);
+    /// the agent then waits for them all. [default: the fd limit less 67]
+    #[arg(long, value_name = "N")]
+    max_per_process: Option<usize>,
     /// Testing aid: stop (SIGSTOP) once this many image bytes arrived.
     #[arg(long, hide = true, value_name = "BYTES")]
     stop_after_image_bytes: Option<u64>,
     /// Become this command, with the connections as fds 3.. (LISTEN_FDS, LISTEN_PID,
-    /// LISTEN_FDNAMES).
+    /// LISTEN_FDNAMES); or start it once per group (see --max-per-process).
     #[arg(last = true, value_name = "CMD")]
     exec: Vec<OsString>,
 }
@@ -90,7 +101,7 @@ pub struct GuardArgs {}
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let config = SourceConfig {
-        pid: args.pid,
+        pids: args.pids,
         service: args.service,
         dev: args.dev,
         agent: args.to,
@@ -124,6 +135,11 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         max_image_bytes: args.max_image_bytes,
         step_timeout: timeout(args.timeout)?,
         stop_after_image_bytes: args.stop_after_image_bytes,
+        max_per_process: match args.max_per_process {
+            Some(0) => anyhow::bail!("--max-per-process 0: give at least 1"),
+            Some(max) => max,
+            None => handoff::max_fds_per_process()?,
+        },
     };
     let outcome = migrate::agent(&config)?;
     // stdout belongs to the application with --exec: the summary goes to stderr.
@@ -135,12 +151,12 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         print_json(&outcome.report)?;
     }
     match args.handoff {
-        Some(path) => Ok(handoff::send_fds(&outcome.sockets, &path)?),
+        Some(path) => Ok(outcome.live.send_to(&path)?),
         None => {
-            let command = ExecCommand::prepare(&args.exec, outcome.sockets.len())?;
-            // The application runs in the namespace its connections are in.
-            Netns::open(&args.netns)?.enter_current_thread()?;
-            match handoff::exec_with_fds(outcome.sockets, command)? {}
+            let per_process = outcome.report.live.div_ceil(outcome.live.groups());
+            let command = ExecCommand::prepare(&args.exec, per_process)?;
+            let status = outcome.live.run(command)?;
+            std::process::exit(status.code().unwrap_or(1))
         }
     }
 }
@@ -172,7 +188,7 @@ fn summary(r: &Report) -> String {
     let p = &r.phases;
     let d = &r.destination;
     format!(
-        "migrated {kept}/{n} connections of {service} (pid {pid}) to {agent}\n\
+        "migrated {kept}/{n} connections of {service} (pid {pids}) to {agent}\n\
          blackout {blackout:.1} ms, total {total:.1} ms, image {image} bytes \
          (queued: {send} sent/unsent, {recv} unread)\n\
          phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, freeze \
@@ -186,7 +202,12 @@ fn summary(r: &Report) -> String {
         kept = r.kept,
         n = r.connections,
         service = r.service,
-        pid = r.pid,
+        pids = r
+            .pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         agent = r.agent,
         blackout = r.blackout_ms,
         total = r.total_ms,

@@ -183,8 +183,8 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
 
     // What needs no freeze is done before it: loading the socket reader, reading the options.
     let port = args.service.map(|service| service.port()).or(args.port);
-    let reader = repair::StateReader::load(port)?;
-    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds(), reader)?;
+    let mut reader = repair::StateReader::load(port)?;
+    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?;
 
     let started = Instant::now();
     let freeze_name = format!("dump-{}", args.pid);
@@ -203,7 +203,7 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     // From here on, an error drops `dumped` (rolls back) and then `own_freeze` (lifts it).
-    let dumped = prepared.dump()?;
+    let dumped = prepared.dump(&mut reader)?;
     let dump_time = started.elapsed();
     let started = Instant::now();
     let encoded = image::encode(dumped.connections());

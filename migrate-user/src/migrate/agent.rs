@@ -1,7 +1,12 @@
 //! The destination side: get ready on Prepare (a pool of sockets and the freeze programs, before
 //! the source freezes), receive, restore in repair mode, and go live on Commit.
+//!
+//! The connections are restored in groups of at most `max_per_process`, each group in a shard of
+//! its own ([`crate::shard`]): one fd table, and one application process, holds at most one
+//! group. Most migrations are one group.
 use std::{
     net::SocketAddr,
+    process::ExitStatus,
     time::{Duration, Instant},
 };
 
@@ -15,7 +20,11 @@ use crate::{
     freeze::{self, Freeze},
     image::{Decoded, Decoder},
     net::{self, Netns, Takeover},
-    repair::{self, Connection, RestoredSocket, RestoredSockets, SocketPool, Workers},
+    repair::{
+        self, Connection, RestoredSocket, RestoredSockets, SocketPool, Workers,
+        handoff::{self, ExecCommand, HandoffError},
+    },
+    shard::{self, Shard},
 };
 
 /// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
@@ -43,15 +52,86 @@ pub struct AgentConfig {
     /// Testing aid: once this many image bytes arrived, the agent stops itself (SIGSTOP), so a
     /// test can kill it at a known point.
     pub stop_after_image_bytes: Option<u64>,
+    /// Most connections one group holds, and one application process gets; more make several
+    /// groups. See [`handoff::max_fds_per_process`].
+    pub max_per_process: usize,
 }
 
 /// A completed migration on the destination: the live sockets, to hand to the application.
-#[derive(Debug)]
 pub struct AgentOutcome {
     pub source: SocketAddr,
     pub service: SocketAddr,
-    pub sockets: Vec<RestoredSocket>,
+    pub live: LiveConnections,
     pub report: AgentReport,
+}
+
+/// The live connections, in their groups, until they are handed to the application.
+pub struct LiveConnections {
+    groups: Vec<Shard<Group>>,
+    /// Where the application runs: the namespace the connections are in.
+    netns: String,
+}
+
+/// One group of connections, in its shard: the pool made on Prepare, the restored sockets in
+/// repair mode, then the live ones.
+#[derive(Default)]
+struct Group {
+    pool: Option<SocketPool>,
+    restored: Option<RestoredSockets>,
+    live: Vec<RestoredSocket>,
+}
+
+impl LiveConnections {
+    /// Groups, each handed to one process.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Sends each group in turn to the receiver at `path` (see [`handoff::send_fds`]): one
+    /// connection to the receiver per group.
+    pub fn send_to(self, path: &std::path::Path) -> Result<(), HandoffError> {
+        for group in &self.groups {
+            let path = path.to_owned();
+            group.run(move |group| handoff::send_fds(&std::mem::take(&mut group.live), &path))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the connections to `command` in their namespace: one group becomes it (this process
+    /// is replaced, see [`handoff::exec_with_fds`]); several start it once per group (see
+    /// [`handoff::spawn_with_fds`]) and wait for them all. Returns the first failure's exit
+    /// status, or success.
+    pub fn run(self, command: ExecCommand) -> Result<ExitStatus, HandoffError> {
+        let Self { groups, netns } = self;
+        let count = groups.len();
+        if count == 1 {
+            let exec = groups[0].run(move |group| {
+                enter(&netns)?;
+                handoff::exec_with_fds(std::mem::take(&mut group.live), command)
+            });
+            match exec? {}
+        }
+        let command = std::sync::Arc::new(command);
+        let started = shard::run_all(&groups, move |k, group| {
+            enter(&netns)?;
+            let env = [
+                ("TCPMIG_SHARD", k.to_string()),
+                ("TCPMIG_SHARDS", count.to_string()),
+            ];
+            handoff::spawn_with_fds(std::mem::take(&mut group.live), &command, &env)
+        });
+        let children = started.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // The groups' threads live until the children end: each child gets SIGTERM when the
+        // thread that started it ends (PR_SET_PDEATHSIG), so when this process dies.
+        let status = handoff::wait_all(children);
+        drop(groups);
+        status
+    }
+}
+
+/// The application runs in the namespace its connections are in.
+fn enter(netns: &str) -> Result<(), HandoffError> {
+    Ok(Netns::open(netns)?.enter_current_thread()?)
 }
 
 /// Waits for one source, receives its connections and makes them live here.
@@ -80,7 +160,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     let mut report = AgentReport::default();
     let ready = prepare(config, netns, service, prefix_len, expected, &mut report);
     let Ready {
-        pool,
+        mut groups,
         mut freeze,
         takeover,
     } = match ready {
@@ -89,7 +169,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     };
     link.send(&Message::Prepared).await?;
     test_pause("agent-prepared");
-    let restoring = receive_and_restore(config, netns, &mut link, pool, &mut report).await;
+    let restoring = receive_and_restore(config, &mut link, service, &mut groups, &mut report).await;
     let restored = match restoring.and_then(|restored| {
         // The deadline counts from here, not from Prepare: one map update.
         freeze.freeze_services(&[service], FREEZE_TTL)?;
@@ -99,7 +179,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         Err(error) => return Err(failed(&mut link, error).await),
     };
     link.send(&Message::Restored {
-        connections: restored.len(),
+        connections: restored,
         restore_ms: report.restore_ms,
     })
     .await?;
@@ -127,7 +207,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    let sockets = go_live(&takeover, restored, freeze, service, &mut report)?;
+    go_live(&takeover, &groups, freeze, service, &mut report)?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
         report: report.clone(),
@@ -138,7 +218,10 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     Ok(AgentOutcome {
         source,
         service,
-        sockets,
+        live: LiveConnections {
+            groups,
+            netns: config.netns.clone(),
+        },
         report,
     })
 }
@@ -216,17 +299,17 @@ async fn failed(link: &mut Link, error: MigrateError) -> MigrateError {
 
 /// What [`prepare`] made ready.
 struct Ready<'a> {
-    pool: SocketPool,
+    groups: Vec<Shard<Group>>,
     freeze: Freeze,
     takeover: Takeover<'a>,
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
-/// application: a pool of `expected` sockets bound to the service (socket() and bind are the
-/// costliest restore calls); on a thread beside it, the freeze programs (10-40 ms of CPU that
-/// would compete with the restore for the CPUs); then the netlink session and packet socket
-/// that add and announce the address. The freeze is unpinned: an agent killed at any point
-/// leaves nothing attached.
+/// application: pools of `expected` sockets in all bound to the service, one per group, on the
+/// groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
+/// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
+/// session and packet socket that add and announce the address. The freeze is unpinned: an
+/// agent killed at any point leaves nothing attached.
 fn prepare<'a>(
     config: &'a AgentConfig,
     netns: &'a Netns,
@@ -236,42 +319,108 @@ fn prepare<'a>(
     report: &mut AgentReport,
 ) -> Result<Ready<'a>, MigrateError> {
     let name = format!("{FREEZE_PREFIX}{}", std::process::id());
-    let (pool, freeze) = std::thread::scope(|scope| {
-        let attaching = scope.spawn(|| {
-            let started = Instant::now();
-            let freeze = Freeze::attach_unpinned(netns, &config.dev, &name);
-            (freeze, started.elapsed())
-        });
-        let started = Instant::now();
-        let pool = SocketPool::prepare(Workers::PerCpu, netns, service, expected as usize);
-        report.pool_ms = millis(started.elapsed());
-        let (freeze, freeze_time) = attaching
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        report.freeze_ms = millis(freeze_time);
-        (pool, freeze)
-    });
-    let pool = pool?;
-    report.pooled = pool.len();
+    let started = Instant::now();
+    let sizes = group_sizes(expected as usize, config.max_per_process);
+    let groups = spawn_groups(sizes.len())?;
+    let pooling: Vec<_> = groups
+        .iter()
+        .zip(sizes)
+        .map(|(group, size)| {
+            let spec = config.netns.clone();
+            group.start(move |group| {
+                let netns = Netns::open(&spec)?;
+                let pool = SocketPool::prepare(Workers::PerCpu, &netns, service, size)?;
+                group.pool = Some(pool);
+                Ok::<_, MigrateError>(size)
+            })
+        })
+        .collect();
+    let attached = Instant::now();
+    let freeze = Freeze::attach_unpinned(netns, &config.dev, &name);
+    report.freeze_ms = millis(attached.elapsed());
+    let mut pooled = 0;
+    for pending in pooling {
+        pooled += pending.wait()?;
+    }
+    report.pool_ms = millis(started.elapsed());
+    report.pooled = pooled;
     Ok(Ready {
-        pool,
+        groups,
         freeze: freeze?,
         takeover: Takeover::prepare(netns, &config.dev, service.ip(), prefix_len)?,
     })
 }
 
-/// Receives the image and restores it in repair mode, on the pool's sockets.
+/// `count` shards for groups of connections.
+fn spawn_groups(count: usize) -> Result<Vec<Shard<Group>>, MigrateError> {
+    (0..count)
+        .map(|k| {
+            Shard::spawn(format!("group-{k}"))
+                .map_err(|e| MigrateError::Setup(format!("starting a thread for a group: {e}")))
+        })
+        .collect()
+}
+
+/// `total` split evenly into the fewest groups of at most `max` (one group when there are none).
+fn group_sizes(total: usize, max: usize) -> Vec<usize> {
+    let groups = total.div_ceil(max.max(1)).max(1);
+    (0..groups)
+        .map(|k| total / groups + usize::from(k < total % groups))
+        .collect()
+}
+
+/// Receives the image and restores it in repair mode, each group on its pool's sockets, the
+/// groups side by side; more connections than the pools planned for get groups of their own.
+/// Returns how many were restored.
 async fn receive_and_restore(
     config: &AgentConfig,
-    netns: &Netns,
     link: &mut Link,
-    pool: SocketPool,
+    service: SocketAddr,
+    groups: &mut Vec<Shard<Group>>,
     report: &mut AgentReport,
-) -> Result<RestoredSockets, MigrateError> {
-    let connections = receive_image(config, link).await?;
+) -> Result<usize, MigrateError> {
+    let mut connections = receive_image(config, link).await?;
     let started = Instant::now();
-    let restored = repair::restore_with_pool(Workers::PerCpu, netns, &connections, pool)?;
-    report.restored = connections.len();
+    let sizes = group_sizes(connections.len(), config.max_per_process);
+    if sizes.len() > groups.len() {
+        groups.extend(spawn_groups(sizes.len() - groups.len())?);
+    }
+    // Cut from the end, so each group's connections keep their order.
+    let mut parts: Vec<Vec<Connection>> = Vec::with_capacity(sizes.len());
+    for &size in sizes.iter().rev() {
+        parts.push(connections.split_off(connections.len() - size));
+    }
+    let restoring: Vec<_> = groups
+        .iter()
+        .zip(parts.into_iter().rev())
+        .map(|(group, part)| {
+            let spec = config.netns.clone();
+            group.start(move |group| {
+                let netns = Netns::open(&spec)?;
+                let pool = match group.pool.take() {
+                    Some(pool) => pool,
+                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
+                };
+                let restored = repair::restore_with_pool(Workers::PerCpu, &netns, &part, pool)?;
+                Ok::<_, MigrateError>(group.restored.insert(restored).len())
+            })
+        })
+        .collect();
+    let mut restored = 0;
+    let mut first_error = None;
+    for pending in restoring {
+        match pending.wait() {
+            Ok(count) => restored += count,
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    report.restored = restored;
+    report.shards = groups.len();
     report.restore_ms = millis(started.elapsed());
     Ok(restored)
 }
@@ -325,11 +474,11 @@ async fn receive_image(
 /// the application by 60 ms, which every client's catch-up showed.
 fn go_live(
     takeover: &Takeover<'_>,
-    restored: RestoredSockets,
+    groups: &[Shard<Group>],
     mut freeze: Freeze,
     service: SocketAddr,
     report: &mut AgentReport,
-) -> Result<Vec<RestoredSocket>, MigrateError> {
+) -> Result<(), MigrateError> {
     let committed_at = Instant::now();
     takeover.claim(net::ANNOUNCE_COUNT)?;
     report.announcements = net::ANNOUNCE_COUNT;
@@ -340,14 +489,26 @@ fn go_live(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, millis);
     let step = Instant::now();
-    let committed = restored.commit();
+    let committed = shard::run_all(groups, |_, group| {
+        let Some(restored) = group.restored.take() else {
+            return (0, Vec::new());
+        };
+        let committed = restored.commit();
+        group.live = committed.sockets;
+        let failures: Vec<String> = committed.failures.iter().map(ToString::to_string).collect();
+        (group.live.len(), failures)
+    });
     report.repair_off_ms = millis(step.elapsed());
-    report.live = committed.sockets.len();
-    report.failed = committed.failures.len();
-    report.first_failure = committed.failures.first().map(ToString::to_string);
+    for (live, failures) in committed {
+        report.live += live;
+        report.failed += failures.len();
+        if report.first_failure.is_none() {
+            report.first_failure = failures.into_iter().next();
+        }
+    }
     report.dropped = freeze.counters()?.into();
     freeze.remove()?;
-    Ok(committed.sockets)
+    Ok(())
 }
 
 /// This process's resident memory and its peak, in KiB (VmRSS and VmHWM of /proc/self/status).

@@ -153,7 +153,7 @@ pub enum GuardOutcome {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Plan {
     pub(super) migrate_pid: u32,
-    pub(super) pid: u32,
+    pub(super) pids: Vec<u32>,
     pub(super) service: SocketAddr,
     pub(super) dev: String,
     pub(super) prefix_len: u8,
@@ -177,11 +177,23 @@ struct Start {
     netns: Netns,
 }
 
+impl Start {
+    /// The application's processes that still exist.
+    fn alive(&self) -> impl Iterator<Item = u32> + '_ {
+        self.plan
+            .pids
+            .iter()
+            .copied()
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
 impl Progress {
     fn apply(&mut self, note: Note) -> Result<(), MigrateError> {
         match note {
             Note::Start(plan) => {
-                let netns = Netns::open(&format!("/proc/{}/ns/net", plan.pid))?;
+                let pid = plan.pids.first().copied().unwrap_or_default();
+                let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
                 self.start = Some(Start { plan, netns });
             }
             Note::Stopping => self.stopping = true,
@@ -337,26 +349,29 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
     if let Err(error) = net::add_address(&start.netns, &start.plan.dev, ip, start.plan.prefix_len) {
         first_error.get_or_insert(error.into());
     }
-    let alive = Path::new(&format!("/proc/{}", start.plan.pid)).exists();
     let mut sockets = 0;
-    if alive && !progress.sockets.is_empty() {
-        match release_sockets(start, &progress.sockets) {
-            Ok(count) => sockets = count,
-            Err(error) => {
-                first_error.get_or_insert(error);
+    let mut resumed = 0;
+    for pid in start.alive() {
+        if !progress.sockets.is_empty() {
+            match release_sockets(start, pid, &progress.sockets) {
+                Ok(count) => sockets += count,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         }
     }
     if let Err(error) = remove_freeze(&start.plan.freeze) {
         first_error.get_or_insert(error);
     }
-    let mut resumed = 0;
-    if alive && progress.stopping {
-        match StoppedTree::adopt(start.plan.pid) {
-            // Dropping it resumes it.
-            Ok(tree) => resumed = tree.len(),
-            Err(error) => {
-                first_error.get_or_insert(error);
+    if progress.stopping {
+        for pid in start.alive() {
+            match StoppedTree::adopt(pid) {
+                // Dropping it resumes it.
+                Ok(tree) => resumed += tree.len(),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         }
     }
@@ -377,18 +392,16 @@ fn roll_forward(start: &Start) -> Result<GuardOutcome, MigrateError> {
         migrate_pid = start.plan.migrate_pid,
         "tcpmig migrate died after deciding to commit: finishing the commit"
     );
-    let alive = Path::new(&format!("/proc/{}", start.plan.pid)).exists();
-    let result = if alive {
-        StoppedTree::adopt(start.plan.pid).and_then(|tree| {
+    let mut result = Ok(());
+    for pid in start.alive() {
+        result = result.and(StoppedTree::adopt(pid).and_then(|tree| {
             if start.plan.stop_source {
                 tree.terminate()
             } else {
                 Ok(())
             }
-        })
-    } else {
-        Ok(())
-    };
+        }));
+    }
     let removed = remove_freeze(&start.plan.freeze);
     result.and(removed).map(|()| GuardOutcome::RolledForward {
         migrate_pid: start.plan.migrate_pid,
@@ -403,14 +416,18 @@ fn remove_freeze(name: &str) -> Result<(), MigrateError> {
     }
 }
 
-/// Takes the application's sockets that `migrate` noted and that are in repair mode out of it;
-/// returns how many.
-fn release_sockets(start: &Start, noted: &HashMap<u64, bool>) -> Result<usize, MigrateError> {
+/// Takes the sockets of process `pid` that `migrate` noted and that are in repair mode out of
+/// it; returns how many. One process at a time: each may hold as many as one fd table can.
+fn release_sockets(
+    start: &Start,
+    pid: u32,
+    noted: &HashMap<u64, bool>,
+) -> Result<usize, MigrateError> {
     let filter = Filter {
         service: Some(start.plan.service),
         ..Filter::default()
     };
-    let discovery = repair::discover(&start.netns, start.plan.pid, &filter)?;
+    let discovery = repair::discover(&start.netns, pid, &filter)?;
     let mut released = 0;
     for taken in &discovery.sockets {
         let fd = taken.fd.as_fd();

@@ -50,7 +50,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, agent},
+    agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, LiveConnections, agent},
     guard::{GuardOutcome, guard},
     process::StoppedTree,
     source::{SourceConfig, migrate},
@@ -233,6 +233,11 @@ pub struct AgentReport {
     pub pooled: usize,
     /// Recreating the sockets in repair mode, on the pool's sockets.
     pub restore_ms: f64,
+    /// Groups the connections were restored in (shards of the agent), each handed to its own
+    /// process: more than one when they are more than one process can hold
+    /// (`tcpmig agent --max-per-process`).
+    #[serde(default)]
+    pub shards: usize,
     /// From Commit received to the address added and announced.
     pub address_ms: f64,
     /// From Commit received to the first socket leaving repair mode: the end of the blackout.
@@ -254,7 +259,7 @@ pub struct AgentReport {
 /// The source's account of a migration (`tcpmig migrate --json`). Durations in milliseconds.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    pub pid: u32,
+    pub pids: Vec<u32>,
     pub service: SocketAddr,
     pub agent: SocketAddr,
     /// Processes stopped (the application and its descendants).

@@ -1,8 +1,13 @@
 //! The source side: stop, freeze, dump, send, and commit or roll back.
+//!
+//! Each application process's sockets are held in a shard of their own ([`crate::shard`]): one
+//! fd table holds at most one process's worth (the fd limit), and several processes, 50,000
+//! connections in all, move in one migration.
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,13 +21,15 @@ use crate::{
     freeze::{Freeze, RemoveOnDrop},
     image,
     net::{self, Netns},
-    repair::{self, DumpedSockets, Filter, StateReader, Workers},
+    repair::{self, Connection, DumpedSockets, Filter, PreparedDump, StateReader, Workers},
+    shard::{self, Shard},
 };
 
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
-    /// The application whose connections move.
-    pub pid: u32,
+    /// The application's processes whose connections move, together, all in one network
+    /// namespace.
+    pub pids: Vec<u32>,
     /// Local address and port of those connections; the address moves with them.
     pub service: SocketAddr,
     /// The interface holding the address, in the application's network namespace.
@@ -52,18 +59,34 @@ pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
 /// What the source holds while the migration can still be undone.
 struct Held {
     freeze: RemoveOnDrop,
-    /// The dump's socket reader, loaded before the application stops; taken by the dump.
-    reader: Option<StateReader>,
-    stopped: Option<StoppedTree>,
-    dumped: Option<DumpedSockets>,
+    /// The dump's socket reader, loaded before the application stops.
+    reader: StateReader,
+    stopped: Vec<StoppedTree>,
+    /// One per application process, holding its sockets.
+    shards: Vec<Shard<ProcessSockets>>,
     /// The address was deleted and must come back on rollback.
     address_deleted: bool,
+}
+
+/// One application process's sockets, in its shard: prepared once the process is stopped, then
+/// dumped (in repair mode) until the commit or the rollback. Dropped, they roll back.
+#[derive(Default)]
+struct ProcessSockets {
+    prepared: Option<PreparedDump>,
+    dumped: Option<DumpedSockets>,
+}
+
+/// What discovery found in one process.
+struct Found {
+    /// Inode and SO_REUSEADDR of each socket, for the guard.
+    sockets: Vec<(u64, bool)>,
+    skipped: usize,
 }
 
 async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let started = Instant::now();
     let service = crate::tuple::canonical(config.service);
-    let netns = Netns::open(&format!("/proc/{}/ns/net", config.pid))?;
+    let netns = netns_of(&config.pids)?;
     let prefix_len = prefix_of(&netns, config, service.ip())?;
     let filter = Filter {
         service: Some(service),
@@ -96,7 +119,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         &config.guard_exe,
         &Note::Start(Plan {
             migrate_pid: std::process::id(),
-            pid: config.pid,
+            pids: config.pids.clone(),
             service,
             dev: config.dev.clone(),
             prefix_len,
@@ -140,9 +163,9 @@ async fn guarded(
     let reader = StateReader::load(Some(service.port()))?;
     let mut held = Held {
         freeze,
-        reader: Some(reader),
-        stopped: None,
-        dumped: None,
+        reader,
+        stopped: Vec::new(),
+        shards: Vec::new(),
         address_deleted: false,
     };
     let prepare_ms = millis(started.elapsed());
@@ -189,14 +212,16 @@ async fn guarded(
     test_pause("finishing");
     let finished = Instant::now();
     // Committed or not, the source is past the point of no return: see MigrateError::InDoubt.
-    if let Some(dumped) = held.dumped.take() {
-        dumped.commit();
-    }
-    // Without --stop-source, dropping the stopped tree resumes it.
-    if let Some(stopped) = held.stopped.take()
-        && config.stop_source
-    {
-        stopped.terminate()?;
+    shard::run_all(&held.shards, |_, sockets| {
+        if let Some(dumped) = sockets.dumped.take() {
+            dumped.commit();
+        }
+    });
+    // Without --stop-source, dropping the stopped trees resumes them.
+    if config.stop_source {
+        for stopped in held.stopped.drain(..) {
+            stopped.terminate()?;
+        }
         report.source_stopped = true;
     }
     report.dropped_source = held.freeze.counters()?.into();
@@ -244,50 +269,63 @@ async fn until_live(
     }
     let step = Instant::now();
     guardian.note(&Note::Stopping)?;
-    let stopped = held.stopped.insert(StoppedTree::stop(config.pid)?);
-    let processes_stopped = stopped.len();
+    for &pid in &config.pids {
+        held.stopped.push(StoppedTree::stop(pid)?);
+    }
+    let processes_stopped = held.stopped.iter().map(StoppedTree::len).sum();
     phases.stop_ms = millis(step.elapsed());
     test_pause("stopped");
     let step = Instant::now();
-    let filter = Filter {
-        service: Some(service),
-        ..Filter::default()
-    };
-    let discovery = repair::discover(netns, config.pid, &filter)?;
-    let skipped = discovery.skipped.len();
-    if discovery.sockets.is_empty() {
-        return Err(MigrateError::NoConnections {
-            pid: config.pid,
-            service,
-        });
+    for &pid in &config.pids {
+        let shard = Shard::spawn(format!("pid-{pid}")).map_err(|source| MigrateError::Process {
+            pid,
+            what: "starting a thread for its sockets",
+            source,
+        })?;
+        held.shards.push(shard);
     }
-    let sockets = discovery
-        .sockets
-        .iter()
-        .map(|taken| {
-            guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
-                pid: config.pid,
-                what: "reading its sockets",
-                source,
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    guardian.note(&Note::Sockets { sockets })?;
-    // What only the stopped application could change is read now, outside the blackout.
-    let reader = held.reader.take().expect("the reader is taken once");
-    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds(), reader)?;
+    let pids = config.pids.clone();
+    let found = shard::run_all(&held.shards, move |k, sockets| {
+        prepare_process(pids[k], service, sockets)
+    });
+    let mut skipped = 0;
+    let mut noted = Vec::new();
+    for found in found {
+        let found = found?;
+        skipped += found.skipped;
+        noted.extend(found.sockets);
+    }
+    // A socket shared by two of the processes (inherited over fork) would be dumped twice.
+    let mut inodes: Vec<u64> = noted.iter().map(|&(inode, _)| inode).collect();
+    inodes.sort_unstable();
+    if let Some(pair) = inodes.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(MigrateError::Setup(format!(
+            "socket inode {} is held by two of the processes given: give only one of them",
+            pair[0]
+        )));
+    }
+    guardian.note(&Note::Sockets { sockets: noted })?;
     phases.discover_ms = millis(step.elapsed());
     let frozen = Instant::now();
     held.freeze.freeze_services(&[service], FREEZE_TTL)?;
     phases.freeze_ms = millis(frozen.elapsed());
     test_pause("frozen");
     let step = Instant::now();
-    let dumped = held.dumped.insert(prepared.dump()?);
+    // One pass of the reader for every process: they share the namespace.
+    let states = Arc::new(held.reader.read(netns)?);
+    let dumped = shard::run_all(&held.shards, move |_, sockets| {
+        let prepared = sockets.prepared.take().expect("prepared before the dump");
+        let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
+        Ok::<_, MigrateError>(dumped.connections().to_vec())
+    });
+    let mut connections = Vec::new();
+    for dumped in dumped {
+        connections.extend(dumped?);
+    }
     phases.dump_ms = millis(step.elapsed());
     test_pause("dumped");
     let step = Instant::now();
-    let connections = dumped.connections();
-    let image = image::encode(connections);
+    let image = image::encode(&connections);
     for (i, piece) in image.chunks(IMAGE_PIECE).enumerate() {
         if i == 1 {
             test_pause("mid-transfer");
@@ -333,11 +371,10 @@ async fn until_live(
         other => return Err(link.unexpected("waiting for the agent to go live", &other)),
     }
     phases.commit_ms = millis(commit_sent.elapsed());
-    let queued = |f: fn(&repair::Connection) -> usize| -> u64 {
-        connections.iter().map(|c| f(c) as u64).sum()
-    };
+    let queued =
+        |f: fn(&Connection) -> usize| -> u64 { connections.iter().map(|c| f(c) as u64).sum() };
     Ok(Report {
-        pid: config.pid,
+        pids: config.pids.clone(),
         service,
         agent: link.peer(),
         processes_stopped,
@@ -373,12 +410,16 @@ fn rollback(
     if held.address_deleted {
         result = net::add_address(netns, &config.dev, ip, prefix_len).map_err(Into::into);
     }
-    if let Some(dumped) = held.dumped.take() {
-        result = result.and(dumped.rollback().map_err(Into::into));
+    let rolled_back = shard::run_all(&held.shards, |_, sockets| {
+        sockets.prepared = None;
+        sockets.dumped.take().map(DumpedSockets::rollback)
+    });
+    for outcome in rolled_back.into_iter().flatten() {
+        result = result.and(outcome.map_err(Into::into));
     }
     result = result.and(Freeze::remove(held.freeze.keep()).map_err(Into::into));
-    // Dropping the stopped tree resumes it.
-    drop(held.stopped.take());
+    // Dropping the stopped trees resumes them.
+    held.stopped.clear();
     match result {
         Ok(()) => MigrateError::RolledBack {
             cause: Box::new(cause),
@@ -406,6 +447,62 @@ fn prefix_of(netns: &Netns, config: &SourceConfig, ip: IpAddr) -> Result<u8, Mig
     Err(MigrateError::NoAddress {
         ip,
         dev: config.dev.clone(),
-        pid: config.pid,
+        pid: config.pids[0],
+    })
+}
+
+/// The network namespace of the processes, which must share it: one migration moves one
+/// service address.
+fn netns_of(pids: &[u32]) -> Result<Netns, MigrateError> {
+    let open = |pid: u32| Netns::open(&format!("/proc/{pid}/ns/net"));
+    let (&first, others) = pids
+        .split_first()
+        .ok_or_else(|| MigrateError::Setup("no process to migrate".to_owned()))?;
+    let netns = open(first)?;
+    for (k, &pid) in others.iter().enumerate() {
+        if pids[..=k].contains(&pid) {
+            return Err(MigrateError::Setup(format!("process {pid} is given twice")));
+        }
+        if open(pid)?.inode() != netns.inode() {
+            return Err(MigrateError::Setup(format!(
+                "process {pid} is in another network namespace than process {first}: one \
+                 migration moves the connections of one namespace"
+            )));
+        }
+    }
+    Ok(netns)
+}
+
+/// In the process's shard: takes its connections on `service` and reads what only it changes.
+fn prepare_process(
+    pid: u32,
+    service: SocketAddr,
+    sockets: &mut ProcessSockets,
+) -> Result<Found, MigrateError> {
+    let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
+    let filter = Filter {
+        service: Some(service),
+        ..Filter::default()
+    };
+    let discovery = repair::discover(&netns, pid, &filter)?;
+    if discovery.sockets.is_empty() {
+        return Err(MigrateError::NoConnections { pid, service });
+    }
+    let identified = discovery
+        .sockets
+        .iter()
+        .map(|taken| {
+            guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
+                pid,
+                what: "reading its sockets",
+                source,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let skipped = discovery.skipped.len();
+    sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
+    Ok(Found {
+        sockets: identified,
+        skipped,
     })
 }

@@ -148,7 +148,6 @@ fn leave_repair(fd: BorrowedFd<'_>, tuple: Tuple, reuseaddr: bool) -> Result<(),
 /// and repair mode on each socket.
 pub struct PreparedDump {
     sockets: Vec<PreparedSocket>,
-    reader: StateReader,
     workers: Workers,
 }
 
@@ -181,22 +180,17 @@ impl PreparedDump {
     /// each socket then costs repair on, and two calls per queue that holds bytes (selection
     /// and peek). Sockets of another namespace than the first's are found by further passes,
     /// one per namespace.
-    pub fn dump(self) -> Result<DumpedSockets, RepairError> {
-        let Self {
-            sockets,
-            mut reader,
-            workers,
-        } = self;
-        let mut outcomes: Vec<Option<Outcome>> = sockets.iter().map(|_| None).collect();
+    pub fn dump(self, reader: &mut StateReader) -> Result<DumpedSockets, RepairError> {
+        let mut outcomes: Vec<Option<Outcome>> = self.sockets.iter().map(|_| None).collect();
         let mut listed = Vec::new();
         // Each round settles the first socket not dumped yet, or reads one more namespace.
-        for _ in 0..=2 * sockets.len() {
+        for _ in 0..=2 * self.sockets.len() {
             let Some(first) = outcomes.iter().position(Option::is_none) else {
                 break;
             };
-            let fd = sockets[first].fd.as_fd();
-            let states = match states_of_netns(fd, &mut reader, &mut listed) {
-                Ok(Some(states)) => states,
+            let fd = self.sockets[first].fd.as_fd();
+            match states_of_netns(fd, reader, &mut listed) {
+                Ok(Some(states)) => self.dump_found(&states, &mut outcomes),
                 Ok(None) => {
                     outcomes[first] = Some(Outcome::failed(not_connected(
                         fd,
@@ -204,7 +198,6 @@ impl PreparedDump {
                             "not among the TCP sockets of its namespace (on the reader's port)",
                         ),
                     )));
-                    continue;
                 }
                 Err(error) => {
                     for outcome in outcomes.iter_mut().skip(first + 1).filter(|o| o.is_none()) {
@@ -214,31 +207,56 @@ impl PreparedDump {
                         }));
                     }
                     outcomes[first] = Some(Outcome::failed(error));
-                    continue;
                 }
-            };
-            let todo: Vec<(usize, &PreparedSocket)> = sockets
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| outcomes[*i].is_none())
-                .collect();
-            let results = super::sharded(workers, &todo, |batch| {
-                batch
-                    .iter()
-                    .map(|(_, socket)| dump_one(socket, &states))
-                    .collect::<Vec<_>>()
-            });
-            for ((i, _), result) in todo.iter().zip(results.into_iter().flatten()) {
-                outcomes[*i] = result;
             }
         }
+        self.settle(outcomes)
+    }
+
+    /// [`dump`](Self::dump) with the states of one pass of the reader, made after the freeze:
+    /// several dumps of one namespace (the shards of a migration) share one pass. A socket not
+    /// in `states` fails the dump.
+    pub fn dump_read(
+        self,
+        states: &HashMap<u64, SocketState>,
+    ) -> Result<DumpedSockets, RepairError> {
+        let mut outcomes: Vec<Option<Outcome>> = self.sockets.iter().map(|_| None).collect();
+        self.dump_found(states, &mut outcomes);
+        self.settle(outcomes)
+    }
+
+    /// Dumps the sockets not settled yet that `states` holds.
+    fn dump_found(&self, states: &HashMap<u64, SocketState>, outcomes: &mut [Option<Outcome>]) {
+        let todo: Vec<(usize, &PreparedSocket)> = self
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| outcomes[*i].is_none())
+            .collect();
+        let results = super::sharded(self.workers, &todo, |batch| {
+            batch
+                .iter()
+                .map(|(_, socket)| dump_one(socket, states))
+                .collect::<Vec<_>>()
+        });
+        for ((i, _), result) in todo.iter().zip(results.into_iter().flatten()) {
+            outcomes[*i] = result;
+        }
+    }
+
+    /// The dumped sockets, or the first error after taking every socket out of repair mode.
+    fn settle(self, outcomes: Vec<Option<Outcome>>) -> Result<DumpedSockets, RepairError> {
+        let Self { sockets, workers } = self;
         let mut connections = Vec::with_capacity(sockets.len());
         let mut first_error = None;
         let mut in_repair = Vec::with_capacity(sockets.len());
         for (socket, outcome) in sockets.into_iter().zip(outcomes) {
             let fd = socket.fd;
             let outcome = outcome.unwrap_or_else(|| {
-                Outcome::failed(not_connected(fd.as_fd(), io::Error::other("not dumped")))
+                Outcome::failed(not_connected(
+                    fd.as_fd(),
+                    io::Error::other("not among the TCP sockets the state reader found"),
+                ))
             });
             match outcome.result {
                 Ok(conn) => {
@@ -271,11 +289,7 @@ impl PreparedDump {
 
 /// Reads what only the sockets' application changes, sharded like the dump: call it once the
 /// application is stopped, before the freeze. Changes nothing on the sockets.
-pub fn prepare_dump(
-    workers: Workers,
-    fds: Vec<OwnedFd>,
-    reader: StateReader,
-) -> Result<PreparedDump, RepairError> {
+pub fn prepare_dump(workers: Workers, fds: Vec<OwnedFd>) -> Result<PreparedDump, RepairError> {
     super::check_net_admin()?;
     let read = super::sharded(workers, &fds, |batch| {
         batch
@@ -295,17 +309,14 @@ pub fn prepare_dump(
             tclass,
         });
     }
-    Ok(PreparedDump {
-        sockets,
-        reader,
-        workers,
-    })
+    Ok(PreparedDump { sockets, workers })
 }
 
 /// Dumps connected TCP sockets: [`StateReader::load`], [`prepare_dump`] and
 /// [`PreparedDump::dump`] in one go, one thread per CPU.
 pub fn dump(fds: Vec<OwnedFd>) -> Result<DumpedSockets, RepairError> {
-    prepare_dump(Workers::PerCpu, fds, StateReader::load(None)?)?.dump()
+    let mut reader = StateReader::load(None)?;
+    prepare_dump(Workers::PerCpu, fds)?.dump(&mut reader)
 }
 
 /// The states of the namespace `fd` belongs to, or None when that namespace was read already

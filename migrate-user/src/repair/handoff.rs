@@ -12,6 +12,13 @@
 //! the kernel's 128 KiB limit on one environment string, from about 3,500 connections on). Every
 //! other fd of tcpmig is close-on-exec.
 //!
+//! # Several processes
+//! More connections than one process can hold (its fd limit, see [`max_fds_per_process`]) are
+//! handed to several: [`spawn_with_fds`] starts the command once per group of connections, with
+//! the same variables as above, LISTEN_PID being the child's own pid, plus `TCPMIG_SHARD` (its
+//! group, from 0) and `TCPMIG_SHARDS` (how many). The children share tcpmig's stdin, stdout and
+//! stderr, and get SIGTERM when the thread that started them ends; [`wait_all`] waits for them.
+//!
 //! # Unix socket: SCM_RIGHTS
 //! [`send_fds`] connects to a Unix socket (SOCK_SEQPACKET if the listener is one, else
 //! SOCK_STREAM) and sends the connections in messages of at most [`MAX_FDS_PER_MESSAGE`] fds.
@@ -24,7 +31,7 @@
 //! `data, fds, _, _ = socket.recv_fds(conn, 65536, 253)`.
 use std::{
     convert::Infallible,
-    ffi::{OsStr, OsString},
+    ffi::{CString, OsStr, OsString},
     io::{self, Read as _},
     mem::size_of_val,
     net::SocketAddr,
@@ -35,11 +42,12 @@ use std::{
         },
     },
     path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus},
     time::Duration,
 };
 
 use super::RestoredSocket;
-use crate::tuple::Tuple;
+use crate::{net::NetnsError, tuple::Tuple};
 
 /// Most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
 pub const MAX_FDS_PER_MESSAGE: usize = 253;
@@ -66,6 +74,8 @@ pub enum HandoffError {
     Connect { path: PathBuf, source: io::Error },
     #[error("handing the connections over: {what}")]
     Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> HandoffError {
@@ -131,6 +141,13 @@ fn resolve(program: &OsStr) -> Result<PathBuf, HandoffError> {
     })
 }
 
+/// Most connections one process can be handed: its hard fd limit less stdio and the spare fds
+/// it needs for itself.
+pub fn max_fds_per_process() -> io::Result<usize> {
+    let limit = raise_nofile_limit()?;
+    Ok(limit.saturating_sub(LISTEN_FDS_START as u64 + SPARE_FDS) as usize)
+}
+
 /// Replaces this process by `command` with `sockets` as fds 3, 4, ... and LISTEN_FDS,
 /// LISTEN_PID and LISTEN_FDNAMES set (see the module docs). The calling thread must be in the
 /// namespace the command should run in. Returns only on error.
@@ -149,6 +166,154 @@ pub fn exec_with_fds(
         .env("LISTEN_FDNAMES", names)
         .exec();
     Err(io_error(format!("executing {}", command.program.display()))(error))
+}
+
+/// Starts `command` with `sockets` as fds 3, 4, ... and the variables of socket activation
+/// (LISTEN_PID is the child's pid, written between fork and exec), plus `env`; see the module
+/// docs. The child inherits the calling thread's fd table and namespace, and gets SIGTERM when
+/// that thread ends. The sockets are closed here once the child has them.
+pub fn spawn_with_fds(
+    sockets: Vec<RestoredSocket>,
+    command: &ExecCommand,
+    env: &[(&str, String)],
+) -> Result<Child, HandoffError> {
+    let count = sockets.len();
+    let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(name, _)| !name.as_bytes().starts_with(b"LISTEN_"))
+        .collect();
+    vars.push(("LISTEN_FDS".into(), count.to_string().into()));
+    vars.push(("LISTEN_FDNAMES".into(), listen_fdnames(&sockets).into()));
+    vars.extend(env.iter().map(|(name, value)| (name.into(), value.into())));
+    let mut exec = Execve::new(command, &vars)
+        .map_err(|e| io_error(format!("preparing {}", command.program.display()))(e))?;
+    place_fds(sockets.into_iter().map(|s| s.fd).collect())
+        .map_err(io_error("moving the connections to fds 3.."))?;
+    // SAFETY: getpid, prctl, getppid and execve are async-signal-safe, and Execve::run
+    // allocates nothing: it only writes digits into a buffer made beforehand.
+    let parent = unsafe { libc::getpid() };
+    let mut cmd = Command::new(&command.program);
+    unsafe { cmd.pre_exec(move || exec.run(parent)) };
+    let spawned = cmd.spawn();
+    // The child has its copies (or failed): ours, at 3.., are closed.
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count as RawFd {
+        // SAFETY: these numbers hold the sockets placed above, which nothing else owns.
+        unsafe { libc::close(fd) };
+    }
+    spawned.map_err(io_error(format!("starting {}", command.program.display())))
+}
+
+/// Waits for every child and returns the first unsuccessful exit status, or success.
+pub fn wait_all(children: Vec<Child>) -> Result<ExitStatus, HandoffError> {
+    let (mut first_failure, mut last) = (None, None);
+    for mut child in children {
+        let exited = child
+            .wait()
+            .map_err(io_error(format!("waiting for process {}", child.id())))?;
+        if !exited.success() {
+            first_failure.get_or_insert(exited);
+        }
+        last = Some(exited);
+    }
+    first_failure
+        .or(last)
+        .ok_or_else(|| io_error("waiting for the processes")(io::Error::other("none started")))
+}
+
+/// An execve(2) prepared before fork: the child only writes its pid into LISTEN_PID's buffer.
+struct Execve {
+    program: CString,
+    /// Keeps the strings the pointers point into.
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// `LISTEN_PID=` and room for the digits and the NUL.
+    listen_pid: Box<[u8; 32]>,
+}
+
+// SAFETY: the pointers point into the strings and buffer the struct owns, which nothing else
+// touches; it is used once, in the forked child.
+unsafe impl Send for Execve {}
+unsafe impl Sync for Execve {}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+impl Execve {
+    fn new(command: &ExecCommand, vars: &[(OsString, OsString)]) -> io::Result<Self> {
+        let c_string = |bytes: Vec<u8>| {
+            CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL"))
+        };
+        let program = c_string(command.program.as_os_str().as_bytes().to_vec())?;
+        let mut strings = vec![program.clone()];
+        for arg in &command.args {
+            strings.push(c_string(arg.as_bytes().to_vec())?);
+        }
+        let argc = strings.len();
+        for (name, value) in vars {
+            let mut var = name.as_bytes().to_vec();
+            var.push(b'=');
+            var.extend_from_slice(value.as_bytes());
+            strings.push(c_string(var)?);
+        }
+        let mut listen_pid = Box::new([0u8; 32]);
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+            strings.iter().map(|s| s.as_ptr()).collect()
+        };
+        let mut argv = pointers(&strings[..argc]);
+        argv.push(std::ptr::null());
+        let mut envp = pointers(&strings[argc..]);
+        envp.push(listen_pid.as_ptr().cast());
+        envp.push(std::ptr::null());
+        Ok(Self {
+            program,
+            _strings: strings,
+            argv,
+            envp,
+            listen_pid,
+        })
+    }
+
+    /// In the child: LISTEN_PID, death signal, execve. Returns only on error.
+    fn run(&mut self, parent: libc::pid_t) -> io::Result<()> {
+        // SAFETY: async-signal-safe calls with valid arguments; the arrays end with NULL.
+        unsafe {
+            write_decimal(
+                &mut self.listen_pid[LISTEN_PID_PREFIX.len()..],
+                libc::getpid() as u32,
+            );
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The thread that started us may have ended before the death signal was set.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("tcpmig ended while starting the command"));
+            }
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+            );
+        }
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `value` in decimal and a NUL into `buffer` (at least 11 bytes), allocating nothing.
+fn write_decimal(buffer: &mut [u8], mut value: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (value % 10) as u8;
+        len += 1;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for (i, digit) in digits[..len].iter().rev().enumerate() {
+        buffer[i] = *digit;
+    }
+    buffer[len] = 0;
 }
 
 fn listen_fdnames(sockets: &[RestoredSocket]) -> String {
@@ -372,6 +537,15 @@ mod tests {
             remote: "198.18.0.1:40000".parse().unwrap(),
         };
         assert_eq!(fd_name(&tuple), "fd54_636d__100.80-198.18.0.1.40000");
+    }
+
+    #[test]
+    fn decimals_are_written_with_a_nul() {
+        let mut buffer = [b'x'; 12];
+        write_decimal(&mut buffer, 0);
+        assert_eq!(&buffer[..2], b"0\0");
+        write_decimal(&mut buffer, 4_294_967_295);
+        assert_eq!(&buffer[..11], b"4294967295\0");
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use self::{
     diag::DiagSocket,
     discover::{Discovery, Filter, TakenSocket, count_connections, discover, list_tcp_sockets},
     dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
-    kernel_state::StateReader,
+    kernel_state::{SocketState, StateReader},
     restore::{
         Committed, RestoredSocket, RestoredSockets, SocketPool, restore, restore_with,
         restore_with_pool,
