@@ -13,7 +13,8 @@ use std::{
 use bytes::BytesMut;
 
 use super::{
-    AgentReport, FREEZE_TTL, MigrateError, Privileged, Token, check_privileges, millis, test_pause,
+    AgentReport, FREEZE_TTL, MigrateError, Privileged, Token, check_privileges, millis,
+    resident_memory, test_pause,
     transport::{Frame, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -509,19 +510,6 @@ fn go_live(
     report.dropped = freeze.counters()?.into();
     freeze.remove()?;
     Ok(())
-}
-
-/// This process's resident memory and its peak, in KiB (VmRSS and VmHWM of /proc/self/status).
-fn resident_memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Removes what agents that died left pinned: the whole freeze of an older agent (its programs

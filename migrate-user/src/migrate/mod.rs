@@ -285,6 +285,8 @@ pub struct Report {
     pub dropped_destination: Dropped,
     /// Whether the application was ended after the commit (--stop-source).
     pub source_stopped: bool,
+    /// This process's peak resident memory, in KiB.
+    pub peak_resident_kib: u64,
     pub destination: AgentReport,
 }
 
@@ -407,4 +409,17 @@ fn test_pause(phase: &str) {
             return;
         }
     }
+}
+
+/// This process's resident memory and its peak, in KiB (VmRSS and VmHWM of /proc/self/status).
+pub(crate) fn resident_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }

@@ -241,6 +241,7 @@ async fn guarded(
             });
         }
     };
+    report.peak_resident_kib = super::resident_memory().1;
     report.blackout_ms += destination.live_after_commit_ms;
     report.kept = destination.live;
     report.dropped_destination = destination.dropped;
@@ -391,6 +392,7 @@ async fn until_live(
         dropped_source: Default::default(),
         dropped_destination: Default::default(),
         source_stopped: false,
+        peak_resident_kib: 0,
         destination: Default::default(),
     })
 }

@@ -9,8 +9,9 @@
 //! connections are fds 3, 4, ... with `LISTEN_FDS=<count>`, `LISTEN_PID=<pid>` and
 //! `LISTEN_FDNAMES` (one name per fd, `:`-separated: the [`fd_name`] of each connection, or
 //! `connection` for all of them, systemd's name with `Accept=yes`, when the names together pass
-//! the kernel's 128 KiB limit on one environment string, from about 3,500 connections on). Every
-//! other fd of tcpmig is close-on-exec.
+//! the kernel's 128 KiB limit on one environment string, from about 3,500 connections on; left
+//! out from 11,915 connections on, where even those pass it). Every other fd of tcpmig is
+//! close-on-exec.
 //!
 //! # Several processes
 //! More connections than one process can hold (its fd limit, see [`max_fds_per_process`]) are
@@ -159,12 +160,15 @@ pub fn exec_with_fds(
     let count = sockets.len();
     place_fds(sockets.into_iter().map(|s| s.fd).collect())
         .map_err(io_error("moving the connections to fds 3.."))?;
-    let error = std::process::Command::new(&command.program)
-        .args(&command.args)
+    let mut exec = std::process::Command::new(&command.program);
+    exec.args(&command.args)
         .env("LISTEN_FDS", count.to_string())
-        .env("LISTEN_PID", std::process::id().to_string())
-        .env("LISTEN_FDNAMES", names)
-        .exec();
+        .env("LISTEN_PID", std::process::id().to_string());
+    match names {
+        Some(names) => exec.env("LISTEN_FDNAMES", names),
+        None => exec.env_remove("LISTEN_FDNAMES"),
+    };
+    let error = exec.exec();
     Err(io_error(format!("executing {}", command.program.display()))(error))
 }
 
@@ -182,7 +186,9 @@ pub fn spawn_with_fds(
         .filter(|(name, _)| !name.as_bytes().starts_with(b"LISTEN_"))
         .collect();
     vars.push(("LISTEN_FDS".into(), count.to_string().into()));
-    vars.push(("LISTEN_FDNAMES".into(), listen_fdnames(&sockets).into()));
+    if let Some(names) = listen_fdnames(&sockets) {
+        vars.push(("LISTEN_FDNAMES".into(), names.into()));
+    }
     vars.extend(env.iter().map(|(name, value)| (name.into(), value.into())));
     let mut exec = Execve::new(command, &vars)
         .map_err(|e| io_error(format!("preparing {}", command.program.display()))(e))?;
@@ -316,14 +322,18 @@ fn write_decimal(buffer: &mut [u8], mut value: u32) {
     buffer[len] = 0;
 }
 
-fn listen_fdnames(sockets: &[RestoredSocket]) -> String {
-    let names: Vec<String> = sockets.iter().map(|s| fd_name(&s.tuple)).collect();
-    let joined = names.join(":");
-    if "LISTEN_FDNAMES=".len() + joined.len() < MAX_ENV_STRING {
-        joined
-    } else {
-        vec!["connection"; sockets.len()].join(":")
-    }
+/// The connections' names, or `connection` for each, whichever fits in one environment string;
+/// None when neither does (execve would fail with E2BIG).
+fn listen_fdnames(sockets: &[RestoredSocket]) -> Option<String> {
+    fdnames(sockets.iter().map(|s| &s.tuple).collect())
+}
+
+fn fdnames(tuples: Vec<&Tuple>) -> Option<String> {
+    let fits = |joined: &String| "LISTEN_FDNAMES=".len() + joined.len() < MAX_ENV_STRING;
+    let names: Vec<String> = tuples.iter().map(|tuple| fd_name(tuple)).collect();
+    Some(names.join(":"))
+        .filter(fits)
+        .or_else(|| Some(vec!["connection"; tuples.len()].join(":")).filter(fits))
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one (no capability needed) and returns it: a bulk
@@ -537,6 +547,24 @@ mod tests {
             remote: "198.18.0.1:40000".parse().unwrap(),
         };
         assert_eq!(fd_name(&tuple), "fd54_636d__100.80-198.18.0.1.40000");
+    }
+
+    #[test]
+    fn names_fall_back_to_connection_then_to_none() {
+        let tuples: Vec<Tuple> = (0..12_000)
+            .map(|k| Tuple {
+                local: "198.18.0.100:80".parse().unwrap(),
+                remote: SocketAddr::from(([198, 18, 0, 1], 1024 + k as u16)),
+            })
+            .collect();
+        for (n, expected) in [(100, Some(false)), (5_000, Some(true)), (12_000, None)] {
+            let names = fdnames(tuples[..n].iter().collect());
+            assert_eq!(
+                names.map(|names| names.starts_with("connection:")),
+                expected,
+                "{n} connections"
+            );
+        }
     }
 
     #[test]
