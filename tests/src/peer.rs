@@ -12,9 +12,19 @@
 //!
 //! # Roles
 //! - `server --listen ADDR:PORT --expect N`: accepts N connections (listen backlog 4096+).
+//! - `server --listen ADDR:PORT --expect N --reuseport K`: the same on a port that several server
+//!   processes share with SO_REUSEPORT, as the K-th (0-based) listener of the port's group. Once
+//!   listening it steers every new connection of the group to itself (a classic BPF program on
+//!   the group), so that N is exact while the earlier servers keep their listeners: start them
+//!   one after the other, each once the previous one accepted its connections.
 //! - `server --from-listen-fds`: systemd socket activation (LISTEN_FDS, LISTEN_PID), except that
 //!   fds 3, 4, ... are already-connected sockets, as `tcpmig restore --exec` hands over restored
 //!   connections.
+//! - `server --from-listen-fds --script CMD...`: the same, for processes the test cannot talk to
+//!   one by one, such as the children of `tcpmig agent` when it splits the connections over
+//!   several processes (they share its stdin and stdout). It runs the commands (the stdin
+//!   protocol's, below) in order instead of reading stdin, prints one [`ScriptReport`] line
+//!   tagged with its `TCPMIG_SHARD` and `TCPMIG_SHARDS`, and exits.
 //! - `server --listen ADDR:PORT --expect N --mirror`: for a process that CRIU dumps (no pipes to
 //!   the test): reads no commands, and answers every byte it reads on a connection (checked
 //!   against the client's stream) with the byte at the same offset of its own stream, until no
@@ -30,6 +40,9 @@
 //! - `listening`: a `--listen` server is bound; clients may connect now.
 //! - `ready`: the peer holds all its connections and wrote its streams up to K.
 //! - after each command, one JSON [`Report`].
+//!
+//! A `--script` peer says none of these: its only line is its [`ScriptReport`], written at once
+//! (one write of less than PIPE_BUF, so siblings sharing the pipe do not interleave).
 //!
 //! stdin, [`PeerCommand`]s:
 //! - `verify [UNTIL]`: reads every connection's incoming stream up to offset UNTIL (default K),
@@ -95,9 +108,17 @@ pub struct ServerArgs {
     /// How many connections to accept.
     #[arg(long, default_value_t = 1, conflicts_with = "from_listen_fds")]
     pub expect: usize,
+    /// Share the port (SO_REUSEPORT) as the K-th listener of its group, and steer new
+    /// connections to this one (see the module docs).
+    #[arg(long, value_name = "K", conflicts_with = "from_listen_fds")]
+    pub reuseport: Option<usize>,
     /// Mirror the clients' streams instead of taking commands (see the module docs).
     #[arg(long, conflicts_with = "from_listen_fds")]
     pub mirror: bool,
+    /// Run this command instead of reading stdin (repeatable, in order), then print one
+    /// [`ScriptReport`] and exit.
+    #[arg(long = "script", value_name = "CMD", conflicts_with = "listen")]
+    pub script: Vec<PeerCommand>,
     #[command(flatten)]
     pub stream: StreamArgs,
 }
@@ -150,10 +171,23 @@ impl PeerArgs {
     pub fn server(listen: SocketAddr, expect: usize, stream: StreamArgs) -> Self {
         Self::Server(ServerArgs {
             listen: Some(listen),
-            from_listen_fds: false,
             expect,
-            mirror: false,
-            stream,
+            ..ServerArgs::new(stream)
+        })
+    }
+
+    /// A `--reuseport` server: the `index`-th of the processes sharing `listen`.
+    pub fn shared_server(
+        listen: SocketAddr,
+        index: usize,
+        expect: usize,
+        stream: StreamArgs,
+    ) -> Self {
+        Self::Server(ServerArgs {
+            listen: Some(listen),
+            expect,
+            reuseport: Some(index),
+            ..ServerArgs::new(stream)
         })
     }
 
@@ -161,22 +195,24 @@ impl PeerArgs {
     pub fn mirror_server(listen: SocketAddr, expect: usize, stream: StreamArgs) -> Self {
         Self::Server(ServerArgs {
             listen: Some(listen),
-            from_listen_fds: false,
             expect,
             mirror: true,
-            stream,
+            ..ServerArgs::new(stream)
         })
     }
 
     /// A server that takes over connected sockets passed as fds (see
     /// [`Host::command_with_listen_fds`]).
     pub fn adopting_server(stream: StreamArgs) -> Self {
+        Self::scripted_adopting_server(stream, Vec::new())
+    }
+
+    /// An adopting server that runs `script` instead of reading commands (none: it reads them).
+    pub fn scripted_adopting_server(stream: StreamArgs, script: Vec<PeerCommand>) -> Self {
         Self::Server(ServerArgs {
-            listen: None,
             from_listen_fds: true,
-            expect: 1,
-            mirror: false,
-            stream,
+            script,
+            ..ServerArgs::new(stream)
         })
     }
 
@@ -201,6 +237,7 @@ impl PeerArgs {
             Self::Server(ServerArgs {
                 listen: Some(addr),
                 expect,
+                reuseport,
                 mirror,
                 ..
             }) => {
@@ -211,13 +248,24 @@ impl PeerArgs {
                     "--expect".into(),
                     expect.to_string(),
                 ];
+                if let Some(index) = reuseport {
+                    args.extend(["--reuseport".into(), index.to_string()]);
+                }
                 if *mirror {
                     args.push("--mirror".into());
                 }
                 args
             }
-            Self::Server(ServerArgs { listen: None, .. }) => {
-                vec!["server".into(), "--from-listen-fds".into()]
+            Self::Server(ServerArgs {
+                listen: None,
+                script,
+                ..
+            }) => {
+                let mut args = vec!["server".into(), "--from-listen-fds".into()];
+                for command in script {
+                    args.extend(["--script".into(), command.to_string()]);
+                }
+                args
             }
             Self::Client(ClientArgs { connect, count, .. }) => {
                 vec![
@@ -242,9 +290,29 @@ impl PeerArgs {
     }
 }
 
+impl ServerArgs {
+    /// A server that adopts nothing and listens nowhere yet: the constructors fill in the rest.
+    fn new(stream: StreamArgs) -> Self {
+        Self {
+            listen: None,
+            from_listen_fds: false,
+            expect: 1,
+            reuseport: None,
+            mirror: false,
+            script: Vec::new(),
+            stream,
+        }
+    }
+}
+
 impl fmt::Display for PeerArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Server(ServerArgs {
+                listen: Some(addr),
+                reuseport: Some(index),
+                ..
+            }) => write!(f, "server {index} on {addr}"),
             Self::Server(ServerArgs {
                 listen: Some(addr), ..
             }) => write!(f, "server on {addr}"),
@@ -351,6 +419,17 @@ impl Sum for Report {
             total
         })
     }
+}
+
+/// The one line a `--script` peer prints when its script is done: its [`Report`] and which of
+/// `tcpmig agent`'s children it is (its pid, `TCPMIG_SHARD` and `TCPMIG_SHARDS`, `None` when
+/// unset), since those children share one stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptReport {
+    pub pid: u32,
+    pub shard: Option<usize>,
+    pub shards: Option<usize>,
+    pub report: Report,
 }
 
 /// A process speaking the peer protocol, started in a host: `tcpmig-peer` itself, or a tool that
@@ -528,6 +607,14 @@ mod tests {
             PeerArgs::server(addr, 10, stream),
             PeerArgs::mirror_server(addr, 10, stream),
             PeerArgs::adopting_server(stream),
+            PeerArgs::shared_server(addr, 2, 10, stream),
+            PeerArgs::scripted_adopting_server(
+                stream,
+                vec![
+                    PeerCommand::Send { bytes: 700 },
+                    PeerCommand::Verify { until: Some(2424) },
+                ],
+            ),
             PeerArgs::client(addr, 3, StreamArgs::new(1)),
         ] {
             let argv = std::iter::once("tcpmig-peer".to_owned()).chain(args.to_args());
@@ -543,6 +630,9 @@ mod tests {
         assert!(parse(&["--listen", "[::1]:1", "--from-listen-fds"]).is_err());
         assert!(parse(&["--from-listen-fds", "--expect", "3"]).is_err());
         assert!(parse(&["--listen", "[::1]:1", "--expect", "3"]).is_ok());
+        assert!(parse(&["--from-listen-fds", "--reuseport", "1"]).is_err());
+        assert!(parse(&["--listen", "[::1]:1", "--script", "verify"]).is_err());
+        assert!(parse(&["--from-listen-fds", "--script", "dance"]).is_err());
     }
 
     #[test]

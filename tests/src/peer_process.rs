@@ -5,12 +5,12 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd as _, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 use std::{env, fmt};
 
 use crate::pattern::{self, Direction};
-use crate::peer::{PeerArgs, PeerCommand, Report, StreamArgs};
+use crate::peer::{PeerArgs, PeerCommand, Report, ScriptReport, StreamArgs};
 use crate::sys;
 use anyhow::{Context, Result, ensure};
 
@@ -25,16 +25,17 @@ const MIRROR_BACKLOG: u64 = 1 << 20;
 /// Socket activation hands over fds from this number on.
 const LISTEN_FDS_START: RawFd = 3;
 
-/// Runs a peer with these arguments until `exit` or the end of stdin.
+/// Runs a peer with these arguments until `exit` or the end of stdin (or its script's end).
 pub fn run(args: PeerArgs) -> Result<()> {
     sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let stream = *args.stream();
     let deadline = Instant::now() + stream.timeout();
+    let mut script = &[][..];
     // A listening server keeps its listener, as a real one would, but accepts no more.
     let (side, sockets, _listener) = match &args {
         PeerArgs::Server(server) => match server.listen {
             Some(addr) => {
-                let listener = listen(addr)?;
+                let listener = listen(addr, server.reuseport)?;
                 say("listening")?;
                 let sockets = accept(&listener, addr, server.expect, deadline)?;
                 if server.mirror {
@@ -43,7 +44,10 @@ pub fn run(args: PeerArgs) -> Result<()> {
                 }
                 (Side::Server, sockets, Some(listener))
             }
-            None => (Side::Server, adopt()?, None),
+            None => {
+                script = &server.script;
+                (Side::Server, adopt()?, None)
+            }
         },
         PeerArgs::Client(client) => (
             Side::Client,
@@ -53,13 +57,17 @@ pub fn run(args: PeerArgs) -> Result<()> {
     };
     let mut streams = Streams::new(side, sockets, stream)?;
     streams.send(stream.bytes.saturating_sub(stream.sent_already), deadline);
+    if !script.is_empty() {
+        return run_script(&mut streams, script);
+    }
     say("ready")?;
     serve_commands(&mut streams)
 }
 
+/// Writes `line` in one write(), so that processes sharing the pipe never interleave lines.
 fn say(line: &str) -> Result<()> {
     let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{line}")?;
+    stdout.write_all(format!("{line}\n").as_bytes())?;
     stdout.flush().context("writing to stdout")
 }
 
@@ -76,19 +84,35 @@ fn serve_commands(streams: &mut Streams) -> Result<()> {
             )?;
         ensure!(waiting, "no command for {IDLE_LIMIT:?}");
         let mut line = String::new();
-        if stdin.read_line(&mut line)? == 0 {
+        if stdin.read_line(&mut line)? == 0 || !streams.execute(line.trim_end().parse()?) {
             return Ok(());
-        }
-        let deadline = Instant::now() + streams.timeout;
-        match line.trim_end().parse()? {
-            PeerCommand::Verify { until } => {
-                streams.receive(until.unwrap_or(streams.bytes), deadline)
-            }
-            PeerCommand::Send { bytes } => streams.send(bytes, deadline),
-            PeerCommand::Exit => return Ok(()),
         }
         say(&serde_json::to_string(&streams.report())?)?;
     }
+}
+
+/// `--script`: runs the commands, then prints the [`ScriptReport`], tagged with this process's
+/// place among `tcpmig agent`'s children.
+fn run_script(streams: &mut Streams, script: &[PeerCommand]) -> Result<()> {
+    let shard_var = |name| {
+        env::var(name)
+            .ok()
+            .map(|value| value.parse().with_context(|| format!("{name}={value:?}")))
+            .transpose()
+    };
+    let (shard, shards) = (shard_var("TCPMIG_SHARD")?, shard_var("TCPMIG_SHARDS")?);
+    for &command in script {
+        if !streams.execute(command) {
+            break;
+        }
+    }
+    let report = ScriptReport {
+        pid: std::process::id(),
+        shard,
+        shards,
+        report: streams.report(),
+    };
+    say(&serde_json::to_string(&report)?)
 }
 
 /// `--mirror` (see `tcpmig_testbed::peer`): answers every byte read with the byte at the same
@@ -175,11 +199,110 @@ fn mirror_once(conn: &mut Conn, buf: &mut [u8], expected: &mut [u8]) -> Result<b
     Ok(came)
 }
 
-fn listen(addr: SocketAddr) -> Result<TcpListener> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+/// Listens on `addr`; with `reuseport`, as that listener of the port's SO_REUSEPORT group, and
+/// steering the group's new connections to itself.
+fn listen(addr: SocketAddr, reuseport: Option<usize>) -> Result<TcpListener> {
+    let listener = match reuseport {
+        None => TcpListener::bind(addr),
+        Some(_) => bind_reuseport(addr),
+    }
+    .with_context(|| format!("binding {addr}"))?;
     sys::set_backlog(&listener, LISTEN_BACKLOG).with_context(|| format!("listen on {addr}"))?;
+    if let Some(index) = reuseport {
+        // Only once listening: a program attached before joins no group (the socket's own,
+        // dropped when it joins the port's).
+        steer_to(&listener, index)
+            .with_context(|| format!("steering {addr} to listener {index}"))?;
+    }
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// A socket bound to `addr` with SO_REUSEADDR (as std binds) and SO_REUSEPORT; listen() makes it
+/// a listener.
+fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    // SAFETY: a zeroed sockaddr_storage is valid; the address written is the one its family says.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (family, len) = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage has room and alignment for any sockaddr.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>())
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>())
+        }
+    };
+    // SAFETY: plain socket syscalls with valid pointers and lengths; the fd is owned at once.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let listener = TcpListener::from(OwnedFd::from_raw_fd(fd));
+        for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            set_socket_option(&listener, option, &1 as &libc::c_int)?;
+        }
+        let len = len as libc::socklen_t;
+        if libc::bind(fd, (&raw const storage).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
+/// Attaches to the listener's SO_REUSEPORT group a classic BPF program that picks listener
+/// `index` (in the order they joined) for every new connection.
+fn steer_to(listener: &TcpListener, index: usize) -> io::Result<()> {
+    let index = u32::try_from(index).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    set_socket_option(listener, libc::SO_ATTACH_REUSEPORT_CBPF, &fprog)
+}
+
+/// setsockopt(SOL_SOCKET, `option`) with `value` (the kernel copies it).
+fn set_socket_option<T>(socket: &impl AsRawFd, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is valid for the size passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn accept(
@@ -360,6 +483,17 @@ impl Streams {
             buf: vec![0; CHUNK],
             expected: vec![0; CHUNK],
         })
+    }
+
+    /// Runs one command (bounded by `--timeout-secs`); false for `exit`.
+    fn execute(&mut self, command: PeerCommand) -> bool {
+        let deadline = Instant::now() + self.timeout;
+        match command {
+            PeerCommand::Verify { until } => self.receive(until.unwrap_or(self.bytes), deadline),
+            PeerCommand::Send { bytes } => self.send(bytes, deadline),
+            PeerCommand::Exit => return false,
+        }
+        true
     }
 
     /// Writes the next `bytes` bytes of every outgoing stream still verified.

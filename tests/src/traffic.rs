@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 use crate::bed::{SERVICE_V4, TestBed};
 use crate::peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
@@ -17,7 +17,8 @@ pub const MAX_SOCKETS_PER_PEER: usize = 15_000;
 /// in both directions of every connection. The fields are public so a migration test can replace
 /// a server by one that adopted its sockets on another host. Dropping it kills the processes.
 pub struct Traffic<'bed> {
-    /// Shard k listens on the service port + k.
+    /// Shard k listens on the service port + k ([`Traffic::open_at`]), or all on the service port
+    /// ([`Traffic::open_shared`]).
     pub servers: Vec<Peer<'bed>>,
     /// Shard k connects to server shard k.
     pub clients: Vec<Peer<'bed>>,
@@ -99,6 +100,48 @@ impl<'bed> Traffic<'bed> {
         }
         for peer in clients.iter_mut().chain(&mut servers) {
             peer.expect_line("ready")?;
+        }
+        Ok(Self {
+            servers,
+            clients,
+            stream,
+        })
+    }
+
+    /// `per_server[k]` connections to server k, every server listening on `service` itself with
+    /// SO_REUSEPORT, as the processes of a multi-process server share its port. The servers start
+    /// one after the other, each steering the port's new connections to itself once it listens
+    /// (`--reuseport`), so each gets exactly its count while the earlier ones keep their
+    /// listeners; one client process per server. Every connection goes to one address:port, so
+    /// the client host's ephemeral ports are widened to 1024-65535 (at most about 64,000
+    /// connections): connect() tries ports of one parity first, and in the default 28,000 each
+    /// connection past 14,000 scanned all of them (17 s instead of 2 for 24,000 here).
+    pub fn open_shared(
+        bed: &'bed TestBed,
+        peer_bin: &Path,
+        service: SocketAddr,
+        per_server: &[usize],
+        stream: StreamArgs,
+    ) -> Result<Self> {
+        bed.client()
+            .set_sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        let mut servers = Vec::with_capacity(per_server.len());
+        let mut clients = Vec::with_capacity(per_server.len());
+        for (index, &count) in per_server.iter().enumerate() {
+            ensure!(
+                count <= MAX_SOCKETS_PER_PEER,
+                "{count} connections for server {index}: at most {MAX_SOCKETS_PER_PEER}"
+            );
+            let args = PeerArgs::shared_server(service, index, count, stream);
+            let mut server = Peer::start(bed.source(), peer_bin, &args)?;
+            server.expect_line("listening")?;
+            let args = PeerArgs::client(service, count, stream);
+            let mut client = Peer::start(bed.client(), peer_bin, &args)?;
+            client.expect_line("ready")?;
+            // Accepted all its connections: the next server may take the port's new ones.
+            server.expect_line("ready")?;
+            servers.push(server);
+            clients.push(client);
         }
         Ok(Self {
             servers,

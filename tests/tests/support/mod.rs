@@ -1,5 +1,6 @@
-//! What the fault, security and soak tests share: running `tcpmig agent` and `tcpmig migrate` on
-//! the bed, reading their stderr line by line, and checking that nothing is left behind.
+//! What the migration tests share: traffic with queued bytes, running `tcpmig agent` and
+//! `tcpmig migrate` (of one process or several) on the bed, reading their stderr line by line,
+//! checking that the connections carry on, and that nothing is left behind.
 #![allow(dead_code)] // Each test crate uses its own part.
 
 use std::{
@@ -15,8 +16,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, SERVICE_V4, StreamArgs, TestBed, Traffic,
-    line_reader, tcpmig_bin,
+    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs,
+    TestBed, Traffic, line_reader, peer::ScriptReport, tcpmig_bin,
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -32,10 +33,50 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `n` connections to the service on `port`, verified once, then MORE bytes each way left unread.
 pub fn queued_traffic(bed: &TestBed, n: usize, port: u16) -> Result<Traffic<'_>> {
-    let mut traffic = Traffic::open(bed, Path::new(PEER), n, BYTES, port)?;
+    queue(Traffic::open(bed, Path::new(PEER), n, BYTES, port)?, n)
+}
+
+/// Like [`queued_traffic`], with `per_server[k]` connections to server process k, all on the
+/// service's `port` ([`Traffic::open_shared`]).
+pub fn queued_shared_traffic<'bed>(
+    bed: &'bed TestBed,
+    per_server: &[usize],
+    port: u16,
+) -> Result<Traffic<'bed>> {
+    let service = SocketAddr::new(SERVICE_V4.into(), port);
+    let stream = StreamArgs::new(BYTES);
+    let traffic = Traffic::open_shared(bed, Path::new(PEER), service, per_server, stream)?;
+    queue(traffic, per_server.iter().sum())
+}
+
+/// Verifies the first BYTES of the `n` connections both ways, then writes MORE each way unread.
+fn queue(mut traffic: Traffic<'_>, n: usize) -> Result<Traffic<'_>> {
     ensure!(traffic.verify()?.all_verified(n as u64), "before");
     ensure!(traffic.send_all(MORE)?.all_verified(n as u64), "queueing");
     Ok(traffic)
+}
+
+/// Where the servers' streams of [`queued_traffic`] stand when they are stopped: what an adopting
+/// server goes on from.
+pub fn adopted_stream() -> StreamArgs {
+    StreamArgs {
+        sent_already: BYTES + MORE,
+        received_already: BYTES,
+        ..StreamArgs::new(BYTES)
+    }
+}
+
+/// After a rollback (or a migration whose adopting servers joined `traffic`): the `n` connections
+/// of [`queued_traffic`] deliver what was queued, then carry MORE both ways, without a reset.
+pub fn carries_on(traffic: &mut Traffic<'_>, n: usize) -> Result<()> {
+    let n = n as u64;
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(after.all_verified(n), "queued data: {after:?}");
+    ensure!(traffic.send_all(MORE)?.all_verified(n), "writing on");
+    let more = traffic.verify_until(BYTES + 2 * MORE)?;
+    ensure!(more.all_verified(n), "still flowing: {more:?}");
+    ensure!(more.client.resets + more.server.resets == 0, "{more:?}");
+    Ok(())
 }
 
 /// A token file (mode 0600, as tcpmig demands), removed when dropped.
@@ -167,6 +208,34 @@ pub fn start_plain_agent<'bed>(
     Running::spawn(host, cmd)
 }
 
+/// The agent on `host`, handing the connections to adopting `tcpmig-peer` servers that go on
+/// from `stream`'s offsets, run `script` and print a [`ScriptReport`] each: the way to check
+/// the processes it starts when it splits the connections (they share its stdout). The reports
+/// are on the stdout [`Running::finish`] returns; [`script_reports`] reads them.
+pub fn start_scripted_agent<'bed>(
+    host: &'bed Host,
+    token: &Path,
+    stream: StreamArgs,
+    script: Vec<PeerCommand>,
+    extra: &[&str],
+) -> Result<Running<'bed>> {
+    let mut cmd = agent_command(host, token, extra, None)?;
+    cmd.arg("--")
+        .arg(PEER)
+        .args(PeerArgs::scripted_adopting_server(stream, script).to_args());
+    Running::spawn(host, cmd)
+}
+
+/// The [`ScriptReport`] lines of a scripted agent's stdout, one per process it handed over to.
+pub fn script_reports(stdout: &str) -> Result<Vec<ScriptReport>> {
+    stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).with_context(|| format!("an adopter's report: {line:?}"))
+        })
+        .collect()
+}
+
 /// An agent on the destination that pauses at `pause` (a test hook), and `tcpmig migrate` of
 /// `pid` to it (`--timeout timeout`); returns (agent, migrate) once the agent is paused there.
 pub fn migrate_to_paused_agent<'bed>(
@@ -223,9 +292,27 @@ pub fn start_migrate<'bed>(
     extra: &[&str],
     pause_at: Option<&str>,
 ) -> Result<Running<'bed>> {
+    start_migrate_of(from, to, &[pid], port, token, timeout, extra, pause_at)
+}
+
+/// [`start_migrate`] of every process in `pids` (`--pid` each), in one migration.
+#[allow(clippy::too_many_arguments)]
+pub fn start_migrate_of<'bed>(
+    from: &'bed Host,
+    to: &Host,
+    pids: &[u32],
+    port: u16,
+    token: &Path,
+    timeout: &str,
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Running<'bed>> {
     let mut cmd = from.command(tcpmig_bin())?;
-    cmd.arg("migrate")
-        .args(["--pid", &pid.to_string(), "--service"])
+    cmd.arg("migrate");
+    for pid in pids {
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    cmd.arg("--service")
         .arg(SocketAddr::new(SERVICE_V4.into(), port).to_string())
         .args([
             "--dev",
@@ -340,6 +427,28 @@ pub fn wait_exited(pid: u32, timeout: Duration) -> Result<()> {
             "pid {pid} still runs after {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A new client reaches the service on `port` at `host` (where it moved) and a new server there
+/// exchanges BYTES each way with it, checked.
+pub fn new_connection_reaches(bed: &TestBed, host: &Host, port: u16) -> Result<()> {
+    let service = SocketAddr::new(SERVICE_V4.into(), port);
+    let stream = StreamArgs::new(BYTES);
+    let peer = Path::new(PEER);
+    let mut server = Peer::start(host, peer, &PeerArgs::server(service, 1, stream))?;
+    server.expect_line("listening")?;
+    let mut client = Peer::start(bed.client(), peer, &PeerArgs::client(service, 1, stream))?;
+    client.expect_line("ready")?;
+    server.expect_line("ready")?;
+    for peer in [&mut client, &mut server] {
+        let report = peer.command(PeerCommand::Verify { until: None })?;
+        ensure!(
+            report.connections == 1 && report.all_verified(),
+            "a new connection to {service} in {host}, {}: {report:?}",
+            peer.label()
+        );
     }
     Ok(())
 }
