@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 use std::{env, fmt};
 
@@ -13,6 +13,7 @@ use crate::pattern::{self, Direction};
 use crate::peer::{PeerArgs, PeerCommand, Report, ScriptReport, StreamArgs};
 use crate::sys;
 use anyhow::{Context, Result, ensure};
+use socket2::{Domain, Socket, Type};
 
 /// How long a peer waits for its next command before deciding its test is gone.
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
@@ -221,53 +222,11 @@ fn listen(addr: SocketAddr, reuseport: Option<usize>) -> Result<TcpListener> {
 /// A socket bound to `addr` with SO_REUSEADDR (as std binds) and SO_REUSEPORT; listen() makes it
 /// a listener.
 fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
-    // SAFETY: a zeroed sockaddr_storage is valid; the address written is the one its family says.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let (family, len) = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*v4.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage has room and alignment for any sockaddr.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>())
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: as above.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>())
-        }
-    };
-    // SAFETY: plain socket syscalls with valid pointers and lengths; the fd is owned at once.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let listener = TcpListener::from(OwnedFd::from_raw_fd(fd));
-        for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-            set_socket_option(&listener, option, &1 as &libc::c_int)?;
-        }
-        let len = len as libc::socklen_t;
-        if libc::bind(fd, (&raw const storage).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(listener)
-    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Attaches to the listener's SO_REUSEPORT group a classic BPF program that picks listener

@@ -20,34 +20,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, migrate_to,
-    migrate_to_paused_agent, nothing_left, process_state, queued_traffic, start_agent,
+    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, adopted_stream, carries_on,
+    migrate_to, migrate_to_paused_agent, nothing_left, process_state, queued_traffic, start_agent,
     start_migrate, wait_exited,
 };
-use tcpmig_testbed::{StreamArgs, TestBed, Traffic, sys::take_fd};
+use tcpmig_testbed::{StreamArgs, TestBed, sys::take_fd};
 
 const N: usize = 500;
 const PORT: u16 = 8100;
-
-/// Where the server's streams stand when it is stopped: what an adopting server goes on from.
-fn adopted() -> StreamArgs {
-    StreamArgs {
-        sent_already: BYTES + MORE,
-        received_already: BYTES,
-        ..StreamArgs::new(BYTES)
-    }
-}
-
-/// Every connection delivers what was queued, then carries more both ways, without a reset.
-fn carries_on(traffic: &mut Traffic<'_>) -> Result<()> {
-    let after = traffic.verify_until(BYTES + MORE)?;
-    ensure!(after.all_verified(N as u64), "queued data: {after:?}");
-    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "writing on");
-    let more = traffic.verify_until(BYTES + 2 * MORE)?;
-    ensure!(more.all_verified(N as u64), "still flowing: {more:?}");
-    ensure!(more.client.resets + more.server.resets == 0, "{more:?}");
-    Ok(())
-}
 
 /// Kills `tcpmig migrate` at `phase` (or, with `mid_dump`, in the dump that follows) and checks
 /// where the connections carry on.
@@ -56,13 +36,13 @@ fn kill_source_at(phase: &str, mid_dump: bool) -> Result<()> {
     let mut traffic = queued_traffic(&bed, N, PORT)?;
     let token = TokenFile::new(&bed, "faults", "fault token")?;
     let server_pid = traffic.server_pids()[0];
-    let agent = start_agent(bed.destination(), &token.0, adopted(), &[])?;
+    let agent = start_agent(bed.destination(), &token.0, adopted_stream(), &[])?;
     let agent_pid = agent.pid();
     let (source, destination) = (bed.source(), bed.destination());
     let mut migrate = start_migrate(
         source,
         destination,
-        server_pid,
+        &[server_pid],
         PORT,
         &token.0,
         STEP_TIMEOUT_SECS,
@@ -97,7 +77,7 @@ fn kill_source_at(phase: &str, mid_dump: bool) -> Result<()> {
         // It noticed, dropped what it restored (silently) and removed its freeze.
         wait_exited(agent_pid, COMMAND_TIMEOUT)?;
     }
-    carries_on(&mut traffic)?;
+    carries_on(&mut traffic, N)?;
     drop(agent);
     let holder = if committed { destination } else { source };
     nothing_left(
@@ -237,13 +217,10 @@ fn kill_agent_at(phase: &str) -> Result<()> {
     let dead_pid = dead_agent.child.pid();
     let first_pid = migrate.child.pid();
     dead_agent.kill()?;
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(!status.success(), "the migration must fail: {stderr}");
-    ensure!(
-        stderr.contains("rolled back: the connections carry on at the source"),
-        "{stderr}"
-    );
-    carries_on(&mut traffic)?;
+    migrate
+        .fails_saying("rolled back: the connections carry on at the source")
+        .context("the migration")?;
+    carries_on(&mut traffic, N)?;
 
     // carries_on left both sides at BYTES + 2 MORE written and read; MORE more stay unread.
     ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
@@ -305,18 +282,15 @@ fn an_agent_that_reads_commit_too_late_does_not_go_live() -> Result<()> {
         migrate_to_paused_agent(&bed, server_pid, PORT, &token.0, "agent-restored", "2")?;
     let agent_pid = agent.child.pid();
     let migrate_pid = migrate.child.pid();
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(!status.success(), "the migration must fail: {stderr}");
-    ensure!(
-        stderr.contains("waiting for the agent to go live"),
-        "{stderr}"
-    );
+    let stderr = migrate
+        .fails_saying("waiting for the agent to go live")
+        .context("the migration")?;
     ensure!(stderr.contains("rolled back"), "{stderr}");
     agent.resume()?;
-    let (status, _, agent_stderr) = agent.finish()?;
-    ensure!(!status.success(), "the agent must refuse: {agent_stderr}");
-    ensure!(agent_stderr.contains("Commit arrived"), "{agent_stderr}");
-    carries_on(&mut traffic)?;
+    agent
+        .fails_saying("Commit arrived")
+        .context("the agent must refuse")?;
+    carries_on(&mut traffic, N)?;
     nothing_left(
         &bed,
         &[

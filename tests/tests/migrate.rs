@@ -20,11 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use tcpmig::{freeze, net::Netns, repair};
-use tcpmig_testbed::{IFACE, TestBed, Traffic, tcpmig};
-
-const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
-const BYTES: u64 = 2048;
-const MORE: u64 = 700;
+use tcpmig_testbed::{IFACE, TestBed, tcpmig};
 
 /// Runs `tcpmig demo --connections n --json` and checks its report.
 fn demo(n: usize) -> Result<()> {
@@ -83,10 +79,8 @@ fn rollback_case(fault: Fault) -> Result<()> {
     const N: usize = 1_000;
     const PORT: u16 = 8090;
     let bed = TestBed::new()?;
-    let mut traffic = Traffic::open(&bed, Path::new(PEER), N, BYTES, PORT)?;
-    ensure!(traffic.verify()?.all_verified(N as u64), "before");
     // Unread data both ways, so the image carries queues.
-    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "queueing");
+    let mut traffic = support::queued_traffic(&bed, N, PORT)?;
     let source_token = support::TokenFile::new(&bed, "source", "right token")?;
     let agent_token = match fault {
         Fault::WrongToken => support::TokenFile::new(&bed, "agent", "another token")?,
@@ -117,28 +111,17 @@ fn rollback_case(fault: Fault) -> Result<()> {
         // SIGKILL, by the guard.
         agent = None;
     }
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(!status.success(), "the migration must fail");
     let expected = match fault {
         // Refused at the handshake, before anything was touched.
         Fault::WrongToken => "wrong token (check --token-file on both sides); nothing was changed",
         _ => "rolled back: the connections carry on at the source",
     };
-    ensure!(stderr.contains(expected), "{stderr}");
+    migrate.fails_saying(expected).context("the migration")?;
     ensure!(
         !matches!(support::process_state(server_pid), Some('T') | None),
         "the server must run again"
     );
-
-    let after = traffic.verify_until(BYTES + MORE)?;
-    ensure!(
-        after.all_verified(N as u64),
-        "after the rollback: {after:?}"
-    );
-    ensure!(traffic.send_all(MORE)?.all_verified(N as u64), "writing on");
-    let more = traffic.verify_until(BYTES + 2 * MORE)?;
-    ensure!(more.all_verified(N as u64), "still flowing: {more:?}");
-    ensure!(more.client.resets + more.server.resets == 0);
+    support::carries_on(&mut traffic, N).context("after the rollback")?;
     drop(agent);
     support::nothing_left(
         &bed,
@@ -206,9 +189,9 @@ fn agent_is_ready_on_prepare_with_nothing_pinned() -> Result<()> {
     );
 
     agent.kill()?;
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(!status.success(), "the migration must fail: {stderr}");
-    ensure!(stderr.contains("rolled back"), "{stderr}");
+    migrate
+        .fails_saying("rolled back")
+        .context("the migration")?;
     let after = traffic.verify_until(support::BYTES + support::MORE)?;
     ensure!(
         after.all_verified(N as u64),

@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, adopted_stream, carries_on,
-    new_connection_reaches, nothing_left, process_state, queued_shared_traffic, script_reports,
-    start_migrate_of, start_plain_agent, start_scripted_agent, wait_exited,
+    BYTES, COMMAND_TIMEOUT, MORE, TokenFile, adopted_stream, carries_on, new_connection_reaches,
+    nothing_left, process_state, queued_shared_traffic, script_reports, service, start_plain_agent,
+    start_scripted_agent, start_unpaused_migrate, wait_exited,
 };
 use tcpmig_testbed::{Peer, PeerCommand, Report, TestBed, command_all, sys};
 
@@ -124,16 +124,8 @@ fn migrate_shared(
     )?;
     let agent_pid = agent.child.pid();
     let servers = traffic.server_pids();
-    let mut migrate = start_migrate_of(
-        source,
-        destination,
-        &servers,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &["--json"],
-        None,
-    )?;
+    let mut migrate =
+        start_unpaused_migrate(source, destination, &servers, PORT, &token.0, &["--json"])?;
     let migrate_pid = migrate.child.pid();
     let (status, stdout, stderr) = migrate.finish()?;
     ensure!(status.success(), "the migration failed: {stderr}");
@@ -189,7 +181,7 @@ fn migrate_shared(
             && adopted.bytes_out == n * MORE,
         "the adopters: {adopted:?}"
     );
-    new_connection_reaches(&bed, destination, PORT)?;
+    new_connection_reaches(&bed, destination, service(PORT))?;
     nothing_left(
         &bed,
         &[
@@ -244,28 +236,14 @@ fn a_refused_multi_process_migration_rolls_every_process_back() -> Result<()> {
         start_plain_agent(destination, &token.0, &["--max-image-bytes", "65536"], None)?;
     let agent_pid = agent.child.pid();
     let servers = traffic.server_pids();
-    let mut migrate = start_migrate_of(
-        source,
-        destination,
-        &servers,
-        PORT,
-        &token.0,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )?;
+    let mut migrate = start_unpaused_migrate(source, destination, &servers, PORT, &token.0, &[])?;
     let migrate_pid = migrate.child.pid();
-    let (status, _, stderr) = migrate.finish()?;
-    ensure!(!status.success(), "the migration must fail: {stderr}");
-    ensure!(
-        stderr.contains("rolled back: the connections carry on at the source"),
-        "{stderr}"
-    );
-    let (status, _, agent_stderr) = agent.finish()?;
-    ensure!(
-        !status.success() && agent_stderr.contains("larger than this agent accepts"),
-        "the agent must refuse the image: {agent_stderr}"
-    );
+    migrate
+        .fails_saying("rolled back: the connections carry on at the source")
+        .context("the migration")?;
+    agent
+        .fails_saying("larger than this agent accepts")
+        .context("the agent must refuse the image")?;
     for &pid in &servers {
         ensure!(
             !matches!(process_state(pid), Some('T') | None),

@@ -16,9 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use support::{
-    PEER, STEP_TIMEOUT_SECS, TokenFile, nothing_left, start_agent, start_migrate, wait_exited,
-};
+use support::{PEER, TokenFile, nothing_left, start_agent, start_unpaused_migrate, wait_exited};
 use tcpmig_testbed::{
     Peer, PeerCommand, Report, SERVICE_V4, StreamArgs, TestBed, Traffic, command_all,
 };
@@ -165,16 +163,8 @@ fn migrate_back_and_forth<'bed>(
         };
         let mut agent = start_agent(to, &token.0, adopted, &[])?;
         let old_pid = server.pid();
-        let mut migrate = start_migrate(
-            from,
-            to,
-            old_pid,
-            PORT,
-            &token.0,
-            STEP_TIMEOUT_SECS,
-            &["--json"],
-            None,
-        )?;
+        let mut migrate =
+            start_unpaused_migrate(from, to, &[old_pid], PORT, &token.0, &["--json"])?;
         agent
             .expect_line("ready")
             .with_context(|| format!("migration {i}"))?;

@@ -6,10 +6,12 @@
 //! new connection reaches the destination. Also: rollback on the source, and bad input that must
 //! leave the destination empty and the source untouched. Needs root; run with
 //! `--test-threads=1`.
+mod support;
+
 use std::{
     ffi::OsString,
     io::Read as _,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::net::UnixListener,
@@ -44,7 +46,6 @@ const CLIENT_FROZEN: u64 = 1000;
 /// Exchanged both ways after the migration.
 const AFTER: u64 = 4096;
 const FREEZE_DEADLINE: &str = "120";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
@@ -433,7 +434,7 @@ fn migrate(n: usize, ipv6: bool, port: u16, settings: &[(&str, &str)], how: Hand
         resets(bed.client())? == client_resets,
         "the clients saw resets"
     );
-    new_connection_reaches(&bed, service)?;
+    support::new_connection_reaches(&bed, bed.destination(), service)?;
     eprintln!(
         "{n} connections (ipv6 {ipv6}, {settings:?}): loaded at {opened:?}, restored at \
          {restored:?}, caught up at {caught_up:?}, done at {:?}",
@@ -590,22 +591,6 @@ fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<O
         }
         text.extend_from_slice(&data[..got]);
     }
-}
-
-/// A new connection from the client to the service is accepted on the destination.
-fn new_connection_reaches(bed: &TestBed, service: SocketAddr) -> Result<()> {
-    let listener = bed
-        .destination()
-        .run(|| TcpListener::bind(service))?
-        .with_context(|| format!("a new listener on {service} beside the restored sockets"))?;
-    bed.client()
-        .run(|| TcpStream::connect_timeout(&service, CONNECT_TIMEOUT))?
-        .with_context(|| format!("a new connection to {service}"))?;
-    listener.set_nonblocking(true)?;
-    listener
-        .accept()
-        .context("the destination accepts the new connection")?;
-    Ok(())
 }
 
 #[test]

@@ -3,7 +3,12 @@
 //! return (queue sequences, window, mss_clamp, timestamp offset, negotiated options, queue
 //! lengths, buffers, mark), found in struct tcp_sock through the kernel's BTF. One read() for
 //! every socket replaces sock_diag plus six calls per socket inside the blackout.
-use std::{collections::HashMap, io::Read as _, net::SocketAddr, time::{Duration, Instant}};
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use aya::{Ebpf, EbpfLoader, programs::Iter};
 use migrate_common::{

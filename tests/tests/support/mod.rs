@@ -31,6 +31,11 @@ pub const STEP_TIMEOUT_SECS: &str = "5";
 /// Bound on a whole migration command and on the guard after it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The bed's IPv4 service address on `port`.
+pub fn service(port: u16) -> SocketAddr {
+    SocketAddr::new(SERVICE_V4.into(), port)
+}
+
 /// `n` connections to the service on `port`, verified once, then MORE bytes each way left unread.
 pub fn queued_traffic(bed: &TestBed, n: usize, port: u16) -> Result<Traffic<'_>> {
     queue(Traffic::open(bed, Path::new(PEER), n, BYTES, port)?, n)
@@ -43,9 +48,8 @@ pub fn queued_shared_traffic<'bed>(
     per_server: &[usize],
     port: u16,
 ) -> Result<Traffic<'bed>> {
-    let service = SocketAddr::new(SERVICE_V4.into(), port);
     let stream = StreamArgs::new(BYTES);
-    let traffic = Traffic::open_shared(bed, Path::new(PEER), service, per_server, stream)?;
+    let traffic = Traffic::open_shared(bed, Path::new(PEER), service(port), per_server, stream)?;
     queue(traffic, per_server.iter().sum())
 }
 
@@ -248,7 +252,7 @@ pub fn migrate_to_paused_agent<'bed>(
 ) -> Result<(Running<'bed>, Running<'bed>)> {
     let (source, destination) = (bed.source(), bed.destination());
     let mut agent = start_plain_agent(destination, token, &[], Some(pause))?;
-    let migrate = start_migrate(source, destination, pid, port, token, timeout, &[], None)?;
+    let migrate = start_migrate(source, destination, &[pid], port, token, timeout, &[], None)?;
     agent
         .stderr
         .wait_for(&format!("test pause at {pause}"), COMMAND_TIMEOUT)?;
@@ -279,25 +283,10 @@ impl<'bed> Running<'bed> {
     }
 }
 
-/// `tcpmig migrate --stop-source` of process `pid` on `from` to the agent on `to`, with
-/// `--timeout timeout`, pausing at `pause_at` if given.
+/// `tcpmig migrate --stop-source` of every process in `pids` (`--pid` each, in one migration) on
+/// `from` to the agent on `to`, with `--timeout timeout`, pausing at `pause_at` if given.
 #[allow(clippy::too_many_arguments)]
 pub fn start_migrate<'bed>(
-    from: &'bed Host,
-    to: &Host,
-    pid: u32,
-    port: u16,
-    token: &Path,
-    timeout: &str,
-    extra: &[&str],
-    pause_at: Option<&str>,
-) -> Result<Running<'bed>> {
-    start_migrate_of(from, to, &[pid], port, token, timeout, extra, pause_at)
-}
-
-/// [`start_migrate`] of every process in `pids` (`--pid` each), in one migration.
-#[allow(clippy::too_many_arguments)]
-pub fn start_migrate_of<'bed>(
     from: &'bed Host,
     to: &Host,
     pids: &[u32],
@@ -313,7 +302,7 @@ pub fn start_migrate_of<'bed>(
         cmd.args(["--pid", &pid.to_string()]);
     }
     cmd.arg("--service")
-        .arg(SocketAddr::new(SERVICE_V4.into(), port).to_string())
+        .arg(service(port).to_string())
         .args([
             "--dev",
             IFACE,
@@ -332,25 +321,27 @@ pub fn start_migrate_of<'bed>(
     Running::spawn(from, cmd)
 }
 
-/// [`start_migrate`] from the bed's source to its destination, with the usual step timeout, no
-/// extra argument and no pause.
+/// [`start_migrate`] with the usual step timeout and no pause.
+pub fn start_unpaused_migrate<'bed>(
+    from: &'bed Host,
+    to: &Host,
+    pids: &[u32],
+    port: u16,
+    token: &Path,
+    extra: &[&str],
+) -> Result<Running<'bed>> {
+    start_migrate(from, to, pids, port, token, STEP_TIMEOUT_SECS, extra, None)
+}
+
+/// [`start_unpaused_migrate`] of process `pid` from the bed's source to its destination, with
+/// no extra argument.
 pub fn start_plain_migrate<'bed>(
     bed: &'bed TestBed,
     pid: u32,
     port: u16,
     token: &Path,
 ) -> Result<Running<'bed>> {
-    let (source, destination) = (bed.source(), bed.destination());
-    start_migrate(
-        source,
-        destination,
-        pid,
-        port,
-        token,
-        STEP_TIMEOUT_SECS,
-        &[],
-        None,
-    )
+    start_unpaused_migrate(bed.source(), bed.destination(), &[pid], port, token, &[])
 }
 
 /// A migration of `server_pid` (port `port`) to `agent`, waiting on the destination, that must
@@ -397,6 +388,15 @@ impl Running<'_> {
         Ok((status, stdout, stderr))
     }
 
+    /// [`Running::finish`] of a command that must fail, saying `want` on its stderr; returns that
+    /// stderr.
+    pub fn fails_saying(&mut self, want: &str) -> Result<String> {
+        let (status, _, stderr) = self.finish()?;
+        ensure!(!status.success(), "it must fail ({status}): {stderr}");
+        ensure!(stderr.contains(want), "no {want:?} in its stderr: {stderr}");
+        Ok(stderr)
+    }
+
     /// Kills it (-9) and waits until whatever it started that holds its stderr (the guard of
     /// `migrate`) is done too; returns all of that stderr.
     pub fn kill(&mut self) -> Result<String> {
@@ -431,10 +431,9 @@ pub fn wait_exited(pid: u32, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// A new client reaches the service on `port` at `host` (where it moved) and a new server there
-/// exchanges BYTES each way with it, checked.
-pub fn new_connection_reaches(bed: &TestBed, host: &Host, port: u16) -> Result<()> {
-    let service = SocketAddr::new(SERVICE_V4.into(), port);
+/// A new client reaches `service` at `host` (where it moved), beside the connections there, and a
+/// new server there exchanges BYTES each way with it, checked.
+pub fn new_connection_reaches(bed: &TestBed, host: &Host, service: SocketAddr) -> Result<()> {
     let stream = StreamArgs::new(BYTES);
     let peer = Path::new(PEER);
     let mut server = Peer::start(host, peer, &PeerArgs::server(service, 1, stream))?;
