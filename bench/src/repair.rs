@@ -4,8 +4,10 @@
 //! restore orders, written directly with libc ([`plain`]), with no allocation per socket.
 //!
 //! The migrating ends live in this process, the peers in a `python3` child: at 10,000
-//! connections both ends in one process would pass the 20,000 fd limit. Everything runs in a
-//! network namespace made for the run and deleted afterwards, on its loopback.
+//! connections both ends in one process would pass the 20,000 fd limit. The peers have a network
+//! namespace of their own, as remote clients would: the state reader's pass then walks the
+//! migrating ends only. Both namespaces are made for the run, joined by a veth pair, and deleted
+//! afterwards.
 use std::{
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
@@ -65,26 +67,53 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Rounds of library and plain loop per N; the best time of each is reported.
 const ROUNDS: usize = 3;
 
-struct Namespace {
+/// The migrating ends' address, on their side of the veth pair.
+const LOCAL_IP: &str = "198.18.255.1";
+const PEER_IP: &str = "198.18.255.2";
+
+/// The two namespaces of a run: `name` for the migrating ends, `peers` for their peers.
+struct Namespaces {
     name: String,
+    peers: String,
 }
 
-impl Namespace {
+impl Namespaces {
     fn new() -> anyhow::Result<Self> {
+        let name = format!("tcpmig-bench-{}", std::process::id());
         let ns = Self {
-            name: format!("tcpmig-bench-{}", std::process::id()),
+            peers: format!("{name}-peers"),
+            name,
         };
-        ip(&["netns", "add", &ns.name])?;
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        // Whatever was made is removed when `ns` drops, if a step fails.
+        for netns in [&ns.name, &ns.peers] {
+            ip(&["netns", "add", netns])?;
+            ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "-n", &ns.name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0",
+            "netns", &ns.peers,
+        ])?;
+        for (netns, address) in [(&ns.name, LOCAL_IP), (&ns.peers, PEER_IP)] {
+            ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                "veth0",
+            ])?;
+            ip(&["-n", netns, "link", "set", "veth0", "up"])?;
+        }
         Ok(ns)
     }
 }
 
-impl Drop for Namespace {
+impl Drop for Namespaces {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        for netns in [&self.name, &self.peers] {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
     }
 }
 
@@ -119,20 +148,13 @@ impl Drop for Peers {
 }
 
 pub fn run(n: usize) -> anyhow::Result<RepairBench> {
-    let ns = Namespace::new()?;
+    let ns = Namespaces::new()?;
     let netns = Netns::open(&ns.name)?;
-    let listener = netns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+    let listener = netns.run(|| TcpListener::bind((LOCAL_IP, 0)))??;
     let port = listener.local_addr()?.port().to_string();
     let mut child = Command::new("ip")
         .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "python3",
-            "-c",
-            PEER,
-            "127.0.0.1",
-            &port,
+            "netns", "exec", &ns.peers, "python3", "-c", PEER, LOCAL_IP, &port,
         ])
         .arg(n.to_string())
         .stdin(Stdio::piped())

@@ -355,9 +355,10 @@ impl LocalAddresses {
     }
 }
 
-/// A TCP socket in repair mode, bound to `local`: what a restore needs before it sets any state
-/// (the queues' sequence numbers, which must be set before connect, are also accepted after
-/// bind: the socket is still CLOSED). Do not set SO_REUSEADDR on it (notes, pitfalls).
+/// A TCP socket in repair mode with its send queue selected, bound to `local`: what a restore
+/// needs before it sets any state (the queues' sequence numbers, which must be set before
+/// connect, are also accepted after bind: the socket is still CLOSED). Do not set SO_REUSEADDR
+/// on it (notes, pitfalls).
 fn repair_socket(
     local: &SocketAddr,
     nonblocking: bool,
@@ -365,6 +366,7 @@ fn repair_socket(
 ) -> Result<OwnedFd, (&'static str, io::Error)> {
     let fd = so::new_tcp_socket(local, nonblocking).map_err(|e| ("socket()", e))?;
     so::set_repair(fd.as_fd(), so::REPAIR_ON).map_err(|e| ("TCP_REPAIR=1", e))?;
+    so::select_queue(fd.as_fd(), Queue::Send).map_err(|e| ("TCP_REPAIR_QUEUE (send)", e))?;
     bound.bind(fd.as_fd(), local)?;
     Ok(fd)
 }
@@ -435,22 +437,22 @@ fn restore_one(
         data: conn.sent_part(),
         grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
     };
-    // The queue selected last keeps its selection through connect: it is the one filled first,
-    // which saves a TCP_REPAIR_QUEUE call per connection with one queue to fill.
-    let [first, last] = if recv.data.is_empty() {
-        [recv, send]
-    } else {
-        [send, recv]
-    };
-    for q in [&first, &last] {
-        so::select_queue(s, q.queue)
-            .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
-            .map_err(|source| RepairError::Socket {
-                tuple,
-                phase: Phase::Restore,
-                op: q.seq_op(),
-                error: source,
-            })?;
+    // The send queue comes selected (repair_socket), so its sequence number goes first; the
+    // receive queue, selected next, keeps its selection through connect for its bytes. Idle
+    // connections and those with received bytes need one TCP_REPAIR_QUEUE call.
+    for (q, select) in [(&send, false), (&recv, true)] {
+        if select {
+            so::select_queue(s, q.queue)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
+        .map_err(|source| RepairError::Socket {
+            tuple,
+            phase: Phase::Restore,
+            op: q.seq_op(),
+            error: source,
+        })?;
     }
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
@@ -469,7 +471,7 @@ fn restore_one(
         so::set(s, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp)
             .map_err(fail("TCP_TIMESTAMP"))?;
     }
-    for (q, selected) in [(&last, true), (&first, false)] {
+    for (q, selected) in [(&recv, true), (&send, false)] {
         fill_queue(s, q, selected).map_err(|source| RepairError::Socket {
             tuple,
             phase: Phase::Restore,
