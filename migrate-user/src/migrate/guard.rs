@@ -423,11 +423,7 @@ fn release_sockets(
     pid: u32,
     noted: &HashMap<u64, bool>,
 ) -> Result<usize, MigrateError> {
-    let filter = Filter {
-        service: Some(start.plan.service),
-        ..Filter::default()
-    };
-    let discovery = repair::discover(&start.netns, pid, &filter)?;
+    let discovery = repair::discover(&start.netns, pid, &Filter::service(start.plan.service))?;
     let mut released = 0;
     for taken in &discovery.sockets {
         let fd = taken.fd.as_fd();

@@ -21,7 +21,9 @@ use crate::{
     freeze::{Freeze, RemoveOnDrop},
     image,
     net::{self, Netns},
-    repair::{self, Connection, DumpedSockets, Filter, PreparedDump, StateReader, Workers},
+    repair::{
+        self, Connection, DumpedSockets, Filter, PreparedDump, SocketsByInode, StateReader, Workers,
+    },
     shard::{self, Shard},
 };
 
@@ -88,11 +90,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let service = crate::tuple::canonical(config.service);
     let netns = netns_of(&config.pids)?;
     let prefix_len = prefix_of(&netns, config, service.ip())?;
-    let filter = Filter {
-        service: Some(service),
-        ..Filter::default()
-    };
-    let expected = repair::count_connections(&netns, &filter)?;
+    let expected = repair::count_connections(&netns, &Filter::service(service))?;
     let mut link = Link::connect(config.agent, config.step_timeout).await?;
     let sent = Instant::now();
     link.send(&Message::Hello {
@@ -285,9 +283,11 @@ async fn until_live(
         })?;
         held.shards.push(shard);
     }
+    // One listing for all the processes.
+    let listed = Arc::new(SocketsByInode::list(netns, &Filter::service(service))?);
     let pids = config.pids.clone();
     let found = shard::run_all(&held.shards, move |k, sockets| {
-        prepare_process(pids[k], service, sockets)
+        prepare_process(pids[k], service, &listed, sockets)
     });
     let mut skipped = 0;
     let mut noted = Vec::new();
@@ -479,14 +479,11 @@ fn netns_of(pids: &[u32]) -> Result<Netns, MigrateError> {
 fn prepare_process(
     pid: u32,
     service: SocketAddr,
+    listed: &SocketsByInode,
     sockets: &mut ProcessSockets,
 ) -> Result<Found, MigrateError> {
     let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
-    let filter = Filter {
-        service: Some(service),
-        ..Filter::default()
-    };
-    let discovery = repair::discover(&netns, pid, &filter)?;
+    let discovery = repair::discover_among(listed, &netns, pid, &Filter::service(service))?;
     if discovery.sockets.is_empty() {
         return Err(MigrateError::NoConnections { pid, service });
     }

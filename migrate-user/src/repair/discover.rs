@@ -23,6 +23,14 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The connections on `service` (address and port).
+    pub fn service(service: SocketAddr) -> Self {
+        Self {
+            service: Some(service),
+            ..Self::default()
+        }
+    }
+
     fn matches_local(&self, local: SocketAddr) -> bool {
         self.port.is_none_or(|port| local.port() == port)
             && self.service.is_none_or(|service| {
@@ -84,13 +92,36 @@ pub fn count_connections(netns: &Netns, filter: &Filter) -> Result<usize, Repair
         .count())
 }
 
+/// The TCP sockets of a namespace whose local end `filter` selects, by inode: one listing
+/// serves the discovery in several processes.
+pub struct SocketsByInode(HashMap<u64, DiagSocket>);
+
+impl SocketsByInode {
+    pub fn list(netns: &Netns, filter: &Filter) -> Result<Self, RepairError> {
+        Ok(Self(
+            list_tcp_sockets(netns)?
+                .into_iter()
+                .filter(|s| filter.matches_local(s.tuple.local))
+                .map(|s| (s.inode, s))
+                .collect(),
+        ))
+    }
+}
+
 /// The connections of process `pid` (whose sockets live in `netns`) that `filter` selects, with
 /// their fds taken into this process.
 pub fn discover(netns: &Netns, pid: u32, filter: &Filter) -> Result<Discovery, RepairError> {
-    let by_inode: HashMap<u64, DiagSocket> = list_tcp_sockets(netns)?
-        .into_iter()
-        .map(|s| (s.inode, s))
-        .collect();
+    discover_among(&SocketsByInode::list(netns, filter)?, netns, pid, filter)
+}
+
+/// [`discover`] among sockets listed already with the same filter.
+pub fn discover_among(
+    listed: &SocketsByInode,
+    netns: &Netns,
+    pid: u32,
+    filter: &Filter,
+) -> Result<Discovery, RepairError> {
+    let by_inode = &listed.0;
     let mut discovery = Discovery::default();
     let mut wanted = Vec::new();
     let mut seen = std::collections::HashSet::new();

@@ -22,7 +22,10 @@ use bytes::Bytes;
 
 pub use self::{
     diag::DiagSocket,
-    discover::{Discovery, Filter, TakenSocket, count_connections, discover, list_tcp_sockets},
+    discover::{
+        Discovery, Filter, SocketsByInode, TakenSocket, count_connections, discover,
+        discover_among, list_tcp_sockets,
+    },
     dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
     kernel_state::{SocketState, StateReader},
     restore::{
