@@ -1,11 +1,12 @@
 //! The server the scaling benchmark migrates: `tcpmig-bench echo-server` (hidden), which echoes
 //! every byte it receives, and [`EchoServers`], the benchmark's handle on a set of them.
 //!
-//! `--listen ADDR:PORT` accepts connections; `--from-listen-fds` takes over connected sockets
-//! passed as fds 3.. the way systemd's socket activation passes listeners (LISTEN_FDS,
-//! LISTEN_PID): that is how `tcpmig` hands restored connections to the new server. Either way it
-//! prints `ready` once it listens or holds its sockets, and exits when it has neither a listener
-//! nor a connection left, or after `--idle-exit-secs` without any event.
+//! `--listen ADDR:PORT` accepts connections, sharing the port with the other servers listening
+//! there (SO_REUSEPORT); `--from-listen-fds` takes over connected sockets passed as fds 3.. the
+//! way systemd's socket activation passes listeners (LISTEN_FDS, LISTEN_PID): that is how
+//! `tcpmig` hands restored connections to the new server. Either way it prints `ready` once it
+//! listens or holds its sockets, and exits when it has neither a listener nor a connection left,
+//! or after `--idle-exit-secs` without any event.
 //!
 //! The echo is synchronous, so that a migration loses nothing: a chunk read is written back whole
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
@@ -22,13 +23,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use tcpmig_testbed::{Host, MAX_SOCKETS_PER_PEER, sys};
+use socket2::{Domain, Protocol, Socket, Type};
+use tcpmig_testbed::{Host, sys};
 
-use crate::loadgen::{LineProcess, Target};
+use crate::loadgen::{self, LineProcess};
 
 /// A server binds and says `ready` in milliseconds; this bounds a broken start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const LISTENER: Token = Token(usize::MAX);
+/// Thousands of clients connect at once; std's 128 would drop their SYNs (net.core.somaxconn,
+/// 4096 in a new namespace, caps it).
+const BACKLOG: i32 = 4096;
 /// The first fd of socket activation.
 const LISTEN_FDS_START: RawFd = 3;
 
@@ -75,66 +80,49 @@ pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
     server.run(Duration::from_secs(args.idle_exit_secs))
 }
 
-/// Echo servers in one host for `connections` connections, at most [`MAX_SOCKETS_PER_PEER`] per
-/// process (the file limit): shard k listens on the service port + k. Dropping it kills them.
+/// Echo servers in one host for `connections` connections, all on one address and port
+/// (SO_REUSEPORT): the kernel spreads the connections over them by a hash of the 4-tuple, so each
+/// gets about `connections / servers`, and with [`loadgen::processes_for`] servers (at most
+/// 15,000 each on average) none comes near the file limit of 20,000. Dropping it kills them.
 pub struct EchoServers<'bed> {
     /// Dropping them kills the servers (by pid).
     processes: Vec<LineProcess<'bed>>,
-    targets: Vec<Target>,
+    addr: SocketAddr,
 }
 
 impl<'bed> EchoServers<'bed> {
-    /// Starts the servers on `ip` (which must be on one of `host`'s interfaces) and returns once
-    /// all of them listen.
+    /// Starts the servers on `ip:port` (`ip` must be on one of `host`'s interfaces) and returns
+    /// once all of them listen.
     pub fn listen(
         host: &'bed Host,
         ip: IpAddr,
         port: u16,
         connections: usize,
     ) -> anyhow::Result<Self> {
-        let mut processes = Vec::new();
-        let mut targets = Vec::new();
-        for (k, count) in shard_sizes(connections).into_iter().enumerate() {
-            let port = u16::try_from(k)
-                .ok()
-                .and_then(|k| port.checked_add(k))
-                .context("service port + shard overflows")?;
-            let addr = SocketAddr::new(ip, port);
-            let args = [
-                "echo-server".to_owned(),
-                "--listen".to_owned(),
-                addr.to_string(),
-            ];
-            processes.push(LineProcess::start(host, &args)?);
-            targets.push(Target {
-                addr,
-                connections: count,
-            });
-        }
+        let addr = SocketAddr::new(ip, port);
+        let args = [
+            "echo-server".to_owned(),
+            "--listen".to_owned(),
+            addr.to_string(),
+        ];
+        let mut processes = (0..loadgen::processes_for(connections))
+            .map(|_| LineProcess::start(host, &args))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         for process in &mut processes {
             process.expect("ready", READY_TIMEOUT)?;
         }
-        Ok(Self { processes, targets })
+        Ok(Self { processes, addr })
     }
 
-    /// The servers' pids, in the order of [`Self::targets`] (what `tcpmig migrate --pid` takes).
+    /// The servers' pids (what `tcpmig migrate --pid` takes, once per pid).
     pub fn pids(&self) -> Vec<u32> {
         self.processes.iter().map(LineProcess::pid).collect()
     }
 
-    /// Where the clients connect, and how many connections each server gets.
-    pub fn targets(&self) -> &[Target] {
-        &self.targets
+    /// The service address they all listen on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
-}
-
-/// Splits `connections` into the fewest shards of at most [`MAX_SOCKETS_PER_PEER`], evenly (as
-/// the test bed's `Traffic` does).
-fn shard_sizes(connections: usize) -> Vec<usize> {
-    let shards = connections.div_ceil(MAX_SOCKETS_PER_PEER).max(1);
-    (0..shards)
-        .map(|k| connections / shards + usize::from(k < connections % shards))
-        .collect()
 }
 
 /// The sockets of socket activation, after checking that they are meant for this process.
@@ -166,6 +154,18 @@ fn listen_fd_count(fds: Option<&str>, pid: Option<&str>, own_pid: u32) -> anyhow
         .with_context(|| format!("LISTEN_FDS={fds:?} is not a count"))
 }
 
+/// A nonblocking listener on `addr` that the other echo servers of the service share
+/// (SO_REUSEPORT, which socket2 has behind its feature `all`).
+fn shared_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 struct Conn {
     stream: TcpStream,
     /// Read and not yet written back: the send buffer was full.
@@ -193,11 +193,7 @@ impl Server {
     }
 
     fn listen(addr: SocketAddr) -> anyhow::Result<Self> {
-        let listener =
-            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        // Thousands of clients connect at once; the default 128 would drop their SYNs.
-        sys::set_backlog(&listener, 4096)?;
-        listener.set_nonblocking(true)?;
+        let listener = shared_listener(addr).with_context(|| format!("listening on {addr}"))?;
         let mut listener = TcpListener::from_std(listener);
         let server = Self::new(None)?;
         server
@@ -421,14 +417,28 @@ mod tests {
         assert!(listen_fd_count(Some("x"), Some("42"), 42).is_err());
     }
 
+    /// Two listeners on one port, and the kernel gives each a share of the connections.
     #[test]
-    fn shards_stay_under_the_file_limit() {
-        for connections in [1, 15_000, 15_001, 50_000] {
-            let sizes = shard_sizes(connections);
-            assert_eq!(sizes.iter().sum::<usize>(), connections);
-            assert!(sizes.iter().all(|&s| s <= MAX_SOCKETS_PER_PEER));
+    fn servers_share_the_service_port() {
+        let first = shared_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = shared_listener(addr).unwrap();
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let accepted = |listener: &std::net::TcpListener| {
+            std::iter::from_fn(|| listener.accept().ok()).count()
+        };
+        // A handshake can complete on the client's side before the listener queues it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut a, mut b) = (0, 0);
+        while a + b < clients.len() && Instant::now() < deadline {
+            a += accepted(&first);
+            b += accepted(&second);
+            thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(shard_sizes(50_000), [12_500; 4]);
+        assert_eq!(a + b, clients.len());
+        assert!(a > 0 && b > 0, "{a} and {b} connections");
     }
 
     /// A client that does not read for a while makes the server hold a chunk and stop reading;

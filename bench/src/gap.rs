@@ -6,7 +6,6 @@
 //! connections after a longer blackout.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -75,7 +74,7 @@ fn once(n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
     eprintln!("gap bench: {n} connections, service frozen for {freeze_for:?}");
     let bed = TestBed::new()?;
     let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
-    let services: Vec<SocketAddr> = echo.targets().iter().map(|t| t.addr).collect();
+    let services = [echo.addr()];
     let netns = Netns::open(bed.source().name())?;
     let name = format!("{}-gap", bed.prefix());
     let mut freeze = RemoveOnDrop::new(Freeze::attach(&netns, IFACE, &name)?);
@@ -89,7 +88,7 @@ fn once(n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
         duration: warmup + freeze_for + SETTLE.max(interval * 2),
         ..config
     };
-    let mut run = LoadRun::start(&bed, echo.targets(), &config)?;
+    let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
     thread::sleep(warmup);
     let frozen = Instant::now();
     freeze.freeze_services(&services, freeze_for + FREEZE_TTL_MARGIN)?;

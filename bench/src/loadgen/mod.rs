@@ -3,13 +3,14 @@
 //! send time) every `interval`, whether or not the echoes come back, and checking every echoed
 //! byte.
 //!
-//! The connections are spread over worker processes of at most [`MAX_SOCKETS_PER_PEER`] sockets
-//! (the hard file limit is 20,000), one per [`Target`] (an echo server shard); each worker runs
-//! one thread with epoll ([`worker`]). Messages of a worker are spread evenly over the interval,
-//! so the load is smooth rather than in bursts; the interval is chosen for a total rate that the
-//! 2 cores can carry ([`LoadConfig`]). Latency is measured from the scheduled send time, not the
-//! actual one, so a stalled sender cannot hide its own delay (no coordinated omission); sends go
-//! out in batches at epoll's 1 ms resolution, which adds up to 1 ms to the latency.
+//! The connections, all to one service address and each from a local port of its own, are spread
+//! evenly over the fewest worker processes of at most [`MAX_SOCKETS_PER_PEER`] sockets (the hard
+//! file limit is 20,000); each worker runs one thread with epoll ([`worker`]). Messages of a
+//! worker are spread evenly over the interval, so the load is smooth rather than in bursts; the
+//! interval is chosen for a total rate that the 2 cores can carry ([`LoadConfig`]). Latency is
+//! measured from the scheduled send time, not the actual one, so a stalled sender cannot hide
+//! its own delay (no coordinated omission); sends go out in batches at epoll's 1 ms resolution,
+//! which adds up to 1 ms to the latency.
 //!
 //! A connection that breaks (reset, closed, a wrong byte) is counted as lost: the generator never
 //! reconnects, so every connection in the report carried one byte stream from start to end.
@@ -17,7 +18,7 @@
 //! One measured migration:
 //! ```ignore
 //! let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
-//! let mut run = LoadRun::start(&bed, echo.targets(), &LoadConfig::default())?;
+//! let mut run = LoadRun::start(&bed, echo.addr(), n, &LoadConfig::default())?;
 //! // ... migrate ...
 //! run.mark()?; // e.g. when the restore finished
 //! let report = run.finish()?;
@@ -35,7 +36,7 @@ use serde::Serialize;
 use tcpmig_testbed::{MAX_SOCKETS_PER_PEER, TestBed};
 
 pub use process::LineProcess;
-use worker::{LATENCY_RANGE_US, WorkerReport};
+use worker::{LATENCY_RANGE_US, MAX_CONNECTIONS, WorkerReport};
 pub use worker::{WorkerArgs, run as run_worker};
 
 /// Delay between telling the workers to start and their common start, so that all of them have
@@ -56,11 +57,17 @@ pub fn now_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Where one worker connects, and how many connections it opens.
-#[derive(Clone, Copy, Debug)]
-pub struct Target {
-    pub addr: SocketAddr,
-    pub connections: usize,
+/// How many processes `connections` sockets need, at most [`MAX_SOCKETS_PER_PEER`] each.
+pub fn processes_for(connections: usize) -> usize {
+    connections.div_ceil(MAX_SOCKETS_PER_PEER).max(1)
+}
+
+/// Splits `connections` evenly over [`processes_for`] workers (as the test bed's `Traffic` does).
+fn worker_sizes(connections: usize) -> Vec<usize> {
+    let workers = processes_for(connections);
+    (0..workers)
+        .map(|k| connections / workers + usize::from(k < connections % workers))
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -110,29 +117,28 @@ pub struct LoadRun<'bed> {
 }
 
 impl<'bed> LoadRun<'bed> {
-    /// Opens every target's connections from the client host (one worker process per target,
-    /// connecting in parallel), then starts the schedule on all of them at once. Returns when the
-    /// schedule has started.
+    /// Opens `connections` connections to `service` from the client host (worker processes
+    /// connecting in parallel), then starts the schedule on all of them at once. Returns when
+    /// the schedule has started.
     pub fn start(
         bed: &'bed TestBed,
-        targets: &[Target],
+        service: SocketAddr,
+        connections: usize,
         config: &LoadConfig,
     ) -> anyhow::Result<Self> {
-        let connections: usize = targets.iter().map(|t| t.connections).sum();
         ensure!(connections > 0, "no connections to open");
+        ensure!(
+            connections <= MAX_CONNECTIONS,
+            "{connections} connections: the client host has {MAX_CONNECTIONS} ports to connect from"
+        );
         let interval = config.interval(connections);
-        let mut workers = Vec::with_capacity(targets.len());
+        let sizes = worker_sizes(connections);
+        let mut workers = Vec::with_capacity(sizes.len());
         let mut first_id = 0u32;
-        for target in targets {
-            ensure!(
-                target.connections <= MAX_SOCKETS_PER_PEER,
-                "{} connections to {} in one process: at most {MAX_SOCKETS_PER_PEER} fit",
-                target.connections,
-                target.addr
-            );
+        for size in sizes {
             let args = WorkerArgs {
-                connect: target.addr,
-                connections: target.connections,
+                connect: service,
+                connections: size,
                 first_id,
                 interval_ns: duration_ns(interval),
                 duration_ms: duration_ms(config.duration),
@@ -140,7 +146,7 @@ impl<'bed> LoadRun<'bed> {
                 connect_timeout_ms: duration_ms(config.connect_timeout),
             };
             workers.push(LineProcess::start(bed.client(), &args.to_args())?);
-            first_id = u32::try_from(target.connections)
+            first_id = u32::try_from(size)
                 .ok()
                 .and_then(|n| first_id.checked_add(n))
                 .context("more than 2^32 connections")?;
@@ -387,6 +393,17 @@ mod tests {
             (501.0, 990.0, 1000.0)
         );
         assert_eq!(Spread::of_us(Vec::new()).max_ms, 0.0);
+    }
+
+    #[test]
+    fn workers_stay_under_the_file_limit() {
+        for connections in [1, 15_000, 15_001, 50_000] {
+            let sizes = worker_sizes(connections);
+            assert_eq!(sizes.len(), processes_for(connections));
+            assert_eq!(sizes.iter().sum::<usize>(), connections);
+            assert!(sizes.iter().all(|&s| s <= MAX_SOCKETS_PER_PEER));
+        }
+        assert_eq!(worker_sizes(50_000), [12_500; 4]);
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! started with a hidden subcommand inside a bed host, spoken to one line at a time over its
 //! stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
 
-use std::io::Write as _;
+use std::io::{self, Write as _};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use tcpmig_testbed::{ChildGuard, Host, line_reader};
@@ -80,6 +80,29 @@ impl<'bed> LineProcess<'bed> {
             Ok(()) => Ok(()),
             Err(e) => Err(self.failure(&format!("sending {line:?}: {e}"))),
         }
+    }
+
+    /// Asks it to end (SIGTERM) and waits at most `timeout` for it to exit. Unlike the SIGKILL
+    /// of the drop, SIGTERM can be passed on: `tcpmig agent` ends the servers it started with
+    /// it, which the bed does not know of.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let pid = libc::pid_t::try_from(self.pid())?;
+        // SAFETY: `pid` is our child and not reaped (try_wait said it runs), so it names it.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == -1 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("{}: sending SIGTERM", self.label));
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        Err(self.failure(&format!("did not exit within {timeout:?} of SIGTERM")))
     }
 
     /// An error naming the process, with its exit status if it is gone (its stderr is ours).

@@ -1,6 +1,8 @@
-//! One measured migration on a fresh bed: an echo server on the source, the open-loop clients on
-//! the client host, `tcpmig agent` on the destination (it becomes an echo server adopting the
-//! restored connections) and `tcpmig migrate --stop-source --json` on the source.
+//! One measured migration on a fresh bed: echo servers on the source (one per 15,000
+//! connections, all on the service port), the open-loop clients on the client host,
+//! `tcpmig agent` on the destination (it becomes an echo server adopting the restored
+//! connections, or starts one per group of them when they do not fit in one process) and
+//! `tcpmig migrate --stop-source --json` with every server's pid on the source: one migration.
 //!
 //! The clients' catch-up is counted from the end of the blackout as the agent reports it
 //! (`live_at_unix_ms`), not from the moment `tcpmig migrate` returned: the source learns of the
@@ -15,7 +17,7 @@ use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 use tcpmig_testbed::{IFACE, Role, TestBed};
 
@@ -32,8 +34,10 @@ const MIGRATION_ALLOWANCE: Duration = Duration::from_secs(3);
 /// Sending goes on at least this long after the allowance, so that the catch-up (retransmission
 /// backoff: up to 1.7 s in the notes) happens while the schedule runs.
 const SETTLE: Duration = Duration::from_secs(3);
-/// Bound on `tcpmig migrate` and on the adopted server saying `ready`.
+/// Bound on `tcpmig migrate` and on the adopting servers saying `ready`.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on the agent and its servers ending after SIGTERM (closing thousands of sockets).
+const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One migration: the times `tcpmig migrate --json` reported and what the clients saw.
 #[derive(Clone, Debug, Serialize)]
@@ -104,6 +108,8 @@ struct AgentJson {
     address_ms: f64,
     live_after_commit_ms: f64,
     live_at_unix_ms: f64,
+    /// How many servers the agent started (1: it became the server itself).
+    shards: usize,
 }
 
 impl MigrateJson {
@@ -148,14 +154,7 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
     let bed = TestBed::new()?;
     let token = TokenFile::new(&bed)?;
     let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
-    let (pid, service) = match (&echo.pids()[..], echo.targets()) {
-        ([pid], [target]) => (*pid, target.addr),
-        (pids, _) => bail!(
-            "{n} connections need {} echo servers, and `tcpmig migrate` moves one process",
-            pids.len()
-        ),
-    };
-    let mut agent = start_agent(&bed, tcpmig, &token.0)?;
+    let mut agent = Agent::start(&bed, tcpmig, &token.0)?;
     let config = LoadConfig::default();
     let interval = config.interval(n);
     let warmup = WARMUP.max(interval * 2);
@@ -163,9 +162,9 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
         duration: warmup + MIGRATION_ALLOWANCE + SETTLE.max(interval * 2),
         ..config
     };
-    let mut run = LoadRun::start(&bed, echo.targets(), &config)?;
+    let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
     thread::sleep(warmup);
-    let raw = migrate(&bed, tcpmig, pid, service, &token.0)?;
+    let raw = migrate(&bed, tcpmig, &echo.pids(), echo.addr(), &token.0)?;
     let report: MigrateJson = serde_json::from_value(raw.clone())
         .with_context(|| format!("unexpected `tcpmig migrate --json` output: {raw}"))?;
     ensure!(
@@ -173,7 +172,7 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
         "tcpmig migrate found {} of the {n} connections",
         report.connections
     );
-    agent.expect("ready", MIGRATION_TIMEOUT)?;
+    agent.servers_ready(report.destination.shards)?;
     run.mark_at(monotonic_ns_of(report.destination.live_at_unix_ms))?;
     let load = run.finish()?;
     Ok(MigrationRun {
@@ -188,41 +187,68 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
 }
 
 /// `tcpmig agent` on the destination; once the connections are live it becomes this benchmark's
-/// echo server adopting them, which says `ready` on the agent's stdout.
-fn start_agent<'bed>(
-    bed: &'bed TestBed,
-    tcpmig: &Path,
-    token: &Path,
-) -> anyhow::Result<LineProcess<'bed>> {
-    let host = bed.destination();
-    let mut cmd = host.command(tcpmig)?;
-    cmd.arg("agent")
-        .arg("--listen")
-        .arg(agent_addr().to_string())
-        .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
-        .arg(token)
-        .arg("--")
-        .arg(std::env::current_exe()?)
-        .args(["echo-server", "--from-listen-fds"]);
-    LineProcess::spawn(host, cmd, "tcpmig agent")
+/// echo server adopting them or, past what one process holds, starts one server per group of
+/// them. Each server says `ready` on the agent's stdout (started ones inherit it).
+/// Dropping it ends the agent with SIGTERM, which it passes on to the servers it started: the
+/// bed only knows the agent's pid.
+struct Agent<'bed>(LineProcess<'bed>);
+
+impl<'bed> Agent<'bed> {
+    fn start(bed: &'bed TestBed, tcpmig: &Path, token: &Path) -> anyhow::Result<Self> {
+        let host = bed.destination();
+        let mut cmd = host.command(tcpmig)?;
+        cmd.arg("agent")
+            .arg("--listen")
+            .arg(agent_addr().to_string())
+            .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
+            .arg(token)
+            .arg("--")
+            .arg(std::env::current_exe()?)
+            .args(["echo-server", "--from-listen-fds"]);
+        Ok(Self(LineProcess::spawn(host, cmd, "tcpmig agent")?))
+    }
+
+    /// Waits for the `ready` of each of the `servers` adopting the connections.
+    fn servers_ready(&mut self, servers: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        for k in 0..servers {
+            self.0
+                .expect("ready", deadline.saturating_duration_since(Instant::now()))
+                .with_context(|| format!("{k} of the {servers} adopting servers ready"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        // The bed's guard kills the agent itself afterwards anyway.
+        if let Err(e) = self.0.terminate(AGENT_EXIT_TIMEOUT) {
+            eprintln!("{e:#}");
+        }
+    }
 }
 
 fn agent_addr() -> SocketAddr {
     SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT)
 }
 
-/// Runs `tcpmig migrate --json` on the source to its end (bounded) and returns its report.
+/// Runs `tcpmig migrate --json` of the servers `pids` (one migration) on the source to its end
+/// (bounded) and returns its report.
 fn migrate(
     bed: &TestBed,
     tcpmig: &Path,
-    pid: u32,
+    pids: &[u32],
     service: SocketAddr,
     token: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     let host = bed.source();
     let mut cmd = host.command(tcpmig)?;
-    cmd.arg("migrate")
-        .args(["--pid", &pid.to_string(), "--service", &service.to_string()])
+    cmd.arg("migrate");
+    for pid in pids {
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    cmd.args(["--service", &service.to_string()])
         .args(["--dev", IFACE, "--to", &agent_addr().to_string()])
         .arg("--token-file")
         .arg(token)

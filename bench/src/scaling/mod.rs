@@ -4,11 +4,10 @@
 //! dump + restore with its lock and with the tcpmig hook ([`crate::criu`]), and a plain
 //! one-thread loop of the repair syscalls ([`crate::repair`]).
 //!
-//! Caps, said in the output too: one `tcpmig migrate` moves one process and one process holds at
-//! most [`MAX_SOCKETS_PER_PEER`] connections (the fd limit), so larger N are reported as not
-//! supported by the standalone migration; real CRIU runs up to [`CRIU_MAX`]; the repair loop up
-//! to [`REPAIR_MAX`] (both ends of its connections live in one process); CRIU's iptables lock
-//! past 1,000 connections is extrapolated by [`crate::freeze`].
+//! Caps, said in the output too: real CRIU runs up to [`CRIU_MAX`]; the repair loop up to
+//! [`REPAIR_MAX`] (both ends of its connections live in one process); CRIU's iptables lock past
+//! 1,000 connections is extrapolated by [`crate::freeze`]. The migrations have none: past the
+//! file limit of one process, one migration moves several servers ([`migration`]).
 
 mod migration;
 mod summary;
@@ -16,7 +15,6 @@ mod summary;
 use std::time::Instant;
 
 use serde::Serialize;
-use tcpmig_testbed::MAX_SOCKETS_PER_PEER;
 
 use crate::criu::{self, CriuRun};
 use crate::freeze::{self, FreezeResult};
@@ -58,13 +56,12 @@ pub struct Scaling {
     pub wall_s: f64,
 }
 
-/// The migrations at one N: every run, and why there are none or fewer than asked.
+/// The migrations at one N: every run, and why there are fewer than asked.
 #[derive(Serialize)]
 pub struct MigrationPoint {
     pub connections: usize,
     pub runs: Vec<MigrationRun>,
     pub failures: Vec<String>,
-    pub unsupported: Option<String>,
 }
 
 /// Where the numbers come from: results on a shared machine mean little without its load.
@@ -128,17 +125,14 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
             connections: n,
             runs: Vec::new(),
             failures: Vec::new(),
-            unsupported: (n > MAX_SOCKETS_PER_PEER).then(|| unsupported(n)),
         };
-        if point.unsupported.is_none() {
-            for k in 1..=runs {
-                progress(&format!("migration of {n} connections, run {k}/{runs}"));
-                match migration::once(&tcpmig, n) {
-                    Ok(run) => point.runs.push(run),
-                    Err(e) => {
-                        eprintln!("migration of {n} connections failed: {e:#}");
-                        point.failures.push(format!("{e:#}"));
-                    }
+        for k in 1..=runs {
+            progress(&format!("migration of {n} connections, run {k}/{runs}"));
+            match migration::once(&tcpmig, n) {
+                Ok(run) => point.runs.push(run),
+                Err(e) => {
+                    eprintln!("migration of {n} connections failed: {e:#}");
+                    point.failures.push(format!("{e:#}"));
                 }
             }
         }
@@ -184,16 +178,4 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         out.path().display()
     );
     Ok(())
-}
-
-/// Why N connections are not migrated, and what it would take.
-fn unsupported(n: usize) -> String {
-    format!(
-        "{n} connections need {} server processes (at most {MAX_SOCKETS_PER_PEER} fds each) and \
-         `tcpmig migrate --pid` moves one process: migrating the shards one after the other would \
-         move the address with the first and reset the others. Needs several pids in one \
-         migration (one freeze, one image, one address move) and an agent handing over to \
-         several processes.",
-        n.div_ceil(MAX_SOCKETS_PER_PEER)
-    )
 }

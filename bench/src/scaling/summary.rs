@@ -106,12 +106,12 @@ fn markdown(s: &Scaling) -> String {
     );
     for p in &s.migrations {
         if p.runs.is_empty() {
-            let why = if p.unsupported.is_some() {
-                "not supported (below)"
-            } else {
-                "failed (below)"
-            };
-            let _ = writeln!(md, "| {} | 0 | {why} |{}", p.connections, " - |".repeat(12));
+            let _ = writeln!(
+                md,
+                "| {} | 0 | failed (below) |{}",
+                p.connections,
+                " - |".repeat(12)
+            );
             continue;
         }
         let med = |f: fn(&MigrationRun) -> f64, decimals| cell(median_ms(p, f), decimals);
@@ -162,9 +162,6 @@ fn markdown(s: &Scaling) -> String {
          by construction.\n",
     );
     for p in &s.migrations {
-        if let Some(why) = &p.unsupported {
-            let _ = writeln!(md, "\nN = {}: {why}", p.connections);
-        }
         for failure in &p.failures {
             let _ = writeln!(md, "\nN = {}: failed: {failure}", p.connections);
         }
@@ -192,7 +189,6 @@ fn references(s: &Scaling) -> String {
             connections: n,
             runs: Vec::new(),
             failures: Vec::new(),
-            unsupported: None,
         };
         let p = s
             .migrations
@@ -495,14 +491,7 @@ fn per_n(s: &Scaling, p: &MigrationPoint) -> Vec<(&'static str, String)> {
         ("runs", p.runs.len().to_string()),
         (
             "status",
-            if p.unsupported.is_some() {
-                "unsupported"
-            } else if p.runs.is_empty() {
-                "failed"
-            } else {
-                "ok"
-            }
-            .to_owned(),
+            if p.runs.is_empty() { "failed" } else { "ok" }.to_owned(),
         ),
         (
             "blackout_median_ms",
