@@ -12,7 +12,8 @@
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
 //! process and the server waits for room on that socket only; bytes sit in the process (where a
 //! dump of the sockets cannot see them) only between one read and its write, or while a client
-//! does not read its echoes.
+//! does not read its echoes. So the benchmark migrates it with `--stop-signal USR1`: on SIGUSR1 it
+//! stops itself (SIGSTOP) once it holds nothing, between two events.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
@@ -56,9 +57,15 @@ pub struct EchoArgs {
 
 /// Set by SIGTERM: how a migration ends the old server (`--stop-source`, after SIGSTOP).
 static TERMINATED: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR1 (`tcpmig migrate --stop-signal USR1`): stop once nothing read is unanswered.
+static STOP_ASKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigterm(_: libc::c_int) {
     TERMINATED.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    STOP_ASKED.store(true, Ordering::Relaxed);
 }
 
 /// The `echo-server` subcommand.
@@ -66,11 +73,20 @@ pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
     sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     // Caught rather than fatal, so that a server stopped between a read and its echo says so
     // when it is ended: those bytes were in its memory, where no dump of the sockets sees them.
-    // SAFETY: the handler only stores to an atomic.
-    if unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) }
-        == libc::SIG_ERR
-    {
-        return Err(io::Error::last_os_error()).context("handling SIGTERM");
+    for (signal, handler, name) in [
+        (
+            libc::SIGTERM,
+            on_sigterm as extern "C" fn(libc::c_int),
+            "SIGTERM",
+        ),
+        (libc::SIGUSR1, on_sigusr1, "SIGUSR1"),
+    ] {
+        // SAFETY: the handlers only store to an atomic.
+        if unsafe { libc::signal(signal, handler as *const () as libc::sighandler_t) }
+            == libc::SIG_ERR
+        {
+            return Err(io::Error::last_os_error()).with_context(|| format!("handling {name}"));
+        }
     }
     let mut server = match args.listen {
         Some(addr) => Server::listen(addr)?,
@@ -252,6 +268,14 @@ impl Server {
             if TERMINATED.load(Ordering::Relaxed) {
                 return self.ended();
             }
+            // Between events every chunk read has been echoed, unless the send buffer was full:
+            // then it waits for that to drain.
+            if STOP_ASKED.load(Ordering::Relaxed) && self.holding() == 0 {
+                STOP_ASKED.store(false, Ordering::Relaxed);
+                // SAFETY: raise(3) with a valid signal; SIGCONT resumes us here.
+                unsafe { libc::raise(libc::SIGSTOP) };
+                continue;
+            }
             match self.poll.poll(&mut events, Some(left)) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 result => result?,
@@ -278,6 +302,11 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// Bytes read and not yet echoed.
+    fn holding(&self) -> usize {
+        self.conns.iter().flatten().map(|c| c.held.len()).sum()
     }
 
     /// Ended by SIGTERM: says what it still held (read, not yet echoed), which is lost.

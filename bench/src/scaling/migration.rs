@@ -252,7 +252,7 @@ fn migrate(
         .args(["--dev", IFACE, "--to", &agent_addr().to_string()])
         .arg("--token-file")
         .arg(token)
-        .args(["--stop-source", "--json"])
+        .args(["--stop-source", "--stop-signal", "USR1", "--json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

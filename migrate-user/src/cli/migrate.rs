@@ -38,12 +38,46 @@ pub struct MigrateArgs {
     /// application is resumed and must close its migrated sockets (they fail with EPERM).
     #[arg(long)]
     stop_source: bool,
+    /// Ask each process to stop itself with this signal (USR1, SIGUSR2, 10...) instead of
+    /// stopping it with SIGSTOP: an application that handles it answers what it has read, then
+    /// raise(SIGSTOP). Without it, bytes it has read but not answered when stopped are lost
+    /// with --stop-source. It gets 5 s; otherwise the migration rolls back.
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    stop_signal: Option<libc::c_int>,
     /// Seconds to wait for each step of the agent.
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A signal by name (with or without SIG) or number; SIGSTOP and SIGKILL cannot be handled.
+fn parse_signal(text: &str) -> Result<libc::c_int, String> {
+    const NAMES: [(&str, libc::c_int); 8] = [
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("TERM", libc::SIGTERM),
+        ("WINCH", libc::SIGWINCH),
+        ("PWR", libc::SIGPWR),
+    ];
+    let name = text.trim_start_matches("SIG");
+    let number = match NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        Some(&(_, number)) => number,
+        None => text
+            .parse()
+            .map_err(|_| format!("{text}: give a signal name (USR1) or number"))?,
+    };
+    if !(1..=libc::SIGRTMAX()).contains(&number)
+        || number == libc::SIGSTOP
+        || number == libc::SIGKILL
+    {
+        return Err(format!("{text}: not a signal an application can handle"));
+    }
+    Ok(number)
 }
 
 #[derive(Args)]
@@ -107,6 +141,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         agent: args.to,
         token: Token::from_file(&args.token_file)?,
         stop_source: args.stop_source,
+        stop_signal: args.stop_signal,
         step_timeout: timeout(args.timeout)?,
         guard_exe: std::env::current_exe()?,
     };
@@ -263,4 +298,19 @@ fn agent_summary(r: &AgentReport, source: SocketAddr, service: SocketAddr) -> St
         live = r.live,
         restored = r.restored,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_signal;
+
+    #[test]
+    fn signals_by_name_or_number_but_not_the_unhandleable_ones() {
+        assert_eq!(parse_signal("USR1"), Ok(libc::SIGUSR1));
+        assert_eq!(parse_signal("SIGusr2"), Ok(libc::SIGUSR2));
+        assert_eq!(parse_signal("10"), Ok(10));
+        for bad in ["STOP", "SIGKILL", "9", "19", "0", "SIGNOPE", "-1"] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -21,8 +21,14 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StoppedTree {
     /// Stops `pid` and every descendant (threads included: SIGSTOP stops the whole process) and
-    /// waits until each is in the stopped state.
-    pub fn stop(pid: u32) -> Result<Self, MigrateError> {
+    /// waits until each is in the stopped state. With `ask`, `pid` is first sent that signal
+    /// and given [`SETTLE_TIMEOUT`] to stop itself: an application that handles it can finish
+    /// what it holds in memory (bytes read and not yet answered, which no dump of its sockets
+    /// sees) and then raise(SIGSTOP).
+    pub fn stop(pid: u32, ask: Option<libc::c_int>) -> Result<Self, MigrateError> {
+        if let Some(signal) = ask {
+            wait_for_self_stop(pid, signal)?;
+        }
         let tree = Self::walk(pid, Some(libc::SIGSTOP))?;
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         for (member, _) in &tree.members {
@@ -120,6 +126,26 @@ impl Drop for StoppedTree {
     }
 }
 
+/// Sends `signal` to `pid` and waits until it stopped itself. If it does not in time, it is sent
+/// SIGCONT (in case it stops later) and the error says so.
+fn wait_for_self_stop(pid: u32, ask: libc::c_int) -> Result<(), MigrateError> {
+    let fd = pidfd_open(pid).map_err(|source| process_error(pid, "opening", source))?;
+    signal(&fd, ask).map_err(|source| process_error(pid, "asking it to stop", source))?;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while !matches!(state(pid), Some('T' | 't') | None) {
+        if Instant::now() > deadline {
+            let _ = signal(&fd, libc::SIGCONT);
+            return Err(process_error(
+                pid,
+                "waiting for it to stop itself after the --stop-signal",
+                io::Error::from(io::ErrorKind::TimedOut),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
 fn process_error(pid: u32, what: &'static str, source: io::Error) -> MigrateError {
     MigrateError::Process { pid, what, source }
 }
@@ -210,5 +236,60 @@ pub(super) fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
         {
             return false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+
+    use super::*;
+
+    /// A shell that stops itself on SIGUSR1 (or ignores it), killed when dropped.
+    struct Shell(Child);
+
+    impl Shell {
+        fn start(on_usr1: &str) -> Self {
+            let script = format!("trap '{on_usr1}' USR1; echo up; while :; do sleep 0.05; done");
+            let mut child = Command::new("sh")
+                .args(["-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The trap is set once it says so.
+            let mut up = [0u8; 3];
+            std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+            Self(child)
+        }
+    }
+
+    impl Drop for Shell {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn an_application_asked_to_stop_stops_itself_and_resumes_on_drop() {
+        let shell = Shell::start("kill -STOP $$");
+        let pid = shell.0.id();
+        let tree = StoppedTree::stop(pid, Some(libc::SIGUSR1)).unwrap();
+        assert_eq!(state(pid), Some('T'));
+        drop(tree);
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while state(pid) == Some('T') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_ne!(state(pid), Some('T'));
+    }
+
+    #[test]
+    fn an_application_that_does_not_stop_itself_is_refused_and_left_running() {
+        let shell = Shell::start("");
+        let pid = shell.0.id();
+        let error = StoppedTree::stop(pid, Some(libc::SIGUSR1)).unwrap_err();
+        assert!(error.to_string().contains("stop itself"), "{error}");
+        assert_ne!(state(pid), Some('T'));
     }
 }

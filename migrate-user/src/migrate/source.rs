@@ -41,6 +41,9 @@ pub struct SourceConfig {
     pub token: Token,
     /// End the application after the commit (SIGTERM, SIGKILL after 5 s).
     pub stop_source: bool,
+    /// Ask each process to stop itself with this signal instead of stopping it (see
+    /// [`StoppedTree::stop`]).
+    pub stop_signal: Option<libc::c_int>,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
     /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
@@ -269,7 +272,8 @@ async fn until_live(
     let step = Instant::now();
     guardian.note(&Note::Stopping)?;
     for &pid in &config.pids {
-        held.stopped.push(StoppedTree::stop(pid)?);
+        held.stopped
+            .push(StoppedTree::stop(pid, config.stop_signal)?);
     }
     let processes_stopped = held.stopped.iter().map(StoppedTree::len).sum();
     phases.stop_ms = millis(step.elapsed());
