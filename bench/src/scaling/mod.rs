@@ -14,6 +14,7 @@ mod summary;
 
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::criu::{self, CriuRun};
@@ -112,13 +113,13 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
     };
     let runs = args.runs.unwrap_or(if quick { 2 } else { 3 }).max(1);
     let tcpmig = criu::sibling("tcpmig")?;
-    let progress = |what: &str| {
-        eprintln!(
-            "[scaling {:>4.0} s, load {}] {what}",
-            started.elapsed().as_secs_f64(),
-            load_average().unwrap_or_default()
-        );
+    let repair_ns: Vec<usize> = ns.iter().copied().filter(|&n| n <= REPAIR_MAX).collect();
+    let references = if args.no_references {
+        0
+    } else {
+        2 + repair_ns.len()
     };
+    let progress = Progress::new(ns.len() * runs + references, started);
     let mut migrations = Vec::new();
     for &n in &ns {
         let mut point = MigrationPoint {
@@ -127,11 +128,11 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
             failures: Vec::new(),
         };
         for k in 1..=runs {
-            progress(&format!("migration of {n} connections, run {k}/{runs}"));
+            progress.begin(&format!("migration of {n} connections, run {k}/{runs}"));
             match migration::once(&tcpmig, n) {
                 Ok(run) => point.runs.push(run),
                 Err(e) => {
-                    eprintln!("migration of {n} connections failed: {e:#}");
+                    progress.say(&format!("migration of {n} connections failed: {e:#}"));
                     point.failures.push(format!("{e:#}"));
                 }
             }
@@ -140,13 +141,13 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
     }
     let (mut freeze, mut repair, mut criu) = (Vec::new(), Vec::new(), Vec::new());
     if !args.no_references {
-        progress(&format!(
+        progress.begin(&format!(
             "references: CRIU's locks and tcpmig's freeze at {ns:?}"
         ));
         freeze = freeze::run(&ns)?;
         out.write("freeze", &freeze, &freeze::markdown(&freeze))?;
-        for &n in ns.iter().filter(|&&n| n <= REPAIR_MAX) {
-            progress(&format!("reference: plain repair loop at {n}"));
+        for &n in &repair_ns {
+            progress.begin(&format!("reference: plain repair loop at {n}"));
             repair.push(repair::run(n)?);
         }
         out.write("repair", &repair, &repair::markdown(&repair))?;
@@ -154,7 +155,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         // Past its cap, CRIU still runs at the cap: the nearest it gets to the larger N.
         let mut criu_ns: Vec<usize> = ns.iter().map(|&n| n.min(criu_max)).collect();
         criu_ns.dedup();
-        progress(&format!(
+        progress.begin(&format!(
             "references: real CRIU dump + restore at {criu_ns:?}"
         ));
         criu = criu::run(&criu_ns)?;
@@ -170,7 +171,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         wall_s: started.elapsed().as_secs_f64(),
     };
     summary::write(out, &scaling)?;
-    progress("done");
+    progress.finish();
     let failed: usize = scaling.migrations.iter().map(|m| m.failures.len()).sum();
     anyhow::ensure!(
         failed == 0,
@@ -178,4 +179,54 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         out.path().display()
     );
     Ok(())
+}
+
+/// The run's progress: a bar on a terminal, one line per step otherwise (CI's log).
+struct Progress {
+    bar: ProgressBar,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(steps: usize, started: Instant) -> Self {
+        let style = ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {elapsed} {msg}")
+            .expect("a valid template");
+        Self {
+            bar: ProgressBar::new(steps as u64).with_style(style),
+            started,
+        }
+    }
+
+    /// A step starts: the one before it is done.
+    fn begin(&self, what: &str) {
+        if self.bar.message().is_empty() {
+            self.bar
+                .enable_steady_tick(std::time::Duration::from_millis(500));
+        } else {
+            self.bar.inc(1);
+        }
+        let load = load_average().unwrap_or_default();
+        self.bar.set_message(format!("{what} (load {load})"));
+        if self.bar.is_hidden() {
+            eprintln!(
+                "[scaling {:>4.0} s, load {load}] {what}",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// A line above the bar.
+    fn say(&self, line: &str) {
+        self.bar.suspend(|| eprintln!("{line}"));
+    }
+
+    fn finish(&self) {
+        self.bar.finish_with_message("done");
+        if self.bar.is_hidden() {
+            eprintln!(
+                "[scaling {:>4.0} s] done",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
 }

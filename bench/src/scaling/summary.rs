@@ -305,24 +305,33 @@ fn goals(s: &Scaling) -> String {
         }
         None => md.push_str("- Blackout at 10,000 connections: not measured in this run.\n"),
     }
-    let worst = s
+    // Per N: past the clients' first retransmission timeout (200 ms and more), a longer
+    // blackout is answered later than it lasted, so one verdict over all N would hide where it
+    // holds.
+    let worst: Vec<(usize, f64)> = s
         .migrations
         .iter()
-        .flat_map(|p| &p.runs)
-        .map(|r| (r.connections, caught_up_ms(r), never_caught_up(r)))
-        .max_by(|a, b| a.1.total_cmp(&b.1));
-    if let Some((n, ms, _)) = worst {
+        .filter_map(|p| {
+            let ms = p.runs.iter().map(caught_up_ms).max_by(f64::total_cmp)?;
+            Some((p.connections, ms))
+        })
+        .collect();
+    if !worst.is_empty() {
         let never: u64 = s
             .migrations
             .iter()
             .flat_map(|p| &p.runs)
             .map(never_caught_up)
             .sum();
+        let per_n: Vec<String> = worst
+            .iter()
+            .map(|(n, ms)| format!("{n}: {ms:.0} ms"))
+            .collect();
         let _ = writeln!(
             md,
-            "- Last client caught up within blackout + 300 ms: {} (worst run: {ms:.0} ms after \
-             the blackout, at N = {n}; connections that never caught up: {never}).",
-            verdict(ms <= 300.0 && never == 0),
+            "- Last client caught up within blackout + 300 ms: {} (worst run after the blackout,              per N: {}; connections that never caught up: {never}).",
+            verdict(worst.iter().all(|&(_, ms)| ms <= 300.0) && never == 0),
+            per_n.join(", "),
         );
     }
     let ratio = at(1_000).and_then(|p| {
