@@ -161,6 +161,39 @@ pub fn encode(connections: &[Connection]) -> Bytes {
     out.freeze()
 }
 
+/// Part of an image: the connection records of `connections`, no header or end. Several parts
+/// (made where their connections are, the shards of a migration) form one image between
+/// [`Image::header`] and [`Image::end`].
+pub fn records(connections: &[Connection]) -> Bytes {
+    let mut encoder = Encoder::new();
+    let mut out = BytesMut::with_capacity(connections.iter().map(record_len).sum());
+    for conn in connections {
+        encoder.connection(conn, &mut out);
+    }
+    out.freeze()
+}
+
+/// The pieces around [`records`] parts.
+pub struct Image;
+
+impl Image {
+    pub fn header() -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN);
+        Encoder::new().header(&mut out);
+        out.freeze()
+    }
+
+    /// The end record of an image of `count` connections.
+    pub fn end(count: usize) -> Bytes {
+        let mut out = BytesMut::with_capacity(FRAMING + 4);
+        Encoder {
+            records: count as u32,
+        }
+        .end(&mut out);
+        out.freeze()
+    }
+}
+
 fn record_len(conn: &Connection) -> usize {
     let addr = if conn.tuple.local.is_ipv4() { 6 } else { 18 };
     FRAMING + FIXED_HEAD + 2 * addr + FIXED_TAIL + conn.send_queue.len() + conn.recv_queue.len()

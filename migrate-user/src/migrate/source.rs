@@ -17,9 +17,11 @@ use super::{
     millis, test_pause,
     transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
+use bytes::Bytes;
+
 use crate::{
     freeze::{Freeze, RemoveOnDrop},
-    image,
+    image::{self, Image},
     net::{self, Netns},
     repair::{
         self, Connection, DumpedSockets, Filter, PreparedDump, SocketsByInode, StateReader, Workers,
@@ -79,6 +81,28 @@ struct Held {
 struct ProcessSockets {
     prepared: Option<PreparedDump>,
     dumped: Option<DumpedSockets>,
+}
+
+/// One process's part of the image, and what its connections carry.
+struct Part {
+    records: Bytes,
+    connections: usize,
+    send_bytes: u64,
+    unsent_bytes: u64,
+    recv_bytes: u64,
+}
+
+impl Part {
+    fn of(connections: &[Connection]) -> Self {
+        let sum = |f: fn(&Connection) -> usize| connections.iter().map(|c| f(c) as u64).sum();
+        Self {
+            records: image::records(connections),
+            connections: connections.len(),
+            send_bytes: sum(|c| c.send_queue.len()),
+            unsent_bytes: sum(|c| c.unsent as usize),
+            recv_bytes: sum(|c| c.recv_queue.len()),
+        }
+    }
 }
 
 /// What discovery found in one process.
@@ -320,22 +344,32 @@ async fn until_live(
     let states = Arc::new(held.reader.read(netns)?);
     let dumped = shard::run_all(&held.shards, move |_, sockets| {
         let prepared = sockets.prepared.take().expect("prepared before the dump");
-        let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
-        Ok::<_, MigrateError>(dumped.connections().to_vec())
+        sockets.dumped = Some(prepared.dump_read(&states)?);
+        Ok::<_, MigrateError>(())
     });
-    let mut connections = Vec::new();
-    for dumped in dumped {
-        connections.extend(dumped?);
-    }
+    dumped.into_iter().collect::<Result<(), _>>()?;
     phases.dump_ms = millis(step.elapsed());
     test_pause("dumped");
     let step = Instant::now();
-    let image = image::encode(&connections);
-    for (i, piece) in image.chunks(IMAGE_PIECE).enumerate() {
+    // Each shard encodes its records: the connections are not copied out of them.
+    let parts = shard::run_all(&held.shards, |_, sockets| {
+        let connections = sockets.dumped.as_ref().map_or(&[][..], |d| d.connections());
+        Part::of(connections)
+    });
+    let connections: usize = parts.iter().map(|p| p.connections).sum();
+    let mut pieces = vec![Image::header()];
+    pieces.extend(parts.iter().map(|p| p.records.clone()));
+    pieces.push(Image::end(connections));
+    let image_bytes = pieces.iter().map(Bytes::len).sum();
+    for (i, chunk) in pieces
+        .iter()
+        .flat_map(|p| p.chunks(IMAGE_PIECE))
+        .enumerate()
+    {
         if i == 1 {
             test_pause("mid-transfer");
         }
-        link.send_image(piece).await?;
+        link.send_image(chunk).await?;
     }
     phases.transfer_ms = millis(step.elapsed());
     // While the agent restores: the address is of no use here any more (the freeze drops the
@@ -353,7 +387,7 @@ async fn until_live(
         Message::Restored {
             connections: restored,
             ..
-        } if restored == connections.len() => {}
+        } if restored == connections => {}
         other => return Err(link.unexpected("waiting for the agent to restore", &other)),
     }
     phases.restore_ms = millis(step.elapsed());
@@ -376,20 +410,19 @@ async fn until_live(
         other => return Err(link.unexpected("waiting for the agent to go live", &other)),
     }
     phases.commit_ms = millis(commit_sent.elapsed());
-    let queued =
-        |f: fn(&Connection) -> usize| -> u64 { connections.iter().map(|c| f(c) as u64).sum() };
+    let queued = |f: fn(&Part) -> u64| -> u64 { parts.iter().map(f).sum() };
     Ok(Report {
         pids: config.pids.clone(),
         service,
         agent: link.peer(),
         processes_stopped,
-        connections: connections.len(),
+        connections,
         kept: 0,
         skipped,
-        image_bytes: image.len(),
-        send_bytes: queued(|c| c.send_queue.len()),
-        unsent_bytes: queued(|c| c.unsent as usize),
-        recv_bytes: queued(|c| c.recv_queue.len()),
+        image_bytes,
+        send_bytes: queued(|p| p.send_bytes),
+        unsent_bytes: queued(|p| p.unsent_bytes),
+        recv_bytes: queued(|p| p.recv_bytes),
         blackout_ms,
         total_ms: 0.0,
         phases,
