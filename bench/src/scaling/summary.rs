@@ -329,7 +329,8 @@ fn goals(s: &Scaling) -> String {
             .collect();
         let _ = writeln!(
             md,
-            "- Last client caught up within blackout + 300 ms: {} (worst run after the blackout,              per N: {}; connections that never caught up: {never}).",
+            "- Last client caught up within blackout + 300 ms: {} (worst run after the \
+             blackout, per N: {}; connections that never caught up: {never}).",
             verdict(worst.iter().all(|&(_, ms)| ms <= 300.0) && never == 0),
             per_n.join(", "),
         );
