@@ -380,6 +380,27 @@ fn goals(s: &Scaling) -> String {
             bench.ratio_with_setup,
         );
     }
+    if let Some(point) = at(50_000).filter(|p| !p.runs.is_empty()) {
+        // The reports' peaks (VmHWM), in MiB: `tcpmig migrate`'s and the agent's.
+        let peak = |path: &str| {
+            point
+                .runs
+                .iter()
+                .filter_map(|r| r.report.pointer(path)?.as_f64())
+                .fold(0.0, f64::max)
+                / 1024.0
+        };
+        let (source, agent) = (
+            peak("/peak_resident_kib"),
+            peak("/destination/peak_resident_kib"),
+        );
+        let _ = writeln!(
+            md,
+            "- Memory under 64 MiB resident for 50,000 idle connections: {} (largest peak of \
+             `tcpmig migrate` {source:.1} MiB, of `tcpmig agent` {agent:.1} MiB).",
+            verdict(source > 0.0 && source < 64.0 && agent < 64.0),
+        );
+    }
     md
 }
 
