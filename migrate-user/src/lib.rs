@@ -3,8 +3,9 @@
 //!
 //! One module per plane: [`freeze`] (eBPF programs that stop a service's traffic with one map
 //! update), [`repair`] (bulk TCP_REPAIR dump and restore), [`image`] (the format connections
-//! travel in), [`net`] (namespaces, addresses, announcements). The library never prints: it returns
-//! values and errors, and logs with `tracing`.
+//! travel in), [`net`] (namespaces, addresses, announcements), and [`migrate`] and [`criu`] on top
+//! of them. [`shard`] gives threads fd tables of their own, for more sockets than one table holds.
+//! The library never prints: it returns values and errors, and logs with `tracing`.
 pub mod criu;
 pub mod freeze;
 pub mod image;

@@ -12,13 +12,15 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::os::{fd::AsRawFd as _, unix::net::UnixListener};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, TokenFile, adopted_stream, carries_on, new_connection_reaches,
-    nothing_left, process_state, queued_shared_traffic, script_reports, service, start_plain_agent,
-    start_scripted_agent, start_unpaused_migrate, wait_exited,
+    BYTES, COMMAND_TIMEOUT, MORE, Scratch, TokenFile, adopted_stream, carries_on,
+    new_connection_reaches, nothing_left, process_state, queued_shared_traffic, receive_fds,
+    script_reports, service, start_handoff_agent, start_plain_agent, start_scripted_agent,
+    start_unpaused_migrate, wait_exited,
 };
 use tcpmig_testbed::{Peer, PeerCommand, Report, TestBed, command_all, sys};
 
@@ -76,6 +78,93 @@ fn listeners_on(port: u16) -> Result<usize> {
 fn several_processes_move_in_one_migration() -> Result<()> {
     // 750 connections in groups of at most 250: 3 processes.
     migrate_shared(&[300, 200, 250], Some(250), 3)
+}
+
+/// `--handoff` of several groups: one connection to the receiver per group, with that group's
+/// fds, and every connection live (the clients get the bytes the servers had queued).
+#[test]
+fn a_handoff_in_several_groups_sends_each_on_its_own_connection() -> Result<()> {
+    const PER_SERVER: [usize; 2] = [150, 150];
+    const MAX: usize = 100;
+    let bed = TestBed::new()?;
+    let mut traffic = queued_shared_traffic(&bed, &PER_SERVER, PORT)?;
+    let token = TokenFile::new(&bed, "handoff", "handoff token")?;
+    let scratch = Scratch::new(&bed)?;
+    let socket = scratch.path("handoff.sock");
+    let listener = UnixListener::bind(&socket)?;
+    listener.set_nonblocking(true)?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let max = MAX.to_string();
+    let mut agent =
+        start_handoff_agent(destination, &token.0, &["--max-per-process", &max], &socket)?;
+    let servers = traffic.server_pids();
+    let mut migrate =
+        start_unpaused_migrate(source, destination, &servers, PORT, &token.0, &["--json"])?;
+    let (status, stdout, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let groups = PER_SERVER.iter().sum::<usize>() / MAX;
+    ensure!(
+        report["destination"]["shards"].as_u64() == Some(groups as u64),
+        "{report}"
+    );
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let mut held = Vec::new();
+    for group in 0..groups {
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ensure!(Instant::now() < deadline, "group {group} was never sent");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // Until the agent's end of the connection closes; ours closes on drop, which lets the
+        // agent go on to the next group.
+        let (text, fds) = receive_fds(&stream)?;
+        let names = text
+            .lines()
+            .filter(|l| !l.starts_with("tcpmig-fds "))
+            .count();
+        ensure!(
+            fds.len() == MAX && names == MAX,
+            "group {group}: {} fds, {names} names",
+            fds.len()
+        );
+        held.extend(fds);
+    }
+    let (status, _, stderr) = agent.finish()?;
+    ensure!(status.success(), "the agent failed: {stderr}");
+    // Live: every received socket gets what its client sends now, after the MORE the image
+    // carried in its receive queue.
+    let sent = command_all(&mut traffic.clients, PeerCommand::Send { bytes: MORE })?;
+    ensure!(
+        sent.connections == held.len() as u64 && sent.resets == 0,
+        "{sent:?}"
+    );
+    for fd in &held {
+        let mut queued = 0;
+        while queued != 2 * MORE {
+            ensure!(
+                Instant::now() < deadline,
+                "fd {}: {queued} bytes queued, {} expected",
+                fd.as_raw_fd(),
+                2 * MORE
+            );
+            std::thread::sleep(Duration::from_millis(2));
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD into an int, on a socket we hold.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            queued = n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// 24,000 connections: more than one process holds (its fd table stops at 20,000).

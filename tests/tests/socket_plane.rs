@@ -13,15 +13,16 @@ use std::{
     io::Read as _,
     net::{IpAddr, SocketAddr},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, OwnedFd},
         unix::net::UnixListener,
     },
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use support::{Scratch, receive_fds};
 use tcpmig::{
     freeze::{Freeze, RemoveOnDrop},
     image,
@@ -95,27 +96,6 @@ fn freeze(host: &Host, service: SocketAddr, name: &str) -> Result<RemoveOnDrop> 
 
 fn unfreeze(host: &Host, name: &str) -> Result<()> {
     tcpmig_ok(&os(&["unfreeze", "--netns", host.name(), "--name", name])).map(drop)
-}
-
-/// A temporary directory for images and sockets, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(bed: &TestBed) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-sp", bed.prefix()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Established TCP connections of `host` whose local port is `port`, from `ss`.
@@ -545,52 +525,6 @@ fn receive_handoff(scratch: &Scratch, image: &Path, host: &Host, n: usize) -> Re
     };
     ensure!(status.success(), "tcpmig restore --handoff: {status}");
     Ok(fds)
-}
-
-/// Reads the whole handoff: its text, and every fd sent with it (recvmsg from the first byte on).
-fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<OwnedFd>)> {
-    let mut text = Vec::new();
-    let mut fds = Vec::new();
-    let mut data = vec![0u8; 64 * 1024];
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((253 * size_of::<libc::c_int>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: a zeroed msghdr with valid buffers; the kernel writes at most their sizes and
-        // every fd it passes is taken into an OwnedFd once.
-        let got = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let got = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-            if got < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let count =
-                        ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<libc::c_int>();
-                    let first = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
-                    for k in 0..count {
-                        fds.push(OwnedFd::from_raw_fd(first.add(k).read_unaligned()));
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-            got as usize
-        };
-        if got == 0 {
-            return Ok((String::from_utf8(text)?, fds));
-        }
-        text.extend_from_slice(&data[..got]);
-    }
 }
 
 #[test]

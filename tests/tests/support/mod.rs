@@ -1,12 +1,16 @@
 //! What the migration tests share: traffic with queued bytes, running `tcpmig agent` and
 //! `tcpmig migrate` (of one process or several) on the bed, reading their stderr line by line,
-//! checking that the connections carry on, and that nothing is left behind.
+//! checking that the connections carry on, receiving a hand-over over a Unix socket, and that
+//! nothing is left behind.
 #![allow(dead_code)] // Each test crate uses its own part.
 
 use std::{
     io::Read,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::PermissionsExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::PermissionsExt as _,
+    },
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError},
@@ -209,6 +213,18 @@ pub fn start_plain_agent<'bed>(
 ) -> Result<Running<'bed>> {
     let mut cmd = agent_command(host, token, extra, pause_at)?;
     cmd.args(["--", "/bin/true"]);
+    Running::spawn(host, cmd)
+}
+
+/// An agent that sends the connections to the Unix socket `path` (`--handoff`).
+pub fn start_handoff_agent<'bed>(
+    host: &'bed Host,
+    token: &Path,
+    extra: &[&str],
+    path: &Path,
+) -> Result<Running<'bed>> {
+    let mut cmd = agent_command(host, token, extra, None)?;
+    cmd.arg("--handoff").arg(path);
     Running::spawn(host, cmd)
 }
 
@@ -497,5 +513,72 @@ pub fn run_tcpmig(
         }
         ensure!(Instant::now() < deadline, "tcpmig {args:?} did not end");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary directory for images and sockets, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(bed: &TestBed) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-sp", bed.prefix()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads the whole handoff: its text, and every fd sent with it (recvmsg from the first byte on).
+pub fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<OwnedFd>)> {
+    let mut text = Vec::new();
+    let mut fds = Vec::new();
+    let mut data = vec![0u8; 64 * 1024];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((253 * size_of::<libc::c_int>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: a zeroed msghdr with valid buffers; the kernel writes at most their sizes and
+        // every fd it passes is taken into an OwnedFd once.
+        let got = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let got = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if got < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let count =
+                        ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<libc::c_int>();
+                    let first = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                    for k in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(first.add(k).read_unaligned()));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            got as usize
+        };
+        if got == 0 {
+            return Ok((String::from_utf8(text)?, fds));
+        }
+        text.extend_from_slice(&data[..got]);
     }
 }
