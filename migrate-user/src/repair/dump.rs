@@ -126,14 +126,7 @@ fn rollback_all(
 /// if a freeze still drops it nothing is lost. Repair mode also cleared SO_REUSEADDR, which is
 /// set back.
 fn leave_repair(fd: BorrowedFd<'_>, tuple: Tuple, reuseaddr: bool) -> Result<(), RepairError> {
-    let fail = |op| {
-        move |source| RepairError::Socket {
-            tuple,
-            phase: Phase::Rollback,
-            op,
-            error: source,
-        }
-    };
+    let fail = |op| RepairError::socket(tuple, Phase::Rollback, op);
     so::set_repair(fd, so::REPAIR_OFF).map_err(fail("TCP_REPAIR=0"))?;
     if reuseaddr {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
@@ -385,12 +378,11 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
         Err(error) => return Some(Outcome::failed(error)),
     };
     if let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
-        return Some(Outcome::failed(RepairError::Socket {
+        return Some(Outcome::failed(RepairError::socket(
             tuple,
-            phase: Phase::Dump,
-            op: "TCP_REPAIR=1",
-            error,
-        }));
+            Phase::Dump,
+            "TCP_REPAIR=1",
+        )(error)));
     }
     Some(Outcome {
         entered: Some(tuple),
@@ -499,14 +491,7 @@ fn peek(fd: BorrowedFd<'_>, tuple: Tuple, queue: Queue, len: u32) -> Result<Byte
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let fail = |op| {
-        move |source| RepairError::Socket {
-            tuple,
-            phase: Phase::Dump,
-            op,
-            error: source,
-        }
-    };
+    let fail = |op| RepairError::socket(tuple, Phase::Dump, op);
     let name = match queue {
         Queue::Send => {
             so::select_queue(fd, queue).map_err(fail("TCP_REPAIR_QUEUE=SEND"))?;

@@ -128,6 +128,18 @@ pub enum RepairError {
     },
 }
 
+impl RepairError {
+    /// For `map_err`: call `op` failed on the socket of `tuple` during `phase`.
+    fn socket(tuple: Tuple, phase: Phase, op: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |error| Self::Socket {
+            tuple,
+            phase,
+            op,
+            error,
+        }
+    }
+}
+
 /// Where a per-socket error happened, which also says what became of the connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

@@ -109,14 +109,7 @@ impl Drop for RestoredSockets {
 
 fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     let fd = p.fd.as_fd();
-    let fail = |op| {
-        move |source| RepairError::Socket {
-            tuple: p.tuple,
-            phase: Phase::Commit,
-            op,
-            error: source,
-        }
-    };
+    let fail = |op| RepairError::socket(p.tuple, Phase::Commit, op);
     // No TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected queue once repair is
     // off. The window probe (TCP_REPAIR=0) makes the peer acknowledge at once what it already
     // has of our data in flight, instead of at our next retransmission; with nothing in flight
@@ -404,14 +397,7 @@ fn restore_one(
             state: conn.state,
         });
     }
-    let fail = |op| {
-        move |source| RepairError::Socket {
-            tuple,
-            phase: Phase::Restore,
-            op,
-            error: source,
-        }
-    };
+    let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
     let fd = match pooled {
         Some(fd) => {
             if !conn.options.nonblocking {
@@ -447,12 +433,7 @@ fn restore_one(
             Ok(())
         }
         .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
-        .map_err(|source| RepairError::Socket {
-            tuple,
-            phase: Phase::Restore,
-            op: q.seq_op(),
-            error: source,
-        })?;
+        .map_err(fail(q.seq_op()))?;
     }
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
@@ -472,12 +453,7 @@ fn restore_one(
             .map_err(fail("TCP_TIMESTAMP"))?;
     }
     for (q, selected) in [(&recv, true), (&send, false)] {
-        fill_queue(s, q, selected).map_err(|source| RepairError::Socket {
-            tuple,
-            phase: Phase::Restore,
-            op: q.fill_op(),
-            error: source,
-        })?;
+        fill_queue(s, q, selected).map_err(fail(q.fill_op()))?;
     }
     so::set(s, libc::SOL_TCP, so::TCP_REPAIR_WINDOW, &conn.window)
         .map_err(fail("TCP_REPAIR_WINDOW"))?;
