@@ -106,7 +106,7 @@ impl ExecCommand {
     pub fn prepare(command: &[OsString], connections: usize) -> Result<Self, HandoffError> {
         let (program, args) = command.split_first().ok_or(HandoffError::EmptyCommand)?;
         let limit = raise_nofile_limit().map_err(io_error("raising RLIMIT_NOFILE"))?;
-        if LISTEN_FDS_START as u64 + connections as u64 + SPARE_FDS > limit {
+        if connections > room_under(limit) {
             return Err(HandoffError::TooManyFds {
                 count: connections,
                 limit,
@@ -145,8 +145,12 @@ fn resolve(program: &OsStr) -> Result<PathBuf, HandoffError> {
 /// Most connections one process can be handed: its hard fd limit less stdio and the spare fds
 /// it needs for itself.
 pub fn max_fds_per_process() -> io::Result<usize> {
-    let limit = raise_nofile_limit()?;
-    Ok(limit.saturating_sub(LISTEN_FDS_START as u64 + SPARE_FDS) as usize)
+    Ok(room_under(raise_nofile_limit()?))
+}
+
+/// Connections a command can be handed under an fd limit of `limit`.
+fn room_under(limit: u64) -> usize {
+    limit.saturating_sub(LISTEN_FDS_START as u64 + SPARE_FDS) as usize
 }
 
 /// Replaces this process by `command` with `sockets` as fds 3, 4, ... and LISTEN_FDS,
