@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use support::{
     BYTES, COMMAND_TIMEOUT, MORE, Scratch, TokenFile, adopted_stream, carries_on,
-    new_connection_reaches, nothing_left, process_state, queued_shared_traffic, receive_fds,
+    new_connection_reaches, nothing_left, process_state, queued_shared_traffic, receive_handoff_on,
     script_reports, service, start_handoff_agent, start_plain_agent, start_scripted_agent,
     start_unpaused_migrate, wait_exited,
 };
@@ -111,21 +111,8 @@ fn a_handoff_in_several_groups_sends_each_on_its_own_connection() -> Result<()> 
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     let mut held = Vec::new();
     for group in 0..groups {
-        let stream = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ensure!(Instant::now() < deadline, "group {group} was never sent");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        // Until the agent's end of the connection closes; ours closes on drop, which lets the
-        // agent go on to the next group.
-        let (text, fds) = receive_fds(&stream)?;
+        let (text, fds) = receive_handoff_on(&listener, deadline, || Ok(()))
+            .with_context(|| format!("group {group}"))?;
         let names = text
             .lines()
             .filter(|l| !l.starts_with("tcpmig-fds "))

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use support::{Scratch, receive_fds};
+use support::{Scratch, receive_handoff_on};
 use tcpmig::{
     freeze::{Freeze, RemoveOnDrop},
     image,
@@ -483,27 +483,17 @@ fn receive_handoff(scratch: &Scratch, image: &Path, host: &Host, n: usize) -> Re
     let mut child = host.spawn(&mut restore)?;
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let stream = loop {
-        match listener.accept() {
-            Ok((stream, _)) => break stream,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(status) = child.try_wait()? {
-                    let mut stderr = String::new();
-                    if let Some(mut pipe) = child.child_mut().stderr.take() {
-                        pipe.read_to_string(&mut stderr)?;
-                    }
-                    bail!("tcpmig restore --handoff exited ({status}) before connecting: {stderr}");
-                }
-                ensure!(Instant::now() < deadline, "tcpmig restore never connected");
-                std::thread::sleep(Duration::from_millis(5));
+    let (text, fds) = receive_handoff_on(&listener, deadline, || {
+        if let Some(status) = child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.child_mut().stderr.take() {
+                pipe.read_to_string(&mut stderr)?;
             }
-            Err(e) => return Err(e.into()),
+            bail!("tcpmig restore --handoff exited ({status}) before connecting: {stderr}");
         }
-    };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let (text, fds) = receive_fds(&stream)?;
-    drop(stream);
+        Ok(())
+    })
+    .context("tcpmig restore --handoff")?;
     let lines: Vec<&str> = text.lines().collect();
     let headers = lines
         .iter()

@@ -537,8 +537,33 @@ impl Drop for Scratch {
     }
 }
 
+/// Waits until `deadline` for a hand-over's connection on `listener` (non-blocking), calling
+/// `waiting` between tries (to fail early when the sender is gone), and reads it whole.
+pub fn receive_handoff_on(
+    listener: &std::os::unix::net::UnixListener,
+    deadline: Instant,
+    mut waiting: impl FnMut() -> Result<()>,
+) -> Result<(String, Vec<OwnedFd>)> {
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                waiting()?;
+                ensure!(Instant::now() < deadline, "no hand-over connected in time");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Until the sender's end closes; ours closes when `stream` drops, which tells the sender
+    // that we hold the fds.
+    receive_fds(&stream)
+}
+
 /// Reads the whole handoff: its text, and every fd sent with it (recvmsg from the first byte on).
-pub fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<OwnedFd>)> {
+fn receive_fds(stream: &std::os::unix::net::UnixStream) -> Result<(String, Vec<OwnedFd>)> {
     let mut text = Vec::new();
     let mut fds = Vec::new();
     let mut data = vec![0u8; 64 * 1024];
