@@ -311,12 +311,15 @@ impl Server {
 
     /// Ended by SIGTERM: says what it still held (read, not yet echoed), which is lost.
     fn ended(&self) -> anyhow::Result<()> {
-        let holding: Vec<usize> = self.conns.iter().flatten().map(|c| c.held.len()).collect();
-        let bytes: usize = holding.iter().sum();
+        let bytes = self.holding();
         if bytes > 0 {
             eprintln!(
                 "echo-server: ended holding {bytes} bytes read but not echoed on {} connections",
-                holding.iter().filter(|&&n| n > 0).count()
+                self.conns
+                    .iter()
+                    .flatten()
+                    .filter(|c| !c.held.is_empty())
+                    .count()
             );
         }
         Ok(())
