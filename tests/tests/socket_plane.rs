@@ -578,6 +578,103 @@ fn migrate_hundred_without_sack() -> Result<()> {
 
 /// Dump, then roll back: every connection carries on at the source, byte-exact. The dump
 /// freezes the connections itself (--freeze-dev) and lifts that freeze after the rollback.
+/// The pre-copy: two servers' connections, idle with unread bytes both ways, are read and
+/// restored on the destination ahead of the freeze; then the second server's clients write
+/// more (its connections move on), and the first's wrote theirs before the pre-copy. After the
+/// freeze and the dump, the restore keeps exactly the first server's pre-copied sockets, redoes
+/// the others, and every byte arrives once both ways, with no RST.
+#[test]
+fn precopy_keeps_what_did_not_move_and_redoes_the_rest() -> Result<()> {
+    const PER_SERVER: usize = 50;
+    const N: usize = 2 * PER_SERVER;
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(false), 7650);
+    let mut traffic = Traffic::open_shared(
+        &bed,
+        Path::new(PEER),
+        service,
+        &[PER_SERVER; 2],
+        stream(BYTES),
+    )?;
+    let client_resets = resets(bed.client())?;
+    let (src, dst) = (
+        Netns::open(bed.source().name())?,
+        Netns::open(bed.destination().name())?,
+    );
+    let more = PeerCommand::Send {
+        bytes: CLIENT_FROZEN,
+    };
+    traffic.clients[0].command(more)?;
+    // Let the ACKs land: the pre-copy takes only empty send queues.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fds = Vec::new();
+    for pid in traffic.server_pids() {
+        fds.extend(repair::discover(&src, pid, &repair::Filter::service(service))?.into_fds());
+    }
+    let mut reader = repair::StateReader::load(Some(service.port()))?;
+    let mut prepared = repair::prepare_dump(repair::Workers::PerCpu, fds)?;
+    let precopy = prepared.precopy(&reader.read(&src)?);
+    ensure!(precopy.len() == N, "{} of {N} pre-copied", precopy.len());
+    let dest_name = format!("{}-dst", bed.prefix());
+    let dest_freeze = freeze(bed.destination(), service, &dest_name)?;
+    let pool = repair::SocketPool::prepare(repair::Workers::PerCpu, &dst, service, N)?;
+    let ahead = repair::restore_ahead(repair::Workers::PerCpu, &dst, precopy, pool)?;
+    traffic.clients[1].command(more)?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let source_name = format!("{}-src", bed.prefix());
+    let source_freeze = freeze(bed.source(), service, &source_name)?;
+    let dumped = prepared.dump(&mut reader)?;
+    let prefix = tcpmig_testbed::PREFIX_V4;
+    net::move_address(&src, IFACE, &dst, IFACE, service.ip(), prefix)?;
+    let none = repair::SocketPool::prepare(repair::Workers::PerCpu, &dst, service, 0)?;
+    let restored = ahead.restore(repair::Workers::PerCpu, &dst, dumped.connections(), none)?;
+    ensure!(
+        restored.len() == N && restored.precopied() == PER_SERVER,
+        "{} restored, {} of them on their pre-copied sockets",
+        restored.len(),
+        restored.precopied()
+    );
+    let committed = restored.commit();
+    ensure!(committed.failures.is_empty(), "{:?}", committed.failures);
+    dumped.commit();
+    let fds = committed.sockets.into_iter().map(|s| s.fd).collect();
+    let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
+    let taken_over = StreamArgs {
+        sent_already: BYTES,
+        ..stream(BYTES)
+    };
+    cmd.args(PeerArgs::adopting_server(taken_over).to_args());
+    let server = Peer::spawn(
+        bed.destination(),
+        cmd,
+        "server of the restored sockets",
+        taken_over.timeout() + Duration::from_secs(10),
+    )?;
+    let old_servers = std::mem::replace(&mut traffic.servers, vec![server]);
+    traffic.servers[0].expect_line("ready")?;
+    unfreeze(bed.destination(), &dest_name)?;
+    drop(dest_freeze);
+    drop(old_servers);
+    unfreeze(bed.source(), &source_name)?;
+    drop(source_freeze);
+
+    verify(&mut traffic, BYTES, BYTES + CLIENT_FROZEN, N as u64)?;
+    command_all(&mut traffic.servers, PeerCommand::Send { bytes: AFTER })?;
+    command_all(&mut traffic.clients, PeerCommand::Send { bytes: AFTER })?;
+    verify(
+        &mut traffic,
+        BYTES + AFTER,
+        BYTES + CLIENT_FROZEN + AFTER,
+        N as u64,
+    )?;
+    ensure!(
+        resets(bed.client())? == client_resets,
+        "the clients saw resets"
+    );
+    support::new_connection_reaches(&bed, bed.destination(), service)
+}
+
 #[test]
 fn rollback_keeps_every_connection_at_the_source() -> Result<()> {
     const N: usize = 100;

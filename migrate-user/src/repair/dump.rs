@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 
 use super::{
-    Connection, Keepalive, Negotiated, Phase, RepairError, SocketOptions, Workers,
+    Connection, Keepalive, Negotiated, Phase, RepairError, SocketOptions, TcpState, Workers,
     kernel_state::{SocketState, StateReader},
     sockopt::{self as so, Queue},
 };
@@ -153,6 +153,16 @@ struct PreparedSocket {
     /// whether it is v4-mapped, known from its tuple at dump time.
     tos: u8,
     tclass: Option<u8>,
+    /// The receive queue as [`PreparedDump::precopy`] read it.
+    precopied: Option<PrecopiedQueue>,
+}
+
+/// A receive queue read before the freeze, and where it ended (rcv_nxt): while neither its end
+/// nor its length moves, nothing was received or read since and it holds the same bytes, which
+/// the dump takes from here instead of a peek in the blackout.
+struct PrecopiedQueue {
+    rcv_nxt: u32,
+    bytes: Bytes,
 }
 
 impl PreparedDump {
@@ -162,6 +172,52 @@ impl PreparedDump {
 
     pub fn is_empty(&self) -> bool {
         self.sockets.is_empty()
+    }
+
+    /// The network namespace of the sockets (of the first one: a migration's share one), for
+    /// a reader pass before the freeze.
+    pub fn netns(&self) -> Result<Netns, RepairError> {
+        let first = self
+            .sockets
+            .first()
+            .ok_or_else(|| RepairError::NotConnected {
+                fd: -1,
+                error: io::Error::other("no socket to dump"),
+            })?;
+        socket_netns(first.fd.as_fd())
+    }
+
+    /// The pre-copy: the connections as they stand in `states` (one reader pass, made before
+    /// the freeze, once the application is stopped), for a restore ahead of the freeze (see
+    /// [`restore_ahead`](super::restore_ahead)). Only ESTABLISHED connections with an empty
+    /// send queue: only repair mode shows that queue, and it would stall a live connection's
+    /// sending. Their receive queues are peeked and kept, so that the dump reuses those that
+    /// did not move since. Changes nothing on the sockets; a socket that cannot be read is left
+    /// out (the dump reads it in full).
+    pub fn precopy(&mut self, states: &HashMap<u64, SocketState>) -> Vec<Connection> {
+        let read = super::sharded(self.workers, &self.sockets, |batch| {
+            batch
+                .iter()
+                .map(|socket| {
+                    let state = states.get(&socket.cookie)?;
+                    if state.state != TcpState::Established || state.outq != 0 {
+                        return None;
+                    }
+                    let fd = socket.fd.as_fd();
+                    let recv_queue = peek(fd, state.tuple, Queue::Recv, state.inq).ok()?;
+                    with_send_queue(fd, state, recv_queue, with_state(socket, state)).ok()
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut connections = Vec::new();
+        for (socket, conn) in self.sockets.iter_mut().zip(read.into_iter().flatten()) {
+            socket.precopied = conn.as_ref().map(|conn| PrecopiedQueue {
+                rcv_nxt: conn.recv_seq,
+                bytes: conn.recv_queue.clone(),
+            });
+            connections.extend(conn);
+        }
+        connections
     }
 
     /// Dumps the sockets. Their traffic must be frozen (see the freeze plane): repair mode alone
@@ -309,6 +365,7 @@ pub fn prepare_dump(workers: Workers, fds: Vec<OwnedFd>) -> Result<PreparedDump,
             options,
             tos,
             tclass,
+            precopied: None,
         });
     }
     Ok(PreparedDump { sockets, workers })
@@ -328,14 +385,22 @@ fn states_of_netns(
     reader: &mut StateReader,
     listed: &mut Vec<u64>,
 ) -> Result<Option<HashMap<u64, SocketState>>, RepairError> {
-    let namespace = so::socket_netns(fd).map_err(|error| not_connected(fd, error))?;
-    let path = format!("/proc/self/fd/{}", namespace.as_raw_fd());
-    let netns = Netns::open(&path)?;
+    let netns = socket_netns(fd)?;
     if listed.contains(&netns.inode()) {
         return Ok(None);
     }
     listed.push(netns.inode());
     reader.read(&netns).map(Some)
+}
+
+/// The network namespace `fd` belongs to. Through thread-self: the calling thread may have an
+/// fd table of its own (a [`Shard`](crate::shard::Shard)).
+fn socket_netns(fd: BorrowedFd<'_>) -> Result<Netns, RepairError> {
+    let namespace = so::socket_netns(fd).map_err(|error| not_connected(fd, error))?;
+    Ok(Netns::open(&format!(
+        "/proc/thread-self/fd/{}",
+        namespace.as_raw_fd()
+    ))?)
 }
 
 fn not_connected(fd: BorrowedFd<'_>, error: io::Error) -> RepairError {
@@ -373,9 +438,16 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
         }));
     }
     // Read before repair mode, as any reader would: no queue to select.
-    let recv_queue = match peek(fd, tuple, Queue::Recv, state.inq) {
-        Ok(bytes) => bytes,
-        Err(error) => return Some(Outcome::failed(error)),
+    let precopied = socket
+        .precopied
+        .as_ref()
+        .filter(|q| (q.rcv_nxt, q.bytes.len()) == (state.rcv_nxt, state.inq as usize));
+    let recv_queue = match precopied {
+        Some(queue) => queue.bytes.clone(),
+        None => match peek(fd, tuple, Queue::Recv, state.inq) {
+            Ok(bytes) => bytes,
+            Err(error) => return Some(Outcome::failed(error)),
+        },
     };
     if let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
         return Some(Outcome::failed(RepairError::socket(

@@ -7,6 +7,12 @@
 //! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
 //! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
 //! address and lift its freeze in between. [`handoff`] gives the live sockets to the application.
+//!
+//! A pre-copy takes most of the work out of the blackout for connections that do not move
+//! while the application is stopped (idle ones): [`PreparedDump::precopy`] reads them before the
+//! freeze, [`restore_ahead`] restores them on the destination in repair mode, and after the
+//! freeze [`RestoredAhead::restore`] keeps every socket whose connection the dump finds
+//! unchanged; the dump itself skips the peeks of receive queues that did not move.
 mod btf;
 mod diag;
 mod discover;
@@ -29,8 +35,8 @@ pub use self::{
     dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
     kernel_state::{SocketState, StateReader},
     restore::{
-        Committed, RestoredSocket, RestoredSockets, SocketPool, restore, restore_with,
-        restore_with_pool,
+        Committed, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, restore,
+        restore_ahead, restore_with, restore_with_pool,
     },
     sockopt::RepairWindow,
 };

@@ -1,6 +1,7 @@
 //! Bulk restore in the order of notes/tcp-repair.md, and the commit that takes the restored
 //! sockets out of repair mode. The sockets can be made ahead, in a [`SocketPool`].
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
@@ -25,6 +26,8 @@ use crate::{net::Netns, tuple::Tuple};
 pub struct RestoredSockets {
     pending: Vec<Pending>,
     workers: Workers,
+    /// How many of them were restored ahead of the freeze ([`RestoredAhead`]).
+    precopied: usize,
 }
 
 struct Pending {
@@ -63,6 +66,16 @@ impl RestoredSockets {
 
     pub fn tuples(&self) -> impl Iterator<Item = Tuple> + '_ {
         self.pending.iter().map(|p| p.tuple)
+    }
+
+    /// How many kept the socket restored ahead of the freeze (unchanged since the pre-copy).
+    pub fn precopied(&self) -> usize {
+        self.precopied
+    }
+
+    /// The sockets, leaving nothing for drop to report.
+    fn take(mut self) -> Vec<Pending> {
+        std::mem::take(&mut self.pending)
     }
 
     /// Takes every socket out of repair mode (with a window probe where data or a FIN is in
@@ -146,6 +159,124 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
     }
     Ok(())
+}
+
+/// Connections restored ahead of the freeze from a pre-copy
+/// ([`PreparedDump::precopy`](super::PreparedDump::precopy)), in repair mode: nothing has been
+/// sent. [`restore`](Self::restore) keeps each socket whose connection the dump finds unchanged,
+/// so that the blackout pays only for the connections that moved since. Dropping it closes the
+/// sockets silently.
+pub struct RestoredAhead {
+    connections: Vec<Connection>,
+    restored: RestoredSockets,
+}
+
+/// Restores the pre-copied `connections` in `netns` (on the sockets of `pool` while it lasts),
+/// ahead of the freeze: [`restore_with_pool`] for a pre-copy.
+pub fn restore_ahead(
+    workers: Workers,
+    netns: &Netns,
+    connections: Vec<Connection>,
+    pool: SocketPool,
+) -> Result<RestoredAhead, RepairError> {
+    let restored = restore_with_pool(workers, netns, &connections, pool)?;
+    Ok(RestoredAhead {
+        connections,
+        restored,
+    })
+}
+
+impl RestoredAhead {
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// The restore proper, from the dump made after the freeze: a connection equal to its
+    /// pre-copy (but for the timestamp clock, which runs on) keeps its socket and gets its
+    /// timestamp anew; the others are restored as [`restore_with_pool`] does, after the sockets
+    /// of their pre-copies are closed (silently: they hold the same 4-tuples). The result is in
+    /// the order of `connections`.
+    pub fn restore(
+        self,
+        workers: Workers,
+        netns: &Netns,
+        connections: &[Connection],
+        pool: SocketPool,
+    ) -> Result<RestoredSockets, RepairError> {
+        let Self {
+            connections: ahead,
+            restored,
+        } = self;
+        let mut by_tuple: HashMap<Tuple, (Connection, Pending)> = ahead
+            .into_iter()
+            .zip(restored.take())
+            .map(|(conn, pending)| (conn.tuple, (conn, pending)))
+            .collect();
+        let mut kept: Vec<Option<(&Connection, Pending)>> = Vec::with_capacity(connections.len());
+        let mut changed = Vec::new();
+        for conn in connections {
+            match by_tuple.remove(&conn.tuple) {
+                Some((ahead, pending)) if unchanged(&ahead, conn) => {
+                    kept.push(Some((conn, pending)));
+                }
+                _ => {
+                    kept.push(None);
+                    changed.push(conn.clone());
+                }
+            }
+        }
+        // Closed in repair mode: they send nothing, and free their 4-tuples for the changed.
+        drop(by_tuple);
+        let fresh = restore_with_pool(workers, netns, &changed, pool)?.take();
+        let timed = super::sharded(workers, &kept, |batch| {
+            batch
+                .iter()
+                .flatten()
+                .map(|(conn, pending)| set_timestamp(pending.fd.as_fd(), conn))
+                .collect::<Result<Vec<()>, RepairError>>()
+        });
+        timed.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let precopied = connections.len() - changed.len();
+        let mut fresh = fresh.into_iter();
+        let pending = kept
+            .into_iter()
+            .map(|kept| match kept {
+                Some((_, pending)) => Some(pending),
+                None => fresh.next(),
+            })
+            .collect::<Option<Vec<_>>>()
+            .expect("one restored socket per changed connection");
+        Ok(RestoredSockets {
+            pending,
+            workers,
+            precopied,
+        })
+    }
+}
+
+/// Whether `now` is `ahead` with only its timestamp clock moved on.
+fn unchanged(ahead: &Connection, now: &Connection) -> bool {
+    ahead
+        == &Connection {
+            timestamp: ahead.timestamp,
+            ..now.clone()
+        }
+}
+
+/// TCP_TIMESTAMP, for a connection that uses timestamps.
+fn set_timestamp(fd: BorrowedFd<'_>, conn: &Connection) -> Result<(), RepairError> {
+    if !conn.negotiated.timestamps {
+        return Ok(());
+    }
+    so::set(fd, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp).map_err(RepairError::socket(
+        conn.tuple,
+        Phase::Restore,
+        "TCP_TIMESTAMP",
+    ))
 }
 
 /// Sockets made ahead of a restore: TCP sockets in repair mode, bound to one local address.
@@ -283,7 +414,11 @@ pub fn restore_with_pool(
         // Returning early drops `pending`: those sockets close silently in repair mode.
         pending.push(result?);
     }
-    Ok(RestoredSockets { pending, workers })
+    Ok(RestoredSockets {
+        pending,
+        workers,
+        precopied: 0,
+    })
 }
 
 /// A worker's share of the pool: one socket for each of its connections that fits, while the
@@ -448,10 +583,7 @@ fn restore_one(
     let (options, count) = repair_options(conn);
     so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
-    if conn.negotiated.timestamps {
-        so::set(s, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp)
-            .map_err(fail("TCP_TIMESTAMP"))?;
-    }
+    set_timestamp(s, conn)?;
     for (q, selected) in [(&recv, true), (&send, false)] {
         fill_queue(s, q, selected).map_err(fail(q.fill_op()))?;
     }
