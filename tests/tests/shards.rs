@@ -77,7 +77,14 @@ fn listeners_on(port: u16) -> Result<usize> {
 #[test]
 fn several_processes_move_in_one_migration() -> Result<()> {
     // 750 connections in groups of at most 250: 3 processes.
-    migrate_shared(&[300, 200, 250], Some(250), 3)
+    migrate_shared(&[300, 200, 250], Some(250), 3, false)
+}
+
+/// `--precopy` of idle connections (their bytes queued both ways before the stop): every one
+/// is restored ahead, in the two groups, and keeps its socket there.
+#[test]
+fn a_precopy_keeps_every_idle_connection() -> Result<()> {
+    migrate_shared(&[300, 200], Some(250), 2, true)
 }
 
 /// `--handoff` of several groups: one connection to the receiver per group, with that group's
@@ -157,7 +164,7 @@ fn a_handoff_in_several_groups_sends_each_on_its_own_connection() -> Result<()> 
 /// 24,000 connections: more than one process holds (its fd table stops at 20,000).
 #[test]
 fn more_connections_than_one_process_can_hold() -> Result<()> {
-    migrate_shared(&[12_000, 12_000], None, 2)
+    migrate_shared(&[12_000, 12_000], None, 2, false)
 }
 
 /// What the agent's children do once they hold the connections: write MORE, then read what was
@@ -171,13 +178,15 @@ fn adopter_script() -> Vec<PeerCommand> {
     ]
 }
 
-/// Migrates servers with `per_server` connections on one port, in one `tcpmig migrate`, to an
-/// agent with `--max-per-process max_per_process` (its default if `None`) that must hand them to
-/// `shards` processes; checks every byte, a new connection, and that nothing is left behind.
+/// Migrates servers with `per_server` connections on one port, in one `tcpmig migrate` (with
+/// `--precopy` if `precopy`), to an agent with `--max-per-process max_per_process` (its default
+/// if `None`) that must hand them to `shards` processes; checks every byte, a new connection,
+/// and that nothing is left behind.
 fn migrate_shared(
     per_server: &[usize],
     max_per_process: Option<usize>,
     shards: usize,
+    precopy: bool,
 ) -> Result<()> {
     let total = per_server.iter().sum::<usize>();
     let started = Instant::now();
@@ -200,17 +209,25 @@ fn migrate_shared(
     )?;
     let agent_pid = agent.child.pid();
     let servers = traffic.server_pids();
+    let options: &[&str] = if precopy {
+        &["--json", "--precopy"]
+    } else {
+        &["--json"]
+    };
     let mut migrate =
-        start_unpaused_migrate(source, destination, &servers, PORT, &token.0, &["--json"])?;
+        start_unpaused_migrate(source, destination, &servers, PORT, &token.0, options)?;
     let migrate_pid = migrate.child.pid();
     let (status, stdout, stderr) = migrate.finish()?;
     ensure!(status.success(), "the migration failed: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout)
         .with_context(|| format!("tcpmig migrate --json printed {stdout:?}"))?;
+    let precopied = if precopy { total } else { 0 };
     for (field, want) in [
         (&report["connections"], total),
         (&report["kept"], total),
         (&report["destination"]["shards"], shards),
+        (&report["destination"]["precopied"], precopied),
+        (&report["destination"]["kept_precopied"], precopied),
     ] {
         ensure!(field.as_u64() == Some(want as u64), "{report}");
     }

@@ -44,6 +44,13 @@ pub struct MigrateArgs {
     /// with --stop-source. It gets 5 s; otherwise the migration rolls back.
     #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
     stop_signal: Option<libc::c_int>,
+    /// Pre-copy: once the application is stopped, read its idle connections (those with
+    /// nothing in their send queue) and have the agent restore them ahead of the freeze; in the
+    /// blackout, those that did not move since cost a timestamp and leaving repair mode, and
+    /// no peek. Pays off when most connections are quiet during the stop (idle keep-alive
+    /// connections); those that moved are restored on fresh sockets.
+    #[arg(long)]
+    precopy: bool,
     /// Seconds to wait for each step of the agent.
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -142,6 +149,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         token: Token::from_file(&args.token_file)?,
         stop_source: args.stop_source,
         stop_signal: args.stop_signal,
+        precopy: args.precopy,
         step_timeout: timeout(args.timeout)?,
         guard_exe: std::env::current_exe()?,
     };
@@ -226,11 +234,12 @@ fn summary(r: &Report) -> String {
         "migrated {kept}/{n} connections of {service} (pid {pids}) to {agent}\n\
          blackout {blackout:.1} ms, total {total:.1} ms, image {image} bytes \
          (queued: {send} sent/unsent, {recv} unread)\n\
-         phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, freeze \
-         {freeze:.3}, dump {dump:.1}, transfer {transfer:.1}, address {address:.1}, restore \
+         phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, pre-copy \
+         {precopy:.1}, freeze {freeze:.3}, dump {dump:.1}, transfer {transfer:.1}, address {address:.1}, restore \
          {restore:.1}, commit {commit:.1}, finish {finish:.1}\n\
          destination (ms): on Prepare pool of {pooled} sockets {pool:.1} and freeze programs \
-         {dfreeze:.1}; restore {drestore:.1}, address {daddress:.1}, repair off \
+         {dfreeze:.1}; pre-copy of {precopied} {dprecopy:.1}, {kept_precopied} of them \
+         kept; restore {drestore:.1}, address {daddress:.1}, repair off \
          {repair_off:.1}, {announcements} announcements\n\
          dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
          SYNs, {din} in, {dout} out\n{stopped}{skipped}",
@@ -252,6 +261,10 @@ fn summary(r: &Report) -> String {
         prepare = p.prepare_ms,
         stop = p.stop_ms,
         discover = p.discover_ms,
+        precopy = p.precopy_ms,
+        precopied = d.precopied,
+        dprecopy = d.precopy_ms,
+        kept_precopied = d.kept_precopied,
         freeze = p.freeze_ms,
         dump = p.dump_ms,
         transfer = p.transfer_ms,

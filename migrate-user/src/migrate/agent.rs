@@ -5,6 +5,7 @@
 //! its own ([`crate::shard`]): one fd table, and one application process, holds at most one
 //! group. Most migrations are one group.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     process::ExitStatus,
     time::{Duration, Instant},
@@ -22,10 +23,11 @@ use crate::{
     image::{Decoded, Decoder},
     net::{self, Netns, Takeover},
     repair::{
-        self, Connection, RestoredSocket, RestoredSockets, SocketPool, Workers,
+        self, Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, Workers,
         handoff::{self, ExecCommand, HandoffError},
     },
     shard::{self, Shard},
+    tuple::Tuple,
 };
 
 /// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
@@ -78,6 +80,8 @@ pub struct LiveConnections {
 #[derive(Default)]
 struct Group {
     pool: Option<SocketPool>,
+    /// Its share of the pre-copy, restored ahead of the freeze.
+    ahead: Option<RestoredAhead>,
     restored: Option<RestoredSockets>,
     live: Vec<RestoredSocket>,
 }
@@ -149,13 +153,14 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
     let (mut link, source) = accept_source(config).await?;
-    let (service, prefix_len, expected) =
+    let (service, prefix_len, expected, precopy) =
         match link.recv_message("waiting for Prepare", None).await? {
             Message::Prepare {
                 service,
                 prefix_len,
                 expected_connections,
-            } => (service, prefix_len, expected_connections),
+                precopy,
+            } => (service, prefix_len, expected_connections, precopy),
             other => return Err(link.unexpected("waiting for Prepare", &other)),
         };
     let mut report = AgentReport::default();
@@ -170,7 +175,19 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     };
     link.send(&Message::Prepared).await?;
     test_pause("agent-prepared");
-    let restoring = receive_and_restore(config, &mut link, service, &mut groups, &mut report).await;
+    let mut ahead = HashMap::new();
+    if precopy {
+        ahead = match restore_precopy(config, &mut link, service, &mut groups, &mut report).await {
+            Ok(ahead) => ahead,
+            Err(error) => return Err(failed(&mut link, error).await),
+        };
+        link.send(&Message::Precopied {
+            connections: ahead.len(),
+        })
+        .await?;
+    }
+    let restoring =
+        receive_and_restore(config, &mut link, service, &mut groups, &ahead, &mut report).await;
     let restored = match restoring.and_then(|restored| {
         // The deadline counts from here, not from Prepare: one map update.
         freeze.freeze_services(&[service], FREEZE_TTL)?;
@@ -370,30 +387,79 @@ fn group_sizes(total: usize, max: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Receives the image and restores it in repair mode, each group on its pool's sockets, the
-/// groups side by side; more connections than the pools planned for get groups of their own.
-/// Returns how many were restored.
-async fn receive_and_restore(
+/// Receives the pre-copy's image and restores it ahead, in repair mode, each group its share on
+/// sockets of its pool; returns the group each connection is in. When a group cannot restore
+/// its share (a 4-tuple in use, say), nothing stays ahead: every connection is restored after
+/// the freeze then, as without a pre-copy.
+async fn restore_precopy(
     config: &AgentConfig,
     link: &mut Link,
     service: SocketAddr,
     groups: &mut Vec<Shard<Group>>,
     report: &mut AgentReport,
-) -> Result<usize, MigrateError> {
-    let mut connections = receive_image(config, link).await?;
+) -> Result<HashMap<Tuple, usize>, MigrateError> {
+    let connections = receive_image(config, link).await?;
     let started = Instant::now();
-    let sizes = group_sizes(connections.len(), config.max_per_process);
-    if sizes.len() > groups.len() {
-        groups.extend(spawn_groups(sizes.len() - groups.len())?);
+    let parts = split_evenly(connections, groups, config.max_per_process)?;
+    let restoring = groups
+        .iter()
+        .zip(parts)
+        .map(|(group, part)| {
+            let spec = config.netns.clone();
+            group.start(move |group| {
+                let netns = Netns::open(&spec)?;
+                let mut pool = match group.pool.take() {
+                    Some(pool) => pool,
+                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
+                };
+                let mine = pool.split_off(part.len());
+                // The rest is for the connections the dump brings beside the pre-copy's.
+                group.pool = Some(pool);
+                let ahead = repair::restore_ahead(Workers::PerCpu, &netns, part, mine)?;
+                Ok::<_, MigrateError>(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
+            })
+        })
+        .collect::<Vec<_>>();
+    let mut ahead = HashMap::new();
+    let mut failure = None;
+    for (k, pending) in restoring.into_iter().enumerate() {
+        match pending.wait() {
+            Ok(tuples) => ahead.extend(tuples.into_iter().map(|tuple| (tuple, k))),
+            Err(error) => failure = Some(error),
+        }
     }
-    // Cut from the end, so each group's connections keep their order.
-    let mut parts: Vec<Vec<Connection>> = Vec::with_capacity(sizes.len());
-    for &size in sizes.iter().rev() {
-        parts.push(connections.split_off(connections.len() - size));
+    if let Some(error) = failure {
+        tracing::warn!(%error, "restoring the pre-copy ahead; restoring everything after the freeze");
+        shard::run_all(groups, |_, group| group.ahead = None);
+        ahead.clear();
     }
+    report.precopied = ahead.len();
+    report.precopy_ms = millis(started.elapsed());
+    Ok(ahead)
+}
+
+/// Receives the image and restores it in repair mode, each group on its pool's sockets (or on
+/// those of its pre-copy, for the connections in `ahead`), the groups side by side; more
+/// connections than the pools planned for get groups of their own. Returns how many were
+/// restored.
+async fn receive_and_restore(
+    config: &AgentConfig,
+    link: &mut Link,
+    service: SocketAddr,
+    groups: &mut Vec<Shard<Group>>,
+    ahead: &HashMap<Tuple, usize>,
+    report: &mut AgentReport,
+) -> Result<usize, MigrateError> {
+    let connections = receive_image(config, link).await?;
+    let started = Instant::now();
+    let parts = if ahead.is_empty() {
+        split_evenly(connections, groups, config.max_per_process)?
+    } else {
+        split_by_precopy(connections, groups, ahead, config.max_per_process)?
+    };
     let restoring: Vec<_> = groups
         .iter()
-        .zip(parts.into_iter().rev())
+        .zip(parts)
         .map(|(group, part)| {
             let spec = config.netns.clone();
             group.start(move |group| {
@@ -402,8 +468,12 @@ async fn receive_and_restore(
                     Some(pool) => pool,
                     None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
                 };
-                let restored = repair::restore_with_pool(Workers::PerCpu, &netns, &part, pool)?;
-                Ok::<_, MigrateError>(group.restored.insert(restored).len())
+                let restored = match group.ahead.take() {
+                    Some(ahead) => ahead.restore(Workers::PerCpu, &netns, &part, pool)?,
+                    None => repair::restore_with_pool(Workers::PerCpu, &netns, &part, pool)?,
+                };
+                let restored = group.restored.insert(restored);
+                Ok::<_, MigrateError>((restored.len(), restored.precopied()))
             })
         })
         .collect();
@@ -411,7 +481,10 @@ async fn receive_and_restore(
     let mut first_error = None;
     for pending in restoring {
         match pending.wait() {
-            Ok(count) => restored += count,
+            Ok((count, precopied)) => {
+                restored += count;
+                report.kept_precopied += precopied;
+            }
             Err(error) => {
                 first_error.get_or_insert(error);
             }
@@ -424,6 +497,61 @@ async fn receive_and_restore(
     report.shards = groups.len();
     report.restore_ms = millis(started.elapsed());
     Ok(restored)
+}
+
+/// `connections` cut into one part per group, in order, in the fewest groups of at most `max`
+/// (more groups are started when the existing ones are too few).
+fn split_evenly(
+    mut connections: Vec<Connection>,
+    groups: &mut Vec<Shard<Group>>,
+    max: usize,
+) -> Result<Vec<Vec<Connection>>, MigrateError> {
+    let sizes = group_sizes(connections.len(), max);
+    if sizes.len() > groups.len() {
+        groups.extend(spawn_groups(sizes.len() - groups.len())?);
+    }
+    // Cut from the end, so each group's connections keep their order.
+    let mut parts: Vec<Vec<Connection>> = Vec::with_capacity(groups.len());
+    for &size in sizes.iter().rev() {
+        parts.push(connections.split_off(connections.len() - size));
+    }
+    parts.reverse();
+    parts.resize_with(groups.len(), Vec::new);
+    Ok(parts)
+}
+
+/// One part per group: each connection of the pre-copy to the group that holds its socket
+/// (the fd is in that group's table), the others to the group with the fewest, while it has
+/// fewer than `max` (more groups are started when all are full).
+fn split_by_precopy(
+    connections: Vec<Connection>,
+    groups: &mut Vec<Shard<Group>>,
+    ahead: &HashMap<Tuple, usize>,
+    max: usize,
+) -> Result<Vec<Vec<Connection>>, MigrateError> {
+    let mut parts: Vec<Vec<Connection>> = groups.iter().map(|_| Vec::new()).collect();
+    let mut others = Vec::new();
+    for conn in connections {
+        match ahead.get(&conn.tuple) {
+            Some(&k) => parts[k].push(conn),
+            None => others.push(conn),
+        }
+    }
+    for conn in others {
+        let fewest = parts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, part)| part.len())
+            .map(|(k, part)| (k, part.len()));
+        match fewest {
+            Some((k, len)) if len < max => parts[k].push(conn),
+            _ => {
+                groups.extend(spawn_groups(1)?);
+                parts.push(vec![conn]);
+            }
+        }
+    }
+    Ok(parts)
 }
 
 async fn receive_image(

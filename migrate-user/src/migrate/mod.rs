@@ -231,6 +231,16 @@ pub struct AgentReport {
     /// application. Connections beyond it, or on another local address, got fresh sockets.
     #[serde(default)]
     pub pooled: usize,
+    /// Connections of the source's pre-copy restored ahead of its freeze (`migrate
+    /// --precopy`), and the time it took.
+    #[serde(default)]
+    pub precopied: usize,
+    #[serde(default)]
+    pub precopy_ms: f64,
+    /// Of those, the connections the dump found unchanged: they kept their sockets, and the
+    /// restore only set their timestamps.
+    #[serde(default)]
+    pub kept_precopied: usize,
     /// Recreating the sockets in repair mode, on the pool's sockets.
     pub restore_ms: f64,
     /// Groups the connections were restored in (shards of the agent), each handed to its own
@@ -300,6 +310,9 @@ pub struct Phases {
     /// Finding its connections (sock_diag, pidfd_getfd) and reading the options only the
     /// application sets, before the freeze.
     pub discover_ms: f64,
+    /// With `--precopy`, before the freeze: reading the connections, sending them, and the
+    /// agent restoring them ahead.
+    pub precopy_ms: f64,
     /// The map update that freezes the service: the blackout starts.
     pub freeze_ms: f64,
     /// Every socket into repair mode and read.

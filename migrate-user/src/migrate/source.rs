@@ -46,6 +46,10 @@ pub struct SourceConfig {
     /// Ask each process to stop itself with this signal instead of stopping it (see
     /// [`StoppedTree::stop`]).
     pub stop_signal: Option<libc::c_int>,
+    /// Pre-copy: once the application is stopped, read its connections and have the agent
+    /// restore them ahead of the freeze; the blackout then pays only for those that moved
+    /// since (see [`repair::RestoredAhead`]).
+    pub precopy: bool,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
     /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
@@ -136,6 +140,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         service,
         prefix_len,
         expected_connections: u32::try_from(expected).unwrap_or(u32::MAX),
+        precopy: config.precopy,
     })
     .await?;
     let name = format!("migrate-{}", std::process::id());
@@ -335,6 +340,11 @@ async fn until_live(
     }
     guardian.note(&Note::Sockets { sockets: noted })?;
     phases.discover_ms = millis(step.elapsed());
+    if config.precopy {
+        let step = Instant::now();
+        precopy(netns, link, held).await?;
+        phases.precopy_ms = millis(step.elapsed());
+    }
     let frozen = Instant::now();
     held.freeze.freeze_services(&[service], FREEZE_TTL)?;
     phases.freeze_ms = millis(frozen.elapsed());
@@ -356,21 +366,7 @@ async fn until_live(
         let connections = sockets.dumped.as_ref().map_or(&[][..], |d| d.connections());
         Part::of(connections)
     });
-    let connections: usize = parts.iter().map(|p| p.connections).sum();
-    let mut pieces = vec![Image::header()];
-    pieces.extend(parts.iter().map(|p| p.records.clone()));
-    pieces.push(Image::end(connections));
-    let image_bytes = pieces.iter().map(Bytes::len).sum();
-    for (i, chunk) in pieces
-        .iter()
-        .flat_map(|p| p.chunks(IMAGE_PIECE))
-        .enumerate()
-    {
-        if i == 1 {
-            test_pause("mid-transfer");
-        }
-        link.send_image(chunk).await?;
-    }
+    let (connections, image_bytes) = send_image(link, &parts, Some("mid-transfer")).await?;
     phases.transfer_ms = millis(step.elapsed());
     // While the agent restores: the address is of no use here any more (the freeze drops the
     // service's traffic), and a rollback puts it back.
@@ -468,6 +464,57 @@ fn rollback(
             rollback: Box::new(rollback),
         },
     }
+}
+
+/// The pre-copy, before the freeze: one reader pass, each process's connections that hold still
+/// read in its shard, the image of them sent, and the agent's Precopied awaited.
+async fn precopy(netns: &Netns, link: &mut Link, held: &mut Held) -> Result<(), MigrateError> {
+    let states = Arc::new(held.reader.read(netns)?);
+    let parts = shard::run_all(&held.shards, move |_, sockets| {
+        let prepared = sockets
+            .prepared
+            .as_mut()
+            .expect("prepared before the pre-copy");
+        Part::of(&prepared.precopy(&states))
+    });
+    let (connections, _) = send_image(link, &parts, None).await?;
+    match link
+        .recv_message("waiting for the agent to restore the pre-copy", None)
+        .await?
+    {
+        Message::Precopied { connections: ahead } => {
+            tracing::info!(connections, ahead, "pre-copied");
+            Ok(())
+        }
+        other => Err(link.unexpected("waiting for the agent to restore the pre-copy", &other)),
+    }
+}
+
+/// Sends the image of `parts` in pieces; returns its connections and bytes. `pause` names the
+/// test pause after the first piece.
+async fn send_image(
+    link: &mut Link,
+    parts: &[Part],
+    pause: Option<&str>,
+) -> Result<(usize, usize), MigrateError> {
+    let connections: usize = parts.iter().map(|p| p.connections).sum();
+    let mut pieces = vec![Image::header()];
+    pieces.extend(parts.iter().map(|p| p.records.clone()));
+    pieces.push(Image::end(connections));
+    let image_bytes = pieces.iter().map(Bytes::len).sum();
+    for (i, chunk) in pieces
+        .iter()
+        .flat_map(|p| p.chunks(IMAGE_PIECE))
+        .enumerate()
+    {
+        if i == 1
+            && let Some(pause) = pause
+        {
+            test_pause(pause);
+        }
+        link.send_image(chunk).await?;
+    }
+    Ok((connections, image_bytes))
 }
 
 /// The prefix length of `ip` on the source interface: the address is deleted and added with it.

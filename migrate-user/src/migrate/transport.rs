@@ -25,7 +25,8 @@ use super::{AgentReport, MigrateError};
 /// Bumped on any change of [`Message`] or of the framing: both ends must run the same one.
 /// 2: GoingLive, and Commit says how long the source waits for it.
 /// 3: Prepare says how many connections to expect.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: Prepare may announce a pre-copy, which Precopied answers.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
 pub const MAX_FRAME: usize = 8 << 20;
@@ -38,7 +39,8 @@ const TAG_MESSAGE: u8 = 0;
 const TAG_IMAGE: u8 = 1;
 
 /// What the two sides say to each other, in this order: Hello, Welcome (or Refused), Prepare,
-/// Prepared, image pieces, Restored, Commit, GoingLive, Committed. Either side may send Abort or
+/// Prepared, [the pre-copy's image pieces, Precopied,] image pieces, Restored, Commit,
+/// GoingLive, Committed. Either side may send Abort or
 /// Failed instead of its next step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -56,12 +58,20 @@ pub enum Message {
     /// Get ready for the connections of `service`, whose address has `prefix_len` on the source.
     /// `expected_connections` is the source's count before it stopped the application: the
     /// agent makes that many sockets ahead, outside the blackout (more may come, or fewer).
+    /// With `precopy`, the image of a pre-copy follows Prepared, before the source freezes: the
+    /// agent restores it ahead and answers Precopied.
     Prepare {
         service: SocketAddr,
         prefix_len: u8,
         expected_connections: u32,
+        precopy: bool,
     },
     Prepared,
+    /// The pre-copy's connections restored ahead, in repair mode (0 when the agent could not:
+    /// it restores them all after the freeze then).
+    Precopied {
+        connections: usize,
+    },
     /// The image is complete; the agent restored this many connections, in repair mode.
     Restored {
         connections: usize,

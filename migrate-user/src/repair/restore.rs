@@ -195,6 +195,10 @@ impl RestoredAhead {
         self.connections.is_empty()
     }
 
+    pub fn tuples(&self) -> impl Iterator<Item = Tuple> + '_ {
+        self.connections.iter().map(|c| c.tuple)
+    }
+
     /// The restore proper, from the dump made after the freeze: a connection equal to its
     /// pre-copy (but for the timestamp clock, which runs on) keeps its socket and gets its
     /// timestamp anew; the others are restored as [`restore_with_pool`] does, after the sockets
@@ -346,6 +350,15 @@ impl SocketPool {
         self.sockets.is_empty()
     }
 
+    /// Takes up to `count` of the sockets into a pool of their own.
+    pub fn split_off(&mut self, count: usize) -> SocketPool {
+        let from = self.sockets.len().saturating_sub(count);
+        SocketPool {
+            local: self.local,
+            sockets: self.sockets.split_off(from),
+        }
+    }
+
     /// Whether `conn` can have a socket of this pool (it may be empty by then).
     fn fits(&self, conn: &Connection) -> bool {
         conn.tuple.local == self.local
@@ -426,11 +439,7 @@ pub fn restore_with_pool(
 fn take_sockets(pool: &Mutex<SocketPool>, batch: &[Connection]) -> SocketPool {
     let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
     let wanted = batch.iter().filter(|c| pool.fits(c)).count();
-    let from = pool.sockets.len().saturating_sub(wanted);
-    SocketPool {
-        local: pool.local,
-        sockets: pool.sockets.split_off(from),
-    }
+    pool.split_off(wanted)
 }
 
 /// Grows this process's fd table once to hold `count` more fds. Grown one doubling at a time by
