@@ -303,6 +303,64 @@ fn rollback_leaves_connections_running() {
     assert_eq!(ns.resets_sent(), resets);
 }
 
+/// A pre-copy leaves its sockets in repair mode; dropping the prepared dump, or rolling back
+/// the dump made after it, takes them out again: the connections carry on, byte-exact.
+#[test]
+fn a_precopy_rolls_back() {
+    let ns = TestNetns::new();
+    let mut conns = Connections::open(&ns, 50, "127.0.0.1");
+    let resets = ns.resets_sent();
+    let in_repair = |conns: &Connections| {
+        conns
+            .duplicated_server_fds()
+            .iter()
+            .filter(|fd| {
+                let mut value = 0i32;
+                let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+                // SAFETY: getsockopt into an int of its size, on an fd we own.
+                let ret = unsafe {
+                    libc::getsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(*fd),
+                        libc::SOL_TCP,
+                        libc::TCP_REPAIR,
+                        (&raw mut value).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+                value != 0
+            })
+            .count()
+    };
+    for dump_first in [false, true] {
+        conns.load(4);
+        let mut prepared =
+            repair::prepare_dump(repair::Workers::PerCpu, conns.duplicated_server_fds()).unwrap();
+        let mut reader = repair::StateReader::load(None).unwrap();
+        let states = reader.read(&ns.netns).unwrap();
+        // Not those whose send queue holds bytes (flooded ones).
+        let port = conns.listener.local_addr().unwrap().port();
+        let idle = states
+            .values()
+            .filter(|s| s.tuple.local.port() == port && s.state == TcpState::Established)
+            .filter(|s| s.outq == 0)
+            .count();
+        assert!((40..=50).contains(&idle), "{idle} idle connections");
+        assert_eq!(prepared.precopy(&states).len(), idle);
+        assert_eq!(in_repair(&conns), idle);
+        if dump_first {
+            let dumped = prepared.dump(&mut reader).expect("dump");
+            assert_eq!(in_repair(&conns), 50);
+            dumped.rollback().expect("rollback");
+        } else {
+            drop(prepared);
+        }
+        assert_eq!(in_repair(&conns), 0);
+        conns.verify();
+    }
+    assert_eq!(ns.resets_sent(), resets);
+}
+
 /// The application still holds the sockets (we dumped duplicates, as pidfd_getfd gives):
 /// after the commit they are disconnected without a word. Its reads fail with ECONNABORTED,
 /// and nothing leaves the namespace, neither then nor later from a timer, although the flooded

@@ -153,16 +153,18 @@ struct PreparedSocket {
     /// whether it is v4-mapped, known from its tuple at dump time.
     tos: u8,
     tclass: Option<u8>,
-    /// The receive queue as [`PreparedDump::precopy`] read it.
-    precopied: Option<PrecopiedQueue>,
+    /// Set by [`PreparedDump::precopy`], which leaves the socket in repair mode.
+    precopied: Option<Precopied>,
 }
 
-/// A receive queue read before the freeze, and where it ended (rcv_nxt): while neither its end
-/// nor its length moves, nothing was received or read since and it holds the same bytes, which
-/// the dump takes from here instead of a peek in the blackout.
-struct PrecopiedQueue {
+/// What the pre-copy read of a socket: its tuple, and its receive queue with where it ended
+/// (rcv_nxt). While neither that end nor the queue's length moves, nothing was received or read
+/// since and the queue holds the same bytes, which the dump takes from here instead of a peek
+/// in the blackout.
+struct Precopied {
+    tuple: Tuple,
     rcv_nxt: u32,
-    bytes: Bytes,
+    recv_queue: Bytes,
 }
 
 impl PreparedDump {
@@ -190,32 +192,44 @@ impl PreparedDump {
     /// The pre-copy: the connections as they stand in `states` (one reader pass, made before
     /// the freeze, once the application is stopped), for a restore ahead of the freeze (see
     /// [`restore_ahead`](super::restore_ahead)). Only ESTABLISHED connections with an empty
-    /// send queue: only repair mode shows that queue, and it would stall a live connection's
-    /// sending. Their receive queues are peeked and kept, so that the dump reuses those that
-    /// did not move since. Changes nothing on the sockets; a socket that cannot be read is left
-    /// out (the dump reads it in full).
+    /// send queue: only repair mode shows that queue, and selecting it would stall a live
+    /// connection's sending. Their receive queues are peeked and kept, so that the dump reuses
+    /// those that did not move since, and they enter repair mode now, which a live idle
+    /// connection does not notice (it receives, acknowledges and runs its timers as before; only
+    /// its stopped application could tell), so that the dump does not pay for it either.
+    /// Dropping the prepared dump takes them out of repair mode again. A socket that cannot be
+    /// read is left out (the dump reads it in full), and so are those pre-copied already.
     pub fn precopy(&mut self, states: &HashMap<u64, SocketState>) -> Vec<Connection> {
         let read = super::sharded(self.workers, &self.sockets, |batch| {
             batch
                 .iter()
                 .map(|socket| {
                     let state = states.get(&socket.cookie)?;
-                    if state.state != TcpState::Established || state.outq != 0 {
+                    if socket.precopied.is_some()
+                        || state.state != TcpState::Established
+                        || state.outq != 0
+                    {
                         return None;
                     }
                     let fd = socket.fd.as_fd();
-                    let recv_queue = peek(fd, state.tuple, Queue::Recv, state.inq).ok()?;
-                    with_send_queue(fd, state, recv_queue, with_state(socket, state)).ok()
+                    let recv_queue = peek(fd, state.tuple, Queue::Recv, state.inq, false).ok()?;
+                    let conn = with_send_queue(fd, state, recv_queue, with_state(socket, state));
+                    let conn = conn.ok()?;
+                    so::set_repair(fd, so::REPAIR_ON).ok()?;
+                    Some(conn)
                 })
                 .collect::<Vec<_>>()
         });
         let mut connections = Vec::new();
         for (socket, conn) in self.sockets.iter_mut().zip(read.into_iter().flatten()) {
-            socket.precopied = conn.as_ref().map(|conn| PrecopiedQueue {
-                rcv_nxt: conn.recv_seq,
-                bytes: conn.recv_queue.clone(),
-            });
-            connections.extend(conn);
+            if let Some(conn) = conn {
+                socket.precopied = Some(Precopied {
+                    tuple: conn.tuple,
+                    rcv_nxt: conn.recv_seq,
+                    recv_queue: conn.recv_queue.clone(),
+                });
+                connections.push(conn);
+            }
         }
         connections
     }
@@ -301,10 +315,11 @@ impl PreparedDump {
 
     /// The dumped sockets, or the first error after taking every socket out of repair mode.
     fn settle(
-        self,
+        mut self,
         outcomes: impl IntoIterator<Item = Option<Outcome>>,
     ) -> Result<DumpedSockets, RepairError> {
-        let Self { sockets, workers } = self;
+        let sockets = std::mem::take(&mut self.sockets);
+        let workers = self.workers;
         let mut connections = Vec::with_capacity(sockets.len());
         let mut first_error = None;
         let mut in_repair = Vec::with_capacity(sockets.len());
@@ -322,7 +337,10 @@ impl PreparedDump {
                     in_repair.push(fd);
                 }
                 Err(error) => {
-                    if let Some(tuple) = outcome.entered
+                    let entered = outcome
+                        .entered
+                        .or(socket.precopied.as_ref().map(|p| p.tuple));
+                    if let Some(tuple) = entered
                         && let Err(rollback) =
                             leave_repair(fd.as_fd(), tuple, socket.options.reuseaddr)
                     {
@@ -341,6 +359,20 @@ impl PreparedDump {
             // Dropping `dumped` rolls the others back.
             Some(error) => Err(error),
             None => Ok(dumped),
+        }
+    }
+}
+
+impl Drop for PreparedDump {
+    /// Takes the pre-copied sockets out of repair mode: the connections carry on.
+    fn drop(&mut self) {
+        for socket in &self.sockets {
+            if let Some(precopied) = &socket.precopied
+                && let Err(error) =
+                    leave_repair(socket.fd.as_fd(), precopied.tuple, socket.options.reuseaddr)
+            {
+                tracing::warn!(%error, "rolling back a pre-copied socket");
+            }
         }
     }
 }
@@ -437,19 +469,21 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
             state: state.state,
         }));
     }
-    // Read before repair mode, as any reader would: no queue to select.
-    let precopied = socket
+    // A pre-copied socket is in repair mode already; the others are read before it, as any
+    // reader would: no queue to select.
+    let in_repair = socket.precopied.is_some();
+    let unmoved = socket
         .precopied
         .as_ref()
-        .filter(|q| (q.rcv_nxt, q.bytes.len()) == (state.rcv_nxt, state.inq as usize));
-    let recv_queue = match precopied {
-        Some(queue) => queue.bytes.clone(),
-        None => match peek(fd, tuple, Queue::Recv, state.inq) {
+        .filter(|p| (p.rcv_nxt, p.recv_queue.len()) == (state.rcv_nxt, state.inq as usize));
+    let recv_queue = match unmoved {
+        Some(precopied) => precopied.recv_queue.clone(),
+        None => match peek(fd, tuple, Queue::Recv, state.inq, in_repair) {
             Ok(bytes) => bytes,
             Err(error) => return Some(Outcome::failed(error)),
         },
     };
-    if let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
+    if !in_repair && let Err(error) = so::set_repair(fd, so::REPAIR_ON) {
         return Some(Outcome::failed(RepairError::socket(
             tuple,
             Phase::Dump,
@@ -534,7 +568,7 @@ fn with_send_queue(
     let tuple = state.tuple;
     // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
     let fin = u32::from(state.state.fin_sent());
-    let send_queue = peek(fd, tuple, Queue::Send, state.outq.saturating_sub(fin))?;
+    let send_queue = peek(fd, tuple, Queue::Send, state.outq.saturating_sub(fin), true)?;
     Ok(Connection {
         tuple,
         state: state.state,
@@ -556,21 +590,31 @@ fn with_send_queue(
     })
 }
 
-/// Reads `queue` without consuming it: the receive queue out of repair mode, the send queue
-/// selected in repair mode. An empty queue costs no call. One byte more than expected is asked
-/// for, so that data arriving during the dump is noticed.
-fn peek(fd: BorrowedFd<'_>, tuple: Tuple, queue: Queue, len: u32) -> Result<Bytes, RepairError> {
+/// Reads `queue` without consuming it: in repair mode (always, for the send queue, which only
+/// it shows) with the queue selected first, or the receive queue as any reader would. An empty
+/// queue costs no call. One byte more than expected is asked for, so that data arriving during
+/// the dump is noticed.
+fn peek(
+    fd: BorrowedFd<'_>,
+    tuple: Tuple,
+    queue: Queue,
+    len: u32,
+    in_repair: bool,
+) -> Result<Bytes, RepairError> {
     if len == 0 {
         return Ok(Bytes::new());
     }
     let fail = |op| RepairError::socket(tuple, Phase::Dump, op);
     let name = match queue {
-        Queue::Send => {
-            so::select_queue(fd, queue).map_err(fail("TCP_REPAIR_QUEUE=SEND"))?;
-            "send"
-        }
+        Queue::Send => "send",
         Queue::Recv => "receive",
     };
+    if in_repair {
+        so::select_queue(fd, queue).map_err(fail(match queue {
+            Queue::Send => "TCP_REPAIR_QUEUE=SEND",
+            Queue::Recv => "TCP_REPAIR_QUEUE=RECV",
+        }))?;
+    }
     let data = so::peek_queue(fd, len as usize + 1).map_err(fail(match queue {
         Queue::Send => "peek of the send queue",
         Queue::Recv => "peek of the receive queue",
