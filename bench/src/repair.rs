@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde::Serialize;
 use tcpmig::{
     image,
+    migrate::PRECOPY_QUIET,
     net::Netns,
     repair::{
         self, Connection, DumpedSockets, PreparedDump, RestoredAhead, SocketPool, StateReader,
@@ -340,6 +341,10 @@ fn round(
     local: SocketAddr,
     precopy: bool,
 ) -> anyhow::Result<(Timed, usize)> {
+    if precopy {
+        // Only connections quiet for that long are pre-copied; the last round restored these.
+        std::thread::sleep(PRECOPY_QUIET);
+    }
     let started = Instant::now();
     let into = into.to_owned();
     let netns = move || Netns::open(&into);
@@ -359,7 +364,7 @@ fn round(
         let fds = std::mem::take(&mut host.fds);
         let mut prepared = repair::prepare_dump(Workers::PerCpu, fds)?;
         let ahead = if precopy {
-            prepared.precopy(&reader.read(&prepared.netns()?)?)
+            prepared.precopy(&reader.read(&prepared.netns()?)?, PRECOPY_QUIET)
         } else {
             Vec::new()
         };

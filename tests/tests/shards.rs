@@ -210,6 +210,8 @@ fn migrate_shared(
     let agent_pid = agent.child.pid();
     let servers = traffic.server_pids();
     let options: &[&str] = if precopy {
+        // Only connections quiet for that long are pre-copied.
+        std::thread::sleep(tcpmig::migrate::PRECOPY_QUIET + Duration::from_millis(200));
         &["--json", "--precopy"]
     } else {
         &["--json"]

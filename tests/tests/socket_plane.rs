@@ -613,7 +613,8 @@ fn precopy_keeps_what_did_not_move_and_redoes_the_rest() -> Result<()> {
     }
     let mut reader = repair::StateReader::load(Some(service.port()))?;
     let mut prepared = repair::prepare_dump(repair::Workers::PerCpu, fds)?;
-    let precopy = prepared.precopy(&reader.read(&src)?);
+    // Every connection, however recently it moved: what is kept is decided after the freeze.
+    let precopy = prepared.precopy(&reader.read(&src)?, Duration::ZERO);
     ensure!(precopy.len() == N, "{} of {N} pre-copied", precopy.len());
     let dest_name = format!("{}-dst", bed.prefix());
     let dest_freeze = freeze(bed.destination(), service, &dest_name)?;

@@ -47,6 +47,10 @@ pub struct MigrationRun {
     pub blackout_ms: f64,
     pub total_ms: f64,
     pub phases: Phases,
+    /// With `--precopy`: connections restored ahead of the freeze, and those of them that
+    /// kept their sockets (they had not moved by the dump).
+    pub precopied: usize,
+    pub kept_precopied: usize,
     pub load: LoadReport,
     /// `tcpmig migrate --json` as printed.
     pub report: serde_json::Value,
@@ -110,6 +114,8 @@ struct AgentJson {
     live_at_unix_ms: f64,
     /// How many servers the agent started (1: it became the server itself).
     shards: usize,
+    precopied: usize,
+    kept_precopied: usize,
 }
 
 impl MigrateJson {
@@ -150,7 +156,7 @@ impl Drop for TokenFile {
 }
 
 /// Migrates `n` connections under load once, on a bed of its own.
-pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
+pub fn once(tcpmig: &Path, n: usize, precopy: bool) -> anyhow::Result<MigrationRun> {
     let bed = TestBed::new()?;
     let token = TokenFile::new(&bed)?;
     let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
@@ -164,7 +170,7 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
     };
     let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
     thread::sleep(warmup);
-    let raw = migrate(&bed, tcpmig, &echo.pids(), echo.addr(), &token.0)?;
+    let raw = migrate(&bed, tcpmig, &echo.pids(), echo.addr(), &token.0, precopy)?;
     let report: MigrateJson = serde_json::from_value(raw.clone())
         .with_context(|| format!("unexpected `tcpmig migrate --json` output: {raw}"))?;
     ensure!(
@@ -181,6 +187,8 @@ pub fn once(tcpmig: &Path, n: usize) -> anyhow::Result<MigrationRun> {
         blackout_ms: report.blackout_ms,
         total_ms: report.total_ms,
         phases: report.phases(),
+        precopied: report.destination.precopied,
+        kept_precopied: report.destination.kept_precopied,
         load,
         report: raw,
     })
@@ -241,6 +249,7 @@ fn migrate(
     pids: &[u32],
     service: SocketAddr,
     token: &Path,
+    precopy: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let host = bed.source();
     let mut cmd = host.command(tcpmig)?;
@@ -253,6 +262,7 @@ fn migrate(
         .arg("--token-file")
         .arg(token)
         .args(["--stop-source", "--stop-signal", "USR1", "--json"])
+        .args(precopy.then_some("--precopy"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -44,12 +44,17 @@ pub struct ScalingArgs {
     /// Migrations only: no CRIU locks, real CRIU or plain repair loop.
     #[arg(long)]
     pub no_references: bool,
+    /// Every migration with `tcpmig migrate --precopy`.
+    #[arg(long)]
+    pub precopy: bool,
 }
 
 /// Everything one scaling run measured (scaling.json).
 #[derive(Serialize)]
 pub struct Scaling {
     pub machine: Machine,
+    /// The migrations ran with `--precopy`.
+    pub precopy: bool,
     pub migrations: Vec<MigrationPoint>,
     pub freeze: Vec<FreezeResult>,
     pub repair: Vec<RepairBench>,
@@ -129,7 +134,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         };
         for k in 1..=runs {
             progress.begin(&format!("migration of {n} connections, run {k}/{runs}"));
-            match migration::once(&tcpmig, n) {
+            match migration::once(&tcpmig, n, args.precopy) {
                 Ok(run) => point.runs.push(run),
                 Err(e) => {
                     progress.say(&format!("migration of {n} connections failed: {e:#}"));
@@ -164,6 +169,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
     machine.load_end = load_average()?;
     let scaling = Scaling {
         machine,
+        precopy: args.precopy,
         migrations,
         freeze,
         repair,

@@ -147,6 +147,9 @@ fn markdown(s: &Scaling) -> String {
         );
     }
     md.push_str(&references(s));
+    if s.precopy {
+        md.push_str(&precopy(s));
+    }
     md.push_str(&goals(s));
     md.push_str(
         "\nPhases: as `tcpmig migrate --json` reports them; address move = deleting the address \
@@ -165,6 +168,25 @@ fn markdown(s: &Scaling) -> String {
         for failure in &p.failures {
             let _ = writeln!(md, "\nN = {}: failed: {failure}", p.connections);
         }
+    }
+    md
+}
+
+/// The pre-copy's share at each N: how many connections held still from the stop to the dump.
+fn precopy(s: &Scaling) -> String {
+    let mut md = String::from(
+        "\nEvery migration ran with `tcpmig migrate --precopy` (medians): connections restored \
+         ahead of the freeze, and those of them the dump found unchanged (they kept their \
+         sockets; the others were restored again in the blackout):\n\n",
+    );
+    for p in s.migrations.iter().filter(|p| !p.runs.is_empty()) {
+        let precopied = median_ms(p, |r| r.precopied as f64).unwrap_or_default();
+        let kept = median_ms(p, |r| r.kept_precopied as f64).unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "- N = {}: {precopied:.0} pre-copied, {kept:.0} kept",
+            p.connections
+        );
     }
     md
 }

@@ -53,7 +53,7 @@ pub use self::{
     agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, LiveConnections, agent},
     guard::{GuardOutcome, guard},
     process::StoppedTree,
-    source::{SourceConfig, migrate},
+    source::{PRECOPY_QUIET, SourceConfig, migrate},
     transport::{
         Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
         Token,

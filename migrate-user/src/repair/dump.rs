@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     io,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -197,9 +198,16 @@ impl PreparedDump {
     /// those that did not move since, and they enter repair mode now, which a live idle
     /// connection does not notice (it receives, acknowledges and runs its timers as before; only
     /// its stopped application could tell), so that the dump does not pay for it either.
-    /// Dropping the prepared dump takes them out of repair mode again. A socket that cannot be
-    /// read is left out (the dump reads it in full), and so are those pre-copied already.
-    pub fn precopy(&mut self, states: &HashMap<u64, SocketState>) -> Vec<Connection> {
+    /// Dropping the prepared dump takes them out of repair mode again. Only connections that
+    /// sent and received nothing for at least `quiet` are taken: a busy one would likely move
+    /// before the freeze, and then costs more than without a pre-copy (its pre-copied socket is
+    /// replaced in the blackout). A socket that cannot be read is left out (the dump reads it in
+    /// full), and so are those pre-copied already.
+    pub fn precopy(
+        &mut self,
+        states: &HashMap<u64, SocketState>,
+        quiet: Duration,
+    ) -> Vec<Connection> {
         let read = super::sharded(self.workers, &self.sockets, |batch| {
             batch
                 .iter()
@@ -208,6 +216,7 @@ impl PreparedDump {
                     if socket.precopied.is_some()
                         || state.state != TcpState::Established
                         || state.outq != 0
+                        || state.quiet < quiet
                     {
                         return None;
                     }

@@ -26,7 +26,7 @@ const PROGRAM_NAME: &str = "tcpmig_tcp_state";
 /// Bound on the reads of one pass (each returns at most a few hundred records).
 const MAX_READS: usize = 1 << 20;
 /// The fields read, one [`Slot`] each.
-const SLOTS: usize = 32;
+const SLOTS: usize = 33;
 /// Ranges closer than this are read as one.
 const SPAN_GAP: u32 = 48;
 
@@ -56,6 +56,9 @@ pub struct SocketState {
     pub sndbuf: u32,
     pub rcvbuf: u32,
     pub mark: u32,
+    /// How long before the read the socket last received or sent a segment (tcp_mstamp): a
+    /// quiet connection is likely to hold still a while longer.
+    pub quiet: Duration,
 }
 
 /// The slots of a record, in order: the field each reads, from struct tcp_sock.
@@ -93,6 +96,7 @@ enum Slot {
     SndBuf,
     RcvBuf,
     Mark,
+    Mstamp,
 }
 
 const SOCK: [&str; 3] = ["inet_conn", "icsk_inet", "sk"];
@@ -139,6 +143,8 @@ fn layout() -> [(Slot, Vec<&'static str>, u32, u32, bool); SLOTS] {
         (Slot::SndBuf, sock("sk_sndbuf"), 32, 0, false),
         (Slot::RcvBuf, sock("sk_rcvbuf"), 32, 0, false),
         (Slot::Mark, sock("sk_mark"), 32, 0, false),
+        // CLOCK_MONOTONIC in microseconds, refreshed by every segment in or out.
+        (Slot::Mstamp, tcp("tcp_mstamp"), 64, 0, false),
     ]
 }
 
@@ -361,6 +367,7 @@ impl StateReader {
             sndbuf: u32_of(Slot::SndBuf),
             rcvbuf: u32_of(Slot::RcvBuf),
             mark: u32_of(Slot::Mark),
+            quiet: Duration::from_micros((clock_ns / 1_000).saturating_sub(value(Slot::Mstamp))),
         };
         (value(Slot::Cookie), state)
     }
@@ -452,6 +459,11 @@ mod tests {
         assert_eq!(state.state, TcpState::Established);
         assert!(!state.ipv6_socket);
         assert_eq!((state.inq, state.outq, state.notsent), (5, 0, 0));
+        // Its last segment was the client's ACK of the 10 bytes, 50 ms before the read.
+        assert!(
+            state.quiet >= Duration::from_millis(30) && state.quiet < Duration::from_secs(10),
+            "{state:?}"
+        );
         assert!(
             state.timestamps && state.sack && state.wscale.is_some(),
             "{state:?}"

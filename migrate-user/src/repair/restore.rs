@@ -1,6 +1,7 @@
 //! Bulk restore in the order of notes/tcp-repair.md, and the commit that takes the restored
 //! sockets out of repair mode. The sockets can be made ahead, in a [`SocketPool`].
 use std::{
+    borrow::Borrow,
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
@@ -215,6 +216,9 @@ impl RestoredAhead {
             connections: ahead,
             restored,
         } = self;
+        if ahead.is_empty() {
+            return restore_with_pool(workers, netns, connections, pool);
+        }
         let mut by_tuple: HashMap<Tuple, (Connection, Pending)> = ahead
             .into_iter()
             .zip(restored.take())
@@ -229,13 +233,13 @@ impl RestoredAhead {
                 }
                 _ => {
                     kept.push(None);
-                    changed.push(conn.clone());
+                    changed.push(conn);
                 }
             }
         }
         // Closed in repair mode: they send nothing, and free their 4-tuples for the changed.
         drop(by_tuple);
-        let fresh = restore_with_pool(workers, netns, &changed, pool)?.take();
+        let fresh = restore_on_pool(workers, netns, &changed, pool)?.take();
         let timed = super::sharded(workers, &kept, |batch| {
             batch
                 .iter()
@@ -394,9 +398,22 @@ pub fn restore_with_pool(
     connections: &[Connection],
     pool: SocketPool,
 ) -> Result<RestoredSockets, RepairError> {
+    restore_on_pool(workers, netns, connections, pool)
+}
+
+/// [`restore_with_pool`] of connections owned or borrowed.
+fn restore_on_pool<C: Borrow<Connection> + Sync>(
+    workers: Workers,
+    netns: &Netns,
+    connections: &[C],
+    pool: SocketPool,
+) -> Result<RestoredSockets, RepairError> {
     super::check_net_admin()?;
     super::raise_fd_limit();
-    let fitting = connections.iter().filter(|c| pool.fits(c)).count();
+    let fitting = connections
+        .iter()
+        .filter(|c| pool.fits((*c).borrow()))
+        .count();
     reserve_fds(connections.len() - fitting.min(pool.len()));
     let spare = Mutex::new(pool);
     let abort = AtomicBool::new(false);
@@ -405,6 +422,7 @@ pub fn restore_with_pool(
         let mut restored = Vec::with_capacity(batch.len());
         let mut local = LocalAddresses::default();
         for conn in batch {
+            let conn = conn.borrow();
             if abort.load(Ordering::Relaxed) {
                 break;
             }
@@ -436,9 +454,9 @@ pub fn restore_with_pool(
 
 /// A worker's share of the pool: one socket for each of its connections that fits, while the
 /// pool lasts. One lock per worker.
-fn take_sockets(pool: &Mutex<SocketPool>, batch: &[Connection]) -> SocketPool {
+fn take_sockets<C: Borrow<Connection>>(pool: &Mutex<SocketPool>, batch: &[C]) -> SocketPool {
     let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
-    let wanted = batch.iter().filter(|c| pool.fits(c)).count();
+    let wanted = batch.iter().filter(|c| pool.fits((*c).borrow())).count();
     pool.split_off(wanted)
 }
 
