@@ -21,6 +21,7 @@ use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 use tcpmig_testbed::{IFACE, Role, TestBed};
 
+use super::ScalingArgs;
 use crate::echo::EchoServers;
 use crate::loadgen::{LineProcess, LoadConfig, LoadReport, LoadRun, now_ns};
 
@@ -156,12 +157,16 @@ impl Drop for TokenFile {
 }
 
 /// Migrates `n` connections under load once, on a bed of its own.
-pub fn once(tcpmig: &Path, n: usize, precopy: bool) -> anyhow::Result<MigrationRun> {
+pub fn once(tcpmig: &Path, n: usize, args: &ScalingArgs) -> anyhow::Result<MigrationRun> {
     let bed = TestBed::new()?;
     let token = TokenFile::new(&bed)?;
     let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
     let mut agent = Agent::start(&bed, tcpmig, &token.0)?;
-    let config = LoadConfig::default();
+    let defaults = LoadConfig::default();
+    let config = LoadConfig {
+        rate: args.rate.unwrap_or(defaults.rate),
+        ..defaults
+    };
     let interval = config.interval(n);
     let warmup = WARMUP.max(interval * 2);
     let config = LoadConfig {
@@ -170,7 +175,14 @@ pub fn once(tcpmig: &Path, n: usize, precopy: bool) -> anyhow::Result<MigrationR
     };
     let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
     thread::sleep(warmup);
-    let raw = migrate(&bed, tcpmig, &echo.pids(), echo.addr(), &token.0, precopy)?;
+    let raw = migrate(
+        &bed,
+        tcpmig,
+        &echo.pids(),
+        echo.addr(),
+        &token.0,
+        args.precopy,
+    )?;
     let report: MigrateJson = serde_json::from_value(raw.clone())
         .with_context(|| format!("unexpected `tcpmig migrate --json` output: {raw}"))?;
     ensure!(

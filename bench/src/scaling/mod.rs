@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::criu::{self, CriuRun};
 use crate::freeze::{self, FreezeResult};
+use crate::loadgen::LoadConfig;
 use crate::repair::{self, RepairBench};
 use crate::report::OutputDir;
 use migration::MigrationRun;
@@ -47,6 +48,10 @@ pub struct ScalingArgs {
     /// Every migration with `tcpmig migrate --precopy`.
     #[arg(long)]
     pub precopy: bool,
+    /// The clients' messages per second over all connections [default: 20000]; at 2000 each
+    /// of 10,000 connections sends every 5 s, and most are quiet at any moment.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
 }
 
 /// Everything one scaling run measured (scaling.json).
@@ -55,6 +60,8 @@ pub struct Scaling {
     pub machine: Machine,
     /// The migrations ran with `--precopy`.
     pub precopy: bool,
+    /// The clients' messages per second over all connections.
+    pub rate: f64,
     pub migrations: Vec<MigrationPoint>,
     pub freeze: Vec<FreezeResult>,
     pub repair: Vec<RepairBench>,
@@ -134,7 +141,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         };
         for k in 1..=runs {
             progress.begin(&format!("migration of {n} connections, run {k}/{runs}"));
-            match migration::once(&tcpmig, n, args.precopy) {
+            match migration::once(&tcpmig, n, args) {
                 Ok(run) => point.runs.push(run),
                 Err(e) => {
                     progress.say(&format!("migration of {n} connections failed: {e:#}"));
@@ -170,6 +177,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
     let scaling = Scaling {
         machine,
         precopy: args.precopy,
+        rate: args.rate.unwrap_or(LoadConfig::default().rate),
         migrations,
         freeze,
         repair,

@@ -151,18 +151,20 @@ fn markdown(s: &Scaling) -> String {
         md.push_str(&precopy(s));
     }
     md.push_str(&goals(s));
-    md.push_str(
+    let _ = write!(
+        md,
         "\nPhases: as `tcpmig migrate --json` reports them; address move = deleting the address \
          on the source (while the agent restores) + adding and announcing it on the \
          destination; restore = from the address deleted to the agent's Restored; unfreeze = the \
          destination's unfreeze and first socket out of repair mode. Clients: open loop, 16-byte \
-         messages at 20,000 per second over all connections (every connection at least every \
+         messages at {:.0} per second over all connections (every connection at least every \
          10 ms), each echo checked byte for byte; the longest gap is the longest silence of any \
          connection (it includes stopping the server before the freeze and starting the new \
          one after it); the catch-up counts from the end of the blackout as the agent reports it \
          (`live_at_unix_ms`) to the echo of the last message each connection sent before it. The \
          clients never reconnect: a broken connection is counted as lost, so reconnects are 0 \
          by construction.\n",
+        s.rate,
     );
     for p in &s.migrations {
         for failure in &p.failures {
