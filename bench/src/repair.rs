@@ -343,7 +343,7 @@ fn round(
 ) -> anyhow::Result<(Timed, usize)> {
     if precopy {
         // Only connections quiet for that long are pre-copied; the last round restored these.
-        std::thread::sleep(PRECOPY_QUIET);
+        std::thread::sleep(PRECOPY_QUIET + Duration::from_millis(100));
     }
     let started = Instant::now();
     let into = into.to_owned();

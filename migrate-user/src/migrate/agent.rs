@@ -401,29 +401,23 @@ async fn restore_precopy(
     let connections = receive_image(config, link).await?;
     let started = Instant::now();
     let parts = split_evenly(connections, groups, config.max_per_process)?;
-    let restoring = groups
-        .iter()
-        .zip(parts)
-        .map(|(group, part)| {
-            let spec = config.netns.clone();
-            group.start(move |group| {
-                let netns = Netns::open(&spec)?;
-                let mut pool = match group.pool.take() {
-                    Some(pool) => pool,
-                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
-                };
-                let mine = pool.split_off(part.len());
-                // The rest is for the connections the dump brings beside the pre-copy's.
-                group.pool = Some(pool);
-                let ahead = repair::restore_ahead(Workers::PerCpu, &netns, part, mine)?;
-                Ok::<_, MigrateError>(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
-            })
-        })
-        .collect::<Vec<_>>();
+    let restoring = on_each_group(
+        config,
+        service,
+        groups,
+        parts,
+        |group, netns, mut pool, part| {
+            let mine = pool.split_off(part.len());
+            // The rest is for the connections the dump brings beside the pre-copy's.
+            group.pool = Some(pool);
+            let ahead = repair::restore_ahead(Workers::PerCpu, netns, part, mine)?;
+            Ok(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
+        },
+    );
     let mut ahead = HashMap::new();
     let mut failure = None;
-    for (k, pending) in restoring.into_iter().enumerate() {
-        match pending.wait() {
+    for (k, restored) in restoring.into_iter().enumerate() {
+        match restored {
             Ok(tuples) => ahead.extend(tuples.into_iter().map(|tuple| (tuple, k))),
             Err(error) => failure = Some(error),
         }
@@ -457,30 +451,24 @@ async fn receive_and_restore(
     } else {
         split_by_precopy(connections, groups, ahead, config.max_per_process)?
     };
-    let restoring: Vec<_> = groups
-        .iter()
-        .zip(parts)
-        .map(|(group, part)| {
-            let spec = config.netns.clone();
-            group.start(move |group| {
-                let netns = Netns::open(&spec)?;
-                let pool = match group.pool.take() {
-                    Some(pool) => pool,
-                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
-                };
-                let restored = match group.ahead.take() {
-                    Some(ahead) => ahead.restore(Workers::PerCpu, &netns, &part, pool)?,
-                    None => repair::restore_with_pool(Workers::PerCpu, &netns, &part, pool)?,
-                };
-                let restored = group.restored.insert(restored);
-                Ok::<_, MigrateError>((restored.len(), restored.precopied()))
-            })
-        })
-        .collect();
+    let restoring = on_each_group(
+        config,
+        service,
+        groups,
+        parts,
+        |group, netns, pool, part| {
+            let restored = match group.ahead.take() {
+                Some(ahead) => ahead.restore(Workers::PerCpu, netns, &part, pool)?,
+                None => repair::restore_with_pool(Workers::PerCpu, netns, &part, pool)?,
+            };
+            let restored = group.restored.insert(restored);
+            Ok((restored.len(), restored.precopied()))
+        },
+    );
     let mut restored = 0;
     let mut first_error = None;
-    for pending in restoring {
-        match pending.wait() {
+    for outcome in restoring {
+        match outcome {
             Ok((count, precopied)) => {
                 restored += count;
                 report.kept_precopied += precopied;
@@ -497,6 +485,37 @@ async fn receive_and_restore(
     report.shards = groups.len();
     report.restore_ms = millis(started.elapsed());
     Ok(restored)
+}
+
+/// Runs `work` on every group's thread, side by side, inside the agent's namespace, with the
+/// group's part and its pool (an empty one when it has none left); returns each outcome, in
+/// group order.
+fn on_each_group<R: Send + 'static>(
+    config: &AgentConfig,
+    service: SocketAddr,
+    groups: &[Shard<Group>],
+    parts: Vec<Vec<Connection>>,
+    work: impl Fn(&mut Group, &Netns, SocketPool, Vec<Connection>) -> Result<R, MigrateError>
+    + Clone
+    + Send
+    + 'static,
+) -> Vec<Result<R, MigrateError>> {
+    let started: Vec<_> = groups
+        .iter()
+        .zip(parts)
+        .map(|(group, part)| {
+            let (spec, work) = (config.netns.clone(), work.clone());
+            group.start(move |group| {
+                let netns = Netns::open(&spec)?;
+                let pool = match group.pool.take() {
+                    Some(pool) => pool,
+                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
+                };
+                work(group, &netns, pool, part)
+            })
+        })
+        .collect();
+    started.into_iter().map(shard::Pending::wait).collect()
 }
 
 /// `connections` cut into one part per group, in order, in the fewest groups of at most `max`
