@@ -56,9 +56,10 @@ pub struct SocketState {
     pub sndbuf: u32,
     pub rcvbuf: u32,
     pub mark: u32,
-    /// How long before the read the socket last received or sent a segment (tcp_mstamp): a
-    /// quiet connection is likely to hold still a while longer.
-    pub quiet: Duration,
+    /// How many milliseconds before the read the socket last received or sent a segment
+    /// (tcp_mstamp): a quiet connection is likely to hold still a while longer. Milliseconds in
+    /// a u32 (saturated) rather than a Duration: 50,000 states are kept at once.
+    pub quiet_ms: u32,
 }
 
 /// The slots of a record, in order: the field each reads, from struct tcp_sock.
@@ -367,7 +368,8 @@ impl StateReader {
             sndbuf: u32_of(Slot::SndBuf),
             rcvbuf: u32_of(Slot::RcvBuf),
             mark: u32_of(Slot::Mark),
-            quiet: Duration::from_micros((clock_ns / 1_000).saturating_sub(value(Slot::Mstamp))),
+            quiet_ms: u32::try_from((clock_ns / 1_000).saturating_sub(value(Slot::Mstamp)) / 1_000)
+                .unwrap_or(u32::MAX),
         };
         (value(Slot::Cookie), state)
     }
@@ -460,10 +462,7 @@ mod tests {
         assert!(!state.ipv6_socket);
         assert_eq!((state.inq, state.outq, state.notsent), (5, 0, 0));
         // Its last segment was the client's ACK of the 10 bytes, 50 ms before the read.
-        assert!(
-            state.quiet >= Duration::from_millis(30) && state.quiet < Duration::from_secs(10),
-            "{state:?}"
-        );
+        assert!((30..10_000).contains(&state.quiet_ms), "{state:?}");
         assert!(
             state.timestamps && state.sack && state.wscale.is_some(),
             "{state:?}"
