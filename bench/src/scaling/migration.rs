@@ -115,7 +115,9 @@ struct AgentJson {
     live_at_unix_ms: f64,
     /// How many servers the agent started (1: it became the server itself).
     shards: usize,
+    #[serde(default)]
     precopied: usize,
+    #[serde(default)]
     kept_precopied: usize,
 }
 
