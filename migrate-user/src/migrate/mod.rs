@@ -9,7 +9,9 @@
 //! 2. the source stops the application's process tree (SIGSTOP), finds its connections and reads
 //!    the options only the application sets, freezes the service (one map update: the blackout
 //!    starts) and dumps the sockets (one pass of a BPF iterator, then repair mode on each), which
-//!    stay in repair mode.
+//!    stay in repair mode. With `--precopy`, before the freeze, it also reads the connections
+//!    quiet for [`PRECOPY_QUIET`] and sends their image; the agent restores them ahead on its
+//!    pool and answers Precopied, and after the freeze keeps those the dump finds unchanged.
 //! 3. the image streams to the agent, which restores the sockets in repair mode on its pool and
 //!    freezes the service (before the address exists there, so nothing is answered with an RST);
 //!    it answers Restored.
