@@ -188,14 +188,6 @@ pub fn restore_ahead(
 }
 
 impl RestoredAhead {
-    pub fn len(&self) -> usize {
-        self.connections.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.connections.is_empty()
-    }
-
     pub fn tuples(&self) -> impl Iterator<Item = Tuple> + '_ {
         self.connections.iter().map(|c| c.tuple)
     }
@@ -226,18 +218,24 @@ impl RestoredAhead {
             .collect();
         let mut kept: Vec<Option<(&Connection, Pending)>> = Vec::with_capacity(connections.len());
         let mut changed = Vec::new();
+        // The sockets not kept are closed in repair mode: they send nothing, and free their
+        // 4-tuples for the changed connections.
         for conn in connections {
-            match by_tuple.remove(&conn.tuple) {
-                Some((ahead, pending)) if unchanged(&ahead, conn) => {
-                    kept.push(Some((conn, pending)));
-                }
-                _ => {
+            let unchanged = by_tuple
+                .remove(&conn.tuple)
+                .and_then(|(mut ahead, pending)| {
+                    // Only the timestamp clock may have run on.
+                    ahead.timestamp = conn.timestamp;
+                    (ahead == *conn).then_some(pending)
+                });
+            match unchanged {
+                Some(pending) => kept.push(Some((conn, pending))),
+                None => {
                     kept.push(None);
                     changed.push(conn);
                 }
             }
         }
-        // Closed in repair mode: they send nothing, and free their 4-tuples for the changed.
         drop(by_tuple);
         let fresh = restore_on_pool(workers, netns, &changed, pool)?.take();
         let timed = super::sharded(workers, &kept, |batch| {
@@ -264,15 +262,6 @@ impl RestoredAhead {
             precopied,
         })
     }
-}
-
-/// Whether `now` is `ahead` with only its timestamp clock moved on.
-fn unchanged(ahead: &Connection, now: &Connection) -> bool {
-    ahead
-        == &Connection {
-            timestamp: ahead.timestamp,
-            ..now.clone()
-        }
 }
 
 /// TCP_TIMESTAMP, for a connection that uses timestamps.
