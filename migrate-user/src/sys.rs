@@ -211,6 +211,33 @@ pub fn missing_capability(needed: &[Capability]) -> Option<Capability> {
     })
 }
 
+/// A capability this process lacks, found before the first call that would fail with a bare
+/// EPERM; every plane's error wraps this one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{operation} needs {} and this process lacks it: run tcpmig as root or grant the capability",
+    .capability.name()
+)]
+pub struct MissingCapability {
+    /// What needed it, for instance "`tcpmig migrate`" or "freezing traffic".
+    pub operation: &'static str,
+    pub capability: Capability,
+}
+
+/// Fails with the first capability of `needed` this process lacks.
+pub fn require_capabilities(
+    operation: &'static str,
+    needed: &[Capability],
+) -> Result<(), MissingCapability> {
+    match missing_capability(needed) {
+        Some(capability) => Err(MissingCapability {
+            operation,
+            capability,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Blocks until SIGINT or SIGTERM arrives or `timeout` passes; returns whether a signal came.
 /// The signals are blocked first, so they are taken here instead of killing the process.
 pub fn wait_for_termination(timeout: Duration) -> io::Result<bool> {

@@ -49,8 +49,8 @@ const EGRESS_PROGRAM: &str = "tcpmig_egress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FreezeError {
-    #[error("missing capability {}: run tcpmig as root or grant it", .0.name())]
-    MissingCapability(Capability),
+    #[error(transparent)]
+    MissingCapability(#[from] sys::MissingCapability),
     #[error("invalid freeze name {0:?}: use 1-64 letters, digits, '-', '_' or '.'")]
     InvalidName(String),
     #[error(transparent)]
@@ -690,10 +690,11 @@ pub fn attached_programs(netns: &Netns, dev: &str) -> Result<Vec<String>, Freeze
 
 /// Fails early, naming the capability, instead of with a bare EPERM from the bpf syscall.
 pub fn check_privileges() -> Result<(), FreezeError> {
-    match sys::missing_capability(&[Capability::NetAdmin, Capability::Bpf]) {
-        Some(cap) => Err(FreezeError::MissingCapability(cap)),
-        None => Ok(()),
-    }
+    sys::require_capabilities(
+        "freezing traffic with eBPF",
+        &[Capability::NetAdmin, Capability::Bpf],
+    )?;
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), FreezeError> {

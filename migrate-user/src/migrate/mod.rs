@@ -88,14 +88,8 @@ pub enum MigrateError {
         uid: u32,
         euid: u32,
     },
-    #[error(
-        "`tcpmig {command}` needs {} and this process lacks it: run it as root or grant the \
-         capability", .capability.name()
-    )]
-    MissingCapability {
-        command: &'static str,
-        capability: Capability,
-    },
+    #[error(transparent)]
+    MissingCapability(#[from] crate::sys::MissingCapability),
     #[error(
         "the image is larger than this agent accepts ({limit} bytes): raise --max-image-bytes \
          on the agent or migrate fewer connections"
@@ -359,10 +353,10 @@ pub enum Privileged {
 impl Privileged {
     fn name(self) -> &'static str {
         match self {
-            Privileged::Dump => "dump",
-            Privileged::Restore => "restore",
-            Privileged::Migrate => "migrate",
-            Privileged::Agent => "agent",
+            Privileged::Dump => "`tcpmig dump`",
+            Privileged::Restore => "`tcpmig restore`",
+            Privileged::Migrate => "`tcpmig migrate`",
+            Privileged::Agent => "`tcpmig agent`",
         }
     }
 
@@ -381,13 +375,8 @@ impl Privileged {
 /// Fails before anything is touched, naming the first capability `command` needs and lacks,
 /// instead of with an EPERM halfway through.
 pub fn check_privileges(command: Privileged) -> Result<(), MigrateError> {
-    match crate::sys::missing_capability(command.needs()) {
-        Some(capability) => Err(MigrateError::MissingCapability {
-            command: command.name(),
-            capability,
-        }),
-        None => Ok(()),
-    }
+    crate::sys::require_capabilities(command.name(), command.needs())?;
+    Ok(())
 }
 
 /// How long a test pause waits for its line on stdin.

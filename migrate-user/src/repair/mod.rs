@@ -48,8 +48,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
-    #[error("missing capability {}: run tcpmig as root or grant it", .0.name())]
-    MissingCapability(Capability),
+    #[error(transparent)]
+    MissingCapability(#[from] crate::sys::MissingCapability),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("listing TCP sockets with sock_diag in network namespace {netns}")]
@@ -440,8 +440,6 @@ fn raise_fd_limit() {
 
 /// Fails early, naming the capability, instead of with EPERM on the first socket.
 fn check_net_admin() -> Result<(), RepairError> {
-    match crate::sys::missing_capability(&[Capability::NetAdmin]) {
-        Some(cap) => Err(RepairError::MissingCapability(cap)),
-        None => Ok(()),
-    }
+    crate::sys::require_capabilities("TCP_REPAIR", &[Capability::NetAdmin])?;
+    Ok(())
 }
