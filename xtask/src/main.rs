@@ -129,7 +129,7 @@ fn build_for_tests() -> anyhow::Result<()> {
     require_root()?;
     check()?;
     let mut build = cargo();
-    build.args(["build", "--package", "tcpmig", "--bins"]);
+    build.args(["build", "--package", "tcpmig-cli", "--bins"]);
     run(build)
 }
 
@@ -181,7 +181,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "build",
         "--release",
         "--package",
-        "tcpmig",
+        "tcpmig-cli",
         "--package",
         "tcpmig-testbed",
         "--bins",

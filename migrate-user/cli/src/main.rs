@@ -1,4 +1,6 @@
-//! Command-line parsing and output: every command calls the library and prints what it returns.
+//! The `tcpmig` command: parses arguments, calls the library `tcpmig` and prints what it returns.
+//! Everything that moves connections lives in the library; this crate holds what a library must
+//! not carry: clap, anyhow, progress output, logging set-up and the demo's test bed.
 mod criu;
 mod demo;
 mod freeze;
@@ -45,7 +47,7 @@ enum Command {
     MigrateGuard(migrate::GuardArgs),
 }
 
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let result = if criu::invoked_as_hook() {
         init_logging(0);
         criu::run_as_hook()
