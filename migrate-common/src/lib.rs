@@ -112,10 +112,14 @@ pub struct StateRecord {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain #[repr(C)] integers and byte arrays with explicit padding: every bit pattern
-    // is valid and there are no implicit padding bytes.
+    // Each of these is plain #[repr(C)] integers and byte arrays with explicit padding: every bit
+    // pattern is valid and there are no implicit padding bytes, which is what Pod asks.
+    // SAFETY: as above; the service address, port and explicit pad byte.
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above; two addresses, two ports, the family and explicit pad bytes.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above; two u64s.
     unsafe impl aya::Pod for super::FreezeValue {}
+    // SAFETY: as above; one byte array.
     unsafe impl aya::Pod for super::StateRecord {}
 }

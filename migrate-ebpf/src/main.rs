@@ -87,6 +87,7 @@ struct Segment {
 fn classify(ctx: &TcContext, direction: Direction) -> Option<Verdict> {
     let segment = parse(ctx, direction)?;
     let entry = lookup(&segment.tuple)?;
+    // SAFETY: a helper with no arguments and no side effects.
     if unsafe { bpf_ktime_get_ns() } >= entry.deadline_ns {
         return Some(Verdict::PassExpired);
     }
@@ -110,9 +111,11 @@ fn lookup(tuple: &TupleKey) -> Option<FreezeValue> {
         family: tuple.family,
         _pad: 0,
     };
+    // SAFETY: the value is copied out at once, before anything could delete the entry.
     if let Some(value) = unsafe { SERVICES.get(&service) } {
         return Some(*value);
     }
+    // SAFETY: as above.
     unsafe { TUPLES.get(tuple) }.copied()
 }
 
@@ -175,13 +178,14 @@ fn parse(ctx: &TcContext, direction: Direction) -> Option<Segment> {
 #[inline(always)]
 fn skb_mark(ctx: &TcContext) -> u32 {
     // aya-ebpf has a setter for the mark but no getter; the context is a __sk_buff.
+    // SAFETY: a TC program's context is a valid __sk_buff; the verifier checks the read.
     unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark }
 }
 
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: no other writer.
+        // SAFETY: a valid per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *slot += 1 };
     }
 }

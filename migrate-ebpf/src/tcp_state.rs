@@ -52,21 +52,30 @@ pub extern "C" fn tcpmig_tcp_state(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// # Safety
+/// `ctx` is the iterator context the kernel passed to the program.
 #[inline(always)]
 unsafe fn write_record(ctx: *mut IterTcp) {
+    // SAFETY: `ctx` is the kernel's struct bpf_iter__tcp (the caller's contract).
     let (meta, sk_common) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
     if sk_common.is_null() {
         return;
     }
     // Full TCP sockets only: request and TIME_WAIT sockets give null.
+    // SAFETY: a non-null sock_common from the iterator; the helper checks its type.
     let sock = unsafe { bpf_skc_to_tcp_sock(sk_common) }.cast::<u8>();
     if sock.is_null() {
         return;
     }
+    // SAFETY: a read of a static; volatile so that the value user space set at load is read,
+    // not the 0 the compiler saw.
     let port = unsafe { core::ptr::read_volatile(&PORT) };
     if port != 0 {
         let mut local: u16 = 0;
+        // SAFETY: as for PORT.
         let offset = unsafe { core::ptr::read_volatile(&PORT_OFFSET) } as usize;
+        // SAFETY: probe_read_kernel checks the kernel address itself and writes 2 bytes into
+        // `local`, which has them.
         let read = unsafe {
             bpf_probe_read_kernel(
                 (&raw mut local).cast(),
@@ -81,17 +90,24 @@ unsafe fn write_record(ctx: *mut IterTcp) {
     let Some(record) = RECORD.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: as for PORT.
     let count = unsafe { core::ptr::read_volatile(&SPAN_COUNT) } as usize;
     let mut at: u32 = 0;
     for span in 0..STATE_SPANS {
         if span >= count {
             break;
         }
+        // SAFETY: as for PORT; `span` < STATE_SPANS keeps both indices in the array.
         let offset = unsafe { core::ptr::read_volatile(&SPANS[2 * span]) } as usize;
+        // SAFETY: as above.
         let len = unsafe { core::ptr::read_volatile(&SPANS[2 * span + 1]) } & STATE_SPAN_LEN_MAX;
         // User space keeps to these bounds; the masks let the verifier see them.
         let start = at & STATE_SPAN_START_MAX;
+        // SAFETY: `record` is the valid per-CPU slot; start + len stays inside its bytes
+        // (STATE_SPAN_START_MAX + STATE_SPAN_LEN_MAX < STATE_RECORD_BYTES).
         let dst = unsafe { (&raw mut (*record).bytes).cast::<u8>().add(start as usize) };
+        // SAFETY: writes `len` bytes at `dst`, inside the record (above); the kernel source is
+        // checked by the helper.
         if unsafe {
             bpf_probe_read_kernel(
                 dst.cast::<c_void>(),
@@ -104,7 +120,9 @@ unsafe fn write_record(ctx: *mut IterTcp) {
         }
         at = start + len;
     }
+    // SAFETY: `meta` comes from the kernel's iterator context.
     let seq = unsafe { (*meta).seq };
+    // SAFETY: the seq_file of this iteration and the whole per-CPU record.
     unsafe {
         bpf_seq_write(
             seq.cast(),

@@ -47,12 +47,7 @@ impl<S: Default + 'static> Shard<S> {
         let (jobs, queue) = mpsc::channel::<Job<S>>();
         let (started, unshared) = mpsc::sync_channel(1);
         let thread = thread::Builder::new().name(name).spawn(move || {
-            // SAFETY: unshare(2) affects only this thread's fd table.
-            let result = if unsafe { libc::unshare(libc::CLONE_FILES) } == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            };
+            let result = crate::sys::unshare_fd_table();
             let ok = result.is_ok();
             // The spawner waits for this message: it cannot be gone.
             let _ = started.send(result);

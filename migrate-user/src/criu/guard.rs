@@ -13,10 +13,9 @@
 //! At the deadline it removes the freeze whatever happens (its programs let traffic through by
 //! then anyway).
 use std::{
-    io,
     net::{IpAddr, SocketAddr, TcpListener},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
     path::Path,
@@ -74,17 +73,8 @@ pub(super) fn spawn(netns: &Netns, spec: &GuardSpec) -> Result<(), CriuError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let ns_fd = target.as_raw_fd();
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 || libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // CRIU's fds (image dir, log, pipes to its caller) must not live on in the guard.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    // SAFETY: the hook makes raw syscalls only (async-signal-safe), as pre_exec requires.
+    unsafe { cmd.pre_exec(move || crate::sys::detach_into_netns(ns_fd)) };
     cmd.spawn().map_err(|source| CriuError::Io {
         step,
         path: "/proc/self/exe".into(),
@@ -167,19 +157,11 @@ fn any_local(netns: &Netns, addresses: &[IpAddr]) -> Result<bool, CriuError> {
 
 /// `None` when the process is already gone.
 fn pidfd(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a fresh descriptor we own.
-    (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    crate::sys::pidfd_open(pid).ok()
 }
 
 /// A pidfd polls readable once its process has exited.
 fn exited(fd: &OwnedFd) -> bool {
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    use std::os::fd::AsFd as _;
+    crate::sys::pidfd_wait_exit(fd.as_fd(), std::time::Instant::now())
 }

@@ -1,7 +1,6 @@
 //! Where a freeze lives between processes: pins under /sys/fs/bpf/tcpmig/<name>/ and a small
 //! metadata file (netns, interface, attach mode) under /run/tcpmig/freeze/.
 use std::{
-    ffi::CString,
     fs, io,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
@@ -12,7 +11,6 @@ use super::{EGRESS_PROGRAM, FreezeError, FreezeInfo, INGRESS_PROGRAM};
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tcpmig";
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const INFO_ROOT: &str = "/run/tcpmig/freeze";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 pub fn dir(name: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(name)
@@ -24,29 +22,21 @@ fn info_path(name: &str) -> PathBuf {
 
 /// Mounts bpffs at /sys/fs/bpf when it is not (fresh machines here do not mount it).
 pub fn ensure_bpffs() -> io::Result<()> {
-    let mount_point = CString::new(BPFFS_MOUNT).expect("no NUL");
-    // SAFETY: zeroed statfs is a valid out-buffer; path is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(mount_point.as_ptr(), &mut stat) } == 0
-        && stat.f_type as i64 == BPF_FS_MAGIC
-    {
+    use nix::{
+        mount::{MsFlags, mount},
+        sys::statfs::{BPF_FS_MAGIC, statfs},
+    };
+    if statfs(BPFFS_MOUNT).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC) {
         return Ok(());
     }
-    let fstype = CString::new("bpf").expect("no NUL");
-    // SAFETY: valid NUL-terminated strings, no data argument.
-    let ret = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            mount_point.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    mount(
+        Some("bpf"),
+        BPFFS_MOUNT,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
 }
 
 fn io_error(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> FreezeError {

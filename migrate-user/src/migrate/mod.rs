@@ -405,9 +405,8 @@ fn test_pause(phase: &str) {
         }
         // One byte at a time, unbuffered: what follows the line belongs to whoever reads stdin
         // next (the agent's application).
-        // SAFETY: reading one byte into a valid buffer.
         if ready > 0
-            && (unsafe { libc::read(libc::STDIN_FILENO, (&raw mut byte).cast(), 1) } != 1
+            && (nix::unistd::read(std::io::stdin(), std::slice::from_mut(&mut byte)) != Ok(1)
                 || byte == b'\n')
         {
             return;

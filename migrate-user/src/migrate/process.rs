@@ -2,7 +2,7 @@
 //! not read, write or close them, so its whole process tree is stopped with SIGSTOP first.
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -191,52 +191,16 @@ fn state(pid: u32) -> Option<char> {
 }
 
 pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) with a pid and no flags.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    crate::sys::pidfd_open(pid)
 }
 
 fn signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal(2) on a valid pidfd, no siginfo.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::pidfd_send_signal(pidfd.as_fd(), signal)
 }
 
 /// Waits until the process exits (a pidfd turns readable then, zombie or reaped).
 pub(super) fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut pollfd = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ret = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().min(1000) as libc::c_int) };
-        if ret > 0 {
-            return true;
-        }
-        if left.is_zero()
-            || (ret < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
-        {
-            return false;
-        }
-    }
+    crate::sys::pidfd_wait_exit(pidfd.as_fd(), deadline)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -80,14 +80,8 @@ impl Netns {
 
     /// Moves the calling thread into this namespace (for threads that live there for good).
     pub fn enter_current_thread(&self) -> Result<(), NetnsError> {
-        // SAFETY: setns on a valid namespace fd; only the calling thread changes namespace.
-        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(NetnsError::Enter(
-                self.spec.clone(),
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        crate::sys::enter_netns(self.file.as_fd())
+            .map_err(|source| NetnsError::Enter(self.spec.clone(), source))
     }
 }
 

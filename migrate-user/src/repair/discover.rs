@@ -1,12 +1,7 @@
 //! Finds a process's TCP connections: sock_diag in its network namespace gives each socket's
 //! 4-tuple, state and inode; /proc/PID/fd maps inodes to the process's fds; pidfd_getfd copies
 //! those fds into this process.
-use std::{
-    collections::HashMap,
-    io,
-    net::SocketAddr,
-    os::fd::{FromRawFd as _, OwnedFd},
-};
+use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd};
 
 use super::{DiagSocket, RepairError, TcpState, diag};
 use crate::{net::Netns, tuple::Tuple};
@@ -205,30 +200,18 @@ fn socket_fds(pid: u32) -> Result<Vec<(i32, u64)>, RepairError> {
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
-    // SAFETY: pidfd_open(2) takes a pid and flags.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        return Err(RepairError::Process {
-            pid,
-            what: "pidfd_open".to_owned(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    crate::sys::pidfd_open(pid).map_err(|source| RepairError::Process {
+        pid,
+        what: "pidfd_open".to_owned(),
+        source,
+    })
 }
 
 fn pidfd_getfd(pidfd: &OwnedFd, pid: u32, fd: i32) -> Result<OwnedFd, RepairError> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: pidfd_getfd(2) on a valid pidfd; the kernel returns a new fd (close-on-exec).
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if raw < 0 {
-        return Err(RepairError::Process {
-            pid,
-            what: format!("pidfd_getfd of its fd {fd}"),
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    use std::os::fd::AsFd as _;
+    crate::sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|source| RepairError::Process {
+        pid,
+        what: format!("pidfd_getfd of its fd {fd}"),
+        source,
+    })
 }

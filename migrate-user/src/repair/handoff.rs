@@ -202,6 +202,7 @@ pub fn spawn_with_fds(
     // allocates nothing: it only writes digits into a buffer made beforehand.
     let parent = unsafe { libc::getpid() };
     let mut cmd = Command::new(&command.program);
+    // SAFETY: as above: the hook runs only async-signal-safe calls on memory made before fork.
     unsafe { cmd.pre_exec(move || exec.run(parent)) };
     let spawned = cmd.spawn();
     // The child has its copies (or failed): ours, at 3.., are closed.
@@ -243,6 +244,7 @@ struct Execve {
 // SAFETY: the pointers point into the strings and buffer the struct owns, which nothing else
 // touches; it is used once, in the forked child.
 unsafe impl Send for Execve {}
+// SAFETY: as for Send: shared references only read the owned strings and buffer.
 unsafe impl Sync for Execve {}
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -406,6 +408,7 @@ fn place_fds(fds: Vec<OwnedFd>) -> io::Result<()> {
             if next == first {
                 // SAFETY: duplicating an fd we hold, then closing its old number.
                 let spare = check(unsafe { libc::fcntl(at[first], libc::F_DUPFD_CLOEXEC, end) })?;
+                // SAFETY: the old number of a socket we hold, now duplicated to `spare`.
                 unsafe { libc::close(at[first]) };
                 occupant[slot(at[first]).expect("a cycle is inside the range")] = None;
                 at[first] = spare;

@@ -20,7 +20,8 @@ mod dump;
 pub mod handoff;
 mod kernel_state;
 mod restore;
-mod sockopt;
+/// The TCP_REPAIR calls live in the sys module with every other raw kernel call.
+use crate::sys::tcp_repair as sockopt;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 

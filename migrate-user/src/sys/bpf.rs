@@ -1,9 +1,8 @@
-//! The few kernel calls aya does not offer: batched map updates, BPF_PROG_TEST_RUN, capability
-//! checks and the clock the eBPF programs read.
+//! The bpf(2) commands aya 0.16 does not offer: batched map updates and deletes (one syscall for
+//! thousands of 4-tuples), BPF_PROG_TEST_RUN, and detaching a pinned link at once.
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _},
-    time::Duration,
 };
 
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -158,117 +157,4 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok(attr.retval)
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns(): deadlines in the maps are on it.
-pub fn monotonic_now() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// Capabilities tcpmig needs, by their kernel numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Capability {
-    NetAdmin = 12,
-    SysAdmin = 21,
-    SysPtrace = 19,
-    Bpf = 39,
-}
-
-impl Capability {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Capability::NetAdmin => "CAP_NET_ADMIN",
-            Capability::SysAdmin => "CAP_SYS_ADMIN",
-            Capability::SysPtrace => "CAP_SYS_PTRACE",
-            Capability::Bpf => "CAP_BPF",
-        }
-    }
-}
-
-/// Whether this process has `cap` in its effective set (from /proc/self/status).
-pub fn has_capability(cap: Capability) -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << cap as u64) != 0)
-}
-
-/// The first capability of `needed` this process lacks. CAP_BPF is also satisfied by
-/// CAP_SYS_ADMIN, as in the kernel.
-pub fn missing_capability(needed: &[Capability]) -> Option<Capability> {
-    needed.iter().copied().find(|&cap| {
-        !(has_capability(cap) || (cap == Capability::Bpf && has_capability(Capability::SysAdmin)))
-    })
-}
-
-/// A capability this process lacks, found before the first call that would fail with a bare
-/// EPERM; every plane's error wraps this one.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{operation} needs {} and this process lacks it: run tcpmig as root or grant the capability",
-    .capability.name()
-)]
-pub struct MissingCapability {
-    /// What needed it, for instance "`tcpmig migrate`" or "freezing traffic".
-    pub operation: &'static str,
-    pub capability: Capability,
-}
-
-/// Fails with the first capability of `needed` this process lacks.
-pub fn require_capabilities(
-    operation: &'static str,
-    needed: &[Capability],
-) -> Result<(), MissingCapability> {
-    match missing_capability(needed) {
-        Some(capability) => Err(MissingCapability {
-            operation,
-            capability,
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Blocks until SIGINT or SIGTERM arrives or `timeout` passes; returns whether a signal came.
-/// The signals are blocked first, so they are taken here instead of killing the process.
-pub fn wait_for_termination(timeout: Duration) -> io::Result<bool> {
-    // SAFETY: sigset operations on a local, zero-initialised set; sigtimedwait with valid pointers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Ok(false);
-            }
-            let ts = libc::timespec {
-                tv_sec: left.as_secs() as libc::time_t,
-                tv_nsec: left.subsec_nanos() as libc::c_long,
-            };
-            if libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) >= 0 {
-                return Ok(true);
-            }
-            let error = io::Error::last_os_error();
-            match error.raw_os_error() {
-                Some(libc::EAGAIN) => return Ok(false),
-                Some(libc::EINTR) => continue,
-                _ => return Err(error),
-            }
-        }
-    }
 }

@@ -1,0 +1,27 @@
+//! Every raw kernel interface of the library, behind safe, typed functions named after the call
+//! (`#[doc(alias)]` gives the kernel's name). Above this module the library is safe Rust: an
+//! `unsafe` block elsewhere is a bug to move here. nix is used where it has the call; what nix and
+//! aya lack (pidfd_getfd, pidfd_send_signal, close_range, the bpf(2) batch commands, the
+//! TCP_REPAIR socket options) is written here once, each block with its `SAFETY:` argument.
+//!
+//! - [`bpf`]: bpf(2) commands aya does not offer;
+//! - [`pidfd`]: process handles, taking another process's sockets, signalling it;
+//! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
+//! - [`ns`]: entering network namespaces, private fd tables;
+//! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
+mod bpf;
+mod caps;
+mod clock;
+mod ns;
+mod pidfd;
+mod signal;
+pub mod tcp_repair;
+
+pub use bpf::{detach_pinned_link, map_delete_batch, map_update_batch, prog_test_run};
+pub use caps::{
+    Capability, MissingCapability, has_capability, missing_capability, require_capabilities,
+};
+pub use clock::monotonic_now;
+pub use ns::{detach_into_netns, enter_netns, unshare_fd_table};
+pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
+pub use signal::wait_for_termination;

@@ -1,0 +1,67 @@
+//! Process file descriptors: a handle on a process that cannot be confused with a later process
+//! of the same pid. nix has none of these calls, so they are made here, once.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    time::Instant,
+};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+/// Turns a syscall's result into the new fd it returned.
+fn owned_fd(raw: libc::c_long) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// A pidfd for `pid` (close-on-exec).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags, no pointers.
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) })
+}
+
+/// A duplicate, in this process, of the target's descriptor `fd` (close-on-exec). Needs
+/// PTRACE_MODE_ATTACH_REALCREDS over the target (CAP_SYS_PTRACE for another user's process).
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd(2) takes a pidfd, a number in the target's table and flags.
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
+}
+
+/// Sends `signal` to the process behind `pidfd`, never to a recycled pid.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) on a valid pidfd with no siginfo.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the process behind `pidfd` exits (a pidfd polls readable then, zombie or reaped)
+/// or `deadline` passes; returns whether it exited. `deadline` in the past checks without waiting.
+pub fn pidfd_wait_exit(pidfd: BorrowedFd<'_>, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        let timeout =
+            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::ZERO);
+        match poll(&mut fds, timeout) {
+            Ok(ready) if ready > 0 => return true,
+            Err(nix::errno::Errno::EINTR) if !left.is_zero() => {}
+            Err(_) => return false,
+            Ok(_) if left.is_zero() => return false,
+            Ok(_) => {}
+        }
+    }
+}
