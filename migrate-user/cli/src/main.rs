@@ -4,6 +4,7 @@
 mod criu;
 mod demo;
 mod freeze;
+mod handto;
 mod migrate;
 mod repair;
 
@@ -92,11 +93,18 @@ fn usage_error(error: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let rendered = error.render().to_string();
-    let line = rendered
+    // The message, and the arguments it lists on the lines below it ("not provided:"), in one
+    // line; the usage block after the blank line is left to --help.
+    let message: Vec<&str> = rendered
         .lines()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("invalid arguments")
-        .trim_start_matches("error: ");
+        .skip_while(|line| line.trim().is_empty())
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = match message.join(" ") {
+        joined if joined.is_empty() => "invalid arguments".to_owned(),
+        joined => joined.trim_start_matches("error: ").to_owned(),
+    };
     eprintln!("tcpmig: error: {line} (see --help)");
     ExitCode::from(2)
 }

@@ -1,5 +1,5 @@
 //! `tcpmig migrate` (source) and `tcpmig agent` (destination).
-use std::{ffi::OsString, net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
 
 use clap::Args;
 use tcpmig::{
@@ -7,7 +7,7 @@ use tcpmig::{
     repair::handoff::{self, ExecCommand},
 };
 
-use super::print_json;
+use super::{handto::HandTo, print_json};
 
 #[derive(Args)]
 pub struct MigrateArgs {
@@ -108,9 +108,6 @@ pub struct AgentArgs {
     /// Seconds to wait for each step of the source (and 60 times that for it to connect).
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
-    /// Send the connections over SCM_RIGHTS to the application listening on this Unix socket.
-    #[arg(long, value_name = "PATH", conflicts_with = "exec")]
-    handoff: Option<PathBuf>,
     /// Print the report as JSON on stdout (before the command starts, with --exec).
     #[arg(long)]
     json: bool,
@@ -122,10 +119,8 @@ pub struct AgentArgs {
     /// Testing aid: stop (SIGSTOP) once this many image bytes arrived.
     #[arg(long, hide = true, value_name = "BYTES")]
     stop_after_image_bytes: Option<u64>,
-    /// Become this command, with the connections as fds 3.. (LISTEN_FDS, LISTEN_PID,
-    /// LISTEN_FDNAMES); or start it once per group (see --max-per-process).
-    #[arg(last = true, value_name = "CMD")]
-    exec: Vec<OsString>,
+    #[command(flatten)]
+    to: HandTo,
 }
 
 fn timeout(secs: f64) -> anyhow::Result<Duration> {
@@ -163,12 +158,9 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    if args.handoff.is_none() && args.exec.is_empty() {
-        anyhow::bail!("give -- CMD ARGS (exec) or --handoff PATH");
-    }
     // A missing program must not cost the connections: checked before anything moves.
-    if !args.exec.is_empty() {
-        ExecCommand::prepare(&args.exec, 0)?;
+    if args.to.handoff.is_none() {
+        ExecCommand::prepare(&args.to.command, 0)?;
     }
     let config = AgentConfig {
         listen: args.listen,
@@ -193,11 +185,11 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.json {
         print_json(&outcome.report)?;
     }
-    match args.handoff {
+    match args.to.handoff {
         Some(path) => Ok(outcome.live.send_to(&path)?),
         None => {
             let per_process = outcome.report.live.div_ceil(outcome.live.groups());
-            let command = ExecCommand::prepare(&args.exec, per_process)?;
+            let command = ExecCommand::prepare(&args.to.command, per_process)?;
             let status = outcome.live.run(command)?;
             std::process::exit(status.code().unwrap_or(1))
         }

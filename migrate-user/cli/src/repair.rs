@@ -1,6 +1,5 @@
 //! `tcpmig dump` and `tcpmig restore`.
 use std::{
-    ffi::OsString,
     net::SocketAddr,
     os::unix::fs::FileTypeExt as _,
     path::PathBuf,
@@ -8,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::{Args, ValueEnum};
 use tcpmig::{
     freeze::{self, Freeze, RemoveOnDrop},
     image,
@@ -21,7 +20,7 @@ use tcpmig::{
     tuple::Tuple,
 };
 
-use super::print_json;
+use super::{handto::HandTo, print_json};
 
 /// How many connections an error lists by name.
 const NAMED_IN_ERRORS: usize = 3;
@@ -77,7 +76,6 @@ enum Then {
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("target").required(true).args(["exec", "handoff"])))]
 pub struct RestoreArgs {
     /// Image written by `tcpmig dump`.
     #[arg(long = "in", value_name = "FILE")]
@@ -85,23 +83,11 @@ pub struct RestoreArgs {
     /// Network namespace to restore into: a name under /run/netns or a path.
     #[arg(long, value_name = "NS")]
     netns: String,
-    /// Replace tcpmig by the command given after `--`, inside NS, with the connections as fds
-    /// 3, 4, ... and LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES set (systemd socket activation,
-    /// Accept=yes style). The command keeps tcpmig's pid, so whoever started tcpmig supervises
-    /// it; tcpmig's report goes to stderr, stdout is the command's.
-    #[arg(long, requires = "command")]
-    exec: bool,
-    /// Send the connections to the application listening on this Unix socket, with SCM_RIGHTS:
-    /// messages of at most 253 fds, each with the text `tcpmig-fds N` and one name per line
-    /// (LOCALIP.PORT-REMOTEIP.PORT); waits for the receiver to close the connection.
-    #[arg(long, value_name = "PATH")]
-    handoff: Option<PathBuf>,
+    #[command(flatten)]
+    to: HandTo,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// The command for --exec and its arguments, after `--`.
-    #[arg(last = true, value_name = "CMD", requires = "exec")]
-    command: Vec<OsString>,
 }
 
 /// Bytes the connections carry in their queues.
@@ -323,7 +309,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         image::read_file(&args.input).with_context(|| args.input.display().to_string())?;
     let read_time = started.elapsed();
     let netns = Netns::open(&args.netns)?;
-    let target = match &args.handoff {
+    let target = match &args.to.handoff {
         Some(path) => {
             let is_socket = path.metadata().is_ok_and(|m| m.file_type().is_socket());
             if !is_socket {
@@ -334,7 +320,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             }
             Target::Unix(path.clone())
         }
-        None => Target::Exec(ExecCommand::prepare(&args.command, connections.len())?),
+        None => Target::Exec(ExecCommand::prepare(&args.to.command, connections.len())?),
     };
     let started = Instant::now();
     let restored = repair::restore(&netns, &connections)?;
