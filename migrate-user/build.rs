@@ -27,8 +27,13 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("migrate-user has no parent directory"))?;
     let toolchain = pinned_toolchain(workspace_root)?;
     let ebpf_dir = workspace_root.join("migrate-ebpf");
-    // SAFETY: build scripts are single-threaded; the variable is meant for the child cargo.
+    // SAFETY: build scripts are single-threaded; the variables are meant for the child cargo.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
+    // aya-build turns every line the inner cargo prints into a cargo warning: without this, each
+    // fresh build of the library "warns" once per crate the eBPF build compiles. Errors and
+    // real warnings of the eBPF crate still come through.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: "migrate-ebpf",

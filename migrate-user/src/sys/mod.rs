@@ -4,10 +4,10 @@
 //! aya lack (pidfd_getfd, pidfd_send_signal, close_range, the bpf(2) batch commands, the
 //! TCP_REPAIR socket options) is written here once, each block with its `SAFETY:` argument.
 //!
-//! - [`bpf`]: bpf(2) commands aya does not offer;
-//! - [`pidfd`]: process handles, taking another process's sockets, signalling it;
+//! - `bpf`: bpf(2) commands aya does not offer;
+//! - `pidfd`: process handles, taking another process's sockets, signalling it;
 //! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
-//! - [`ns`]: entering network namespaces, private fd tables;
+//! - `ns`: entering network namespaces, private fd tables;
 //! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
 mod bpf;
 mod caps;
