@@ -1,8 +1,8 @@
 //! Announcing that an address now lives behind this interface's MAC: a gratuitous ARP (IPv4) or
 //! an unsolicited neighbour advertisement with the override flag (IPv6). Peers keep a REACHABLE
-//! neighbour entry for the old owner otherwise, and the connections stall (notes/tcp-repair.md:
-//! 0 of 1000 recovered without it). Frames are built here and sent on an AF_PACKET socket bound
-//! to the interface, so nothing outside tcpmig (arping, ndisc6) is needed.
+//! neighbour entry for the old owner otherwise, and the connections stall (docs/tcp-repair.md,
+//! "Pitfalls": 0 of 1000 recovered without it). Frames are built here and sent on an AF_PACKET
+//! socket bound to the interface, so nothing outside tcpmig (arping, ndisc6) is needed.
 //!
 //! Receivers (measured on kernel 6.18, tests/net_plane.rs): a gratuitous ARP replaces the MAC of
 //! an existing entry with the defaults (arp_accept=0 only stops it creating new entries); a peer

@@ -17,7 +17,7 @@ pub const TCP_REPAIR_WINDOW: libc::c_int = 29;
 
 pub const REPAIR_ON: libc::c_int = 1;
 /// Leaves repair mode and sends a window probe: the peer answers at once (measured recovery
-/// 0.07 s instead of 0.43 s without the probe, notes/tcp-repair.md).
+/// 0.07 s instead of 0.43 s without the probe, docs/tcp-repair.md).
 pub const REPAIR_OFF: libc::c_int = 0;
 /// Leaves repair mode without sending anything.
 pub const REPAIR_OFF_NO_WP: libc::c_int = -1;
