@@ -10,14 +10,14 @@
 //! with the override flag, and not on a peer whose interface has drop_unsolicited_na=1 (a
 //! per-interface setting: the `all` value is not consulted).
 use std::{
-    io, mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::Duration,
 };
 
 use netlink_packet_route::link::LinkLayerType;
 use tracing::debug;
+
+use crate::sys::PacketSocket;
 
 use super::{
     NetError, Netns,
@@ -200,81 +200,6 @@ fn icmpv6_checksum(source: Ipv6Addr, destination: Ipv6Addr, message: &[u8]) -> u
             (sum & 0xffff) + (sum >> 16)
         });
     !u16::try_from(sum).expect("folded to 16 bits")
-}
-
-/// An AF_PACKET socket bound to one interface that only sends (protocol 0: it receives nothing).
-struct PacketSocket {
-    fd: OwnedFd,
-    destination: libc::sockaddr_ll,
-}
-
-impl PacketSocket {
-    fn bind(ifindex: u32, ethertype: u16, destination_mac: [u8; 6]) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned right below.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut address = sockaddr_ll(ifindex, 0, destination_mac);
-        // SAFETY: `address` is a valid sockaddr_ll of the length passed.
-        let bound = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&address).cast(),
-                sockaddr_ll_len(),
-            )
-        };
-        if bound != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        address.sll_protocol = ethertype.to_be();
-        Ok(Self {
-            fd,
-            destination: address,
-        })
-    }
-
-    fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: `frame` and `destination` are valid for the lengths passed.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                std::ptr::from_ref(&self.destination).cast(),
-                sockaddr_ll_len(),
-            )
-        };
-        match usize::try_from(sent) {
-            Ok(sent) if sent == frame.len() => Ok(()),
-            Ok(sent) => Err(io::Error::other(format!(
-                "sent {sent} of {} bytes",
-                frame.len()
-            ))),
-            Err(_) => Err(io::Error::last_os_error()),
-        }
-    }
-}
-
-fn sockaddr_ll(ifindex: u32, ethertype: u16, mac: [u8; 6]) -> libc::sockaddr_ll {
-    let mut addr = [0u8; 8];
-    addr[..6].copy_from_slice(&mac);
-    libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
-        sll_protocol: ethertype.to_be(),
-        sll_ifindex: i32::try_from(ifindex).expect("interface indexes fit in an int"),
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 6,
-        sll_addr: addr,
-    }
-}
-
-fn sockaddr_ll_len() -> libc::socklen_t {
-    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t
 }
 
 #[cfg(test)]

@@ -8,11 +8,13 @@
 //! - `pidfd`: process handles, taking another process's sockets, signalling it;
 //! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
 //! - `ns`: entering network namespaces, private fd tables;
+//! - `packet`: sending whole Ethernet frames (the address announcements);
 //! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
 mod bpf;
 mod caps;
 mod clock;
 mod ns;
+mod packet;
 mod pidfd;
 mod signal;
 pub mod tcp_repair;
@@ -23,5 +25,6 @@ pub use caps::{
 };
 pub use clock::monotonic_now;
 pub use ns::{detach_into_netns, enter_netns, unshare_fd_table};
+pub use packet::PacketSocket;
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
 pub use signal::wait_for_termination;
