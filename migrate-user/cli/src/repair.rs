@@ -9,21 +9,19 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use tcpmig::{
-    freeze::{self, Freeze, RemoveOnDrop},
     image,
-    migrate::{self, Privileged},
+    migrate::{
+        self, Privileged,
+        checkpoint::{self, Checkpoint, Queued},
+    },
     net::Netns,
     repair::{
-        self, Connection, Filter, Workers,
+        self,
         handoff::{self, ExecCommand},
     },
-    tuple::Tuple,
 };
 
 use super::{handto::HandTo, print_json};
-
-/// How many connections an error lists by name.
-const NAMED_IN_ERRORS: usize = 3;
 
 #[derive(Args)]
 pub struct DumpArgs {
@@ -63,8 +61,8 @@ pub struct DumpArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+/// What the source sockets do once the image is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Then {
     /// Leave repair mode: the connections carry on here (a checkpoint). A --freeze-dev freeze is
     /// lifted.
@@ -73,6 +71,15 @@ enum Then {
     /// Keep the freeze on until they are restored elsewhere, or the peers' next segments are
     /// answered with RSTs here; a --freeze-dev freeze stays pinned until its deadline.
     Commit,
+}
+
+impl From<Then> for checkpoint::Then {
+    fn from(then: Then) -> Self {
+        match then {
+            Then::Rollback => checkpoint::Then::Rollback,
+            Then::Commit => checkpoint::Then::Commit,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -90,141 +97,21 @@ pub struct RestoreArgs {
     json: bool,
 }
 
-/// Bytes the connections carry in their queues.
-#[derive(Default, serde::Serialize)]
-struct Queued {
-    /// Sent but unacknowledged, or never sent (`unsent_bytes` of them).
-    send_bytes: u64,
-    unsent_bytes: u64,
-    /// Received and acknowledged but not read by the application.
-    recv_bytes: u64,
-}
-
-impl Queued {
-    fn of(connections: &[Connection]) -> Self {
-        connections.iter().fold(Self::default(), |mut q, c| {
-            q.send_bytes += c.send_queue.len() as u64;
-            q.unsent_bytes += u64::from(c.unsent);
-            q.recv_bytes += c.recv_queue.len() as u64;
-            q
-        })
-    }
-}
-
-#[derive(serde::Serialize)]
-struct DumpReport<'a> {
-    pid: u32,
-    netns: &'a str,
-    image: &'a std::path::Path,
-    connections: usize,
-    /// Matching connections left out because of their state.
-    skipped: usize,
-    /// Listening sockets of the process on the filter's port or service.
-    listening: &'a [SocketAddr],
-    #[serde(flatten)]
-    queued: Queued,
-    image_bytes: usize,
-    then: Then,
-    /// The freeze made with --freeze-dev, if any.
-    freeze: Option<String>,
-    discover_us: f64,
-    freeze_us: f64,
-    dump_us: f64,
-    write_us: f64,
-    then_us: f64,
-}
-
 pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
-    migrate::check_privileges(Privileged::Dump)?;
     if !(args.deadline.is_finite() && args.deadline > 0.0) {
         bail!("--deadline must be a positive number of seconds");
     }
-    let netns_spec = args
-        .netns
-        .clone()
-        .unwrap_or_else(|| format!("/proc/{}/ns/net", args.pid));
-    let netns = Netns::open(&netns_spec)?;
-    let filter = Filter {
+    let report = Checkpoint {
+        pid: args.pid,
+        netns: args.netns,
         port: args.port,
         service: args.service,
-        tuples: Vec::new(),
-    };
-    let started = Instant::now();
-    let discovery = repair::discover(&netns, args.pid, &filter)?;
-    let discover_time = started.elapsed();
-    if discovery.sockets.is_empty() {
-        bail!(
-            "process {} has no established connection{} in network namespace {netns_spec}: \
-             check --pid, --port, --service and --netns",
-            args.pid,
-            match (args.service, args.port) {
-                (Some(service), _) => format!(" on {service}"),
-                (None, Some(port)) => format!(" on port {port}"),
-                (None, None) => String::new(),
-            }
-        );
+        out: args.out,
+        freeze_dev: args.freeze_dev,
+        deadline: Duration::from_secs_f64(args.deadline),
+        then: args.then.into(),
     }
-    let tuples: Vec<Tuple> = discovery.sockets.iter().map(|s| s.tuple).collect();
-    let (skipped, listening) = (discovery.skipped.len(), discovery.listening.clone());
-
-    // What needs no freeze is done before it: loading the socket reader, reading the options.
-    let port = args.service.map(|service| service.port()).or(args.port);
-    let mut reader = repair::StateReader::load(port)?;
-    let prepared = repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?;
-
-    let started = Instant::now();
-    let freeze_name = format!("dump-{}", args.pid);
-    let own_freeze = match &args.freeze_dev {
-        Some(dev) => {
-            let mut guard = RemoveOnDrop::new(Freeze::attach(&netns, dev, &freeze_name)?);
-            guard.freeze_tuples(&tuples, Duration::from_secs_f64(args.deadline))?;
-            Some(guard)
-        }
-        None => {
-            refuse_unfrozen(&netns, &tuples)?;
-            None
-        }
-    };
-    let freeze_time = started.elapsed();
-
-    let started = Instant::now();
-    // From here on, an error drops `dumped` (rolls back) and then `own_freeze` (lifts it).
-    let dumped = prepared.dump(&mut reader)?;
-    let dump_time = started.elapsed();
-    let started = Instant::now();
-    let encoded = image::encode(dumped.connections());
-    image::write_file(&args.out, &encoded)?;
-    let write_time = started.elapsed();
-    let queued = Queued::of(dumped.connections());
-    let connections = dumped.len();
-
-    let started = Instant::now();
-    match args.then {
-        Then::Commit => {
-            dumped.commit();
-            own_freeze.map(RemoveOnDrop::keep);
-        }
-        Then::Rollback => dumped.rollback()?,
-    }
-    let then_time = started.elapsed();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let report = DumpReport {
-        pid: args.pid,
-        netns: &netns_spec,
-        image: &args.out,
-        connections,
-        skipped,
-        listening: &listening,
-        queued,
-        image_bytes: encoded.len(),
-        then: args.then,
-        freeze: args.freeze_dev.as_ref().map(|_| freeze_name),
-        discover_us: us(discover_time),
-        freeze_us: us(freeze_time),
-        dump_us: us(dump_time),
-        write_us: us(write_time),
-        then_us: us(then_time),
-    };
+    .run()?;
     if args.json {
         return print_json(&report);
     }
@@ -233,7 +120,7 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
          sent, {} received unread) in {:.0} us; {}",
         report.connections,
         report.pid,
-        args.out.display(),
+        report.image.display(),
         report.image_bytes,
         report.queued.send_bytes,
         report.queued.unsent_bytes,
@@ -244,37 +131,13 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
             Then::Commit => "committed: the sockets here are closed silently",
         }
     );
-    if skipped > 0 {
-        println!("left out {skipped} connections in states tcpmig does not move");
+    if report.skipped > 0 {
+        println!(
+            "left out {} connections in states tcpmig does not move",
+            report.skipped
+        );
     }
     Ok(())
-}
-
-/// A dump of connections whose traffic still flows would miss what arrives meanwhile.
-fn refuse_unfrozen(netns: &Netns, tuples: &[Tuple]) -> anyhow::Result<()> {
-    let left = freeze::unfrozen(netns, tuples)?;
-    if left.is_empty() {
-        return Ok(());
-    }
-    let named: Vec<String> = left
-        .iter()
-        .take(NAMED_IN_ERRORS)
-        .map(ToString::to_string)
-        .collect();
-    bail!(
-        "{} of {} connections are not frozen ({}{}): their traffic would change the sockets \
-         during the dump; freeze them first (tcpmig freeze --netns {} --dev IFACE --service \
-         ADDR:PORT) or pass --freeze-dev IFACE",
-        left.len(),
-        tuples.len(),
-        named.join(", "),
-        if left.len() > NAMED_IN_ERRORS {
-            ", ..."
-        } else {
-            ""
-        },
-        netns.spec()
-    )
 }
 
 #[derive(serde::Serialize)]

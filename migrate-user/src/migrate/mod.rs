@@ -37,6 +37,7 @@
 //! its stdin, so that a test can kill it there. The phases are the `test_pause` calls in
 //! source.rs and agent.rs.
 mod agent;
+pub mod checkpoint;
 mod guard;
 mod process;
 mod source;
@@ -374,9 +375,8 @@ impl Privileged {
 
 /// Fails before anything is touched, naming the first capability `command` needs and lacks,
 /// instead of with an EPERM halfway through.
-pub fn check_privileges(command: Privileged) -> Result<(), MigrateError> {
-    crate::sys::require_capabilities(command.name(), command.needs())?;
-    Ok(())
+pub fn check_privileges(command: Privileged) -> Result<(), crate::sys::MissingCapability> {
+    crate::sys::require_capabilities(command.name(), command.needs())
 }
 
 /// How long a test pause waits for its line on stdin.
