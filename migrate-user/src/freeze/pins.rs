@@ -7,7 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{EGRESS_PROGRAM, FreezeError, FreezeInfo, INGRESS_PROGRAM};
+use super::{
+    FreezeError, FreezeInfo,
+    attach::{EGRESS_PROGRAM, INGRESS_PROGRAM},
+};
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tcpmig";
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -25,11 +28,11 @@ fn info_path(name: &str) -> PathBuf {
 /// Mounts bpffs at /sys/fs/bpf when it is not (fresh machines here do not mount it).
 pub fn ensure_bpffs() -> io::Result<()> {
     let mount_point = CString::new(BPFFS_MOUNT).expect("no NUL");
-    // SAFETY: zeroed statfs is a valid out-buffer; path is NUL-terminated.
+    // SAFETY: statfs is plain data: all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(mount_point.as_ptr(), &mut stat) } == 0
-        && stat.f_type as i64 == BPF_FS_MAGIC
-    {
+    // SAFETY: the path is NUL-terminated and `stat` a writable statfs.
+    let ret = unsafe { libc::statfs(mount_point.as_ptr(), &mut stat) };
+    if ret == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
     let fstype = CString::new("bpf").expect("no NUL");
