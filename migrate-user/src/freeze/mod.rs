@@ -2,7 +2,7 @@
 //! connections, in both directions, with one map update per service.
 //!
 //! A freeze has a name. Its programs are attached with tcx links (clsact filters on kernels
-//! before 6.6) and everything is pinned under /sys/fs/bpf/tcpmig/<name>/, so a freeze set by one
+//! before 6.6) and everything is pinned under `/sys/fs/bpf/tcpmig/<name>/`, so a freeze set by one
 //! process (a CRIU action script, say) is seen and lifted by another. Every entry carries a
 //! deadline after which the programs let traffic pass again by themselves. A freeze attached with
 //! [`Freeze::attach_unpinned`] instead lives only as long as its handle: a process that must not

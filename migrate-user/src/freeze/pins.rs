@@ -1,5 +1,5 @@
-//! Where a freeze lives between processes: pins under /sys/fs/bpf/tcpmig/<name>/ and a small
-//! metadata file (netns, interface, attach mode) under /run/tcpmig/freeze/.
+//! Where a freeze lives between processes: pins under `/sys/fs/bpf/tcpmig/<name>/` and a small
+//! metadata file (netns, interface, attach mode) under `/run/tcpmig/freeze/`.
 use std::{
     ffi::CString,
     fs, io,
