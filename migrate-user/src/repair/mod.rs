@@ -20,7 +20,7 @@ mod dump;
 pub mod handoff;
 mod kernel_state;
 mod restore;
-mod sockopt;
+pub(crate) mod sockopt;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 
