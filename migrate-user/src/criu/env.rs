@@ -33,6 +33,7 @@ impl Action {
         }
     }
 
+    /// The action CRIU names `name`; one the hook does not act in is [`Action::Other`].
     pub fn parse(name: &str) -> Self {
         match name {
             "pre-dump" => Self::PreDump,

@@ -82,15 +82,15 @@ pub enum FreezeError {
     },
     #[error("loading the freeze programs")]
     Load(#[from] aya::EbpfError),
-    #[error("freeze program")]
+    #[error("loading or attaching a freeze program")]
     Program(#[from] aya::programs::ProgramError),
-    #[error("freeze map")]
+    #[error("reading or writing a freeze map")]
     Map(#[from] aya::maps::MapError),
-    #[error("pinning")]
+    #[error("pinning a freeze link under {PIN_ROOT}")]
     Pin(#[from] aya::pin::PinError),
-    #[error("freeze link")]
+    #[error("taking over a freeze link")]
     Link(#[from] aya::programs::links::LinkError),
-    #[error("attaching clsact on {dev}")]
+    #[error("adding a clsact qdisc on {dev}")]
     Clsact { dev: String, source: tc::TcError },
     #[error("freeze {name}: corrupt metadata {path}")]
     Metadata {
@@ -112,6 +112,7 @@ pub enum AttachMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeInfo {
     pub name: String,
+    /// The namespace as given (a name under /run/netns or a path), reopened to detach.
     pub netns: String,
     pub netns_inode: u64,
     pub dev: String,
@@ -253,6 +254,7 @@ impl Freeze {
         })
     }
 
+    /// Where this freeze is attached, as recorded for other processes.
     pub fn info(&self) -> &FreezeInfo {
         &self.info
     }
@@ -341,6 +343,7 @@ pub fn default_name(netns: &Netns) -> String {
 pub struct RemoveOnDrop(Option<Freeze>);
 
 impl RemoveOnDrop {
+    /// Takes charge of `freeze`: dropping the guard removes it.
     pub fn new(freeze: Freeze) -> Self {
         Self(Some(freeze))
     }

@@ -22,6 +22,7 @@ impl Encoder {
         Self::default()
     }
 
+    /// The header, first in every image.
     pub fn header(&self, dst: &mut impl BufMut) {
         dst.put_slice(MAGIC);
         dst.put_u16(VERSION);
@@ -46,6 +47,7 @@ impl Encoder {
         self.records += 1;
     }
 
+    /// The end record, counting the connections written: a stream without it is incomplete.
     pub fn end(&self, dst: &mut impl BufMut) {
         let mut record = [0u8; FRAMING + 4];
         let mut body = &mut record[..];
@@ -97,6 +99,7 @@ pub fn records(connections: &[Connection]) -> Bytes {
 pub struct Image;
 
 impl Image {
+    /// The header, before the first part.
     pub fn header() -> Bytes {
         let mut out = BytesMut::with_capacity(HEADER_LEN);
         Encoder::new().header(&mut out);

@@ -34,8 +34,11 @@ pub use self::{
 };
 use crate::repair::Connection;
 
+/// The first bytes of every image.
 pub const MAGIC: &[u8; 8] = b"TCPMIGIM";
+/// The format version this tcpmig writes and reads (both hosts must agree).
 pub const VERSION: u16 = 1;
+/// Magic, version and reserved field.
 pub const HEADER_LEN: usize = 12;
 /// A record claiming more than this is corrupt (queues are bounded by socket buffers).
 pub const MAX_RECORD: usize = 256 << 20;
