@@ -232,4 +232,30 @@ mod tests {
         }
         assert!(Config::parse(Some("TCPMIG_DEVICE=eth0"), env(&[])).is_err());
     }
+
+    #[test]
+    fn errors_name_the_key_and_keep_their_cause() {
+        use std::error::Error as _;
+        let error = |pair| Config::parse(None, env(&[pair])).unwrap_err();
+        let not_a_number = error(("TCPMIG_DEADLINE", "soon"));
+        assert!(
+            not_a_number
+                .to_string()
+                .contains("TCPMIG_DEADLINE=\"soon\": give a positive number of seconds"),
+            "{not_a_number}"
+        );
+        let CriuError::Config(config) = not_a_number else {
+            panic!("a configuration error");
+        };
+        assert!(config.source().is_some(), "the parse error is kept");
+        let CriuError::Config(negative) = error(("TCPMIG_DEADLINE", "-1")) else {
+            panic!("a configuration error");
+        };
+        assert!(negative.source().is_none());
+        let address = error(("TCPMIG_ADDRESS", "fd00::1/x"));
+        assert!(
+            address.to_string().contains("give ADDR/PREFIX"),
+            "{address}"
+        );
+    }
 }
