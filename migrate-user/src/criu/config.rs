@@ -2,12 +2,13 @@
 //! a file of the same KEY=VALUE lines, since podman and runc do not let every variable through.
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::{AddrParseError, IpAddr, SocketAddr},
+    num::{ParseFloatError, ParseIntError},
     path::Path,
     time::Duration,
 };
 
-use super::{CriuError, seconds};
+use super::CriuError;
 
 /// Names the configuration file.
 pub const CONFIG_ENV: &str = "TCPMIG_CONFIG";
@@ -23,9 +24,43 @@ const KEYS: [&str; 4] = [
 const DEFAULT_DEV: &str = "eth0";
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
+/// A setting the hook cannot use; each names the key and what to give instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{line:?} is not KEY=VALUE")]
+    NotKeyValue { line: String },
+    #[error("unknown key {key}: the keys are {}", KEYS.join(", "))]
+    UnknownKey { key: String },
+    #[error("TCPMIG_SERVICES: {service:?} is not ADDR:PORT")]
+    Service {
+        service: String,
+        source: AddrParseError,
+    },
+    #[error("TCPMIG_ADDRESS={value:?}: give ADDR/PREFIX")]
+    AddressForm { value: String },
+    #[error("TCPMIG_ADDRESS={value:?}: give ADDR/PREFIX")]
+    AddressIp {
+        value: String,
+        source: AddrParseError,
+    },
+    #[error("TCPMIG_ADDRESS={value:?}: give ADDR/PREFIX")]
+    AddressPrefix {
+        value: String,
+        source: ParseIntError,
+    },
+    /// Not a number (the source says why), or not a positive finite one (no source).
+    #[error("{key}={value:?}: give a positive number of seconds")]
+    Seconds {
+        key: &'static str,
+        value: String,
+        #[source]
+        source: Option<ParseFloatError>,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// TCPMIG_DEV: the interface carrying the connections, on both hosts [eth0].
+    /// TCPMIG_DEV: the interface carrying the connections, on both hosts (default eth0).
     pub dev: String,
     /// TCPMIG_SERVICES=ADDR:PORT,...: freeze these services whole (new SYNs too) instead of the
     /// dumped tree's 4-tuples.
@@ -33,7 +68,7 @@ pub struct Config {
     /// TCPMIG_ADDRESS=ADDR/PREFIX: the hook moves this address itself (deleted from the source at
     /// post-dump, added on the destination while frozen).
     pub address: Option<(IpAddr, u8)>,
-    /// TCPMIG_DEADLINE=SECS: the longest any freeze lasts [60].
+    /// TCPMIG_DEADLINE=SECS: the longest any freeze lasts (default 60).
     pub deadline: Duration,
 }
 
@@ -69,13 +104,15 @@ impl Config {
             }
             let (key, value) = line
                 .split_once('=')
-                .ok_or_else(|| CriuError::Config(format!("{line:?} is not KEY=VALUE")))?;
+                .ok_or_else(|| ConfigError::NotKeyValue {
+                    line: line.to_owned(),
+                })?;
             let key = key.trim();
             if !KEYS.contains(&key) {
-                return Err(CriuError::Config(format!(
-                    "unknown key {key}: the keys are {}",
-                    KEYS.join(", ")
-                )));
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_owned(),
+                }
+                .into());
             }
             values.insert(key.to_owned(), value.trim().to_owned());
         }
@@ -89,29 +126,63 @@ impl Config {
             services: get("TCPMIG_SERVICES").map_or(Ok(Vec::new()), |v| services(v))?,
             address: get("TCPMIG_ADDRESS").map(|v| address(v)).transpose()?,
             deadline: get("TCPMIG_DEADLINE")
-                .map_or(Ok(DEFAULT_DEADLINE), |v| seconds(v, "TCPMIG_DEADLINE"))?,
+                .map_or(Ok(DEFAULT_DEADLINE), |v| seconds("TCPMIG_DEADLINE", v))?,
         })
     }
 }
 
-fn services(value: &str) -> Result<Vec<SocketAddr>, CriuError> {
+fn services(value: &str) -> Result<Vec<SocketAddr>, ConfigError> {
     value
         .split(',')
         .map(|service| {
-            service.trim().parse().map_err(|_| {
-                CriuError::Config(format!("TCPMIG_SERVICES: {service:?} is not ADDR:PORT"))
-            })
+            service
+                .trim()
+                .parse()
+                .map_err(|source| ConfigError::Service {
+                    service: service.to_owned(),
+                    source,
+                })
         })
         .collect()
 }
 
-fn address(value: &str) -> Result<(IpAddr, u8), CriuError> {
-    let bad = || CriuError::Config(format!("TCPMIG_ADDRESS={value:?}: give ADDR/PREFIX"));
-    let (addr, prefix) = value.split_once('/').ok_or_else(bad)?;
-    Ok((
-        addr.trim().parse().map_err(|_| bad())?,
-        prefix.trim().parse().map_err(|_| bad())?,
-    ))
+fn address(value: &str) -> Result<(IpAddr, u8), ConfigError> {
+    let value_owned = || value.to_owned();
+    let (addr, prefix) = value
+        .split_once('/')
+        .ok_or_else(|| ConfigError::AddressForm {
+            value: value_owned(),
+        })?;
+    let addr = addr
+        .trim()
+        .parse()
+        .map_err(|source| ConfigError::AddressIp {
+            value: value_owned(),
+            source,
+        })?;
+    let prefix = prefix
+        .trim()
+        .parse()
+        .map_err(|source| ConfigError::AddressPrefix {
+            value: value_owned(),
+            source,
+        })?;
+    Ok((addr, prefix))
+}
+
+/// A duration in seconds as the configuration gives it.
+fn seconds(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let error = |source| ConfigError::Seconds {
+        key,
+        value: value.to_owned(),
+        source,
+    };
+    let seconds: f64 = value.trim().parse().map_err(|e| error(Some(e)))?;
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(error(None))
+    }
 }
 
 #[cfg(test)]
@@ -160,5 +231,31 @@ mod tests {
             assert!(Config::parse(None, env(&[bad])).is_err(), "{bad:?}");
         }
         assert!(Config::parse(Some("TCPMIG_DEVICE=eth0"), env(&[])).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_keep_their_cause() {
+        use std::error::Error as _;
+        let error = |pair| Config::parse(None, env(&[pair])).unwrap_err();
+        let not_a_number = error(("TCPMIG_DEADLINE", "soon"));
+        assert!(
+            not_a_number
+                .to_string()
+                .contains("TCPMIG_DEADLINE=\"soon\": give a positive number of seconds"),
+            "{not_a_number}"
+        );
+        let CriuError::Config(config) = not_a_number else {
+            panic!("a configuration error");
+        };
+        assert!(config.source().is_some(), "the parse error is kept");
+        let CriuError::Config(negative) = error(("TCPMIG_DEADLINE", "-1")) else {
+            panic!("a configuration error");
+        };
+        assert!(negative.source().is_none());
+        let address = error(("TCPMIG_ADDRESS", "fd00::1/x"));
+        assert!(
+            address.to_string().contains("give ADDR/PREFIX"),
+            "{address}"
+        );
     }
 }

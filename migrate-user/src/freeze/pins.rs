@@ -1,12 +1,15 @@
-//! Where a freeze lives between processes: pins under /sys/fs/bpf/tcpmig/<name>/ and a small
-//! metadata file (netns, interface, attach mode) under /run/tcpmig/freeze/.
+//! Where a freeze lives between processes: pins under `/sys/fs/bpf/tcpmig/<name>/` and a small
+//! metadata file (netns, interface, attach mode) under `/run/tcpmig/freeze/`.
 use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
-use super::{EGRESS_PROGRAM, FreezeError, FreezeInfo, INGRESS_PROGRAM};
+use super::{
+    FreezeError, FreezeInfo,
+    attach::{EGRESS_PROGRAM, INGRESS_PROGRAM},
+};
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tcpmig";
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";

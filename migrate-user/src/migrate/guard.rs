@@ -34,6 +34,7 @@ use crate::{
     freeze::{self, FreezeError},
     net::{self, Netns},
     repair::{self, Filter},
+    sys::tcp_repair as so,
 };
 
 /// The hidden subcommand of the tcpmig binary that runs [`guard`], its notes on stdin.
@@ -124,7 +125,7 @@ impl Guardian {
 /// and take it out of repair mode as it was.
 pub(super) fn identify(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
     let inode = File::from(fd.try_clone_to_owned()?).metadata()?;
-    let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+    let reuse = so::get_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
     Ok((std::os::unix::fs::MetadataExt::ino(&inode), reuse != 0))
 }
 
@@ -440,59 +441,14 @@ fn release_sockets(
         let Some(&reuse) = noted.get(&inode) else {
             continue;
         };
-        if sockopt(fd, libc::SOL_TCP, libc::TCP_REPAIR).map_err(fail("reading TCP_REPAIR"))? == 0 {
+        if !so::in_repair(fd).map_err(fail("reading TCP_REPAIR"))? {
             continue;
         }
-        // 0 sends a window probe, so both ends resynchronise at once (see repair::dump).
-        set_sockopt(fd, libc::SOL_TCP, libc::TCP_REPAIR, 0).map_err(fail("TCP_REPAIR=0"))?;
-        if reuse {
-            set_sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
-                .map_err(fail("SO_REUSEADDR"))?;
-        }
+        // Repair off as a rollback does it (see sys::tcp_repair::leave_repair).
+        so::leave_repair(fd, reuse).map_err(|(op, error)| fail(op)(error))?;
         released += 1;
     }
     Ok(released)
-}
-
-fn sockopt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt with a valid int buffer and its length.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-fn set_sockopt(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: setsockopt with a valid int and its length.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn guard_error(what: &'static str, source: io::Error) -> MigrateError {

@@ -157,6 +157,22 @@ pub fn set_repair(fd: BorrowedFd<'_>, value: libc::c_int) -> io::Result<()> {
     set_int(fd, libc::SOL_TCP, TCP_REPAIR, value)
 }
 
+/// Whether the socket is in repair mode.
+pub fn in_repair(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(get_int(fd, libc::SOL_TCP, TCP_REPAIR)? != 0)
+}
+
+/// Takes a socket out of repair mode so that its connection carries on where it is: TCP_REPAIR=0
+/// (its window probe makes both ends resynchronise at once), then SO_REUSEADDR back on when it
+/// was (repair mode clears it). The error names the call that failed.
+pub fn leave_repair(fd: BorrowedFd<'_>, reuseaddr: bool) -> Result<(), (&'static str, io::Error)> {
+    set_repair(fd, REPAIR_OFF).map_err(|e| ("TCP_REPAIR=0", e))?;
+    if reuseaddr {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(|e| ("SO_REUSEADDR", e))?;
+    }
+    Ok(())
+}
+
 pub fn select_queue(fd: BorrowedFd<'_>, queue: Queue) -> io::Result<()> {
     set_int(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, queue as libc::c_int)
 }
