@@ -73,8 +73,7 @@ pub(super) fn spawn(netns: &Netns, spec: &GuardSpec) -> Result<(), CriuError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let ns_fd = target.as_raw_fd();
-    // SAFETY: the hook makes raw syscalls only (async-signal-safe), as pre_exec requires.
-    unsafe { cmd.pre_exec(move || crate::sys::detach_into_netns(ns_fd)) };
+    crate::sys::detach_into_netns_on_spawn(&mut cmd, ns_fd);
     cmd.spawn().map_err(|source| CriuError::Io {
         step,
         path: "/proc/self/exe".into(),

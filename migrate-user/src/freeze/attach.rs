@@ -107,13 +107,7 @@ fn unknown_interface(netns: &Netns, dev: &str) -> FreezeError {
 
 /// The index of `dev` in the namespace this thread is in.
 fn ifindex(netns: &Netns, dev: &str) -> Result<u32, FreezeError> {
-    let dev_c = CString::new(dev).map_err(|_| unknown_interface(netns, dev))?;
-    // SAFETY: if_nametoindex reads a valid NUL-terminated string and returns 0 on failure.
-    let ifindex = unsafe { libc::if_nametoindex(dev_c.as_ptr()) };
-    if ifindex == 0 {
-        return Err(unknown_interface(netns, dev));
-    }
-    Ok(ifindex)
+    nix::net::if_::if_nametoindex(dev).map_err(|_| unknown_interface(netns, dev))
 }
 
 /// tcx on kernels from 6.6 (an unreadable version is taken as new enough, and attach says

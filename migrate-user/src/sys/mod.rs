@@ -24,7 +24,7 @@ pub use caps::{
     Capability, MissingCapability, has_capability, missing_capability, require_capabilities,
 };
 pub use clock::monotonic_now;
-pub use ns::{detach_into_netns, enter_netns, unshare_fd_table};
+pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::PacketSocket;
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
 pub use signal::wait_for_termination;

@@ -1,7 +1,11 @@
 //! Namespaces and descriptor tables: the calls that change what the calling thread sees.
 use std::{
     io,
-    os::fd::{BorrowedFd, RawFd},
+    os::{
+        fd::{BorrowedFd, RawFd},
+        unix::process::CommandExt as _,
+    },
+    process::Command,
 };
 
 use nix::sched::{CloneFlags, setns, unshare};
@@ -20,11 +24,17 @@ pub fn unshare_fd_table() -> io::Result<()> {
     unshare(CloneFlags::CLONE_FILES).map_err(io::Error::from)
 }
 
-/// For a child between fork and exec (async-signal-safe: raw syscalls only, no allocation):
-/// enters the network namespace open as `netns_fd`, starts a session of its own, and closes
-/// every descriptor from 3 on, so that none of the parent's (CRIU's image directory, logs,
-/// pipes) lives on in it.
-pub fn detach_into_netns(netns_fd: RawFd) -> io::Result<()> {
+/// Makes `cmd`'s child, between fork and exec, enter the network namespace open as `netns_fd`
+/// (which must stay open until `spawn`), start a session of its own, and close every
+/// descriptor from 3 on, so that none of the parent's (CRIU's image directory, logs, pipes)
+/// lives on in it.
+pub fn detach_into_netns_on_spawn(cmd: &mut Command, netns_fd: RawFd) {
+    // SAFETY: the hook makes raw syscalls only, no allocation: async-signal-safe, as pre_exec
+    // requires.
+    unsafe { cmd.pre_exec(move || detach_into_netns(netns_fd)) };
+}
+
+fn detach_into_netns(netns_fd: RawFd) -> io::Result<()> {
     // SAFETY: setns and setsid take no pointers; close_range(2) closes descriptors of this
     // process only, and the caller (a pre_exec hook) holds none that Rust code still uses.
     unsafe {
