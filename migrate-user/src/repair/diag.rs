@@ -102,14 +102,14 @@ fn dump_family(
         .into(),
     );
     request.finalize();
-    let mut buf = vec![0u8; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-    buf = Vec::with_capacity(DATAGRAM_BUFFER);
+    let mut bytes = vec![0u8; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    let mut datagram = Vec::with_capacity(DATAGRAM_BUFFER);
     for _ in 0..MAX_DATAGRAMS {
-        buf.clear();
-        socket.recv(&mut buf, 0)?;
-        if parse_datagram(&buf, &mut each)? {
+        datagram.clear();
+        socket.recv(&mut datagram, 0)?;
+        if parse_datagram(&datagram, &mut each)? {
             return Ok(());
         }
     }
