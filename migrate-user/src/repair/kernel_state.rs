@@ -252,7 +252,7 @@ impl StateReader {
             .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
         // Taken after the freeze, before the pass: no segment the peers saw carries a later
         // timestamp.
-        let clock = monotonic_ns().map_err(fail)?;
+        let clock = crate::sys::monotonic_now().as_nanos() as u64;
         let record_len = size_of::<StateRecord>();
         // Decoded as they come: 50,000 records are 19 MB of bytes, a fifth of that decoded.
         let mut states = HashMap::new();
@@ -412,16 +412,6 @@ fn spans(offsets: &[u32; SLOTS], extract: &mut [Extract; SLOTS]) -> Result<Vec<u
         at += end - start;
     }
     Ok(table)
-}
-
-fn monotonic_ns() -> std::io::Result<u64> {
-    // SAFETY: all-zero is a valid timespec, which clock_gettime fills.
-    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and a writable timespec.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
 }
 
 #[cfg(test)]
