@@ -27,6 +27,7 @@
 //! ```
 
 pub mod bed;
+pub mod namespaces;
 mod ns;
 pub mod pattern;
 pub mod peer;
@@ -35,10 +36,8 @@ mod process;
 pub mod sys;
 pub mod traffic;
 
-pub use bed::{
-    BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed,
-    namespaces_with_prefix, sweep_stale,
-};
+pub use bed::{BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed};
+pub use namespaces::{Namespace, Namespaces, namespaces_with_prefix, sweep_stale};
 pub use ns::netns_path;
 pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
 pub use process::{ChildGuard, line_reader};

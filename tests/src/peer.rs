@@ -73,7 +73,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
-use crate::bed::Host;
+use crate::namespaces::Namespace;
 use crate::process::{ChildGuard, line_reader};
 
 const DEFAULT_BYTES: u64 = 1024;
@@ -202,7 +202,7 @@ impl PeerArgs {
     }
 
     /// A server that takes over connected sockets passed as fds (see
-    /// [`Host::command_with_listen_fds`]).
+    /// [`Namespace::command_with_listen_fds`]).
     pub fn adopting_server(stream: StreamArgs) -> Self {
         Self::scripted_adopting_server(stream, Vec::new())
     }
@@ -447,7 +447,7 @@ pub struct Peer<'bed> {
 
 impl<'bed> Peer<'bed> {
     /// Starts `tcpmig-peer` (at `peer_bin`) with `args` in `host`, without waiting for it.
-    pub fn start(host: &'bed Host, peer_bin: &Path, args: &PeerArgs) -> Result<Self> {
+    pub fn start(host: &'bed Namespace, peer_bin: &Path, args: &PeerArgs) -> Result<Self> {
         let mut cmd = host.command(peer_bin)?;
         cmd.args(args.to_args());
         Self::spawn(
@@ -462,7 +462,7 @@ impl<'bed> Peer<'bed> {
     /// sockets) with piped stdio. `what` names it in errors; `reply_timeout` bounds each wait for
     /// a line.
     pub fn spawn(
-        host: &'bed Host,
+        host: &'bed Namespace,
         mut cmd: Command,
         what: &str,
         reply_timeout: Duration,
