@@ -1,21 +1,20 @@
 //! Socket-plane cost at N idle connections (1 byte queued in each receive queue, as in
-//! notes/tcp-repair.md): dump and restore with the library (sharded over the CPUs), cold and
+//! docs/tcp-repair.md): dump and restore with the library (sharded over the CPUs), cold and
 //! with a pre-copy, and in the same run the reference: a plain one-thread loop of the minimal
-//! syscalls of the notes' dump and restore orders, written directly with libc ([`plain`]), with
-//! no allocation per socket.
+//! syscalls of the documented dump and restore orders, written directly with libc ([`plain`]),
+//! with no allocation per socket.
 //!
-//! The migrating ends live in this process, the peers in a `python3` child: at 10,000
-//! connections both ends in one process would pass the 20,000 fd limit. The connections move
-//! back and forth between two namespaces that both have the service address, as between two
-//! hosts: each restore happens while the source's sockets still exist, as in a migration. The
-//! peers have a namespace of their own, joined to the first by a veth pair, as remote clients
-//! would: the state reader's pass walks the migrating ends only. All three are made for the run
+//! The migrating ends live in this process, their peers in a `tcpmig-peer` client (the test
+//! bed's traffic process, one byte sent on each connection): at 10,000 connections both ends in
+//! one process would pass the 20,000 fd limit. The connections move back and forth between two
+//! namespaces that both have the service address, as between two hosts: each restore happens
+//! while the source's sockets still exist, as in a migration. The peers have a namespace of their
+//! own, joined to the first by a veth pair, as remote clients would: the state reader's pass
+//! walks the migrating ends only. All three are a test bed [`Namespaces`] group, made for the run
 //! and deleted afterwards.
 use std::{
-    io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     os::fd::OwnedFd,
-    process::{Child, ChildStdin, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -31,6 +30,9 @@ use tcpmig::{
     },
     shard::Shard,
 };
+use tcpmig_testbed::{Namespace, Namespaces, Peer, PeerArgs, StreamArgs};
+
+use crate::criu::sibling;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RepairBench {
@@ -69,152 +71,79 @@ pub struct RepairBench {
     pub load_average: f64,
 }
 
-/// Peers: connect N times, send one byte on each, say "ready", hold until stdin closes.
-const PEER: &str = r#"
-import socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-socks = []
-for _ in range(n):
-    s = socket.create_connection((host, port))
-    s.sendall(b"x")
-    socks.append(s)
-print("ready", flush=True)
-sys.stdin.read()
-"#;
-
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Rounds of library and plain loop per N; the best time of each is reported.
 const ROUNDS: usize = 3;
 
 /// The migrating ends' address, on their side of the veth pair (and in the second namespace).
-const LOCAL_IP: &str = "198.18.255.1";
-const PEER_IP: &str = "198.18.255.2";
+const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 2);
 
-/// The namespaces of a run: `name` and `second` for the migrating ends, `peers` for their
-/// peers.
-struct Namespaces {
-    name: String,
-    second: String,
-    peers: String,
-}
-
-impl Namespaces {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("tcpmig-bench-{}", std::process::id());
-        let ns = Self {
-            second: format!("{name}-b"),
-            peers: format!("{name}-peers"),
-            name,
-        };
-        // Whatever was made is removed when `ns` drops, if a step fails.
-        for netns in ns.all() {
-            ip(&["netns", "add", netns])?;
-            ip(&["-n", netns, "link", "set", "lo", "up"])?;
-        }
-        ip(&[
-            "-n", &ns.name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0",
-            "netns", &ns.peers,
+/// The namespaces of a run, in this order: the first and the second place of the migrating
+/// ends, and their peers'.
+fn namespaces() -> anyhow::Result<Namespaces<3>> {
+    let group = Namespaces::new(["src", "dst", "cli"])?;
+    let [first, second, peers] = group.members();
+    first.ip(&[
+        "link",
+        "add",
+        "veth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth0",
+        "netns",
+        peers.name(),
+    ])?;
+    // The second namespace's veth0 leads nowhere: idle connections send nothing.
+    second.ip_batch(&[
+        "link add veth0 type veth peer name veth1".into(),
+        "link set veth1 up".into(),
+    ])?;
+    for (netns, address) in [(first, LOCAL_IP), (second, LOCAL_IP), (peers, PEER_IP)] {
+        netns.ip_batch(&[
+            format!("addr add {address}/24 dev veth0"),
+            "link set veth0 up".into(),
         ])?;
-        // The second namespace's veth0 leads nowhere: idle connections send nothing.
-        ip(&[
-            "-n", &ns.second, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-        ])?;
-        ip(&["-n", &ns.second, "link", "set", "veth1", "up"])?;
-        for (netns, address) in [
-            (&ns.name, LOCAL_IP),
-            (&ns.second, LOCAL_IP),
-            (&ns.peers, PEER_IP),
-        ] {
-            ip(&[
-                "-n",
-                netns,
-                "addr",
-                "add",
-                &format!("{address}/24"),
-                "dev",
-                "veth0",
-            ])?;
-            ip(&["-n", netns, "link", "set", "veth0", "up"])?;
-        }
-        Ok(ns)
     }
+    Ok(group)
 }
 
-impl Namespaces {
-    fn all(&self) -> [&String; 3] {
-        [&self.name, &self.second, &self.peers]
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for netns in self.all() {
-            let _ = Command::new("ip").args(["netns", "del", netns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .context("running ip")?;
-    ensure!(status.success(), "ip {} failed", args.join(" "));
-    Ok(())
-}
-
-/// The peer process; closing its stdin ends it, and drop also kills it (by its pid).
-struct Peers {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Drop for Peers {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The peers: a `tcpmig-peer` client in `netns` that opens `n` connections to `local` and sends
+/// one byte on each; it says `ready` then holds them until it is dropped.
+fn start_peers(netns: &Namespace, local: SocketAddr, n: usize) -> anyhow::Result<Peer<'_>> {
+    let stream = StreamArgs {
+        timeout_secs: SETUP_TIMEOUT.as_secs(),
+        ..StreamArgs::new(1)
+    };
+    Peer::start(
+        netns,
+        &sibling("tcpmig-peer")?,
+        &PeerArgs::client(local, n, stream),
+    )
 }
 
 pub fn run(n: usize) -> anyhow::Result<RepairBench> {
-    let ns = Namespaces::new()?;
+    let ns = namespaces()?;
+    let [first, second, peer_netns] = ns.members();
     // Declared after `ns`: the hosts' sockets close before the namespaces go.
     let hosts = [Host::start("source")?, Host::start("destination")?];
-    let listening_in = ns.name.clone();
+    let listening_in = first.name().to_owned();
     let local = hosts[0].run(move |host| -> anyhow::Result<SocketAddr> {
-        let listener = Netns::open(&listening_in)?.run(|| TcpListener::bind((LOCAL_IP, 0)))??;
+        let listener = Netns::open(&listening_in)?
+            .run(|| TcpListener::bind((IpAddr::from(LOCAL_IP), 0)))??;
         let local = listener.local_addr()?;
         host.listener = Some(listener);
         Ok(local)
     })?;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.peers, "python3", "-c", PEER, LOCAL_IP])
-        .args([local.port().to_string(), n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the python3 peers")?;
-    let stdout = child.stdout.take().context("peer stdout")?;
-    let peers = Peers {
-        stdin: child.stdin.take(),
-        child,
-    };
+    let mut peers = start_peers(peer_netns, local, n)?;
     hosts[0].run(move |host| -> anyhow::Result<()> {
         let listener = host.listener.take().context("the listener")?;
         host.fds = accept(&listener, n)?;
         Ok(())
     })?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    ensure!(line.trim() == "ready", "peers failed to connect: {line:?}");
+    peers.expect_line("ready")?;
     // Let the last bytes and ACKs land.
     std::thread::sleep(Duration::from_millis(200));
 
@@ -225,7 +154,7 @@ pub fn run(n: usize) -> anyhow::Result<RepairBench> {
     // restores them, in its own table.
     let mut best = [Duration::MAX; 8];
     let mut image_bytes = 0;
-    let mut places = [ns.name.clone(), ns.second.clone()];
+    let mut places = [first.name().to_owned(), second.name().to_owned()];
     let (mut from, mut to) = (&hosts[0], &hosts[1]);
     for _ in 0..ROUNDS {
         let mut times = Vec::with_capacity(best.len());
@@ -504,238 +433,4 @@ pub fn markdown(results: &[RepairBench]) -> String {
     md
 }
 
-/// The reference: what a C programmer writes from notes/tcp-repair.md, one socket after the other
-/// on one thread, state into a preallocated array, queue bytes into one preallocated buffer.
-mod plain {
-    use std::{
-        io,
-        mem::{size_of, zeroed},
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        time::{Duration, Instant},
-    };
-
-    use tcpmig::net::Netns;
-
-    const TCP_REPAIR: i32 = 19;
-    const TCP_REPAIR_QUEUE: i32 = 20;
-    const TCP_QUEUE_SEQ: i32 = 21;
-    const TCP_REPAIR_OPTIONS: i32 = 22;
-    const TCP_TIMESTAMP: i32 = 24;
-    const TCP_REPAIR_WINDOW: i32 = 29;
-    const RECV_QUEUE: i32 = 1;
-    const SEND_QUEUE: i32 = 2;
-    const SIOCINQ: u64 = 0x541B;
-    const SIOCOUTQ: u64 = 0x5411;
-    const SIOCOUTQNSD: u64 = 0x894B;
-    /// Queue bytes one socket may hold in this benchmark.
-    const MAX_QUEUE: usize = 64;
-
-    #[derive(Clone, Copy)]
-    struct State {
-        local: libc::sockaddr_storage,
-        remote: libc::sockaddr_storage,
-        name_len: libc::socklen_t,
-        options: u8,
-        wscales: u8,
-        mss: i32,
-        timestamp: u32,
-        send_seq: u32,
-        recv_seq: u32,
-        outq: i32,
-        inq: i32,
-        window: [u32; 5],
-    }
-
-    fn check(ret: i32) -> io::Result<i32> {
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
-
-    fn set<T>(fd: i32, level: i32, name: i32, value: &T) -> io::Result<()> {
-        // SAFETY: `value` is readable for its size.
-        check(unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                std::ptr::from_ref(value).cast(),
-                size_of::<T>() as u32,
-            )
-        })
-        .map(drop)
-    }
-
-    fn get<T>(fd: i32, level: i32, name: i32, value: &mut T) -> io::Result<()> {
-        let mut len = size_of::<T>() as u32;
-        // SAFETY: `value` is writable for its size; plain data.
-        check(unsafe {
-            libc::getsockopt(fd, level, name, std::ptr::from_mut(value).cast(), &mut len)
-        })
-        .map(drop)
-    }
-
-    fn ioctl(fd: i32, request: u64) -> io::Result<i32> {
-        let mut value = 0i32;
-        // SAFETY: these ioctls write one int.
-        check(unsafe { libc::ioctl(fd, request, &mut value) })?;
-        Ok(value)
-    }
-
-    /// Dump (timed), close in repair mode, restore in `netns` (timed); returns the live sockets.
-    pub fn round(
-        netns: &Netns,
-        fds: Vec<OwnedFd>,
-    ) -> anyhow::Result<(Duration, Duration, Vec<OwnedFd>)> {
-        let n = fds.len();
-        // SAFETY: all-zero is a valid State (plain integers and sockaddr_storage).
-        let mut states = vec![unsafe { zeroed::<State>() }; n];
-        let mut queues = vec![0u8; n * MAX_QUEUE];
-        let started = Instant::now();
-        for ((fd, state), queue) in fds
-            .iter()
-            .zip(&mut states)
-            .zip(queues.chunks_mut(MAX_QUEUE))
-        {
-            dump_one(fd.as_raw_fd(), state, queue)?;
-        }
-        let dump = started.elapsed();
-        drop(fds);
-        let (restore, fds) = netns.run(|| -> io::Result<(Duration, Vec<OwnedFd>)> {
-            let mut fds = Vec::with_capacity(n);
-            let started = Instant::now();
-            for (state, queue) in states.iter().zip(queues.chunks(MAX_QUEUE)) {
-                fds.push(restore_one(state, queue)?);
-            }
-            Ok((started.elapsed(), fds))
-        })??;
-        Ok((dump, restore, fds))
-    }
-
-    /// The notes' dump order, peeks skipped for empty queues.
-    fn dump_one(fd: i32, s: &mut State, queue: &mut [u8]) -> io::Result<()> {
-        set(fd, libc::SOL_TCP, TCP_REPAIR, &1i32)?;
-        let mut info = [0u8; 8];
-        get(fd, libc::SOL_TCP, libc::TCP_INFO, &mut info)?;
-        (s.options, s.wscales) = (info[5], info[6]);
-        s.inq = ioctl(fd, SIOCINQ)?;
-        s.outq = ioctl(fd, SIOCOUTQ)?;
-        ioctl(fd, SIOCOUTQNSD)?;
-        get(fd, libc::SOL_TCP, libc::TCP_MAXSEG, &mut s.mss)?;
-        get(fd, libc::SOL_TCP, TCP_TIMESTAMP, &mut s.timestamp)?;
-        set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &SEND_QUEUE)?;
-        get(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, &mut s.send_seq)?;
-        assert!(
-            s.outq == 0 && s.inq as usize <= queue.len(),
-            "idle connections only"
-        );
-        set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &RECV_QUEUE)?;
-        get(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, &mut s.recv_seq)?;
-        if s.inq > 0 {
-            // SAFETY: `queue` is writable for inq bytes.
-            check(unsafe {
-                libc::recv(
-                    fd,
-                    queue.as_mut_ptr().cast(),
-                    s.inq as usize,
-                    libc::MSG_PEEK,
-                ) as i32
-            })?;
-        }
-        get(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, &mut s.window)?;
-        s.name_len = size_of::<libc::sockaddr_storage>() as u32;
-        let mut len = s.name_len;
-        // SAFETY: the storages are writable for their size.
-        unsafe {
-            check(libc::getsockname(
-                fd,
-                std::ptr::from_mut(&mut s.local).cast(),
-                &mut s.name_len,
-            ))?;
-            check(libc::getpeername(
-                fd,
-                std::ptr::from_mut(&mut s.remote).cast(),
-                &mut len,
-            ))?;
-        }
-        Ok(())
-    }
-
-    /// The notes' restore order.
-    fn restore_one(s: &State, queue: &[u8]) -> io::Result<OwnedFd> {
-        // SAFETY: plain socket(2), owned at once.
-        let fd = check(unsafe {
-            libc::socket(
-                i32::from(s.local.ss_family),
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: a fresh fd.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        set(fd, libc::SOL_TCP, TCP_REPAIR, &1i32)?;
-        set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &RECV_QUEUE)?;
-        set(
-            fd,
-            libc::SOL_TCP,
-            TCP_QUEUE_SEQ,
-            &s.recv_seq.wrapping_sub(s.inq as u32),
-        )?;
-        set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &SEND_QUEUE)?;
-        set(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, &s.send_seq)?;
-        // SAFETY: the storages hold addresses of `name_len` bytes.
-        unsafe {
-            check(libc::bind(
-                fd,
-                std::ptr::from_ref(&s.local).cast(),
-                s.name_len,
-            ))?;
-            check(libc::connect(
-                fd,
-                std::ptr::from_ref(&s.remote).cast(),
-                s.name_len,
-            ))?;
-        }
-        let mut options = [[2u32, s.mss as u32], [0, 0], [0, 0], [0, 0]];
-        let mut count = 1;
-        if s.options & 4 != 0 {
-            options[count] = [
-                3,
-                u32::from(s.wscales & 0xf) | (u32::from(s.wscales >> 4) << 16),
-            ];
-            count += 1;
-        }
-        if s.options & 2 != 0 {
-            options[count] = [4, 0];
-            count += 1;
-        }
-        if s.options & 1 != 0 {
-            options[count] = [8, 0];
-            count += 1;
-        }
-        // SAFETY: `count` repair options, plain data.
-        check(unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_TCP,
-                TCP_REPAIR_OPTIONS,
-                options.as_ptr().cast(),
-                (count * 8) as u32,
-            )
-        })?;
-        if s.options & 1 != 0 {
-            set(fd, libc::SOL_TCP, TCP_TIMESTAMP, &s.timestamp)?;
-        }
-        if s.inq > 0 {
-            set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &RECV_QUEUE)?;
-            // SAFETY: `queue` is readable for inq bytes.
-            check(unsafe { libc::send(fd, queue.as_ptr().cast(), s.inq as usize, 0) as i32 })?;
-        }
-        set(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, &s.window)?;
-        set(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, &0i32)?;
-        set(fd, libc::SOL_TCP, TCP_REPAIR, &0i32)?;
-        Ok(owned)
-    }
-}
+mod plain;
