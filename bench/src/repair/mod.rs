@@ -259,10 +259,8 @@ impl Host {
 }
 
 /// One migration of the connections `from` holds to `to`, restored in namespace `into`: setup
-/// as a migration does it before the freeze (state reader, options, a pool of sockets for
-/// `local`; with `precopy`, also a reader pass, the pre-copy and its restore) (timed), dump
-/// (timed), restore and repair off (timed), and the source's silent close. Returns the
-/// image's size.
+/// as a migration does it before the freeze ([`prepare`], timed), dump (timed), restore and
+/// repair off (timed), and the source's silent close. Returns the image's size.
 fn round(
     from: &Shard<Host>,
     to: &Shard<Host>,
@@ -274,6 +272,40 @@ fn round(
         // Only connections quiet for that long are pre-copied; the last round restored these.
         std::thread::sleep(PRECOPY_QUIET + Duration::from_millis(100));
     }
+    let setup = prepare(from, to, into, local, precopy)?;
+    let (dump, connections) = from.run(|host| -> anyhow::Result<(Duration, Vec<Connection>)> {
+        let (Some(prepared), Some(mut reader)) = (host.prepared.take(), host.reader.take()) else {
+            bail!("nothing prepared");
+        };
+        let started = Instant::now();
+        let dumped = prepared.dump(&mut reader)?;
+        let dump = started.elapsed();
+        let connections = dumped.connections().to_vec();
+        host.dumped = Some(dumped);
+        Ok((dump, connections))
+    })?;
+    let image_bytes = image::encode(&connections).len();
+    let restore = restore(to, into, connections, precopy)?;
+    from.run(|host| host.dumped.take().map(DumpedSockets::commit));
+    Ok((
+        Timed {
+            setup,
+            dump,
+            restore,
+        },
+        image_bytes,
+    ))
+}
+
+/// The setup before the freeze, timed: the state reader, the options, a pool of sockets for
+/// `local` in `into`; with `precopy`, also a reader pass, the pre-copy and its restore.
+fn prepare(
+    from: &Shard<Host>,
+    to: &Shard<Host>,
+    into: &str,
+    local: SocketAddr,
+    precopy: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let into = into.to_owned();
     let netns = move || Netns::open(&into);
@@ -317,20 +349,20 @@ fn round(
             Ok(())
         })?;
     }
-    let setup = started.elapsed();
-    let (dump, connections) = from.run(|host| -> anyhow::Result<(Duration, Vec<Connection>)> {
-        let (Some(prepared), Some(mut reader)) = (host.prepared.take(), host.reader.take()) else {
-            bail!("nothing prepared");
-        };
-        let started = Instant::now();
-        let dumped = prepared.dump(&mut reader)?;
-        let dump = started.elapsed();
-        let connections = dumped.connections().to_vec();
-        host.dumped = Some(dumped);
-        Ok((dump, connections))
-    })?;
-    let image_bytes = image::encode(&connections).len();
-    let restore = to.run(move |host| -> anyhow::Result<Duration> {
+    Ok(started.elapsed())
+}
+
+/// The restore of the dumped `connections` in `into` and repair off, timed; the restored
+/// sockets become the live connections `to` holds.
+fn restore(
+    to: &Shard<Host>,
+    into: &str,
+    connections: Vec<Connection>,
+    precopy: bool,
+) -> anyhow::Result<Duration> {
+    let into = into.to_owned();
+    let netns = move || Netns::open(&into);
+    to.run(move |host| -> anyhow::Result<Duration> {
         let netns = netns()?;
         let pool = host.pool.take().context("the pool")?;
         let started = Instant::now();
@@ -353,16 +385,7 @@ fn round(
         }
         host.fds = committed.sockets.into_iter().map(|s| s.fd).collect();
         Ok(restore)
-    })?;
-    from.run(|host| host.dumped.take().map(DumpedSockets::commit));
-    Ok((
-        Timed {
-            setup,
-            dump,
-            restore,
-        },
-        image_bytes,
-    ))
+    })
 }
 
 fn accept(listener: &TcpListener, n: usize) -> anyhow::Result<Vec<OwnedFd>> {
