@@ -84,18 +84,10 @@ const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 2);
 fn namespaces() -> anyhow::Result<Namespaces<3>> {
     let group = Namespaces::new(["src", "dst", "cli"])?;
     let [first, second, peers] = group.members();
-    first.ip(&[
-        "link",
-        "add",
-        "veth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth0",
-        "netns",
-        peers.name(),
-    ])?;
+    first.ip_batch(&[format!(
+        "link add veth0 type veth peer name veth0 netns {}",
+        peers.name()
+    )])?;
     // The second namespace's veth0 leads nowhere: idle connections send nothing.
     second.ip_batch(&[
         "link add veth0 type veth peer name veth1".into(),
