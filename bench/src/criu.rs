@@ -20,8 +20,8 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tcpmig_testbed::{
-    Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs, TestBed,
-    command_all,
+    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs,
+    TestBed, command_all,
 };
 
 const PORT: u16 = 8080;
@@ -139,50 +139,10 @@ fn one(bin: &Binaries, n: usize, lock: Lock) -> anyhow::Result<CriuRun> {
     let scratch = Scratch(std::env::temp_dir().join(format!("tcpmig-bench-criu-{}", bed.prefix())));
     let images = scratch.0.join("images");
     fs::create_dir_all(&images)?;
-    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
-    let stream = StreamArgs::new(64);
-    let mut server_cmd = bed.source().command(&bin.peer)?;
-    server_cmd
-        .args(PeerArgs::mirror_server(service, n, stream).to_args())
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(scratch.0.join("server.out"))?)
-        .stderr(Stdio::null());
-    // SAFETY: setsid only: CRIU wants the task in its own session, without a terminal.
-    unsafe {
-        server_cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        })
-    };
-    let mut server = bed.source().spawn(&mut server_cmd)?;
+    let (mut server, _client) = start_mirror(&bed, bin, n, &scratch)?;
     let pid = server.pid();
-    wait_for(&scratch.0.join("server.out"), "listening")?;
-    let mut client = Peer::start(
-        bed.client(),
-        &bin.peer,
-        &PeerArgs::client(service, n, stream),
-    )?;
-    client.expect_line("ready")?;
-    wait_for(&scratch.0.join("server.out"), "ready")?;
-    let report = command_all(
-        std::slice::from_mut(&mut client),
-        PeerCommand::Verify { until: None },
-    )?;
-    ensure!(
-        report.all_verified(),
-        "connections before the dump: {report:?}"
-    );
-
     let hook = if lock == Lock::Tcpmig {
-        let out = Command::new(&bin.tcpmig)
-            .args(["criu-hook", "--install", "--dir"])
-            .arg(&scratch.0)
-            .output()?;
-        ensure!(out.status.success(), "installing the hook");
-        Some(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+        Some(install_hook(bin, &scratch)?)
     } else {
         None
     };
@@ -251,6 +211,63 @@ fn one(bin: &Binaries, n: usize, lock: Lock) -> anyhow::Result<CriuRun> {
         hook_dump_s,
         hook_restore_s,
     })
+}
+
+/// Starts a `--mirror` server (in a session of its own, for CRIU) on the source and a client of
+/// `n` connections, and checks every byte of both before the dump. The guard and the client
+/// keep them alive.
+fn start_mirror<'bed>(
+    bed: &'bed TestBed,
+    bin: &Binaries,
+    n: usize,
+    scratch: &Scratch,
+) -> anyhow::Result<(ChildGuard<'bed>, Peer<'bed>)> {
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
+    let stream = StreamArgs::new(64);
+    let mut server_cmd = bed.source().command(&bin.peer)?;
+    server_cmd
+        .args(PeerArgs::mirror_server(service, n, stream).to_args())
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(scratch.0.join("server.out"))?)
+        .stderr(Stdio::null());
+    // SAFETY: setsid only: CRIU wants the task in its own session, without a terminal.
+    unsafe {
+        server_cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let server = bed.source().spawn(&mut server_cmd)?;
+    wait_for(&scratch.0.join("server.out"), "listening")?;
+    let mut client = Peer::start(
+        bed.client(),
+        &bin.peer,
+        &PeerArgs::client(service, n, stream),
+    )?;
+    client.expect_line("ready")?;
+    wait_for(&scratch.0.join("server.out"), "ready")?;
+    let report = command_all(
+        std::slice::from_mut(&mut client),
+        PeerCommand::Verify { until: None },
+    )?;
+    ensure!(
+        report.all_verified(),
+        "connections before the dump: {report:?}"
+    );
+    Ok((server, client))
+}
+
+/// Installs `tcpmig criu-hook` in the scratch directory and returns the hook's path.
+fn install_hook(bin: &Binaries, scratch: &Scratch) -> anyhow::Result<PathBuf> {
+    let out = Command::new(&bin.tcpmig)
+        .args(["criu-hook", "--install", "--dir"])
+        .arg(&scratch.0)
+        .output()?;
+    ensure!(out.status.success(), "installing the hook");
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 /// What CRIU's own lock runs would otherwise need done by hand.

@@ -1,19 +1,38 @@
-//! Multi-host test bed for tcpmig, on real network namespaces.
+//! Multi-host test bed for tcpmig, on real network namespaces: the one place where tests, the
+//! benchmarks and `tcpmig demo` make namespaces and traffic.
 //!
+//! # Namespaces
 //! A [`TestBed`] is three hosts (`client`, `source`, `destination`), each a network namespace with
 //! one veth `eth0` plugged into a bridge that lives in a fourth namespace. The source also carries
-//! the service address ([`SERVICE_V4`], [`SERVICE_V6`]) that a migration later moves.
+//! the service address ([`SERVICE_V4`], [`SERVICE_V6`]) that a migration later moves
+//! ([`TestBed::without_service`] leaves it out, for tests of the network plane). Whatever needs
+//! another shape (one namespace with only `lo`, the repair benchmark's two places of the
+//! migrating ends and their peers) makes a [`Namespaces`] group, which the bed itself is built
+//! on: the same names, the same removal on drop, the same [`sweep_stale`].
 //!
-//! [`Traffic`] fills the bed with verifiable TCP connections: `tcpmig-peer` processes (this crate's
-//! binary) run as servers on the source and clients on the client host, each direction of every
-//! connection carries bytes of a known [`pattern`], and every byte is checked on request, also
-//! after the sockets have been handed to a new process on another host ([`peer`] documents the
-//! protocol).
+//! # Traffic
+//! Two traffic tools, because they measure different things:
+//! - `tcpmig-peer` (this crate's binary, [`peer`]), with [`Traffic`] to fill a bed: command-driven
+//!   byte streams for correctness. Servers on the source and clients on the client host; each
+//!   direction of every connection carries bytes of a known [`pattern`], and every byte is
+//!   checked on request, also after the sockets have been handed to a new process on another host.
+//!   The tests, the demo and the benchmarks' set-ups (the repair benchmark's idle peers, the CRIU
+//!   references' mirror server) use it.
+//! - The scaling benchmark's open-loop load generator (`tcpmig-bench`'s `loadgen`): messages on a
+//!   fixed schedule whatever the echoes do, with latency histograms measured from the scheduled
+//!   send time, through a migration. Its timing (one epoll thread, no per-command round trips)
+//!   is what it measures, so it stays in the benchmark rather than growing into `tcpmig-peer`,
+//!   whose stop-and-check protocol would distort it; it uses this crate's [`Host`]s, process
+//!   guards and file limits.
+//!
+//! # Capture
+//! [`Capture`] records the segments of one port on a host's `eth0` (tcpdump), for tests that
+//! assert on what crossed the wire.
 //!
 //! Everything is RAII: dropping a [`Traffic`], a [`Peer`] or a [`ChildGuard`] kills its
-//! processes, dropping the [`TestBed`] (also while unwinding from a panic) removes its
-//! namespaces, and [`sweep_stale`] removes those of test processes that died without unwinding.
-//! Every wait is bounded.
+//! processes, dropping the [`TestBed`] or a [`Namespaces`] group (also while unwinding from a
+//! panic) removes its namespaces, and [`sweep_stale`] removes those of test processes that died
+//! without unwinding. Every wait is bounded.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -27,6 +46,8 @@
 //! ```
 
 pub mod bed;
+mod capture;
+pub mod namespaces;
 mod ns;
 pub mod pattern;
 pub mod peer;
@@ -35,10 +56,9 @@ mod process;
 pub mod sys;
 pub mod traffic;
 
-pub use bed::{
-    BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed,
-    namespaces_with_prefix, sweep_stale,
-};
+pub use bed::{BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed};
+pub use capture::Capture;
+pub use namespaces::{Namespace, Namespaces, namespaces_with_prefix, sweep_stale};
 pub use ns::netns_path;
 pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
 pub use process::{ChildGuard, line_reader};

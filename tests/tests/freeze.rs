@@ -4,15 +4,15 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, StreamArgs, TestBed, Traffic, tcpmig, tcpmig_bin, tcpmig_ok,
+    Capture, Host, IFACE, StreamArgs, TestBed, Traffic, tcpmig, tcpmig_bin, tcpmig_ok,
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -80,53 +80,6 @@ fn queued_bytes(host: &Host, port: u16) -> Result<u64> {
         .filter(|line| line.split_whitespace().any(|w| w.ends_with(&port_suffix)))
         .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
         .sum())
-}
-
-/// A packet capture on the client's interface, stopped (SIGINT, so it flushes) by pid.
-struct Capture<'bed> {
-    child: ChildGuard<'bed>,
-    file: PathBuf,
-}
-
-impl<'bed> Capture<'bed> {
-    fn start(host: &'bed Host, port: u16) -> Result<Self> {
-        let file = std::env::temp_dir().join(format!("{}-{port}.pcap", host.name()));
-        let mut cmd = host.command("tcpdump")?;
-        cmd.args(["-i", IFACE, "-n", "-U", "-w"])
-            .arg(&file)
-            .arg(format!("tcp port {port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = host.spawn(&mut cmd)?;
-        let stderr = child.child_mut().stderr.take().context("tcpdump stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        // tcpdump says "listening on ..." once the capture runs; it is bounded by its own start.
-        match lines.next() {
-            Some(Ok(line)) if line.contains("listening on") => {}
-            other => bail!("tcpdump did not start: {other:?}"),
-        }
-        Ok(Self { child, file })
-    }
-
-    /// Stops the capture and returns tcpdump's one-line summaries of the packets.
-    fn stop(mut self) -> Result<Vec<String>> {
-        // SAFETY: signalling a child we started, by its pid.
-        unsafe { libc::kill(self.child.pid() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait()?.is_none() {
-            ensure!(Instant::now() < deadline, "tcpdump did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&self.file)
-            .output()?;
-        let _ = std::fs::remove_file(&self.file);
-        Ok(String::from_utf8(out.stdout)?
-            .lines()
-            .map(str::to_owned)
-            .collect())
-    }
 }
 
 fn frozen_service_holds_everything(ipv6: bool) -> Result<()> {

@@ -244,7 +244,37 @@ fn migrate_shared(
     }
     let (status, stdout, stderr) = agent.finish()?;
     ensure!(status.success(), "the agent or a child failed: {stderr}");
-    let adopters = script_reports(&stdout)?;
+    check_adopters(&stdout, shards, max_per_process, n)?;
+    new_connection_reaches(&bed, destination, service(PORT))?;
+    nothing_left(
+        &bed,
+        &[
+            format!("migrate-{migrate_pid}"),
+            format!("agent-{agent_pid}"),
+        ],
+        destination,
+    )?;
+    eprintln!(
+        "{total} connections of {} servers in {shards} shards: traffic open in {opened:.1?}, \
+         all done in {:.1?}; blackout {} ms; phases {}",
+        per_server.len(),
+        started.elapsed(),
+        report["blackout_ms"],
+        report["phases"],
+    );
+    Ok(())
+}
+
+/// The agent's children's reports (its `stdout`): one adopter per shard, each in a process of
+/// its own that is gone now, none over `max_per_process`, and together every byte of the `n`
+/// connections, without a reset.
+fn check_adopters(
+    stdout: &str,
+    shards: usize,
+    max_per_process: Option<usize>,
+    n: u64,
+) -> Result<()> {
+    let adopters = script_reports(stdout)?;
     let shard_set: BTreeSet<Option<usize>> = adopters.iter().map(|a| a.shard).collect();
     ensure!(
         adopters.len() == shards
@@ -275,23 +305,6 @@ fn migrate_shared(
             && adopted.bytes_in == n * 2 * MORE
             && adopted.bytes_out == n * MORE,
         "the adopters: {adopted:?}"
-    );
-    new_connection_reaches(&bed, destination, service(PORT))?;
-    nothing_left(
-        &bed,
-        &[
-            format!("migrate-{migrate_pid}"),
-            format!("agent-{agent_pid}"),
-        ],
-        destination,
-    )?;
-    eprintln!(
-        "{total} connections of {} servers in {shards} shards: traffic open in {opened:.1?}, \
-         all done in {:.1?}; blackout {} ms; phases {}",
-        per_server.len(),
-        started.elapsed(),
-        report["blackout_ms"],
-        report["phases"],
     );
     Ok(())
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tcpmig_testbed::peer::{PeerArgs, PeerCommand, StreamArgs};
 use tcpmig_testbed::{
-    IFACE, Peer, SERVICE_V4, SERVICE_V6, TestBed, Traffic, namespaces_with_prefix, netns_path,
-    sweep_stale, sys,
+    IFACE, Namespaces, Peer, SERVICE_V4, SERVICE_V6, TestBed, Traffic, namespaces_with_prefix,
+    netns_path, sweep_stale, sys,
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -153,6 +153,44 @@ fn bed_is_removed_when_a_test_panics() -> Result<()> {
         Some(&"deliberate panic inside the client host")
     );
     let (prefix, pid) = seen.context("the bed was built")?;
+    assert_gone(&prefix, &[pid])
+}
+
+/// A group of namespaces other than a bed: only known suffixes, each once, `lo` up in each, and
+/// gone with what it ran after a drop or a panic.
+#[test]
+fn namespace_groups_are_removed_on_drop_and_on_panic() -> Result<()> {
+    assert!(Namespaces::new(["eth"]).is_err(), "an unknown suffix");
+    assert!(Namespaces::new(["lo", "lo"]).is_err(), "a suffix twice");
+    let group = Namespaces::new(["src", "lo"])?;
+    let prefix = group.prefix().to_owned();
+    assert_eq!(namespaces_with_prefix(&prefix)?.len(), 2);
+    for netns in group.members() {
+        let lo: serde_json::Value =
+            serde_json::from_str(&netns.ip(&["-j", "link", "show", "lo"])?)?;
+        let flags = &lo[0]["flags"];
+        assert!(
+            flags
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "UP")),
+            "lo of {netns}: {flags}"
+        );
+    }
+    drop(group);
+    assert_gone(&prefix, &[])?;
+
+    let mut seen = None;
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        let group = Namespaces::new(["lo"]).expect("namespaces");
+        let [netns] = group.members();
+        let mut sleeper = netns.command("sleep").expect("command");
+        sleeper.arg("60");
+        let child = netns.spawn(&mut sleeper).expect("spawn");
+        seen = Some((group.prefix().to_owned(), child.pid()));
+        panic!("deliberate panic with a namespace group");
+    }));
+    outcome.expect_err("the panic propagates");
+    let (prefix, pid) = seen.context("the group was made")?;
     assert_gone(&prefix, &[pid])
 }
 

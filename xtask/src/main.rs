@@ -175,7 +175,8 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
 fn bench(args: &[String]) -> anyhow::Result<()> {
     require_root()?;
     check()?;
-    // The benchmarks run the tcpmig binary and the test bed's tcpmig-peer (CRIU references).
+    // The benchmarks run the tcpmig binary and the test bed's tcpmig-peer (the CRIU references'
+    // server, the repair benchmark's peers).
     let mut build = cargo();
     build.args([
         "build",

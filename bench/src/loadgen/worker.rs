@@ -6,19 +6,24 @@
 //! sockets.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{duration_ns, now_ns};
+
+mod connect;
+mod schedule;
+mod stdin;
+
+use connect::connect_all;
+use schedule::Schedule;
+use stdin::{Command, Stdin};
 
 /// Connection id, sequence number, scheduled send time: all little endian.
 pub const MESSAGE_LEN: usize = 16;
@@ -103,57 +108,6 @@ pub struct WorkerMark {
     /// Per connection, relative to the mark (see [`super::MarkReport`]).
     pub caught_up_us: Vec<Option<u64>>,
     pub first_echo_us: Vec<Option<u64>>,
-}
-
-/// Message `k` of the worker goes on connection `k % n` as its message number `k / n`, due `k`
-/// n-ths of the interval after the start: each connection sends once per interval, and the
-/// connections take turns evenly.
-#[derive(Clone, Copy)]
-struct Schedule {
-    start: u64,
-    interval: u64,
-    connections: u64,
-}
-
-impl Schedule {
-    /// When message `k` is due. Rounded up, so that it agrees exactly with [`Schedule::due`].
-    fn at(&self, k: u64) -> u64 {
-        let offset = (u128::from(k) * u128::from(self.interval)).div_ceil(self.connections.into());
-        self.start + u64::try_from(offset).unwrap_or(u64::MAX)
-    }
-
-    /// How many messages are due at `t`.
-    fn due(&self, t: u64) -> u64 {
-        match t.checked_sub(self.start) {
-            None => 0,
-            Some(elapsed) => {
-                let k =
-                    u128::from(elapsed) * u128::from(self.connections) / u128::from(self.interval);
-                u64::try_from(k).unwrap_or(u64::MAX - 1) + 1
-            }
-        }
-    }
-
-    /// How many messages of connection `i` are due at `t`.
-    fn due_on(&self, i: usize, t: u64) -> u32 {
-        let (k, i) = (self.due(t), i as u64);
-        let count = if k > i {
-            (k - i).div_ceil(self.connections)
-        } else {
-            0
-        };
-        u32::try_from(count).unwrap_or(u32::MAX)
-    }
-
-    /// Message `seq` of connection `i` (id `id`), byte for byte.
-    fn message(&self, i: usize, id: u32, seq: u32) -> [u8; MESSAGE_LEN] {
-        let at = self.at(u64::from(seq) * self.connections + i as u64);
-        let mut message = [0; MESSAGE_LEN];
-        message[..4].copy_from_slice(&id.to_le_bytes());
-        message[4..8].copy_from_slice(&seq.to_le_bytes());
-        message[8..].copy_from_slice(&at.to_le_bytes());
-        message
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -274,82 +228,6 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens `args.connections` connections, [`CONNECTS_IN_FLIGHT`] at a time, registered for
-/// writability (which is how a nonblocking connect completes) under their index.
-fn connect_all(poll: &mut Poll, args: &WorkerArgs) -> anyhow::Result<Vec<TcpStream>> {
-    let n = args.connections;
-    let timeout = Duration::from_millis(args.connect_timeout_ms);
-    let deadline = now_ns() + duration_ns(timeout);
-    let mut streams: Vec<TcpStream> = Vec::with_capacity(n);
-    let mut done = Vec::with_capacity(n);
-    let mut established = 0;
-    let mut events = Events::with_capacity(1024);
-    while established < n {
-        while streams.len() < n && streams.len() - established < CONNECTS_IN_FLIGHT {
-            let port = u32::try_from(streams.len())
-                .ok()
-                .and_then(|i| args.first_id.checked_add(i))
-                .and_then(|id| u16::try_from(id).ok()?.checked_add(FIRST_PORT))
-                .context("more connections than ports to connect from")?;
-            let mut stream = connect_from(port, args.connect)
-                .with_context(|| format!("connecting from port {port} to {}", args.connect))?;
-            poll.registry()
-                .register(&mut stream, Token(streams.len()), Interest::WRITABLE)?;
-            streams.push(stream);
-            done.push(false);
-        }
-        let left = deadline.saturating_sub(now_ns());
-        if left == 0 {
-            bail!(
-                "{established} of {n} connections to {} established within {timeout:?}",
-                args.connect
-            );
-        }
-        poll_once(poll, &mut events, left)?;
-        for event in &events {
-            let i = event.token().0;
-            if done[i] {
-                continue;
-            }
-            let stream = &streams[i];
-            if let Some(e) = stream.take_error()? {
-                bail!("connecting to {}: {e}", args.connect);
-            }
-            match stream.peer_addr() {
-                Ok(_) => {
-                    // Small messages must not wait for the previous one's ACK (Nagle).
-                    stream.set_nodelay(true)?;
-                    done[i] = true;
-                    established += 1;
-                }
-                Err(e) if e.kind() == ErrorKind::NotConnected => {}
-                Err(e) => bail!("connecting to {}: {e}", args.connect),
-            }
-        }
-    }
-    Ok(streams)
-}
-
-/// Starts a nonblocking connect to `service` from local port `port`.
-fn connect_from(port: u16, service: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(service),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_nonblocking(true)?;
-    let any = match service {
-        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    socket.bind(&SocketAddr::new(any, port).into())?;
-    match socket.connect(&service.into()) {
-        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
-        _ => {}
-    }
-    Ok(TcpStream::from_std(socket.into()))
-}
-
 /// One epoll wait of at most `timeout_ns` (rounded up to a millisecond by mio); a signal just
 /// ends the wait.
 fn poll_once(poll: &mut Poll, events: &mut Events, timeout_ns: u64) -> io::Result<()> {
@@ -376,71 +254,6 @@ fn wait_for_start(poll: &mut Poll, stdin: &mut Stdin) -> anyhow::Result<u64> {
                 None => {}
             }
         }
-    }
-}
-
-/// Commands on stdin, one per line.
-enum Command {
-    /// Start the schedule at this instant (CLOCK_MONOTONIC ns).
-    Start(u64),
-    /// The caller's mark.
-    Mark(u64),
-}
-
-/// Our stdin, nonblocking and watched by the poll, split into lines.
-struct Stdin {
-    pending: Vec<u8>,
-}
-
-impl Stdin {
-    fn register(poll: &Poll) -> anyhow::Result<Self> {
-        let fd = io::stdin().as_raw_fd();
-        // SAFETY: fcntl on our own stdin; only the O_NONBLOCK flag changes.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags == -1 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == -1 {
-                return Err(io::Error::last_os_error()).context("making stdin nonblocking");
-            }
-        }
-        poll.registry()
-            .register(&mut SourceFd(&fd), STDIN, Interest::READABLE)?;
-        Ok(Self {
-            pending: Vec::new(),
-        })
-    }
-
-    /// Reads what arrived, until it would block (as edge triggering needs).
-    fn fill(&mut self) -> anyhow::Result<()> {
-        let mut chunk = [0; 256];
-        loop {
-            match io::stdin().lock().read(&mut chunk) {
-                Ok(0) => bail!("stdin closed: the benchmark is gone"),
-                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("reading stdin"),
-            }
-        }
-    }
-
-    /// The next complete command read so far.
-    fn next(&mut self) -> anyhow::Result<Option<Command>> {
-        let Some(end) = self.pending.iter().position(|&b| b == b'\n') else {
-            return Ok(None);
-        };
-        let line: Vec<u8> = self.pending.drain(..=end).collect();
-        let line = String::from_utf8_lossy(&line);
-        let number = |word: &str| {
-            word.parse::<u64>()
-                .with_context(|| format!("bad command {:?}", line.trim()))
-        };
-        Ok(Some(
-            match line.split_whitespace().collect::<Vec<_>>()[..] {
-                ["start", at] => Command::Start(number(at)?),
-                ["mark", at] => Command::Mark(number(at)?),
-                _ => bail!("unknown command {:?}", line.trim()),
-            },
-        ))
     }
 }
 
@@ -720,38 +533,6 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedule_counts_agree_with_send_times() {
-        let schedule = Schedule {
-            start: 1_000,
-            interval: 1_000_000,
-            connections: 3,
-        };
-        for k in 0..100 {
-            let at = schedule.at(k);
-            assert_eq!(schedule.due(at), k + 1, "message {k} is due at {at}");
-            assert_eq!(schedule.due(at - 1), k, "and not before");
-        }
-        assert_eq!(schedule.due(999), 0);
-        // Connection 2's first message is due two thirds of an interval in.
-        assert_eq!(schedule.due_on(2, schedule.at(1)), 0);
-        assert_eq!(schedule.due_on(2, schedule.at(2)), 1);
-        assert_eq!(schedule.due_on(0, schedule.at(3)), 2);
-    }
-
-    #[test]
-    fn messages_carry_id_sequence_and_schedule() {
-        let schedule = Schedule {
-            start: 5,
-            interval: 30,
-            connections: 3,
-        };
-        let message = schedule.message(1, 0xabcd, 2);
-        assert_eq!(message[..4], 0xabcd_u32.to_le_bytes());
-        assert_eq!(message[4..8], 2_u32.to_le_bytes());
-        assert_eq!(message[8..], (5_u64 + 70).to_le_bytes());
-    }
 
     #[test]
     fn worker_args_parse_back() {

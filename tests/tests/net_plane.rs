@@ -1,34 +1,20 @@
-//! The network plane on real network namespaces (root and iproute2 needed). Each test builds its
-//! own LAN: namespaces A (source) and B (destination), each with an eth0 veth whose other end is
-//! a port of bridge br0 in namespace P (the peer, a client of the service). Only addresses of
-//! 198.18.0.0/24 and fd54:636d::/64 are used, only inside these namespaces, and the guard deletes
-//! the namespaces even when a test fails.
+//! The network plane on the test bed's namespaces (root and iproute2 needed): the source (A)
+//! and the destination (B) each have an `eth0` on the bed's bridge, the client (P) is a client of
+//! the service. The bed is made without the service address, which the tests add and move
+//! themselves. Only addresses of 198.18.0.0/24 and fd54:636d::/64 are used, only inside these
+//! namespaces, and the bed deletes them even when a test fails.
 use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use tcpmig::net::{
     NetError, Netns, add_address, announce, delete_address, has_address, move_address,
 };
+use tcpmig_testbed::{Host, IFACE, Role, TestBed};
 
-const MAC_A: &str = "02:54:00:00:00:0a";
-const MAC_B: &str = "02:54:00:00:00:0b";
 const WRONG_MAC: &str = "02:00:00:00:00:01";
 const PORT: u16 = 8080;
-
-/// Runs `ip ARGS`, fails the test with its stderr if it fails, returns its stdout.
-fn ip(args: &[&str]) -> String {
-    let output = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("ip prints UTF-8")
-}
 
 /// Polls `condition` every 10 ms for at most `limit`.
 fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -44,73 +30,52 @@ fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Three namespaces on one bridge; dropping it deletes them (and so every link in them).
+/// A bed for one test, the network plane's view of its hosts.
 struct Lan {
-    names: Vec<String>,
+    bed: TestBed,
 }
 
 impl Lan {
-    fn new(test: &str) -> Self {
-        let prefix = format!("tnp{}-{test}", std::process::id());
-        let mut lan = Self { names: Vec::new() };
-        for side in ["a", "b", "p"] {
-            let name = format!("{prefix}-{side}");
-            ip(&["netns", "add", &name]);
-            lan.names.push(name);
+    fn new() -> Self {
+        Self {
+            bed: TestBed::without_service().expect("building the test bed"),
         }
-        let p = lan.names[2].clone();
-        ip(&["-n", &p, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &p, "link", "set", "br0", "up"]);
-        for (ns, port, mac) in [(&lan.names[0], "va", MAC_A), (&lan.names[1], "vb", MAC_B)] {
-            ip(&[
-                "-n", ns, "link", "add", "eth0", "address", mac, "type", "veth", "peer", "name",
-                port, "netns", &p,
-            ]);
-            ip(&["-n", &p, "link", "set", port, "master", "br0", "up"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-        }
-        ip(&["-n", &p, "addr", "add", "198.18.0.1/24", "dev", "br0"]);
-        ip(&[
-            "-n",
-            &p,
-            "addr",
-            "add",
-            "fd54:636d::1/64",
-            "dev",
-            "br0",
-            "nodad",
-        ]);
-        lan
     }
 
-    fn open(&self, index: usize) -> Netns {
-        Netns::open(&self.names[index]).expect("opening the test namespace")
+    fn open(host: &Host) -> Netns {
+        Netns::open(host.name()).expect("opening the test namespace")
     }
 
     fn a(&self) -> Netns {
-        self.open(0)
+        Self::open(self.bed.source())
     }
 
     fn b(&self) -> Netns {
-        self.open(1)
+        Self::open(self.bed.destination())
     }
 
     fn p(&self) -> Netns {
-        self.open(2)
+        Self::open(self.bed.client())
+    }
+
+    /// The MAC of A's (the source's) `eth0`.
+    fn mac_a(&self) -> String {
+        self.bed.source().mac().unwrap()
+    }
+
+    /// The MAC of B's (the destination's) `eth0`.
+    fn mac_b(&self) -> String {
+        self.bed.destination().mac().unwrap()
+    }
+
+    /// Runs `ip ARGS` in P (the client), failing the test if it fails.
+    fn ip_p(&self, args: &[&str]) -> String {
+        self.bed.client().ip(args).unwrap()
     }
 
     /// The MAC P's neighbour table holds for `addr`, if any.
     fn peer_lladdr(&self, addr: IpAddr) -> Option<String> {
-        let shown = ip(&[
-            "-n",
-            &self.names[2],
-            "neigh",
-            "show",
-            "to",
-            &addr.to_string(),
-            "dev",
-            "br0",
-        ]);
+        let shown = self.ip_p(&["neigh", "show", "to", &addr.to_string(), "dev", IFACE]);
         let mut words = shown.split_whitespace();
         words.find(|&word| word == "lladdr")?;
         words.next().map(str::to_owned)
@@ -119,21 +84,9 @@ impl Lan {
     /// Gives P a neighbour entry for `addr` with a MAC nobody has, as a stale cache would be.
     fn poison_peer(&self, addr: IpAddr) {
         let addr = addr.to_string();
-        let p = &self.names[2];
-        ip(&[
-            "-n", p, "neigh", "replace", &addr, "lladdr", WRONG_MAC, "dev", "br0", "nud", "stale",
+        self.ip_p(&[
+            "neigh", "replace", &addr, "lladdr", WRONG_MAC, "dev", IFACE, "nud", "stale",
         ]);
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let deleted = Command::new("ip").args(["netns", "del", name]).status();
-            if !matches!(deleted, Ok(status) if status.success()) {
-                eprintln!("could not delete network namespace {name}: {deleted:?}");
-            }
-        }
     }
 }
 
@@ -141,16 +94,17 @@ fn addr(text: &str) -> IpAddr {
     text.parse().expect("test address")
 }
 
+/// P's (the client's) own address of the service's family: 198.18.0.1 or fd54:636d::1.
 fn peer_of(service: IpAddr) -> IpAddr {
-    addr(if service.is_ipv4() {
-        "198.18.0.1"
+    if service.is_ipv4() {
+        Role::Client.v4().into()
     } else {
-        "fd54:636d::1"
-    })
+        Role::Client.v6().into()
+    }
 }
 
-fn add_has_delete(test: &str, service: IpAddr, prefix_len: u8) {
-    let lan = Lan::new(test);
+fn add_has_delete(service: IpAddr, prefix_len: u8) {
+    let lan = Lan::new();
     let a = lan.a();
     assert!(!has_address(&a, "eth0", service, prefix_len).unwrap());
     add_address(&a, "eth0", service, prefix_len).unwrap();
@@ -158,7 +112,11 @@ fn add_has_delete(test: &str, service: IpAddr, prefix_len: u8) {
     assert!(has_address(&a, "eth0", service, prefix_len).unwrap());
     assert!(!has_address(&a, "eth0", service, prefix_len - 1).unwrap());
 
-    let shown = ip(&["-n", &lan.names[0], "addr", "show", "dev", "eth0"]);
+    let shown = lan
+        .bed
+        .source()
+        .ip(&["addr", "show", "dev", IFACE])
+        .unwrap();
     let line = shown
         .lines()
         .find(|line| line.contains(&format!("{service}/{prefix_len}")))
@@ -181,17 +139,17 @@ fn add_has_delete(test: &str, service: IpAddr, prefix_len: u8) {
 
 #[test]
 fn add_has_delete_v4() {
-    add_has_delete("addv4", addr("198.18.0.10"), 24);
+    add_has_delete(addr("198.18.0.10"), 24);
 }
 
 #[test]
 fn add_has_delete_v6() {
-    add_has_delete("addv6", addr("fd54:636d::10"), 64);
+    add_has_delete(addr("fd54:636d::10"), 64);
 }
 
 #[test]
 fn v6_address_with_another_prefix_is_a_conflict() {
-    let lan = Lan::new("conflict");
+    let lan = Lan::new();
     let a = lan.a();
     let service = addr("fd54:636d::10");
     add_address(&a, "eth0", service, 64).unwrap();
@@ -235,20 +193,26 @@ fn peer_connects(lan: &Lan, service: IpAddr, limit: Duration) -> std::io::Result
         .unwrap()
 }
 
-fn move_then_connect(test: &str, service: IpAddr, prefix_len: u8) {
-    let lan = Lan::new(test);
+fn move_then_connect(service: IpAddr, prefix_len: u8) {
+    let lan = Lan::new();
     let (a, b) = (lan.a(), lan.b());
     let (on_a, on_b) = (listen(&a, service), listen(&b, service));
 
     add_address(&a, "eth0", service, prefix_len).unwrap();
     let _before = peer_connects(&lan, service, Duration::from_secs(2)).expect("connect to A");
     assert_eq!(accepted(&on_a), Some(peer_of(service)));
-    assert_eq!(lan.peer_lladdr(service).as_deref(), Some(MAC_A));
+    assert_eq!(
+        lan.peer_lladdr(service).as_deref(),
+        Some(lan.mac_a().as_str())
+    );
 
     move_address(&a, "eth0", &b, "eth0", service, prefix_len).unwrap();
     assert!(!has_address(&a, "eth0", service, prefix_len).unwrap());
     assert!(has_address(&b, "eth0", service, prefix_len).unwrap());
-    assert_eq!(lan.peer_lladdr(service).as_deref(), Some(MAC_B));
+    assert_eq!(
+        lan.peer_lladdr(service).as_deref(),
+        Some(lan.mac_b().as_str())
+    );
     // P's entry for A was REACHABLE: without the announcement the SYN would go to A and be lost.
     let _after = peer_connects(&lan, service, Duration::from_secs(1)).expect("connect to B");
     assert_eq!(accepted(&on_b), Some(peer_of(service)));
@@ -258,17 +222,17 @@ fn move_then_connect(test: &str, service: IpAddr, prefix_len: u8) {
 
 #[test]
 fn move_v4_then_peer_connects() {
-    move_then_connect("movev4", addr("198.18.0.100"), 24);
+    move_then_connect(addr("198.18.0.100"), 24);
 }
 
 #[test]
 fn move_v6_then_peer_connects() {
-    move_then_connect("movev6", addr("fd54:636d::100"), 64);
+    move_then_connect(addr("fd54:636d::100"), 64);
 }
 
 #[test]
 fn failed_move_puts_the_address_back() {
-    let lan = Lan::new("rollback");
+    let lan = Lan::new();
     let (a, b) = (lan.a(), lan.b());
     let service = addr("198.18.0.100");
     add_address(&a, "eth0", service, 24).unwrap();
@@ -278,8 +242,8 @@ fn failed_move_puts_the_address_back() {
 }
 
 /// P holds a STALE entry with a wrong MAC for the service; B's announcement corrects it.
-fn announcement_fixes_neighbour(test: &str, service: IpAddr, prefix_len: u8) {
-    let lan = Lan::new(test);
+fn announcement_fixes_neighbour(service: IpAddr, prefix_len: u8) {
+    let lan = Lan::new();
     let b = lan.b();
     add_address(&b, "eth0", service, prefix_len).unwrap();
     lan.poison_peer(service);
@@ -288,7 +252,7 @@ fn announcement_fixes_neighbour(test: &str, service: IpAddr, prefix_len: u8) {
     announce(&b, "eth0", service, 3, Duration::from_millis(20)).unwrap();
     assert!(
         wait_until(Duration::from_secs(1), || {
-            lan.peer_lladdr(service).as_deref() == Some(MAC_B)
+            lan.peer_lladdr(service).as_deref() == Some(lan.mac_b().as_str())
         }),
         "P still has {:?} for {service}",
         lan.peer_lladdr(service)
@@ -297,17 +261,17 @@ fn announcement_fixes_neighbour(test: &str, service: IpAddr, prefix_len: u8) {
 
 #[test]
 fn gratuitous_arp_fixes_stale_neighbour() {
-    announcement_fixes_neighbour("garp", addr("198.18.0.100"), 24);
+    announcement_fixes_neighbour(addr("198.18.0.100"), 24);
 }
 
 #[test]
 fn neighbour_advertisement_fixes_stale_neighbour() {
-    announcement_fixes_neighbour("na", addr("fd54:636d::100"), 64);
+    announcement_fixes_neighbour(addr("fd54:636d::100"), 64);
 }
 
 #[test]
 fn announce_refuses_what_it_must_not_send() {
-    let lan = Lan::new("refuse");
+    let lan = Lan::new();
     let b = lan.b();
     let service = addr("198.18.0.100");
     let interval = Duration::from_millis(20);
@@ -317,7 +281,7 @@ fn announce_refuses_what_it_must_not_send() {
         "{unheld:?}"
     );
 
-    ip(&["-n", &lan.names[1], "link", "set", "lo", "up"]);
+    // `lo` is up in every namespace of the bed.
     let loopback = announce(&b, "lo", addr("127.0.0.1"), 1, interval);
     assert!(
         matches!(loopback, Err(NetError::NotEthernet { .. })),

@@ -1,5 +1,5 @@
-//! Socket plane on real sockets, one host: loopback connections in a network namespace the test
-//! creates (removed by a guard, also on panic), dumped with the library, passed through the
+//! Socket plane on real sockets, one host: loopback connections in a network namespace of the
+//! test bed (removed on drop, also on panic), dumped with the library, passed through the
 //! image, closed silently and restored in place; every byte is checked both ways and the
 //! namespace's RST counter must not move. Needs root (CAP_NET_ADMIN, CAP_SYS_PTRACE).
 use std::{
@@ -7,8 +7,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::OwnedFd,
-    process::Command,
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,28 +16,25 @@ use tcpmig::{
     repair::{self, Filter, RepairError, TcpState},
     tuple::Tuple,
 };
+use tcpmig_testbed::{Namespace, Namespaces};
 
-/// A network namespace with only `lo` up, deleted on drop.
+/// A namespace of the test bed with only `lo` up, deleted on drop (also on panic).
 struct TestNetns {
-    name: String,
+    namespace: Namespace,
     netns: Netns,
+    /// Last: the namespace goes after the handles on it.
+    _group: Namespaces<1>,
 }
 
 impl TestNetns {
     fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tcpmig-sp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        let guard = Self {
-            netns: Netns::open(&name).expect("open the new namespace"),
-            name,
-        };
-        ip(&["-n", &guard.name, "link", "set", "lo", "up"]);
-        guard
+        let group = Namespaces::new(["lo"]).expect("making a namespace");
+        let [namespace] = group.members().clone();
+        Self {
+            netns: Netns::open(namespace.name()).expect("open the new namespace"),
+            namespace,
+            _group: group,
+        }
     }
 
     /// RSTs sent in this namespace so far (Tcp OutRsts).
@@ -49,34 +44,8 @@ impl TestNetns {
 
     /// One of the namespace's Tcp counters in /proc/net/snmp.
     fn tcp_counter(&self, name: &str) -> u64 {
-        let snmp = self
-            .netns
-            .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
-            .unwrap()
-            .unwrap();
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-        let column = names.split_whitespace().position(|n| n == name).unwrap();
-        values
-            .split_whitespace()
-            .nth(column)
-            .unwrap()
-            .parse()
-            .unwrap()
+        self.namespace.tcp_counter(name).unwrap()
     }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
 }
 
 /// Byte `offset` of direction `dir` of connection `k`: streams differ, so a swap shows.
@@ -388,7 +357,7 @@ fn commit_disconnects_the_applications_sockets() {
         .filter(|s| s.tuple.local.port() == port && s.state != TcpState::Listen)
         .count();
     assert_eq!(server_ends, 0, "disconnected sockets leave the tables");
-    // Longer than the persist and retransmission timers (notes: 0.5 s in repair mode).
+    // Longer than the persist and retransmission timers (docs/tcp-repair.md: 0.5 s in repair mode).
     std::thread::sleep(Duration::from_millis(1500));
     for (k, server) in conns.servers.iter().enumerate() {
         let error = (&*server).read(&mut [0u8; 1]).unwrap_err();

@@ -1,0 +1,62 @@
+//! Packet captures in a namespace of the bed: `tcpdump` writing to a file, read back as its
+//! one-line summaries, so a test can assert on what crossed an interface.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::IFACE;
+use crate::namespaces::Namespace;
+use crate::process::ChildGuard;
+
+/// A capture of the TCP segments of one port on [`IFACE`], stopped (SIGINT, so that it flushes)
+/// by [`Capture::stop`]; dropping it unstopped kills tcpdump.
+pub struct Capture<'bed> {
+    child: ChildGuard<'bed>,
+    file: PathBuf,
+}
+
+impl<'bed> Capture<'bed> {
+    /// Starts tcpdump on `netns`'s `eth0` for `tcp port PORT`, and returns once it captures.
+    pub fn start(netns: &'bed Namespace, port: u16) -> Result<Self> {
+        let file = std::env::temp_dir().join(format!("{}-{port}.pcap", netns.name()));
+        let mut cmd = netns.command("tcpdump")?;
+        cmd.args(["-i", IFACE, "-n", "-U", "-w"])
+            .arg(&file)
+            .arg(format!("tcp port {port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = netns.spawn(&mut cmd)?;
+        let stderr = child.child_mut().stderr.take().context("tcpdump stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        // tcpdump says "listening on ..." once the capture runs; it is bounded by its own start.
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listening on") => {}
+            other => bail!("tcpdump did not start: {other:?}"),
+        }
+        Ok(Self { child, file })
+    }
+
+    /// Stops the capture and returns tcpdump's one-line summaries of the packets.
+    pub fn stop(mut self) -> Result<Vec<String>> {
+        // SAFETY: signalling a child we started and have not reaped, by its pid.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait()?.is_none() {
+            ensure!(Instant::now() < deadline, "tcpdump did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .output()?;
+        let _ = std::fs::remove_file(&self.file);
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
