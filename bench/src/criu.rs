@@ -118,7 +118,7 @@ pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = exe.parent().context("benchmark directory")?.join(name);
     ensure!(
         path.exists(),
-        "{} missing: cargo build --release -p tcpmig -p tcpmig-testbed",
+        "{} missing: cargo build --release -p tcpmig-cli -p tcpmig-testbed",
         path.display()
     );
     Ok(path)

@@ -80,7 +80,7 @@ pub fn tcpmig_bin() -> PathBuf {
         .join("tcpmig");
     assert!(
         bin.exists(),
-        "{} missing: run `cargo xtask test` or `cargo build -p tcpmig`",
+        "{} missing: run `cargo xtask test` or `cargo build -p tcpmig-cli`",
         bin.display()
     );
     bin

@@ -4,9 +4,9 @@
 //! "Pitfalls": 0 of 1000 recovered without it). Frames are built here and sent on an AF_PACKET
 //! socket bound to the interface, so nothing outside tcpmig (arping, ndisc6) is needed.
 //!
-//! Receivers (measured on kernel 6.18, tests/net_plane.rs): a gratuitous ARP replaces the MAC of
-//! an existing entry with the defaults (arp_accept=0 only stops it creating new entries); a peer
-//! with net.ipv4.conf.*.drop_gratuitous_arp=1 ignores it. An unsolicited NA replaces it only
+//! Receivers (measured on kernel 6.18, tests/tests/net_plane.rs): a gratuitous ARP replaces the
+//! MAC of an existing entry with the defaults (arp_accept=0 only stops it creating new entries); a
+//! peer with net.ipv4.conf.*.drop_gratuitous_arp=1 ignores it. An unsolicited NA replaces it only
 //! with the override flag, and not on a peer whose interface has drop_unsolicited_na=1 (a
 //! per-interface setting: the `all` value is not consulted).
 use std::{
