@@ -17,12 +17,14 @@ mod btf;
 mod diag;
 mod discover;
 mod dump;
-pub mod handoff;
 mod kernel_state;
 mod restore;
 mod sockopt;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
+
+/// The hand-off's old path, kept while callers move to [`crate::handoff`].
+pub use crate::handoff;
 
 use bytes::Bytes;
 
@@ -433,7 +435,7 @@ fn run_sharded<T: Sync, R: Send>(
 
 /// Bulk operations hold one fd per connection: the default soft limit (1024) is far too low.
 fn raise_fd_limit() {
-    if let Err(error) = handoff::raise_nofile_limit() {
+    if let Err(error) = crate::handoff::raise_nofile_limit() {
         tracing::warn!(%error, "raising RLIMIT_NOFILE to its hard limit");
     }
 }
