@@ -14,7 +14,7 @@ use std::{
 use bytes::BytesMut;
 
 use super::{
-    AgentReport, FREEZE_TTL, MigrateError, Privileged, Token, check_privileges, millis,
+    AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, Token, check_privileges, millis,
     resident_memory, test_pause,
     transport::{Frame, Link, Message, PROTOCOL_VERSION},
 };
@@ -147,7 +147,7 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| MigrateError::Setup(format!("starting the async runtime: {e}")))?;
+        .map_err(MigrateError::Runtime)?;
     runtime.block_on(run(config, &netns))
 }
 
@@ -249,14 +249,22 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
 async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), MigrateError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| MigrateError::Setup(format!("listening on {}: {e}", config.listen)))?;
+        .map_err(|source| MigrateError::Listen {
+            listen: config.listen,
+            source,
+        })?;
     tracing::info!(listen = %config.listen, "waiting for a source");
     let deadline = tokio::time::Instant::now() + config.step_timeout * 60;
     loop {
         let (stream, source) = tokio::time::timeout_at(deadline, listener.accept())
             .await
-            .map_err(|_| MigrateError::Setup(format!("no source connected to {}", config.listen)))?
-            .map_err(|e| MigrateError::Setup(format!("accepting on {}: {e}", config.listen)))?;
+            .map_err(|_| MigrateError::NoSource {
+                listen: config.listen,
+            })?
+            .map_err(|source| MigrateError::Accept {
+                listen: config.listen,
+                source,
+            })?;
         let mut link = Link::new(stream, source, config.step_timeout);
         match handshake(config, &mut link).await {
             Ok(()) => {
@@ -274,25 +282,22 @@ async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateE
         other => return Err(link.unexpected("waiting for Hello", &other)),
     };
     let refusal = if protocol != PROTOCOL_VERSION {
-        Some(format!(
-            "protocol version {protocol}, this agent speaks {PROTOCOL_VERSION}: run the same \
-             tcpmig version on both sides"
-        ))
+        Some(Refusal::Protocol { theirs: protocol })
     } else if !config.token.matches(&token) {
-        Some("wrong token (check --token-file on both sides)".to_owned())
+        Some(Refusal::WrongToken)
     } else {
         None
     };
     match refusal {
         Some(reason) => {
             link.send(&Message::Refused {
-                reason: reason.clone(),
+                reason: reason.to_string(),
             })
             .await?;
-            Err(MigrateError::Setup(format!(
-                "refused the source at {}: {reason}",
-                link.peer()
-            )))
+            Err(MigrateError::RefusedSource {
+                peer: link.peer(),
+                reason,
+            })
         }
         None => {
             link.send(&Message::Welcome {
@@ -372,10 +377,7 @@ fn prepare<'a>(
 /// `count` shards for groups of connections.
 fn spawn_groups(count: usize) -> Result<Vec<Shard<Group>>, MigrateError> {
     (0..count)
-        .map(|k| {
-            Shard::spawn(format!("group-{k}"))
-                .map_err(|e| MigrateError::Setup(format!("starting a thread for a group: {e}")))
-        })
+        .map(|k| Shard::spawn(format!("group-{k}")).map_err(MigrateError::GroupThread))
         .collect()
 }
 

@@ -155,8 +155,38 @@ pub enum MigrateError {
     },
     #[error("process {pid} has no connection on {service} to migrate")]
     NoConnections { pid: u32, service: SocketAddr },
-    #[error("{0} (nothing was changed)")]
-    Setup(String),
+    #[error("starting the async runtime (nothing was changed)")]
+    Runtime(#[source] io::Error),
+    #[error("no process to migrate: give at least one pid (nothing was changed)")]
+    NoProcess,
+    #[error("process {pid} is given twice (nothing was changed)")]
+    DuplicatePid { pid: u32 },
+    #[error(
+        "process {pid} is in another network namespace than process {first}: one migration moves \
+         the connections of one namespace (nothing was changed)"
+    )]
+    NetnsMismatch { pid: u32, first: u32 },
+    #[error(
+        "socket inode {inode} is held by two of the processes given: give only one of them \
+         (nothing was changed)"
+    )]
+    SharedSocket { inode: u64 },
+    #[error("listening on {listen} (nothing was changed)")]
+    Listen {
+        listen: SocketAddr,
+        source: io::Error,
+    },
+    #[error("accepting on {listen} (nothing was changed)")]
+    Accept {
+        listen: SocketAddr,
+        source: io::Error,
+    },
+    #[error("no source connected to {listen} (nothing was changed)")]
+    NoSource { listen: SocketAddr },
+    #[error("refused the source at {peer}: {reason} (nothing was changed)")]
+    RefusedSource { peer: SocketAddr, reason: Refusal },
+    #[error("starting a thread for a group of connections (nothing was changed)")]
+    GroupThread(#[source] io::Error),
     #[error(transparent)]
     Repair(#[from] RepairError),
     #[error(transparent)]
@@ -183,6 +213,18 @@ pub enum MigrateError {
          the agent finished, see its log"
     )]
     InDoubt { cause: Box<MigrateError> },
+}
+
+/// Why an agent refuses a source at the handshake; the source gets this text in Refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "protocol version {theirs}, this agent speaks {PROTOCOL_VERSION}: run the same tcpmig \
+         version on both sides"
+    )]
+    Protocol { theirs: u16 },
+    #[error("wrong token (check --token-file on both sides)")]
+    WrongToken,
 }
 
 /// Segments dropped by one side's freeze while it was on (the freeze plane's counters).

@@ -69,7 +69,7 @@ pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| MigrateError::Setup(format!("starting the async runtime: {e}")))?;
+        .map_err(MigrateError::Runtime)?;
     runtime.block_on(run(config))
 }
 
@@ -339,10 +339,7 @@ async fn until_live(
     let mut inodes: Vec<u64> = noted.iter().map(|&(inode, _)| inode).collect();
     inodes.sort_unstable();
     if let Some(pair) = inodes.windows(2).find(|pair| pair[0] == pair[1]) {
-        return Err(MigrateError::Setup(format!(
-            "socket inode {} is held by two of the processes given: give only one of them",
-            pair[0]
-        )));
+        return Err(MigrateError::SharedSocket { inode: pair[0] });
     }
     guardian.note(&Note::Sockets { sockets: noted })?;
     phases.discover_ms = millis(step.elapsed());
@@ -548,19 +545,14 @@ fn prefix_of(netns: &Netns, config: &SourceConfig, ip: IpAddr) -> Result<u8, Mig
 /// service address.
 fn netns_of(pids: &[u32]) -> Result<Netns, MigrateError> {
     let open = |pid: u32| Netns::open(&format!("/proc/{pid}/ns/net"));
-    let (&first, others) = pids
-        .split_first()
-        .ok_or_else(|| MigrateError::Setup("no process to migrate".to_owned()))?;
+    let (&first, others) = pids.split_first().ok_or(MigrateError::NoProcess)?;
     let netns = open(first)?;
     for (k, &pid) in others.iter().enumerate() {
         if pids[..=k].contains(&pid) {
-            return Err(MigrateError::Setup(format!("process {pid} is given twice")));
+            return Err(MigrateError::DuplicatePid { pid });
         }
         if open(pid)?.inode() != netns.inode() {
-            return Err(MigrateError::Setup(format!(
-                "process {pid} is in another network namespace than process {first}: one \
-                 migration moves the connections of one namespace"
-            )));
+            return Err(MigrateError::NetnsMismatch { pid, first });
         }
     }
     Ok(netns)
