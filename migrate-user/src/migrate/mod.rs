@@ -338,6 +338,33 @@ pub struct Report {
     pub destination: AgentReport,
 }
 
+impl Report {
+    /// The report of a migration that has just begun: every count and time zero.
+    fn started(pids: Vec<u32>, service: SocketAddr, agent: SocketAddr) -> Self {
+        Self {
+            pids,
+            service,
+            agent,
+            processes_stopped: 0,
+            connections: 0,
+            kept: 0,
+            skipped: 0,
+            image_bytes: 0,
+            send_bytes: 0,
+            unsent_bytes: 0,
+            recv_bytes: 0,
+            blackout_ms: 0.0,
+            total_ms: 0.0,
+            phases: Phases::default(),
+            dropped_source: Dropped::default(),
+            dropped_destination: Dropped::default(),
+            source_stopped: false,
+            peak_resident_kib: 0,
+            destination: AgentReport::default(),
+        }
+    }
+}
+
 /// Each phase of a migration as the source sees it, in order, in milliseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phases {
