@@ -11,7 +11,7 @@ use std::{
     process::{Child, Command, ExitStatus},
 };
 
-use super::{ExecCommand, HandoffError, LISTEN_FDS_START, check, io_error, listen_fdnames};
+use super::{ExecCommand, HandoffError, LISTEN_FDS_START, check, listen_fdnames};
 use crate::repair::RestoredSocket;
 
 /// Replaces this process by `command` with `sockets` as fds 3, 4, ... and LISTEN_FDS,
@@ -23,8 +23,7 @@ pub fn exec_with_fds(
 ) -> Result<Infallible, HandoffError> {
     let names = listen_fdnames(&sockets);
     let count = sockets.len();
-    place_fds(sockets.into_iter().map(|s| s.fd).collect())
-        .map_err(io_error("moving the connections to fds 3.."))?;
+    place_fds(sockets.into_iter().map(|s| s.fd).collect()).map_err(HandoffError::PlaceFds)?;
     let mut exec = std::process::Command::new(&command.program);
     exec.args(&command.args)
         .env("LISTEN_FDS", count.to_string())
@@ -34,7 +33,10 @@ pub fn exec_with_fds(
         None => exec.env_remove("LISTEN_FDNAMES"),
     };
     let error = exec.exec();
-    Err(io_error(format!("executing {}", command.program.display()))(error))
+    Err(HandoffError::Exec {
+        program: command.program,
+        source: error,
+    })
 }
 
 /// Starts `command` with `sockets` as fds 3, 4, ... and the variables of socket activation
@@ -55,10 +57,11 @@ pub fn spawn_with_fds(
         vars.push(("LISTEN_FDNAMES".into(), names.into()));
     }
     vars.extend(env.iter().map(|(name, value)| (name.into(), value.into())));
-    let mut exec = Execve::new(command, &vars)
-        .map_err(|e| io_error(format!("preparing {}", command.program.display()))(e))?;
-    place_fds(sockets.into_iter().map(|s| s.fd).collect())
-        .map_err(io_error("moving the connections to fds 3.."))?;
+    let mut exec = Execve::new(command, &vars).map_err(|source| HandoffError::Prepare {
+        program: command.program.clone(),
+        source,
+    })?;
+    place_fds(sockets.into_iter().map(|s| s.fd).collect()).map_err(HandoffError::PlaceFds)?;
     // SAFETY: getpid(2) has no preconditions and cannot fail.
     let parent = unsafe { libc::getpid() };
     let mut cmd = Command::new(&command.program);
@@ -72,24 +75,26 @@ pub fn spawn_with_fds(
         // SAFETY: these numbers hold the sockets placed above, which nothing else owns.
         unsafe { libc::close(fd) };
     }
-    spawned.map_err(io_error(format!("starting {}", command.program.display())))
+    spawned.map_err(|source| HandoffError::Spawn {
+        program: command.program.clone(),
+        source,
+    })
 }
 
 /// Waits for every child and returns the first unsuccessful exit status, or success.
 pub fn wait_all(children: Vec<Child>) -> Result<ExitStatus, HandoffError> {
     let (mut first_failure, mut last) = (None, None);
     for mut child in children {
-        let exited = child
-            .wait()
-            .map_err(io_error(format!("waiting for process {}", child.id())))?;
+        let exited = child.wait().map_err(|source| HandoffError::Wait {
+            pid: child.id(),
+            source,
+        })?;
         if !exited.success() {
             first_failure.get_or_insert(exited);
         }
         last = Some(exited);
     }
-    first_failure
-        .or(last)
-        .ok_or_else(|| io_error("waiting for the processes")(io::Error::other("none started")))
+    first_failure.or(last).ok_or(HandoffError::NoneStarted)
 }
 
 /// An execve(2) prepared before fork: the child only writes its pid into LISTEN_PID's buffer.

@@ -71,15 +71,29 @@ pub enum HandoffError {
     TooManyFds { count: usize, limit: u64 },
     #[error("connecting to the receiver's Unix socket {path}; is the receiver listening?")]
     Connect { path: PathBuf, source: io::Error },
-    #[error("handing the connections over: {what}")]
-    Io { what: String, source: io::Error },
+    #[error("handing the connections over: raising RLIMIT_NOFILE to its hard limit")]
+    FdLimit(#[source] io::Error),
+    #[error("handing the connections over: moving them to fds 3..")]
+    PlaceFds(#[source] io::Error),
+    #[error("handing the connections over: preparing {}", .program.display())]
+    Prepare { program: PathBuf, source: io::Error },
+    #[error("handing the connections over: executing {}", .program.display())]
+    Exec { program: PathBuf, source: io::Error },
+    #[error("handing the connections over: starting {}", .program.display())]
+    Spawn { program: PathBuf, source: io::Error },
+    #[error("handing the connections over: waiting for process {pid}")]
+    Wait { pid: u32, source: io::Error },
+    #[error("handing the connections over: no process was started")]
+    NoneStarted,
+    #[error("handing the connections over: sending to {}", .path.display())]
+    Send { path: PathBuf, source: io::Error },
+    #[error(
+        "handing the connections over: waiting for the receiver at {} to close the connection",
+        .path.display()
+    )]
+    ReceiverClose { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Netns(#[from] NetnsError),
-}
-
-fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> HandoffError {
-    let what = what.into();
-    move |source| HandoffError::Io { what, source }
 }
 
 /// The name of a connection in LISTEN_FDNAMES and in the Unix socket protocol:
@@ -103,7 +117,7 @@ impl ExecCommand {
     /// hold `connections` fds for it.
     pub fn prepare(command: &[OsString], connections: usize) -> Result<Self, HandoffError> {
         let (program, args) = command.split_first().ok_or(HandoffError::EmptyCommand)?;
-        let limit = raise_nofile_limit().map_err(io_error("raising RLIMIT_NOFILE"))?;
+        let limit = raise_nofile_limit().map_err(HandoffError::FdLimit)?;
         if connections > room_under(limit) {
             return Err(HandoffError::TooManyFds {
                 count: connections,

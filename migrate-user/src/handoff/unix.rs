@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use super::{HandoffError, MAX_FDS_PER_MESSAGE, RECEIVER_TIMEOUT, check, fd_name, io_error};
+use super::{HandoffError, MAX_FDS_PER_MESSAGE, RECEIVER_TIMEOUT, check, fd_name};
 use crate::repair::RestoredSocket;
 
 /// Sends `sockets` to the receiver at `path` (see the module docs) and waits for it to close the
@@ -18,7 +18,10 @@ use crate::repair::RestoredSocket;
 pub fn send_fds(sockets: &[RestoredSocket], path: &Path) -> Result<(), HandoffError> {
     let stream = connect_unix(path)?;
     let fd = stream.as_raw_fd();
-    let what = || format!("sending to {}", path.display());
+    let sending = |source| HandoffError::Send {
+        path: path.to_owned(),
+        source,
+    };
     for batch in sockets.chunks(MAX_FDS_PER_MESSAGE) {
         let mut text = format!("tcpmig-fds {}\n", batch.len());
         for socket in batch {
@@ -26,25 +29,25 @@ pub fn send_fds(sockets: &[RestoredSocket], path: &Path) -> Result<(), HandoffEr
             text.push('\n');
         }
         let fds: Vec<RawFd> = batch.iter().map(|s| s.fd.as_raw_fd()).collect();
-        send_with_fds(fd, text.as_bytes(), &fds).map_err(io_error(what()))?;
+        send_with_fds(fd, text.as_bytes(), &fds).map_err(sending)?;
     }
     stream
         .shutdown(std::net::Shutdown::Write)
-        .map_err(io_error(what()))?;
+        .map_err(sending)?;
     stream
         .set_read_timeout(Some(RECEIVER_TIMEOUT))
-        .map_err(io_error(what()))?;
+        .map_err(sending)?;
     let mut sink = [0u8; 256];
     loop {
         match (&stream).read(&mut sink) {
             Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io_error(format!(
-                    "waiting for the receiver at {} to close the connection",
-                    path.display()
-                ))(e));
+            Err(source) => {
+                return Err(HandoffError::ReceiverClose {
+                    path: path.to_owned(),
+                    source,
+                });
             }
         }
     }
