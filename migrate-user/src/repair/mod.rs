@@ -106,6 +106,17 @@ pub enum RepairError {
         expected: usize,
         got: usize,
     },
+    // `error` is in the message, mid-sentence: see NotConnected.
+    #[error(
+        "connection {tuple}: {left} of the {queue} queue's bytes do not fit even in an enlarged \
+         buffer ({error}); {}", Phase::Restore.outcome()
+    )]
+    QueueTooLarge {
+        tuple: Tuple,
+        queue: &'static str,
+        left: usize,
+        error: io::Error,
+    },
     #[error(
         "connection {tuple}: a live socket with this 4-tuple already exists in network namespace \
          {netns} (connect in repair mode gave EADDRNOTAVAIL): close it or restore elsewhere ({})",

@@ -2,7 +2,13 @@
 //! never-sent tail sent once repair mode is off.
 use std::{io, os::fd::BorrowedFd, time::Instant};
 
-use crate::repair::sockopt::{self as so, Queue};
+use crate::{
+    repair::{
+        Phase, RepairError,
+        sockopt::{self as so, Queue},
+    },
+    tuple::Tuple,
+};
 
 /// Sends all of `data` (in repair mode: into the selected queue). When the buffer is full it is
 /// grown once, to the source's size or four times what is left, whichever is larger: the
@@ -83,20 +89,26 @@ impl QueueState<'_> {
 
 /// Queues the bytes of `q` under its TCP_REPAIR_QUEUE (selected first unless it still is),
 /// where nothing can drain them: no waiting.
-pub(super) fn fill_queue(fd: BorrowedFd<'_>, q: &QueueState<'_>, selected: bool) -> io::Result<()> {
+pub(super) fn fill_queue(
+    fd: BorrowedFd<'_>,
+    tuple: Tuple,
+    q: &QueueState<'_>,
+    selected: bool,
+) -> Result<(), RepairError> {
     if q.data.is_empty() {
         return Ok(());
     }
     if !selected {
-        so::select_queue(fd, q.queue)?;
+        so::select_queue(fd, q.queue).map_err(RepairError::socket(
+            tuple,
+            Phase::Restore,
+            q.fill_op(),
+        ))?;
     }
-    send_all(fd, q.data, q.grow, None).map_err(|(left, e)| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "{left} of the {} queue's bytes do not fit even in an enlarged buffer: {e}",
-                q.name
-            ),
-        )
+    send_all(fd, q.data, q.grow, None).map_err(|(left, error)| RepairError::QueueTooLarge {
+        tuple,
+        queue: q.name,
+        left,
+        error,
     })
 }

@@ -99,7 +99,7 @@ pub(super) fn restore_one(
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     set_timestamp(s, conn)?;
     for (q, selected) in [(&recv, true), (&send, false)] {
-        fill_queue(s, q, selected).map_err(fail(q.fill_op()))?;
+        fill_queue(s, tuple, q, selected)?;
     }
     so::set(s, libc::SOL_TCP, so::TCP_REPAIR_WINDOW, &conn.window)
         .map_err(fail("TCP_REPAIR_WINDOW"))?;
