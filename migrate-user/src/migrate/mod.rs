@@ -1,7 +1,8 @@
 //! Standalone migration: the source and destination state machines and their transport.
 //!
-//! `tcpmig migrate` ([`migrate`]) runs on the source, `tcpmig agent` ([`agent`]) on the
-//! destination. The steps (design.md, "One migration, step by step"), with a two-phase commit:
+//! `tcpmig migrate` ([`migrate()`]) runs on the source, `tcpmig agent` ([`agent()`]) on the
+//! destination. The steps (docs/architecture.md, "One migration, step by step"), with a
+//! two-phase commit:
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
 //!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
@@ -29,7 +30,7 @@
 //! that reaches it after half the time the source waits for that answer, so both sides agree.
 //!
 //! `tcpmig migrate` can be killed at any point: before it stops the application it starts a
-//! guard process ([`guard`]) that watches it and, if it dies before recording the decision to
+//! guard process ([`guard()`]) that watches it and, if it dies before recording the decision to
 //! commit, rolls the source back the same way (or, after that decision, finishes the commit).
 //!
 //! Test hook: with `TCPMIG_TEST_PAUSE_AT=<phase>` in its environment, either side logs

@@ -1,12 +1,16 @@
-//! Socket plane: bulk TCP_REPAIR dump and restore (see notes/tcp-repair.md for the orders used).
+//! Socket plane: bulk TCP_REPAIR dump and restore, in the orders docs/tcp-repair.md explains.
+//! Bulk because the blackout of a migration is the dump and the restore of every connection:
+//! the work is sharded over one thread per CPU and costs as few calls per socket as the kernel
+//! allows.
 //!
-//! [`discover`] finds a process's connections (sock_diag + /proc/PID/fd) and takes their fds with
-//! pidfd_getfd; [`dump`] puts them all into repair mode and reads their state into
+//! [`discover()`] finds a process's connections (sock_diag + /proc/PID/fd) and takes their fds with
+//! pidfd_getfd; [`dump()`] puts them all into repair mode and reads their state into
 //! [`Connection`]s, sharded over one thread per CPU; the returned [`DumpedSockets`] keeps them
 //! in repair mode until [`DumpedSockets::commit`] (silent close) or
-//! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
+//! [`DumpedSockets::rollback`]. [`restore()`] recreates connections in a network namespace and
 //! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
-//! address and lift its freeze in between. [`handoff`] gives the live sockets to the application.
+//! address and lift its freeze in between. [`crate::handoff`] then gives the live sockets to the
+//! application.
 //!
 //! A pre-copy takes most of the work out of the blackout for connections that do not move
 //! while the application is stopped (idle ones): [`PreparedDump::precopy`] reads them before the
@@ -288,7 +292,7 @@ pub struct SocketOptions {
     pub keepalive: Option<Keepalive>,
     /// TCP_USER_TIMEOUT in milliseconds (0: the kernel's default).
     pub user_timeout_ms: u32,
-    /// SO_REUSEADDR: set again only after repair mode is off (notes, pitfalls).
+    /// SO_REUSEADDR: set again only after repair mode is off (docs/tcp-repair.md, pitfalls).
     pub reuseaddr: bool,
     /// O_NONBLOCK on the file description.
     pub nonblocking: bool,

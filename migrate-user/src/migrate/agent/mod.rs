@@ -67,6 +67,34 @@ pub struct AgentOutcome {
 }
 
 /// Waits for one source, receives its connections and makes them live here.
+///
+/// # Examples
+/// Takes the connections [`migrate`](crate::migrate::migrate) sends, adds the service address
+/// to eth0, and hands the live sockets to the application over a Unix socket:
+/// ```no_run
+/// use std::path::Path;
+///
+/// use tcpmig::{
+///     handoff,
+///     migrate::{self, AgentConfig, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_STEP_TIMEOUT, Token},
+/// };
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = AgentConfig {
+///     listen: "192.0.2.2:7070".parse()?,
+///     netns: "/proc/self/ns/net".into(),
+///     dev: "eth0".into(),
+///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+///     step_timeout: DEFAULT_STEP_TIMEOUT,
+///     stop_after_image_bytes: None,
+///     max_per_process: handoff::max_fds_per_process()?,
+/// };
+/// let outcome = migrate::agent(&config)?;
+/// outcome.live.send_to(Path::new("/run/app/fds.sock"))?;
+/// # Ok(())
+/// # }
+/// ```
 pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
     check_privileges(Privileged::Agent)?;
     let netns = Netns::open(&config.netns)?;

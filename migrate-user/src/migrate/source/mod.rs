@@ -62,6 +62,34 @@ pub struct SourceConfig {
 
 /// Runs a migration from the source side and returns its report. On any failure before the
 /// commit everything is rolled back and the error says so.
+///
+/// # Examples
+/// Moves the connections of process 1234 on 192.0.2.1:80, and the address, to the agent at
+/// 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other side):
+/// ```no_run
+/// use std::path::Path;
+///
+/// use tcpmig::migrate::{self, DEFAULT_STEP_TIMEOUT, SourceConfig, Token};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = SourceConfig {
+///     pids: vec![1234],
+///     service: "192.0.2.1:80".parse()?,
+///     dev: "eth0".into(),
+///     agent: "192.0.2.2:7070".parse()?,
+///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     stop_source: true,
+///     stop_signal: None,
+///     precopy: false,
+///     step_timeout: DEFAULT_STEP_TIMEOUT,
+///     // The tcpmig binary, which runs the guard of the migration.
+///     guard_exe: "/usr/bin/tcpmig".into(),
+/// };
+/// let report = migrate::migrate(&config)?;
+/// println!("{} connections moved, blackout {:.1} ms", report.kept, report.blackout_ms);
+/// # Ok(())
+/// # }
+/// ```
 pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
     check_privileges(Privileged::Migrate)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -25,7 +25,7 @@ use crate::{
 /// Sockets taken for a dump, with their cookies and the options only their application changes
 /// (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, SO_REUSEADDR, O_NONBLOCK, TOS) already read: once
 /// the application is stopped these hold still, so [`prepare_dump`] reads them before the
-/// freeze, and the blackout pays only for one pass of the [`StateReader`] over the namespace
+/// freeze, and the blackout pays only for one pass of the [`StateReader`](repair::StateReader) over the namespace
 /// and repair mode on each socket.
 pub struct PreparedDump {
     pub(super) sockets: Vec<PreparedSocket>,
@@ -148,6 +148,33 @@ impl Drop for PreparedDump {
 
 /// Reads what only the sockets' application changes, sharded like the dump: call it once the
 /// application is stopped, before the freeze. Changes nothing on the sockets.
+///
+/// # Examples
+/// The dump of a process's connections on one service: taken, prepared, then (once their
+/// traffic is frozen, see [`crate::freeze`]) put into repair mode and read. They stay in repair
+/// mode until the commit (or the rollback, which dropping `dumped` also does).
+/// ```no_run
+/// use tcpmig::{
+///     image,
+///     net::Netns,
+///     repair::{self, Filter, StateReader, Workers},
+/// };
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (pid, service) = (1234, "192.0.2.1:80".parse()?);
+/// let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
+/// let found = repair::discover(&netns, pid, &Filter::service(service))?;
+/// let mut reader = StateReader::load(Some(service.port()))?;
+/// let prepared = repair::prepare_dump(Workers::PerCpu, found.into_fds())?;
+/// // Freeze the service here: the blackout starts.
+/// let dumped = prepared.dump(&mut reader)?;
+/// let image = image::encode(dumped.connections());
+/// // Restore `image` elsewhere, then close these sockets without a FIN:
+/// dumped.commit();
+/// # drop(image);
+/// # Ok(())
+/// # }
+/// ```
 pub fn prepare_dump(workers: Workers, fds: Vec<OwnedFd>) -> Result<PreparedDump, RepairError> {
     repair::check_net_admin()?;
     let read = repair::sharded(workers, &fds, |batch| {

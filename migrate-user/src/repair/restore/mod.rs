@@ -86,10 +86,31 @@ impl Drop for RestoredSockets {
         }
     }
 }
+
 /// Recreates `connections` inside `netns`, sharded over one thread per CPU, each in repair mode
 /// with its queues, sequence numbers, options, timestamp and window. Works before the local
 /// address exists there (IP_TRANSPARENT). On error every socket restored so far is closed
 /// silently and the error names the connection that failed.
+///
+/// # Examples
+/// Connections from an image file, restored while their service is still frozen, then made
+/// live and sent to the application over a Unix socket ([`crate::handoff`]):
+/// ```no_run
+/// use std::path::Path;
+///
+/// use tcpmig::{handoff, image, net::Netns, repair};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connections = image::read_file(Path::new("connections.img"))?;
+/// let netns = Netns::open("/run/netns/destination")?;
+/// let restored = repair::restore(&netns, &connections)?;
+/// // Add the service address and lift the freeze here: nothing was sent yet.
+/// let committed = restored.commit();
+/// assert!(committed.failures.is_empty());
+/// handoff::send_fds(&committed.sockets, Path::new("/run/app/fds.sock"))?;
+/// # Ok(())
+/// # }
+/// ```
 pub fn restore(netns: &Netns, connections: &[Connection]) -> Result<RestoredSockets, RepairError> {
     restore_with(Workers::PerCpu, netns, connections)
 }

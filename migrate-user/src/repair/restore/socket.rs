@@ -19,7 +19,7 @@ use crate::{
 ///
 /// socket() (about 3 us) and bind are the costliest calls of a restore. Made while the source's
 /// application still runs (the migration agent makes them on Prepare, for the source's count of
-/// connections), they leave the blackout: [`restore_with_pool`] only sets each connection's
+/// connections), they leave the blackout: [`restore_with_pool`](repair::restore_with_pool) only sets each connection's
 /// state. Dropping the pool closes the sockets it still holds, silently: they are unconnected
 /// and in repair mode.
 pub struct SocketPool {
@@ -134,7 +134,7 @@ impl LocalAddresses {
 /// A TCP socket in repair mode with its send queue selected, bound to `local`: what a restore
 /// needs before it sets any state (the queues' sequence numbers, which must be set before
 /// connect, are also accepted after bind: the socket is still CLOSED). Do not set SO_REUSEADDR
-/// on it (notes, pitfalls).
+/// on it (docs/tcp-repair.md, pitfalls).
 pub(super) fn repair_socket(
     local: &SocketAddr,
     nonblocking: bool,

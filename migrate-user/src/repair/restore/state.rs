@@ -31,7 +31,7 @@ pub(super) fn set_timestamp(fd: BorrowedFd<'_>, conn: &Connection) -> Result<(),
     ))
 }
 
-/// Restores `conn` on `pooled` (a socket of a [`SocketPool`] bound to its local address), or on
+/// Restores `conn` on `pooled` (a socket of a [`SocketPool`](super::SocketPool) bound to its local address), or on
 /// a fresh socket.
 pub(super) fn restore_one(
     conn: &Connection,
