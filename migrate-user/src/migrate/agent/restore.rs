@@ -29,11 +29,11 @@ pub(super) struct Ready<'a> {
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
-/// application: pools of `request.expected` sockets in all bound to the service, one per group, on the
-/// groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
+/// application: pools of `request.expected` sockets in all bound to the service, one per group, on
+/// the groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
 /// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
-/// session and packet socket that add and announce the address. The freeze is unpinned: an
-/// agent killed at any point leaves nothing attached.
+/// session and packet socket that add and announce the address. The freeze is unpinned: an agent
+/// killed at any point leaves nothing attached.
 pub(super) fn prepare<'a>(
     config: &'a AgentConfig,
     netns: &'a Netns,
@@ -110,7 +110,10 @@ pub(super) async fn restore_precopy(
         }
     }
     if let Some(error) = failure {
-        tracing::warn!(%error, "restoring the pre-copy ahead; restoring everything after the freeze");
+        tracing::warn!(
+            %error,
+            "restoring the pre-copy ahead; restoring everything after the freeze"
+        );
         shard::run_all(groups, |_, group| group.ahead = None);
         ahead.clear();
     }

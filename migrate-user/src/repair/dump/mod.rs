@@ -119,11 +119,11 @@ fn rollback_all(
 }
 
 /// Repair off with value 0 (no TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected
-/// queue once repair is off, and TCP_REPAIR=1 resets it), which sends a window probe: the peer answers with an ACK carrying
-/// its current window, so both ends resynchronise at once instead of on the next timer (measured:
-/// 0.07 s against 0.43 s with -1). The probe is an old-sequence segment every peer accepts, and
-/// if a freeze still drops it nothing is lost. Repair mode also cleared SO_REUSEADDR, which is
-/// set back.
+/// queue once repair is off, and TCP_REPAIR=1 resets it), which sends a window probe: the peer
+/// answers with an ACK carrying its current window, so both ends resynchronise at once instead of
+/// on the next timer (measured: 0.07 s against 0.43 s with -1). The probe is an old-sequence
+/// segment every peer accepts, and if a freeze still drops it nothing is lost. Repair mode also
+/// cleared SO_REUSEADDR, which is set back.
 fn leave_repair(fd: BorrowedFd<'_>, tuple: Tuple, reuseaddr: bool) -> Result<(), RepairError> {
     let fail = |op| RepairError::socket(tuple, Phase::Rollback, op);
     so::set_repair(fd, so::REPAIR_OFF).map_err(fail("TCP_REPAIR=0"))?;

@@ -23,10 +23,10 @@ use crate::{
 };
 
 /// Sockets taken for a dump, with their cookies and the options only their application changes
-/// (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, SO_REUSEADDR, O_NONBLOCK, TOS) already read: once
-/// the application is stopped these hold still, so [`prepare_dump`] reads them before the
-/// freeze, and the blackout pays only for one pass of the [`StateReader`](repair::StateReader) over the namespace
-/// and repair mode on each socket.
+/// (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, SO_REUSEADDR, O_NONBLOCK, TOS) already read: once the
+/// application is stopped these hold still, so [`prepare_dump`] reads them before the freeze, and
+/// the blackout pays only for one pass of the [`StateReader`](repair::StateReader) over the
+/// namespace and repair mode on each socket.
 pub struct PreparedDump {
     pub(super) sockets: Vec<PreparedSocket>,
     pub(super) workers: Workers,

@@ -19,9 +19,9 @@ use crate::{
 ///
 /// socket() (about 3 us) and bind are the costliest calls of a restore. Made while the source's
 /// application still runs (the migration agent makes them on Prepare, for the source's count of
-/// connections), they leave the blackout: [`restore_with_pool`](repair::restore_with_pool) only sets each connection's
-/// state. Dropping the pool closes the sockets it still holds, silently: they are unconnected
-/// and in repair mode.
+/// connections), they leave the blackout: [`restore_with_pool`](repair::restore_with_pool) only
+/// sets each connection's state. Dropping the pool closes the sockets it still holds, silently:
+/// they are unconnected and in repair mode.
 pub struct SocketPool {
     local: SocketAddr,
     pub(super) sockets: Vec<OwnedFd>,

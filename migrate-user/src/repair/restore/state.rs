@@ -31,8 +31,8 @@ pub(super) fn set_timestamp(fd: BorrowedFd<'_>, conn: &Connection) -> Result<(),
     ))
 }
 
-/// Restores `conn` on `pooled` (a socket of a [`SocketPool`](super::SocketPool) bound to its local address), or on
-/// a fresh socket.
+/// Restores `conn` on `pooled` (a socket of a [`SocketPool`](super::SocketPool) bound to its local
+/// address), or on a fresh socket.
 pub(super) fn restore_one(
     conn: &Connection,
     netns: &Netns,
