@@ -473,13 +473,14 @@ fn test_pause(phase: &str) {
         if left.is_zero() || ready < 0 {
             return;
         }
+        if ready == 0 {
+            continue;
+        }
         // One byte at a time, unbuffered: what follows the line belongs to whoever reads stdin
         // next (the agent's application).
         // SAFETY: reading one byte into a valid buffer.
-        if ready > 0
-            && (unsafe { libc::read(libc::STDIN_FILENO, (&raw mut byte).cast(), 1) } != 1
-                || byte == b'\n')
-        {
+        let read = unsafe { libc::read(libc::STDIN_FILENO, (&raw mut byte).cast(), 1) };
+        if read != 1 || byte == b'\n' {
             return;
         }
     }
