@@ -32,7 +32,8 @@ pub(super) fn set_timestamp(fd: BorrowedFd<'_>, conn: &Connection) -> Result<(),
 }
 
 /// Restores `conn` on `pooled` (a socket of a [`SocketPool`](super::SocketPool) bound to its local
-/// address), or on a fresh socket.
+/// address), or on a fresh socket: sequence numbers and connect, negotiated options and
+/// timestamp, queues, window, socket options.
 pub(super) fn restore_one(
     conn: &Connection,
     netns: &Netns,
@@ -47,53 +48,10 @@ pub(super) fn restore_one(
         });
     }
     let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
-    let fd = match pooled {
-        Some(fd) => {
-            if !conn.options.nonblocking {
-                set_blocking(fd.as_fd()).map_err(fail("clearing O_NONBLOCK"))?;
-            }
-            fd
-        }
-        None => repair_socket(&tuple.local, conn.options.nonblocking, local)
-            .map_err(|(op, source)| fail(op)(source))?,
-    };
+    let fd = socket_for(conn, pooled, local)?;
     let s = fd.as_fd();
-    let recv = QueueState {
-        queue: Queue::Recv,
-        name: "receive",
-        seq: conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32),
-        data: &conn.recv_queue,
-        grow: (so::SO_RCVBUFFORCE, conn.options.rcvbuf),
-    };
-    let send = QueueState {
-        queue: Queue::Send,
-        name: "send",
-        seq: conn.send_seq.wrapping_sub(conn.send_queue.len() as u32),
-        data: conn.sent_part(),
-        grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
-    };
-    // The send queue comes selected (repair_socket), so its sequence number goes first; the
-    // receive queue, selected next, keeps its selection through connect for its bytes. Idle
-    // connections and those with received bytes need one TCP_REPAIR_QUEUE call.
-    for (q, select) in [(&send, false), (&recv, true)] {
-        if select {
-            so::select_queue(s, q.queue)
-        } else {
-            Ok(())
-        }
-        .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
-        .map_err(fail(q.seq_op()))?;
-    }
-    so::connect(s, &tuple.remote).map_err(|source| {
-        if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            RepairError::TupleInUse {
-                tuple,
-                netns: netns.spec().to_owned(),
-            }
-        } else {
-            fail("connect (repair mode)")(source)
-        }
-    })?;
+    let (send, recv) = queues(conn);
+    connect_in_repair(s, conn, netns, &send, &recv)?;
     let (options, count) = repair_options(conn);
     so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
@@ -111,6 +69,78 @@ pub(super) fn restore_one(
         unsent: conn.unsent_part(),
         shutdown: conn.state.fin_sent(),
         probe: !conn.sent_part().is_empty() || conn.state.fin_sent(),
+    })
+}
+
+/// The pooled socket (made blocking when the connection's was), or a fresh one.
+fn socket_for(
+    conn: &Connection,
+    pooled: Option<OwnedFd>,
+    local: &mut LocalAddresses,
+) -> Result<OwnedFd, RepairError> {
+    let fail = |op| RepairError::socket(conn.tuple, Phase::Restore, op);
+    match pooled {
+        Some(fd) => {
+            if !conn.options.nonblocking {
+                set_blocking(fd.as_fd()).map_err(fail("clearing O_NONBLOCK"))?;
+            }
+            Ok(fd)
+        }
+        None => repair_socket(&conn.tuple.local, conn.options.nonblocking, local)
+            .map_err(|(op, source)| fail(op)(source)),
+    }
+}
+
+/// The send and receive queues of `conn`, as the restore writes them.
+fn queues(conn: &Connection) -> (QueueState<'_>, QueueState<'_>) {
+    let send = QueueState {
+        queue: Queue::Send,
+        name: "send",
+        seq: conn.send_seq.wrapping_sub(conn.send_queue.len() as u32),
+        data: conn.sent_part(),
+        grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
+    };
+    let recv = QueueState {
+        queue: Queue::Recv,
+        name: "receive",
+        seq: conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32),
+        data: &conn.recv_queue,
+        grow: (so::SO_RCVBUFFORCE, conn.options.rcvbuf),
+    };
+    (send, recv)
+}
+
+/// The queues' sequence numbers, then connect in repair mode (which sends nothing). The send
+/// queue comes selected (repair_socket), so its sequence number goes first; the receive queue,
+/// selected next, keeps its selection through connect for its bytes. Idle connections and those
+/// with received bytes need one TCP_REPAIR_QUEUE call.
+fn connect_in_repair(
+    s: BorrowedFd<'_>,
+    conn: &Connection,
+    netns: &Netns,
+    send: &QueueState<'_>,
+    recv: &QueueState<'_>,
+) -> Result<(), RepairError> {
+    let tuple = conn.tuple;
+    let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
+    for (q, select) in [(send, false), (recv, true)] {
+        if select {
+            so::select_queue(s, q.queue)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
+        .map_err(fail(q.seq_op()))?;
+    }
+    so::connect(s, &tuple.remote).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            RepairError::TupleInUse {
+                tuple,
+                netns: netns.spec().to_owned(),
+            }
+        } else {
+            fail("connect (repair mode)")(source)
+        }
     })
 }
 
