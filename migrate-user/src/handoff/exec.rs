@@ -17,6 +17,27 @@ use crate::repair::RestoredSocket;
 /// Replaces this process by `command` with `sockets` as fds 3, 4, ... and LISTEN_FDS,
 /// LISTEN_PID and LISTEN_FDNAMES set (see the module docs). The calling thread must be in the
 /// namespace the command should run in. Returns only on error.
+///
+/// # Examples
+/// `tcpmig restore --exec -- my-server` in a few lines:
+/// ```no_run
+/// use std::{ffi::OsString, path::Path};
+///
+/// use tcpmig::{
+///     handoff::{self, ExecCommand},
+///     image,
+///     net::Netns,
+///     repair,
+/// };
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connections = image::read_file(Path::new("connections.img"))?;
+/// // Checked before anything is restored: a missing program must not cost the connections.
+/// let command = ExecCommand::prepare(&[OsString::from("my-server")], connections.len())?;
+/// let committed = repair::restore(&Netns::current()?, &connections)?.commit();
+/// match handoff::exec_with_fds(committed.sockets, command)? {}
+/// # }
+/// ```
 pub fn exec_with_fds(
     sockets: Vec<RestoredSocket>,
     command: ExecCommand,
