@@ -125,20 +125,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let netns = netns_of(&config.pids)?;
     let prefix_len = prefix_of(&netns, config, service.ip())?;
     let expected = repair::count_connections(&netns, &Filter::service(service))?;
-    let mut link = Link::connect(config.agent, config.step_timeout).await?;
-    let sent = Instant::now();
-    link.send(&Message::Hello {
-        protocol: PROTOCOL_VERSION,
-        token: config.token.as_str().to_owned(),
-    })
-    .await?;
-    match link.recv_message("waiting for the handshake", None).await? {
-        Message::Welcome { .. } => link.authenticated(),
-        Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
-        other => return Err(link.unexpected("waiting for the handshake", &other)),
-    }
-    // The Commit message takes about half a round trip to arrive: counted in the blackout.
-    let one_way = sent.elapsed() / 2;
+    let (mut link, one_way) = connect(config).await?;
     link.send(&Message::Prepare {
         service,
         prefix_len,
@@ -179,6 +166,26 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     });
     guardian.finish();
     result
+}
+
+/// Connects to the agent and passes the handshake; returns the link and half the handshake's
+/// round trip, the time Commit will take to arrive (counted in the blackout).
+async fn connect(config: &SourceConfig) -> Result<(Link, Duration), MigrateError> {
+    let mut link = Link::connect(config.agent, config.step_timeout).await?;
+    let sent = Instant::now();
+    link.send(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: config.token.as_str().to_owned(),
+    })
+    .await?;
+    let waiting = "waiting for the handshake";
+    match link.recv_message(waiting, None).await? {
+        Message::Welcome { .. } => link.authenticated(),
+        Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
+        other => return Err(link.unexpected(waiting, &other)),
+    }
+    let one_way = sent.elapsed() / 2;
+    Ok((link, one_way))
 }
 
 /// The migration from the freeze programs on, with the guard watching: the phases up to
