@@ -8,6 +8,7 @@
 //! The library never prints: it returns values and errors, and logs with `tracing`.
 pub mod criu;
 pub mod freeze;
+pub mod handoff;
 pub mod image;
 pub mod migrate;
 pub mod net;

@@ -1,7 +1,8 @@
 //! Standalone migration: the source and destination state machines and their transport.
 //!
-//! `tcpmig migrate` ([`migrate`]) runs on the source, `tcpmig agent` ([`agent`]) on the
-//! destination. The steps (design.md, "One migration, step by step"), with a two-phase commit:
+//! `tcpmig migrate` ([`migrate()`]) runs on the source, `tcpmig agent` ([`agent()`]) on the
+//! destination. The steps (docs/architecture.md, "One migration, step by step"), with a
+//! two-phase commit:
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
 //!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
@@ -29,7 +30,7 @@
 //! that reaches it after half the time the source waits for that answer, so both sides agree.
 //!
 //! `tcpmig migrate` can be killed at any point: before it stops the application it starts a
-//! guard process ([`guard`]) that watches it and, if it dies before recording the decision to
+//! guard process ([`guard()`]) that watches it and, if it dies before recording the decision to
 //! commit, rolls the source back the same way (or, after that decision, finishes the commit).
 //!
 //! Test hook: with `TCPMIG_TEST_PAUSE_AT=<phase>` in its environment, either side logs
@@ -40,6 +41,7 @@ mod agent;
 pub mod checkpoint;
 mod guard;
 mod process;
+mod report;
 mod source;
 mod transport;
 
@@ -50,12 +52,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
 pub use self::{
     agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, LiveConnections, agent},
     guard::{GuardOutcome, guard},
     process::StoppedTree,
+    report::{AgentReport, Dropped, Phases, Report},
     source::{PRECOPY_QUIET, SourceConfig, migrate},
     transport::{
         Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
@@ -63,7 +64,7 @@ pub use self::{
     },
 };
 use crate::{
-    freeze::{Counters, FreezeError},
+    freeze::FreezeError,
     image::ImageError,
     net::{NetError, NetnsError},
     repair::RepairError,
@@ -156,8 +157,38 @@ pub enum MigrateError {
     },
     #[error("process {pid} has no connection on {service} to migrate")]
     NoConnections { pid: u32, service: SocketAddr },
-    #[error("{0} (nothing was changed)")]
-    Setup(String),
+    #[error("starting the async runtime (nothing was changed)")]
+    Runtime(#[source] io::Error),
+    #[error("no process to migrate: give at least one pid (nothing was changed)")]
+    NoProcess,
+    #[error("process {pid} is given twice (nothing was changed)")]
+    DuplicatePid { pid: u32 },
+    #[error(
+        "process {pid} is in another network namespace than process {first}: one migration moves \
+         the connections of one namespace (nothing was changed)"
+    )]
+    NetnsMismatch { pid: u32, first: u32 },
+    #[error(
+        "socket inode {inode} is held by two of the processes given: give only one of them \
+         (nothing was changed)"
+    )]
+    SharedSocket { inode: u64 },
+    #[error("listening on {listen} (nothing was changed)")]
+    Listen {
+        listen: SocketAddr,
+        source: io::Error,
+    },
+    #[error("accepting on {listen} (nothing was changed)")]
+    Accept {
+        listen: SocketAddr,
+        source: io::Error,
+    },
+    #[error("no source connected to {listen} (nothing was changed)")]
+    NoSource { listen: SocketAddr },
+    #[error("refused the source at {peer}: {reason} (nothing was changed)")]
+    RefusedSource { peer: SocketAddr, reason: Refusal },
+    #[error("starting a thread for a group of connections (nothing was changed)")]
+    GroupThread(#[source] io::Error),
     #[error(transparent)]
     Repair(#[from] RepairError),
     #[error(transparent)]
@@ -186,144 +217,16 @@ pub enum MigrateError {
     InDoubt { cause: Box<MigrateError> },
 }
 
-/// Segments dropped by one side's freeze while it was on (the freeze plane's counters).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Dropped {
-    /// New connection attempts (SYNs) to the service, dropped silently.
-    pub syn: u64,
-    /// Other segments arriving for the service's connections.
-    pub ingress: u64,
-    /// Segments the service's sockets sent (repair mode still retransmits).
-    pub egress: u64,
-}
-
-impl From<Counters> for Dropped {
-    fn from(c: Counters) -> Self {
-        Self {
-            syn: c.syn_dropped,
-            ingress: c.ingress_dropped,
-            egress: c.egress_dropped,
-        }
-    }
-}
-
-/// What the agent did, sent back to the source in Committed. Durations in milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgentReport {
-    /// Connections restored (in repair mode).
-    pub restored: usize,
-    /// Connections out of repair mode and handed over.
-    pub live: usize,
-    /// Connections that failed to leave repair mode (closed silently), and the first error.
-    pub failed: usize,
-    pub first_failure: Option<String>,
-    /// Attaching the freeze programs on the destination, on Prepare (before the source
-    /// freezes), beside the pool.
-    pub freeze_ms: f64,
-    /// Making the pool of sockets on Prepare, before the source freezes: socket(), repair mode
-    /// and bind, out of the blackout.
-    #[serde(default)]
-    pub pool_ms: f64,
-    /// Sockets in that pool: the source's count of connections before it stopped the
-    /// application. Connections beyond it, or on another local address, got fresh sockets.
-    #[serde(default)]
-    pub pooled: usize,
-    /// Connections of the source's pre-copy restored ahead of its freeze (`migrate
-    /// --precopy`), and the time it took.
-    #[serde(default)]
-    pub precopied: usize,
-    #[serde(default)]
-    pub precopy_ms: f64,
-    /// Of those, the connections the dump found unchanged: they kept their sockets, and the
-    /// restore only set their timestamps.
-    #[serde(default)]
-    pub kept_precopied: usize,
-    /// Recreating the sockets in repair mode, on the pool's sockets.
-    pub restore_ms: f64,
-    /// Groups the connections were restored in (shards of the agent), each handed to its own
-    /// process: more than one when they are more than one process can hold
-    /// (`tcpmig agent --max-per-process`).
-    #[serde(default)]
-    pub shards: usize,
-    /// From Commit received to the address added and announced.
-    pub address_ms: f64,
-    /// From Commit received to the first socket leaving repair mode: the end of the blackout.
-    pub live_after_commit_ms: f64,
-    /// Taking every socket out of repair mode.
-    pub repair_off_ms: f64,
-    /// When the blackout ended, in milliseconds since the Unix epoch on the agent's clock: to
-    /// line up measurements taken elsewhere (clients catching up) on a shared clock.
-    pub live_at_unix_ms: f64,
-    /// Gratuitous ARPs or unsolicited NAs sent.
-    pub announcements: u32,
-    /// What the destination's freeze dropped before it was lifted.
-    pub dropped: Dropped,
-    /// The agent's resident memory once the connections were live, and its peak, in KiB.
-    pub resident_kib: u64,
-    pub peak_resident_kib: u64,
-}
-
-/// The source's account of a migration (`tcpmig migrate --json`). Durations in milliseconds.
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub pids: Vec<u32>,
-    pub service: SocketAddr,
-    pub agent: SocketAddr,
-    /// Processes stopped (the application and its descendants).
-    pub processes_stopped: usize,
-    /// Connections dumped and sent.
-    pub connections: usize,
-    /// Connections live at the destination.
-    pub kept: usize,
-    /// Connections of the service left behind because of their state (SYN_RECV, CLOSE_WAIT...).
-    pub skipped: usize,
-    pub image_bytes: usize,
-    /// Bytes queued in the sockets, carried in the image: sent but unacknowledged or never sent
-    /// (`send_bytes`, of which `unsent_bytes` never left), received but unread (`recv_bytes`).
-    pub send_bytes: u64,
-    pub unsent_bytes: u64,
-    pub recv_bytes: u64,
-    /// From the freeze on the source to the first socket out of repair mode on the destination.
-    pub blackout_ms: f64,
-    pub total_ms: f64,
-    pub phases: Phases,
-    /// What each side's freeze dropped.
-    pub dropped_source: Dropped,
-    pub dropped_destination: Dropped,
-    /// Whether the application was ended after the commit (--stop-source).
-    pub source_stopped: bool,
-    /// This process's peak resident memory, in KiB.
-    pub peak_resident_kib: u64,
-    pub destination: AgentReport,
-}
-
-/// Each phase of a migration as the source sees it, in order, in milliseconds.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Phases {
-    /// Connect, handshake, agent ready, source freeze programs attached.
-    pub prepare_ms: f64,
-    /// Stopping the application's process tree.
-    pub stop_ms: f64,
-    /// Finding its connections (sock_diag, pidfd_getfd) and reading the options only the
-    /// application sets, before the freeze.
-    pub discover_ms: f64,
-    /// With `--precopy`, before the freeze: reading the connections, sending them, and the
-    /// agent restoring them ahead.
-    pub precopy_ms: f64,
-    /// The map update that freezes the service: the blackout starts.
-    pub freeze_ms: f64,
-    /// Every socket into repair mode and read.
-    pub dump_ms: f64,
-    /// Encoding the image and sending it.
-    pub transfer_ms: f64,
-    /// Deleting the service address on the source, while the agent restores.
-    pub address_ms: f64,
-    /// From the address deleted to the agent's Restored.
-    pub restore_ms: f64,
-    /// From Commit sent to Committed received (address, announcements, repair off there).
-    pub commit_ms: f64,
-    /// Closing the source sockets, ending the application, removing the freeze.
-    pub finish_ms: f64,
+/// Why an agent refuses a source at the handshake; the source gets this text in Refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "protocol version {theirs}, this agent speaks {PROTOCOL_VERSION}: run the same tcpmig \
+         version on both sides"
+    )]
+    Protocol { theirs: u16 },
+    #[error("wrong token (check --token-file on both sides)")]
+    WrongToken,
 }
 
 /// An error with its causes, for the other side of the link, which only gets text.
@@ -385,6 +288,8 @@ const TEST_PAUSE_LIMIT: Duration = Duration::from_secs(60);
 /// The test hook (see the module documentation): at `phase`, if TCPMIG_TEST_PAUSE_AT names it,
 /// logs it and waits for a line or the end of stdin, at most [`TEST_PAUSE_LIMIT`].
 fn test_pause(phase: &str) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
     if std::env::var_os("TCPMIG_TEST_PAUSE_AT").is_none_or(|at| at != phase) {
         return;
     }
@@ -393,22 +298,21 @@ fn test_pause(phase: &str) {
     let mut byte = 0u8;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pollfd = libc::pollfd {
-            fd: libc::STDIN_FILENO,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().min(1000) as i32) };
-        if left.is_zero() || ready < 0 {
+        let stdin = std::io::stdin();
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        let timeout =
+            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::ZERO);
+        let ready = poll(&mut fds, timeout);
+        if left.is_zero() || ready.is_err() {
             return;
+        }
+        if ready == Ok(0) {
+            continue;
         }
         // One byte at a time, unbuffered: what follows the line belongs to whoever reads stdin
         // next (the agent's application).
-        if ready > 0
-            && (nix::unistd::read(std::io::stdin(), std::slice::from_mut(&mut byte)) != Ok(1)
-                || byte == b'\n')
-        {
+        let read = nix::unistd::read(std::io::stdin(), std::slice::from_mut(&mut byte));
+        if read != Ok(1) || byte == b'\n' {
             return;
         }
     }

@@ -22,7 +22,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 impl StoppedTree {
     /// Stops `pid` and every descendant (threads included: SIGSTOP stops the whole process) and
     /// waits until each is in the stopped state. With `ask`, `pid` is first sent that signal
-    /// and given [`SETTLE_TIMEOUT`] to stop itself: an application that handles it can finish
+    /// and given `SETTLE_TIMEOUT` (5 s) to stop itself: an application that handles it can finish
     /// what it holds in memory (bytes read and not yet answered, which no dump of its sockets
     /// sees) and then raise(SIGSTOP).
     pub fn stop(pid: u32, ask: Option<libc::c_int>) -> Result<Self, MigrateError> {

@@ -1,12 +1,16 @@
-//! Socket plane: bulk TCP_REPAIR dump and restore (see notes/tcp-repair.md for the orders used).
+//! Socket plane: bulk TCP_REPAIR dump and restore, in the orders docs/tcp-repair.md explains.
+//! Bulk because the blackout of a migration is the dump and the restore of every connection:
+//! the work is sharded over one thread per CPU and costs as few calls per socket as the kernel
+//! allows.
 //!
-//! [`discover`] finds a process's connections (sock_diag + /proc/PID/fd) and takes their fds with
-//! pidfd_getfd; [`dump`] puts them all into repair mode and reads their state into
+//! [`discover()`] finds a process's connections (sock_diag + /proc/PID/fd) and takes their fds with
+//! pidfd_getfd; [`dump()`] puts them all into repair mode and reads their state into
 //! [`Connection`]s, sharded over one thread per CPU; the returned [`DumpedSockets`] keeps them
 //! in repair mode until [`DumpedSockets::commit`] (silent close) or
-//! [`DumpedSockets::rollback`]. [`restore`] recreates connections in a network namespace and
+//! [`DumpedSockets::rollback`]. [`restore()`] recreates connections in a network namespace and
 //! keeps them in repair mode until [`RestoredSockets::commit`], so that a migration can move the
-//! address and lift its freeze in between. [`handoff`] gives the live sockets to the application.
+//! address and lift its freeze in between. [`crate::handoff`] then gives the live sockets to the
+//! application.
 //!
 //! A pre-copy takes most of the work out of the blackout for connections that do not move
 //! while the application is stopped (idle ones): [`PreparedDump::precopy`] reads them before the
@@ -17,13 +21,15 @@ mod btf;
 mod diag;
 mod discover;
 mod dump;
-pub mod handoff;
 mod kernel_state;
 mod restore;
 /// The TCP_REPAIR calls live in the sys module with every other raw kernel call.
 use crate::sys::tcp_repair as sockopt;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
+
+/// The hand-off's old path, kept while callers move to [`crate::handoff`].
+pub use crate::handoff;
 
 use bytes::Bytes;
 
@@ -104,6 +110,17 @@ pub enum RepairError {
         queue: &'static str,
         expected: usize,
         got: usize,
+    },
+    // `error` is in the message, mid-sentence: see NotConnected.
+    #[error(
+        "connection {tuple}: {left} of the {queue} queue's bytes do not fit even in an enlarged \
+         buffer ({error}); {}", Phase::Restore.outcome()
+    )]
+    QueueTooLarge {
+        tuple: Tuple,
+        queue: &'static str,
+        left: usize,
+        error: io::Error,
     },
     #[error(
         "connection {tuple}: a live socket with this 4-tuple already exists in network namespace \
@@ -276,7 +293,7 @@ pub struct SocketOptions {
     pub keepalive: Option<Keepalive>,
     /// TCP_USER_TIMEOUT in milliseconds (0: the kernel's default).
     pub user_timeout_ms: u32,
-    /// SO_REUSEADDR: set again only after repair mode is off (notes, pitfalls).
+    /// SO_REUSEADDR: set again only after repair mode is off (docs/tcp-repair.md, pitfalls).
     pub reuseaddr: bool,
     /// O_NONBLOCK on the file description.
     pub nonblocking: bool,
@@ -434,7 +451,7 @@ fn run_sharded<T: Sync, R: Send>(
 
 /// Bulk operations hold one fd per connection: the default soft limit (1024) is far too low.
 fn raise_fd_limit() {
-    if let Err(error) = handoff::raise_nofile_limit() {
+    if let Err(error) = crate::handoff::raise_nofile_limit() {
         tracing::warn!(%error, "raising RLIMIT_NOFILE to its hard limit");
     }
 }

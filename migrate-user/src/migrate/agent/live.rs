@@ -1,0 +1,73 @@
+//! Handing the live connections to the application, group by group (see [`crate::handoff`]).
+use std::process::ExitStatus;
+
+use super::groups::Group;
+use crate::{
+    handoff::{self, ExecCommand, HandoffError},
+    net::Netns,
+    shard::{self, Shard},
+};
+
+/// The live connections, in their groups, until they are handed to the application.
+pub struct LiveConnections {
+    groups: Vec<Shard<Group>>,
+    /// Where the application runs: the namespace the connections are in.
+    netns: String,
+}
+
+impl LiveConnections {
+    pub(super) fn new(groups: Vec<Shard<Group>>, netns: String) -> Self {
+        Self { groups, netns }
+    }
+
+    /// Groups, each handed to one process.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Sends each group in turn to the receiver at `path` (see [`handoff::send_fds`]): one
+    /// connection to the receiver per group.
+    pub fn send_to(self, path: &std::path::Path) -> Result<(), HandoffError> {
+        for group in &self.groups {
+            let path = path.to_owned();
+            group.run(move |group| handoff::send_fds(&std::mem::take(&mut group.live), &path))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the connections to `command` in their namespace: one group becomes it (this process
+    /// is replaced, see [`handoff::exec_with_fds`]); several start it once per group (see
+    /// [`handoff::spawn_with_fds`]) and wait for them all. Returns the first failure's exit
+    /// status, or success.
+    pub fn run(self, command: ExecCommand) -> Result<ExitStatus, HandoffError> {
+        let Self { groups, netns } = self;
+        let count = groups.len();
+        if count == 1 {
+            let exec = groups[0].run(move |group| {
+                enter(&netns)?;
+                handoff::exec_with_fds(std::mem::take(&mut group.live), command)
+            });
+            match exec? {}
+        }
+        let command = std::sync::Arc::new(command);
+        let started = shard::run_all(&groups, move |k, group| {
+            enter(&netns)?;
+            let env = [
+                ("TCPMIG_SHARD", k.to_string()),
+                ("TCPMIG_SHARDS", count.to_string()),
+            ];
+            handoff::spawn_with_fds(std::mem::take(&mut group.live), &command, &env)
+        });
+        let children = started.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // The groups' threads live until the children end: each child gets SIGTERM when the
+        // thread that started it ends (PR_SET_PDEATHSIG), so when this process dies.
+        let status = handoff::wait_all(children);
+        drop(groups);
+        status
+    }
+}
+
+/// The application runs in the namespace its connections are in.
+fn enter(netns: &str) -> Result<(), HandoffError> {
+    Ok(Netns::open(netns)?.enter_current_thread()?)
+}

@@ -1,0 +1,321 @@
+//! The destination side of a migration: get ready on Prepare (a pool of sockets and the freeze
+//! programs, before the source freezes), receive, restore in repair mode, and go live on Commit
+//! (docs/architecture.md walks through the steps).
+//!
+//! The connections are restored in groups of at most `max_per_process`, each group in a shard of
+//! its own ([`crate::shard`]): one fd table, and one application process, holds at most one
+//! group ([`groups`]). Most migrations are one group. [`restore`] holds the steps from Prepare
+//! to live sockets, [`live`] hands them to the application.
+mod groups;
+mod live;
+mod restore;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+pub use self::live::LiveConnections;
+use self::restore::{Ready, go_live, prepare, receive_and_restore, restore_precopy};
+use super::{
+    AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, Token, check_privileges,
+    resident_memory, test_pause,
+    transport::{Link, Message, PROTOCOL_VERSION},
+};
+use crate::{
+    freeze::{self, Freeze},
+    net::Netns,
+};
+
+/// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
+/// what one that was killed left pinned.
+const FREEZE_PREFIX: &str = "agent-";
+/// The largest image an agent accepts by default: about 10 million idle connections, or 16,000
+/// with full 64 KiB queues both ways. The agent holds the whole image in memory.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1 << 30;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Where to listen for the source.
+    pub listen: SocketAddr,
+    /// The namespace the connections are restored in and the address is added to.
+    pub netns: String,
+    /// The interface that gets the service address.
+    pub dev: String,
+    /// The token the source must present. Sources without it are refused, and the agent goes on
+    /// waiting for the right one.
+    pub token: Token,
+    /// Images larger than this are refused (the migration rolls back).
+    pub max_image_bytes: u64,
+    /// Bound on each step of the source, and on the wait for it to connect (times 60).
+    pub step_timeout: Duration,
+    /// Testing aid: once this many image bytes arrived, the agent stops itself (SIGSTOP), so a
+    /// test can kill it at a known point.
+    pub stop_after_image_bytes: Option<u64>,
+    /// Most connections one group holds, and one application process gets; more make several
+    /// groups. See [`crate::handoff::max_fds_per_process`].
+    pub max_per_process: usize,
+}
+
+/// A completed migration on the destination: the live sockets, to hand to the application.
+pub struct AgentOutcome {
+    pub source: SocketAddr,
+    pub service: SocketAddr,
+    pub live: LiveConnections,
+    pub report: AgentReport,
+}
+
+/// Waits for one source, receives its connections and makes them live here.
+///
+/// # Examples
+/// Takes the connections [`migrate`](crate::migrate::migrate) sends, adds the service address
+/// to eth0, and hands the live sockets to the application over a Unix socket:
+/// ```no_run
+/// use std::path::Path;
+///
+/// use tcpmig::{
+///     handoff,
+///     migrate::{self, AgentConfig, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_STEP_TIMEOUT, Token},
+/// };
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = AgentConfig {
+///     listen: "192.0.2.2:7070".parse()?,
+///     netns: "/proc/self/ns/net".into(),
+///     dev: "eth0".into(),
+///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+///     step_timeout: DEFAULT_STEP_TIMEOUT,
+///     stop_after_image_bytes: None,
+///     max_per_process: handoff::max_fds_per_process()?,
+/// };
+/// let outcome = migrate::agent(&config)?;
+/// outcome.live.send_to(Path::new("/run/app/fds.sock"))?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
+    check_privileges(Privileged::Agent)?;
+    let netns = Netns::open(&config.netns)?;
+    remove_stale_freezes();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MigrateError::Runtime)?;
+    runtime.block_on(run(config, &netns))
+}
+
+/// What the source asks for in Prepare.
+struct Request {
+    service: SocketAddr,
+    prefix_len: u8,
+    expected: u32,
+    precopy: bool,
+}
+
+async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
+    let (mut link, source) = accept_source(config).await?;
+    let request = receive_prepare(&mut link).await?;
+    let service = request.service;
+    let mut report = AgentReport::default();
+    let ready = prepare(config, netns, &request, &mut report);
+    let Ready {
+        mut groups,
+        mut freeze,
+        takeover,
+    } = or_fail(&mut link, ready).await?;
+    link.send(&Message::Prepared).await?;
+    test_pause("agent-prepared");
+    let mut ahead = HashMap::new();
+    if request.precopy {
+        let restored = restore_precopy(config, &mut link, service, &mut groups, &mut report).await;
+        ahead = or_fail(&mut link, restored).await?;
+        let connections = ahead.len();
+        link.send(&Message::Precopied { connections }).await?;
+    }
+    let restoring =
+        receive_and_restore(config, &mut link, service, &mut groups, &ahead, &mut report).await;
+    let restoring = restoring.and_then(|restored| {
+        // The deadline counts from here, not from Prepare: one map update.
+        freeze.freeze_services(&[service], FREEZE_TTL)?;
+        Ok(restored)
+    });
+    let connections = or_fail(&mut link, restoring).await?;
+    let restore_ms = report.restore_ms;
+    link.send(&Message::Restored {
+        connections,
+        restore_ms,
+    })
+    .await?;
+    let restored_sent = Instant::now();
+    test_pause("agent-restored");
+    receive_commit(&mut link, restored_sent).await?;
+    test_pause("agent-commit");
+    // From here on the connections go live here whatever happens to the link: the source
+    // committed, and a source that died meanwhile has a guard that finishes its commit.
+    if let Err(error) = link.send(&Message::GoingLive).await {
+        tracing::warn!(%error, "telling the source that the connections go live here");
+    }
+    go_live(&takeover, &groups, freeze, service, &mut report)?;
+    (report.resident_kib, report.peak_resident_kib) = resident_memory();
+    let committed = Message::Committed {
+        report: report.clone(),
+    };
+    if let Err(error) = link.send(&committed).await {
+        tracing::warn!(%error, "confirming the commit to the source");
+    }
+    let live = LiveConnections::new(groups, config.netns.clone());
+    Ok(AgentOutcome {
+        source,
+        service,
+        live,
+        report,
+    })
+}
+
+async fn receive_prepare(link: &mut Link) -> Result<Request, MigrateError> {
+    let waiting = "waiting for Prepare";
+    match link.recv_message(waiting, None).await? {
+        Message::Prepare {
+            service,
+            prefix_len,
+            expected_connections,
+            precopy,
+        } => Ok(Request {
+            service,
+            prefix_len,
+            expected: expected_connections,
+            precopy,
+        }),
+        other => Err(link.unexpected(waiting, &other)),
+    }
+}
+
+/// Waits for Commit. The source gives up waiting for GoingLive `answer_within_ms` after it sent
+/// Commit, which is after we sent Restored: answering within half of that leaves the other half
+/// for GoingLive to travel. Later, the source may have rolled back: going live would duplicate
+/// the connections, so a late Commit fails the migration here.
+async fn receive_commit(link: &mut Link, restored_sent: Instant) -> Result<(), MigrateError> {
+    let waiting = "waiting for Commit";
+    let answer_within_ms = match link.recv_message(waiting, None).await? {
+        Message::Commit { answer_within_ms } => answer_within_ms,
+        other => return Err(link.unexpected(waiting, &other)),
+    };
+    let after = restored_sent.elapsed();
+    if after > Duration::from_millis(answer_within_ms) / 2 {
+        let error = MigrateError::LateCommit {
+            after_ms: after.as_millis() as u64,
+            limit_ms: answer_within_ms,
+        };
+        return Err(failed(link, error).await);
+    }
+    Ok(())
+}
+
+/// Waits for a source that passes the handshake. Those that do not (wrong token or protocol,
+/// garbage, silence) are refused and the agent goes on waiting, until 60 step timeouts passed.
+async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), MigrateError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| MigrateError::Listen {
+            listen: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, "waiting for a source");
+    let deadline = tokio::time::Instant::now() + config.step_timeout * 60;
+    loop {
+        let (stream, source) = tokio::time::timeout_at(deadline, listener.accept())
+            .await
+            .map_err(|_| MigrateError::NoSource {
+                listen: config.listen,
+            })?
+            .map_err(|source| MigrateError::Accept {
+                listen: config.listen,
+                source,
+            })?;
+        let mut link = Link::new(stream, source, config.step_timeout);
+        match handshake(config, &mut link).await {
+            Ok(()) => {
+                link.authenticated();
+                return Ok((link, source));
+            }
+            Err(error) => tracing::warn!(%source, %error, "refused a source; waiting for another"),
+        }
+    }
+}
+
+async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateError> {
+    let (protocol, token) = match link.recv_message("waiting for Hello", None).await? {
+        Message::Hello { protocol, token } => (protocol, token),
+        other => return Err(link.unexpected("waiting for Hello", &other)),
+    };
+    let refusal = if protocol != PROTOCOL_VERSION {
+        Some(Refusal::Protocol { theirs: protocol })
+    } else if !config.token.matches(&token) {
+        Some(Refusal::WrongToken)
+    } else {
+        None
+    };
+    match refusal {
+        Some(reason) => {
+            link.send(&Message::Refused {
+                reason: reason.to_string(),
+            })
+            .await?;
+            Err(MigrateError::RefusedSource {
+                peer: link.peer(),
+                reason,
+            })
+        }
+        None => {
+            link.send(&Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+        }
+    }
+}
+
+/// Tells the source that this side failed (unless the source aborted), and returns the error.
+async fn failed(link: &mut Link, error: MigrateError) -> MigrateError {
+    if !matches!(error, MigrateError::Aborted { .. }) {
+        let _ = link
+            .send(&Message::Failed {
+                error: super::chain(&error),
+            })
+            .await;
+    }
+    error
+}
+
+/// `result`, after telling the source when it is an error (see [`failed`]).
+async fn or_fail<T>(link: &mut Link, result: Result<T, MigrateError>) -> Result<T, MigrateError> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(error) => Err(failed(link, error).await),
+    }
+}
+
+/// Removes what agents that died left pinned: the whole freeze of an older agent (its programs
+/// would stay attached, idle, until then), or the maps of one killed while attaching its unpinned
+/// freeze.
+fn remove_stale_freezes() {
+    let Ok(names) = Freeze::list() else {
+        return;
+    };
+    for name in names {
+        let Some(pid) = name
+            .strip_prefix(FREEZE_PREFIX)
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match freeze::remove(&name) {
+                Ok(()) => tracing::info!(%name, "removed the freeze of a dead agent"),
+                Err(error) => tracing::warn!(%name, %error, "removing the freeze of a dead agent"),
+            }
+        }
+    }
+}

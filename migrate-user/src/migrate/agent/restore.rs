@@ -1,0 +1,264 @@
+//! The agent's work between Prepare and live sockets: the pool and freeze programs made ahead,
+//! the pre-copy restored ahead, the image received and restored in repair mode, and going live.
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
+
+use bytes::BytesMut;
+
+use super::{
+    AgentConfig, FREEZE_PREFIX, Request,
+    groups::{Group, group_sizes, on_each_group, spawn_groups, split_by_precopy, split_evenly},
+};
+use crate::{
+    freeze::Freeze,
+    image::{Decoded, Decoder},
+    migrate::{
+        AgentReport, MigrateError, millis,
+        transport::{Frame, Link, Message},
+    },
+    net::{self, Netns, Takeover},
+    repair::{self, Connection, SocketPool, Workers},
+    shard::{self, Shard},
+    tuple::Tuple,
+};
+
+/// What [`prepare`] made ready.
+pub(super) struct Ready<'a> {
+    pub(super) groups: Vec<Shard<Group>>,
+    pub(super) freeze: Freeze,
+    pub(super) takeover: Takeover<'a>,
+}
+
+/// What the blackout would otherwise pay for, done on Prepare, before the source stops its
+/// application: pools of `request.expected` sockets in all bound to the service, one per group, on
+/// the groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
+/// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
+/// session and packet socket that add and announce the address. The freeze is unpinned: an agent
+/// killed at any point leaves nothing attached.
+pub(super) fn prepare<'a>(
+    config: &'a AgentConfig,
+    netns: &'a Netns,
+    request: &Request,
+    report: &mut AgentReport,
+) -> Result<Ready<'a>, MigrateError> {
+    let service = request.service;
+    let name = format!("{FREEZE_PREFIX}{}", std::process::id());
+    let started = Instant::now();
+    let sizes = group_sizes(request.expected as usize, config.max_per_process);
+    let groups = spawn_groups(sizes.len())?;
+    let pooling: Vec<_> = groups
+        .iter()
+        .zip(sizes)
+        .map(|(group, size)| {
+            let spec = config.netns.clone();
+            group.start(move |group| {
+                let netns = Netns::open(&spec)?;
+                let pool = SocketPool::prepare(Workers::PerCpu, &netns, service, size)?;
+                group.pool = Some(pool);
+                Ok::<_, MigrateError>(size)
+            })
+        })
+        .collect();
+    let attached = Instant::now();
+    let freeze = Freeze::attach_unpinned(netns, &config.dev, &name);
+    report.freeze_ms = millis(attached.elapsed());
+    let mut pooled = 0;
+    for pending in pooling {
+        pooled += pending.wait()?;
+    }
+    report.pool_ms = millis(started.elapsed());
+    report.pooled = pooled;
+    Ok(Ready {
+        groups,
+        freeze: freeze?,
+        takeover: Takeover::prepare(netns, &config.dev, service.ip(), request.prefix_len)?,
+    })
+}
+
+/// Receives the pre-copy's image and restores it ahead, in repair mode, each group its share on
+/// sockets of its pool; returns the group each connection is in. When a group cannot restore
+/// its share (a 4-tuple in use, say), nothing stays ahead: every connection is restored after
+/// the freeze then, as without a pre-copy.
+pub(super) async fn restore_precopy(
+    config: &AgentConfig,
+    link: &mut Link,
+    service: SocketAddr,
+    groups: &mut Vec<Shard<Group>>,
+    report: &mut AgentReport,
+) -> Result<HashMap<Tuple, usize>, MigrateError> {
+    let connections = receive_image(config, link).await?;
+    let started = Instant::now();
+    let parts = split_evenly(connections, groups, config.max_per_process)?;
+    let restoring = on_each_group(
+        config,
+        service,
+        groups,
+        parts,
+        |group, netns, mut pool, part| {
+            let mine = pool.split_off(part.len());
+            // The rest is for the connections the dump brings beside the pre-copy's.
+            group.pool = Some(pool);
+            let ahead = repair::restore_ahead(Workers::PerCpu, netns, part, mine)?;
+            Ok(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
+        },
+    );
+    let mut ahead = HashMap::new();
+    let mut failure = None;
+    for (k, restored) in restoring.into_iter().enumerate() {
+        match restored {
+            Ok(tuples) => ahead.extend(tuples.into_iter().map(|tuple| (tuple, k))),
+            Err(error) => failure = Some(error),
+        }
+    }
+    if let Some(error) = failure {
+        tracing::warn!(
+            %error,
+            "restoring the pre-copy ahead; restoring everything after the freeze"
+        );
+        shard::run_all(groups, |_, group| group.ahead = None);
+        ahead.clear();
+    }
+    report.precopied = ahead.len();
+    report.precopy_ms = millis(started.elapsed());
+    Ok(ahead)
+}
+
+/// Receives the image and restores it in repair mode, each group on its pool's sockets (or on
+/// those of its pre-copy, for the connections in `ahead`), the groups side by side; more
+/// connections than the pools planned for get groups of their own. Returns how many were
+/// restored.
+pub(super) async fn receive_and_restore(
+    config: &AgentConfig,
+    link: &mut Link,
+    service: SocketAddr,
+    groups: &mut Vec<Shard<Group>>,
+    ahead: &HashMap<Tuple, usize>,
+    report: &mut AgentReport,
+) -> Result<usize, MigrateError> {
+    let connections = receive_image(config, link).await?;
+    let started = Instant::now();
+    let parts = if ahead.is_empty() {
+        split_evenly(connections, groups, config.max_per_process)?
+    } else {
+        split_by_precopy(connections, groups, ahead, config.max_per_process)?
+    };
+    let restoring = on_each_group(
+        config,
+        service,
+        groups,
+        parts,
+        |group, netns, pool, part| {
+            let restored = match group.ahead.take() {
+                Some(ahead) => ahead.restore(Workers::PerCpu, netns, &part, pool)?,
+                None => repair::restore_with_pool(Workers::PerCpu, netns, &part, pool)?,
+            };
+            let restored = group.restored.insert(restored);
+            Ok((restored.len(), restored.precopied()))
+        },
+    );
+    let mut restored = 0;
+    let mut first_error = None;
+    for outcome in restoring {
+        match outcome {
+            Ok((count, precopied)) => {
+                restored += count;
+                report.kept_precopied += precopied;
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    report.restored = restored;
+    report.shards = groups.len();
+    report.restore_ms = millis(started.elapsed());
+    Ok(restored)
+}
+
+async fn receive_image(
+    config: &AgentConfig,
+    link: &mut Link,
+) -> Result<Vec<Connection>, MigrateError> {
+    let mut decoder = Decoder::new();
+    let mut buffer = BytesMut::new();
+    let mut connections = Vec::new();
+    let mut received = 0u64;
+    loop {
+        if received > config.max_image_bytes {
+            return Err(MigrateError::ImageTooLarge {
+                limit: config.max_image_bytes,
+            });
+        }
+        match decoder.decode(&mut buffer)? {
+            Decoded::Connection(conn) => connections.push(*conn),
+            Decoded::End => {
+                decoder.finish(&buffer)?;
+                return Ok(connections);
+            }
+            Decoded::NeedMore(_) => match link.recv("receiving the image", None).await? {
+                Frame::Image(piece) => {
+                    received += piece.len() as u64;
+                    buffer.extend_from_slice(&piece);
+                    if config.stop_after_image_bytes.is_some_and(|n| received >= n) {
+                        tracing::warn!(received, "stopping myself (--stop-after-image-bytes)");
+                        // SAFETY: raise(3) with a valid signal number.
+                        unsafe { libc::raise(libc::SIGSTOP) };
+                    }
+                }
+                Frame::Message(Message::Abort { reason }) => {
+                    return Err(MigrateError::Aborted { reason });
+                }
+                Frame::Message(other) => {
+                    return Err(link.unexpected("receiving the image", &other));
+                }
+            },
+        }
+    }
+}
+
+/// Address and its announcements, unfreeze, repair off: the blackout ends.
+///
+/// The announcements go out together, right after the address, as keepalived sends its
+/// gratuitous ARPs: the interface is quiet then (the destination is still frozen), so one frame
+/// lost does not mean all are. Spaced 30 ms apart after the commit they delayed the hand-over to
+/// the application by 60 ms, which every client's catch-up showed.
+pub(super) fn go_live(
+    takeover: &Takeover<'_>,
+    groups: &[Shard<Group>],
+    mut freeze: Freeze,
+    service: SocketAddr,
+    report: &mut AgentReport,
+) -> Result<(), MigrateError> {
+    let committed_at = Instant::now();
+    takeover.claim(net::ANNOUNCE_COUNT)?;
+    report.announcements = net::ANNOUNCE_COUNT;
+    report.address_ms = millis(committed_at.elapsed());
+    freeze.thaw_services(&[service])?;
+    report.live_after_commit_ms = millis(committed_at.elapsed());
+    report.live_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, millis);
+    let step = Instant::now();
+    let committed = shard::run_all(groups, |_, group| {
+        let Some(restored) = group.restored.take() else {
+            return (0, Vec::new());
+        };
+        let committed = restored.commit();
+        group.live = committed.sockets;
+        let failures: Vec<String> = committed.failures.iter().map(ToString::to_string).collect();
+        (group.live.len(), failures)
+    });
+    report.repair_off_ms = millis(step.elapsed());
+    for (live, failures) in committed {
+        report.live += live;
+        report.failed += failures.len();
+        if report.first_failure.is_none() {
+            report.first_failure = failures.into_iter().next();
+        }
+    }
+    report.dropped = freeze.counters()?.into();
+    freeze.remove()?;
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! The source side of a migration: connect and get the agent ready, then the phases up to the
+//! agent's GoingLive ([`phases`]: stop, discover, freeze, dump, send, restored, commit), and the
+//! source's own commit, or the rollback (docs/architecture.md walks through them).
+//!
+//! Each application process's sockets are held in a shard of their own ([`crate::shard`]): one
+//! fd table holds at most one process's worth (the fd limit), and several processes, 50,000
+//! connections in all, move in one migration.
+mod phases;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use self::phases::Run;
+use super::{
+    MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
+    guard::{Guardian, Note, Plan},
+    millis, resident_memory, test_pause,
+    transport::{Link, Message, PROTOCOL_VERSION},
+};
+use crate::{
+    freeze::{Freeze, RemoveOnDrop},
+    net::{self, Netns},
+    repair::{self, DumpedSockets, Filter, PreparedDump, StateReader},
+    shard::{self, Shard},
+};
+
+/// `--precopy` takes the connections that sent and received nothing for this long. The
+/// pre-copy's window (from its read to the freeze) is 50-150 ms at 10,000 connections; in the
+/// scaling benchmark, where each connection sends every 500 ms, 28% of them moved in it, and
+/// replacing them in the blackout cost more than the others saved.
+pub const PRECOPY_QUIET: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The application's processes whose connections move, together, all in one network
+    /// namespace.
+    pub pids: Vec<u32>,
+    /// Local address and port of those connections; the address moves with them.
+    pub service: SocketAddr,
+    /// The interface holding the address, in the application's network namespace.
+    pub dev: String,
+    /// Where `tcpmig agent` listens.
+    pub agent: SocketAddr,
+    pub token: Token,
+    /// End the application after the commit (SIGTERM, SIGKILL after 5 s).
+    pub stop_source: bool,
+    /// Ask each process to stop itself with this signal instead of stopping it (see
+    /// [`StoppedTree::stop`]).
+    pub stop_signal: Option<libc::c_int>,
+    /// Pre-copy: once the application is stopped, read its connections and have the agent
+    /// restore them ahead of the freeze; the blackout then pays only for those that moved
+    /// since (see [`repair::RestoredAhead`]).
+    pub precopy: bool,
+    /// Bound on each step of the agent.
+    pub step_timeout: Duration,
+    /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
+    pub guard_exe: PathBuf,
+}
+
+/// Runs a migration from the source side and returns its report. On any failure before the
+/// commit everything is rolled back and the error says so.
+///
+/// # Examples
+/// Moves the connections of process 1234 on 192.0.2.1:80, and the address, to the agent at
+/// 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other side):
+/// ```no_run
+/// use std::path::Path;
+///
+/// use tcpmig::migrate::{self, DEFAULT_STEP_TIMEOUT, SourceConfig, Token};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = SourceConfig {
+///     pids: vec![1234],
+///     service: "192.0.2.1:80".parse()?,
+///     dev: "eth0".into(),
+///     agent: "192.0.2.2:7070".parse()?,
+///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     stop_source: true,
+///     stop_signal: None,
+///     precopy: false,
+///     step_timeout: DEFAULT_STEP_TIMEOUT,
+///     // The tcpmig binary, which runs the guard of the migration.
+///     guard_exe: "/usr/bin/tcpmig".into(),
+/// };
+/// let report = migrate::migrate(&config)?;
+/// println!("{} connections moved, blackout {:.1} ms", report.kept, report.blackout_ms);
+/// # Ok(())
+/// # }
+/// ```
+pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
+    check_privileges(Privileged::Migrate)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MigrateError::Runtime)?;
+    runtime.block_on(run(config))
+}
+
+/// What the source holds while the migration can still be undone.
+struct Held {
+    freeze: RemoveOnDrop,
+    /// The dump's socket reader, loaded before the application stops.
+    reader: StateReader,
+    stopped: Vec<StoppedTree>,
+    /// One per application process, holding its sockets.
+    shards: Vec<Shard<ProcessSockets>>,
+    /// The address was deleted and must come back on rollback.
+    address_deleted: bool,
+}
+
+/// One application process's sockets, in its shard: prepared once the process is stopped, then
+/// dumped (in repair mode) until the commit or the rollback. Dropped, they roll back.
+#[derive(Default)]
+struct ProcessSockets {
+    prepared: Option<PreparedDump>,
+    dumped: Option<DumpedSockets>,
+}
+
+async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let service = crate::tuple::canonical(config.service);
+    let netns = netns_of(&config.pids)?;
+    let prefix_len = prefix_of(&netns, config, service.ip())?;
+    let expected = repair::count_connections(&netns, &Filter::service(service))?;
+    let (mut link, one_way) = connect(config).await?;
+    link.send(&Message::Prepare {
+        service,
+        prefix_len,
+        expected_connections: u32::try_from(expected).unwrap_or(u32::MAX),
+        precopy: config.precopy,
+    })
+    .await?;
+    let name = format!("migrate-{}", std::process::id());
+    // Before anything changes, so that whatever happens to us is undone.
+    let mut guardian = Guardian::start(
+        &config.guard_exe,
+        &Note::Start(Plan {
+            migrate_pid: std::process::id(),
+            pids: config.pids.clone(),
+            service,
+            dev: config.dev.clone(),
+            prefix_len,
+            freeze: name.clone(),
+            stop_source: config.stop_source,
+        }),
+    )?;
+    let connected = started.elapsed();
+    let result = guarded(
+        config,
+        &netns,
+        &mut link,
+        &mut guardian,
+        &name,
+        service,
+        prefix_len,
+    )
+    .await
+    .map(|mut report| {
+        report.phases.prepare_ms += millis(connected);
+        report.blackout_ms += millis(one_way);
+        report.total_ms = millis(started.elapsed());
+        report
+    });
+    guardian.finish();
+    result
+}
+
+/// Connects to the agent and passes the handshake; returns the link and half the handshake's
+/// round trip, the time Commit will take to arrive (counted in the blackout).
+async fn connect(config: &SourceConfig) -> Result<(Link, Duration), MigrateError> {
+    let mut link = Link::connect(config.agent, config.step_timeout).await?;
+    let sent = Instant::now();
+    link.send(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: config.token.as_str().to_owned(),
+    })
+    .await?;
+    let waiting = "waiting for the handshake";
+    match link.recv_message(waiting, None).await? {
+        Message::Welcome { .. } => link.authenticated(),
+        Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
+        other => return Err(link.unexpected(waiting, &other)),
+    }
+    let one_way = sent.elapsed() / 2;
+    Ok((link, one_way))
+}
+
+/// The migration from the freeze programs on, with the guard watching: the phases up to
+/// GoingLive ([`phases`]), then the commit of the source, or the rollback.
+async fn guarded(
+    config: &SourceConfig,
+    netns: &Netns,
+    link: &mut Link,
+    guardian: &mut Guardian,
+    name: &str,
+    service: SocketAddr,
+    prefix_len: u8,
+) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let held = Held {
+        freeze: RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?),
+        reader: StateReader::load(Some(service.port()))?,
+        stopped: Vec::new(),
+        shards: Vec::new(),
+        address_deleted: false,
+    };
+    let report = Report::started(config.pids.clone(), service, link.peer());
+    let mut run = Run {
+        config,
+        netns,
+        link,
+        guardian,
+        held,
+        service,
+        prefix_len,
+        report,
+    };
+    run.report.phases.prepare_ms = millis(started.elapsed());
+    match phases::until_live(&mut run).await {
+        Ok(()) => finish(run).await,
+        Err(cause) => Err(abort(run, cause).await),
+    }
+}
+
+/// Past the point of no return, Committed or not (see [`MigrateError::InDoubt`]): the source's
+/// sockets closed, the application ended if asked, the freeze removed; then the agent's report.
+async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
+    let Run {
+        config,
+        link,
+        held,
+        mut report,
+        ..
+    } = run;
+    let waiting = "waiting for the agent to commit";
+    let commit_sent = Instant::now();
+    let committed = link.recv_message(waiting, None).await;
+    report.phases.commit_ms += millis(commit_sent.elapsed());
+    test_pause("finishing");
+    let finished = Instant::now();
+    release(config, held, &mut report)?;
+    report.phases.finish_ms = millis(finished.elapsed());
+    let destination = match committed {
+        Ok(Message::Committed { report }) => report,
+        Ok(other) => return Err(in_doubt(link.unexpected(waiting, &other))),
+        Err(cause) => return Err(in_doubt(cause)),
+    };
+    report.peak_resident_kib = resident_memory().1;
+    report.blackout_ms += destination.live_after_commit_ms;
+    report.kept = destination.live;
+    report.dropped_destination = destination.dropped;
+    report.destination = destination;
+    Ok(report)
+}
+
+fn in_doubt(cause: MigrateError) -> MigrateError {
+    MigrateError::InDoubt {
+        cause: Box::new(cause),
+    }
+}
+
+/// The connections live on at the destination: the source's sockets are disconnected silently,
+/// the application ends (--stop-source) or resumes, and the freeze goes.
+fn release(config: &SourceConfig, mut held: Held, report: &mut Report) -> Result<(), MigrateError> {
+    shard::run_all(&held.shards, |_, sockets| {
+        if let Some(dumped) = sockets.dumped.take() {
+            dumped.commit();
+        }
+    });
+    // Without --stop-source, dropping the stopped trees resumes them.
+    if config.stop_source {
+        for stopped in held.stopped.drain(..) {
+            stopped.terminate()?;
+        }
+        report.source_stopped = true;
+    }
+    report.dropped_source = held.freeze.counters()?.into();
+    Freeze::remove(held.freeze.keep())?;
+    Ok(())
+}
+
+/// A failure before GoingLive: the agent is told (unless it is the side that failed or
+/// refused), the guard too, and the source rolls back.
+async fn abort(run: Run<'_>, cause: MigrateError) -> MigrateError {
+    if !matches!(
+        cause,
+        MigrateError::Remote { .. } | MigrateError::Refused { .. }
+    ) {
+        // Best effort: the agent may be gone, which is often why we roll back.
+        let abort = Message::Abort {
+            reason: chain(&cause),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), run.link.send(&abort)).await;
+    }
+    // Past Committing, the guard must now roll back too if we die.
+    if let Err(error) = run.guardian.note(&Note::RollingBack) {
+        tracing::warn!(%error, "telling the guard about the rollback");
+    }
+    rollback(run, cause)
+}
+
+/// Undoes what the source did, in reverse: address back, sockets out of repair mode, freeze
+/// removed, application resumed.
+fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
+    tracing::warn!(%cause, "rolling back");
+    let Run {
+        config,
+        netns,
+        mut held,
+        service,
+        prefix_len,
+        ..
+    } = run;
+    let mut result: Result<(), MigrateError> = Ok(());
+    if held.address_deleted {
+        result = net::add_address(netns, &config.dev, service.ip(), prefix_len).map_err(Into::into);
+    }
+    let rolled_back = shard::run_all(&held.shards, |_, sockets| {
+        sockets.prepared = None;
+        sockets.dumped.take().map(DumpedSockets::rollback)
+    });
+    for outcome in rolled_back.into_iter().flatten() {
+        result = result.and(outcome.map_err(Into::into));
+    }
+    result = result.and(Freeze::remove(held.freeze.keep()).map_err(Into::into));
+    // Dropping the stopped trees resumes them.
+    held.stopped.clear();
+    match result {
+        Ok(()) => MigrateError::RolledBack {
+            cause: Box::new(cause),
+        },
+        Err(rollback) => MigrateError::RollbackFailed {
+            cause: Box::new(cause),
+            rollback: Box::new(rollback),
+        },
+    }
+}
+
+/// The prefix length of `ip` on the source interface: the address is deleted and added with it.
+fn prefix_of(netns: &Netns, config: &SourceConfig, ip: IpAddr) -> Result<u8, MigrateError> {
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    // Host routes and the usual subnets first: most addresses are found in one or two queries.
+    let likely = [max, 24, 64, 16, 8, 48, 56, 96, 112, 120, 127];
+    let rest = (0..=max).rev();
+    for prefix in likely.into_iter().filter(|&p| p <= max).chain(rest) {
+        match net::has_address(netns, &config.dev, ip, prefix) {
+            Ok(true) => return Ok(prefix),
+            Ok(false) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(MigrateError::NoAddress {
+        ip,
+        dev: config.dev.clone(),
+        pid: config.pids[0],
+    })
+}
+
+/// The network namespace of the processes, which must share it: one migration moves one
+/// service address.
+fn netns_of(pids: &[u32]) -> Result<Netns, MigrateError> {
+    let open = |pid: u32| Netns::open(&format!("/proc/{pid}/ns/net"));
+    let (&first, others) = pids.split_first().ok_or(MigrateError::NoProcess)?;
+    let netns = open(first)?;
+    for (k, &pid) in others.iter().enumerate() {
+        if pids[..=k].contains(&pid) {
+            return Err(MigrateError::DuplicatePid { pid });
+        }
+        if open(pid)?.inode() != netns.inode() {
+            return Err(MigrateError::NetnsMismatch { pid, first });
+        }
+    }
+    Ok(netns)
+}

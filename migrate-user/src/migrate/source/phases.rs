@@ -1,0 +1,373 @@
+//! The source's phases up to the agent's GoingLive, one type each: [`Prepared`] (the agent is
+//! ready) -> [`Stopped`] (the application is) -> [`Discovered`] (its sockets are taken) ->
+//! [`Frozen`] (the blackout starts) -> [`Dumped`] -> [`Sent`] -> [`Restored`] (by the agent) ->
+//! Commit sent and GoingLive received. Each phase borrows the [`Run`], which keeps what a
+//! rollback undoes: on an error the caller rolls back from there.
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+
+use super::{Held, PRECOPY_QUIET, ProcessSockets, SourceConfig};
+use crate::{
+    image::{self, Image},
+    migrate::{
+        FREEZE_TTL, MigrateError, Report, StoppedTree,
+        guard::{self, Guardian, Note},
+        millis, test_pause,
+        transport::{IMAGE_PIECE, Link, Message},
+    },
+    net::{self, Netns},
+    repair::{self, Connection, Filter, SocketsByInode, Workers},
+    shard::{self, Shard},
+};
+
+/// What the phases work on: the link, the guard, what the source holds while the migration can
+/// still be undone, and the report each phase adds its time to.
+pub(super) struct Run<'a> {
+    pub(super) config: &'a SourceConfig,
+    pub(super) netns: &'a Netns,
+    pub(super) link: &'a mut Link,
+    pub(super) guardian: &'a mut Guardian,
+    pub(super) held: Held,
+    pub(super) service: SocketAddr,
+    pub(super) prefix_len: u8,
+    pub(super) report: Report,
+}
+
+/// Everything up to the agent's GoingLive, the answer to Commit. The report's `blackout_ms`
+/// holds the part up to Commit sent, `phases.commit_ms` the wait for GoingLive.
+pub(super) async fn until_live(run: &mut Run<'_>) -> Result<(), MigrateError> {
+    let discovered = Prepared::wait(run).await?.stop()?.discover()?;
+    let frozen = discovered.precopy().await?.freeze()?;
+    let sent = frozen.dump()?.send().await?;
+    sent.restored().await?.commit().await
+}
+
+/// The agent made its pool and attached its freeze programs.
+pub(super) struct Prepared<'r, 'a>(&'r mut Run<'a>);
+
+impl<'r, 'a> Prepared<'r, 'a> {
+    async fn wait(run: &'r mut Run<'a>) -> Result<Self, MigrateError> {
+        let step = "waiting for the agent to prepare";
+        match run.link.recv_message(step, None).await? {
+            Message::Prepared => Ok(Self(run)),
+            other => Err(run.link.unexpected(step, &other)),
+        }
+    }
+
+    /// Stops the application's process trees (told to the guard first).
+    fn stop(self) -> Result<Stopped<'r, 'a>, MigrateError> {
+        let run = self.0;
+        let step = Instant::now();
+        run.guardian.note(&Note::Stopping)?;
+        for &pid in &run.config.pids {
+            let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
+            run.held.stopped.push(stopped);
+        }
+        run.report.processes_stopped = run.held.stopped.iter().map(StoppedTree::len).sum();
+        run.report.phases.stop_ms = millis(step.elapsed());
+        test_pause("stopped");
+        Ok(Stopped(run))
+    }
+}
+
+/// The application's processes are stopped: their sockets hold still.
+pub(super) struct Stopped<'r, 'a>(&'r mut Run<'a>);
+
+impl<'r, 'a> Stopped<'r, 'a> {
+    /// Takes each process's connections into a shard of its own and reads what only the
+    /// application changes; the guard learns which sockets to roll back.
+    fn discover(self) -> Result<Discovered<'r, 'a>, MigrateError> {
+        let run = self.0;
+        let step = Instant::now();
+        for &pid in &run.config.pids {
+            let shard =
+                Shard::spawn(format!("pid-{pid}")).map_err(|source| MigrateError::Process {
+                    pid,
+                    what: "starting a thread for its sockets",
+                    source,
+                })?;
+            run.held.shards.push(shard);
+        }
+        let service = run.service;
+        // One listing for all the processes.
+        let listed = Arc::new(SocketsByInode::list(run.netns, &Filter::service(service))?);
+        let pids = run.config.pids.clone();
+        let found = shard::run_all(&run.held.shards, move |k, sockets| {
+            prepare_process(pids[k], service, &listed, sockets)
+        });
+        let mut noted = Vec::new();
+        for found in found {
+            let found = found?;
+            run.report.skipped += found.skipped;
+            noted.extend(found.sockets);
+        }
+        refuse_shared(&noted)?;
+        run.guardian.note(&Note::Sockets { sockets: noted })?;
+        run.report.phases.discover_ms = millis(step.elapsed());
+        Ok(Discovered(run))
+    }
+}
+
+/// A socket shared by two of the processes (inherited over fork) would be dumped twice.
+fn refuse_shared(sockets: &[(u64, bool)]) -> Result<(), MigrateError> {
+    let mut inodes: Vec<u64> = sockets.iter().map(|&(inode, _)| inode).collect();
+    inodes.sort_unstable();
+    match inodes.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(MigrateError::SharedSocket { inode: pair[0] }),
+        None => Ok(()),
+    }
+}
+
+/// The connections are taken and prepared, the guard knows their sockets.
+pub(super) struct Discovered<'r, 'a>(&'r mut Run<'a>);
+
+impl<'r, 'a> Discovered<'r, 'a> {
+    /// With `--precopy`: one reader pass, each process's connections that were quiet for
+    /// [`PRECOPY_QUIET`] read in its shard, the image of them sent (it may hold none), and the
+    /// agent's Precopied awaited. Without, nothing.
+    async fn precopy(self) -> Result<Self, MigrateError> {
+        let run = self.0;
+        if !run.config.precopy {
+            return Ok(Self(run));
+        }
+        let step = Instant::now();
+        let states = Arc::new(run.held.reader.read(run.netns)?);
+        let parts = shard::run_all(&run.held.shards, move |_, sockets| {
+            let prepared = sockets
+                .prepared
+                .as_mut()
+                .expect("prepared before the pre-copy");
+            Part::of(&prepared.precopy(&states, PRECOPY_QUIET))
+        });
+        let (connections, _) = send_image(run.link, &parts, None).await?;
+        let waiting = "waiting for the agent to restore the pre-copy";
+        match run.link.recv_message(waiting, None).await? {
+            Message::Precopied { connections: ahead } => {
+                tracing::info!(connections, ahead, "pre-copied");
+            }
+            other => return Err(run.link.unexpected(waiting, &other)),
+        }
+        run.report.phases.precopy_ms = millis(step.elapsed());
+        Ok(Self(run))
+    }
+
+    /// One map update: the blackout starts.
+    fn freeze(self) -> Result<Frozen<'r, 'a>, MigrateError> {
+        let run = self.0;
+        let at = Instant::now();
+        run.held
+            .freeze
+            .freeze_services(&[run.service], FREEZE_TTL)?;
+        run.report.phases.freeze_ms = millis(at.elapsed());
+        test_pause("frozen");
+        Ok(Frozen { run, at })
+    }
+}
+
+/// The service is frozen: the blackout runs since `at`.
+pub(super) struct Frozen<'r, 'a> {
+    run: &'r mut Run<'a>,
+    at: Instant,
+}
+
+impl<'r, 'a> Frozen<'r, 'a> {
+    /// One pass of the reader for every process (they share the namespace), then each shard
+    /// dumps its sockets, which stay in repair mode.
+    fn dump(self) -> Result<Dumped<'r, 'a>, MigrateError> {
+        let Self { run, at } = self;
+        let step = Instant::now();
+        let states = Arc::new(run.held.reader.read(run.netns)?);
+        let dumped = shard::run_all(&run.held.shards, move |_, sockets| {
+            let prepared = sockets.prepared.take().expect("prepared before the dump");
+            sockets.dumped = Some(prepared.dump_read(&states)?);
+            Ok::<_, MigrateError>(())
+        });
+        dumped.into_iter().collect::<Result<(), _>>()?;
+        run.report.phases.dump_ms = millis(step.elapsed());
+        test_pause("dumped");
+        Ok(Dumped { run, frozen_at: at })
+    }
+}
+
+/// Every socket is in repair mode and read.
+pub(super) struct Dumped<'r, 'a> {
+    run: &'r mut Run<'a>,
+    frozen_at: Instant,
+}
+
+impl<'r, 'a> Dumped<'r, 'a> {
+    /// Streams the image (each shard encodes its records: the connections are not copied out
+    /// of them), then deletes the service address while the agent restores: it is of no use
+    /// here any more (the freeze drops the service's traffic), and a rollback puts it back.
+    async fn send(self) -> Result<Sent<'r, 'a>, MigrateError> {
+        let Self { run, frozen_at } = self;
+        let step = Instant::now();
+        let parts = shard::run_all(&run.held.shards, |_, sockets| {
+            let connections = sockets.dumped.as_ref().map_or(&[][..], |d| d.connections());
+            Part::of(connections)
+        });
+        let (connections, image_bytes) = send_image(run.link, &parts, Some("mid-transfer")).await?;
+        let report = &mut run.report;
+        report.connections = connections;
+        report.image_bytes = image_bytes;
+        report.send_bytes = parts.iter().map(|p| p.send_bytes).sum();
+        report.unsent_bytes = parts.iter().map(|p| p.unsent_bytes).sum();
+        report.recv_bytes = parts.iter().map(|p| p.recv_bytes).sum();
+        report.phases.transfer_ms = millis(step.elapsed());
+        let step = Instant::now();
+        let (dev, ip) = (&run.config.dev, run.service.ip());
+        net::delete_address(run.netns, dev, ip, run.prefix_len)?;
+        run.held.address_deleted = true;
+        run.report.phases.address_ms = millis(step.elapsed());
+        test_pause("address-deleted");
+        Ok(Sent {
+            run,
+            frozen_at,
+            connections,
+        })
+    }
+}
+
+/// The image is sent and the address deleted; the agent restores `connections`.
+pub(super) struct Sent<'r, 'a> {
+    run: &'r mut Run<'a>,
+    frozen_at: Instant,
+    connections: usize,
+}
+
+impl<'r, 'a> Sent<'r, 'a> {
+    async fn restored(self) -> Result<Restored<'r, 'a>, MigrateError> {
+        let Self {
+            run,
+            frozen_at,
+            connections,
+        } = self;
+        let step = Instant::now();
+        let waiting = "waiting for the agent to restore";
+        match run.link.recv_message(waiting, None).await? {
+            Message::Restored {
+                connections: restored,
+                ..
+            } if restored == connections => {}
+            other => return Err(run.link.unexpected(waiting, &other)),
+        }
+        run.report.phases.restore_ms = millis(step.elapsed());
+        test_pause("restored");
+        Ok(Restored { run, frozen_at })
+    }
+}
+
+/// The agent restored every connection in repair mode: the source can decide to commit.
+pub(super) struct Restored<'r, 'a> {
+    run: &'r mut Run<'a>,
+    frozen_at: Instant,
+}
+
+impl Restored<'_, '_> {
+    /// The decision, recorded before it is sent: if we die from here on, the guard finishes the
+    /// commit instead of rolling back. Then Commit, and the agent's GoingLive.
+    async fn commit(self) -> Result<(), MigrateError> {
+        let Self { run, frozen_at } = self;
+        run.guardian.note(&Note::Committing)?;
+        let answer_within_ms = run.link.timeout().as_millis() as u64;
+        run.link.send(&Message::Commit { answer_within_ms }).await?;
+        run.report.blackout_ms = millis(frozen_at.elapsed());
+        let commit_sent = Instant::now();
+        test_pause("committed");
+        let waiting = "waiting for the agent to go live";
+        match run.link.recv_message(waiting, None).await? {
+            Message::GoingLive => {}
+            other => return Err(run.link.unexpected(waiting, &other)),
+        }
+        run.report.phases.commit_ms = millis(commit_sent.elapsed());
+        Ok(())
+    }
+}
+
+/// One process's part of the image, and what its connections carry.
+struct Part {
+    records: Bytes,
+    connections: usize,
+    send_bytes: u64,
+    unsent_bytes: u64,
+    recv_bytes: u64,
+}
+
+impl Part {
+    fn of(connections: &[Connection]) -> Self {
+        let sum = |f: fn(&Connection) -> usize| connections.iter().map(|c| f(c) as u64).sum();
+        Self {
+            records: image::records(connections),
+            connections: connections.len(),
+            send_bytes: sum(|c| c.send_queue.len()),
+            unsent_bytes: sum(|c| c.unsent as usize),
+            recv_bytes: sum(|c| c.recv_queue.len()),
+        }
+    }
+}
+
+/// Sends the image of `parts` in pieces; returns its connections and bytes. `pause` names the
+/// test pause after the first piece.
+async fn send_image(
+    link: &mut Link,
+    parts: &[Part],
+    pause: Option<&str>,
+) -> Result<(usize, usize), MigrateError> {
+    let connections: usize = parts.iter().map(|p| p.connections).sum();
+    let mut pieces = vec![Image::header()];
+    pieces.extend(parts.iter().map(|p| p.records.clone()));
+    pieces.push(Image::end(connections));
+    let image_bytes = pieces.iter().map(Bytes::len).sum();
+    for (i, chunk) in pieces
+        .iter()
+        .flat_map(|p| p.chunks(IMAGE_PIECE))
+        .enumerate()
+    {
+        if i == 1
+            && let Some(pause) = pause
+        {
+            test_pause(pause);
+        }
+        link.send_image(chunk).await?;
+    }
+    Ok((connections, image_bytes))
+}
+
+/// What discovery found in one process.
+struct Found {
+    /// Inode and SO_REUSEADDR of each socket, for the guard.
+    sockets: Vec<(u64, bool)>,
+    skipped: usize,
+}
+
+/// In the process's shard: takes its connections on `service` and reads what only it changes.
+fn prepare_process(
+    pid: u32,
+    service: SocketAddr,
+    listed: &SocketsByInode,
+    sockets: &mut ProcessSockets,
+) -> Result<Found, MigrateError> {
+    let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
+    let discovery = repair::discover_among(listed, &netns, pid, &Filter::service(service))?;
+    if discovery.sockets.is_empty() {
+        return Err(MigrateError::NoConnections { pid, service });
+    }
+    let identified = discovery
+        .sockets
+        .iter()
+        .map(|taken| {
+            guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
+                pid,
+                what: "reading its sockets",
+                source,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let skipped = discovery.skipped.len();
+    sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
+    Ok(Found {
+        sockets: identified,
+        skipped,
+    })
+}

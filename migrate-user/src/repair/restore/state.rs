@@ -1,0 +1,219 @@
+//! Each connection's state on its socket, in the order of docs/tcp-repair.md: sequence numbers,
+//! connect, negotiated options, timestamp, queues, window, socket options.
+use std::{
+    io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+};
+
+use super::{
+    Pending,
+    queue::{QueueState, fill_queue},
+    socket::{LocalAddresses, repair_socket, set_blocking},
+};
+use crate::{
+    net::Netns,
+    repair::{
+        Connection, Phase, RepairError, SocketOptions,
+        dump::tos_option,
+        sockopt::{self as so, Queue, RepairOpt},
+    },
+};
+
+/// TCP_TIMESTAMP, for a connection that uses timestamps.
+pub(super) fn set_timestamp(fd: BorrowedFd<'_>, conn: &Connection) -> Result<(), RepairError> {
+    if !conn.negotiated.timestamps {
+        return Ok(());
+    }
+    so::set(fd, libc::SOL_TCP, so::TCP_TIMESTAMP, &conn.timestamp).map_err(RepairError::socket(
+        conn.tuple,
+        Phase::Restore,
+        "TCP_TIMESTAMP",
+    ))
+}
+
+/// Restores `conn` on `pooled` (a socket of a [`SocketPool`](super::SocketPool) bound to its local
+/// address), or on a fresh socket: sequence numbers and connect, negotiated options and
+/// timestamp, queues, window, socket options.
+pub(super) fn restore_one(
+    conn: &Connection,
+    netns: &Netns,
+    pooled: Option<OwnedFd>,
+    local: &mut LocalAddresses,
+) -> Result<Pending, RepairError> {
+    let tuple = conn.tuple;
+    if !conn.state.repairable() {
+        return Err(RepairError::UnsupportedState {
+            tuple,
+            state: conn.state,
+        });
+    }
+    let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
+    let fd = socket_for(conn, pooled, local)?;
+    let s = fd.as_fd();
+    let (send, recv) = queues(conn);
+    connect_in_repair(s, conn, netns, &send, &recv)?;
+    let (options, count) = repair_options(conn);
+    so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
+        .map_err(fail("TCP_REPAIR_OPTIONS"))?;
+    set_timestamp(s, conn)?;
+    for (q, selected) in [(&recv, true), (&send, false)] {
+        fill_queue(s, tuple, q, selected)?;
+    }
+    so::set(s, libc::SOL_TCP, so::TCP_REPAIR_WINDOW, &conn.window)
+        .map_err(fail("TCP_REPAIR_WINDOW"))?;
+    apply_options(s, tuple.local.is_ipv4(), &conn.options).map_err(fail("socket options"))?;
+    Ok(Pending {
+        tuple,
+        fd,
+        options: conn.options,
+        unsent: conn.unsent_part(),
+        shutdown: conn.state.fin_sent(),
+        probe: !conn.sent_part().is_empty() || conn.state.fin_sent(),
+    })
+}
+
+/// The pooled socket (made blocking when the connection's was), or a fresh one.
+fn socket_for(
+    conn: &Connection,
+    pooled: Option<OwnedFd>,
+    local: &mut LocalAddresses,
+) -> Result<OwnedFd, RepairError> {
+    let fail = |op| RepairError::socket(conn.tuple, Phase::Restore, op);
+    match pooled {
+        Some(fd) => {
+            if !conn.options.nonblocking {
+                set_blocking(fd.as_fd()).map_err(fail("clearing O_NONBLOCK"))?;
+            }
+            Ok(fd)
+        }
+        None => repair_socket(&conn.tuple.local, conn.options.nonblocking, local)
+            .map_err(|(op, source)| fail(op)(source)),
+    }
+}
+
+/// The send and receive queues of `conn`, as the restore writes them.
+fn queues(conn: &Connection) -> (QueueState<'_>, QueueState<'_>) {
+    let send = QueueState {
+        queue: Queue::Send,
+        name: "send",
+        seq: conn.send_seq.wrapping_sub(conn.send_queue.len() as u32),
+        data: conn.sent_part(),
+        grow: (so::SO_SNDBUFFORCE, conn.options.sndbuf),
+    };
+    let recv = QueueState {
+        queue: Queue::Recv,
+        name: "receive",
+        seq: conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32),
+        data: &conn.recv_queue,
+        grow: (so::SO_RCVBUFFORCE, conn.options.rcvbuf),
+    };
+    (send, recv)
+}
+
+/// The queues' sequence numbers, then connect in repair mode (which sends nothing). The send
+/// queue comes selected (repair_socket), so its sequence number goes first; the receive queue,
+/// selected next, keeps its selection through connect for its bytes. Idle connections and those
+/// with received bytes need one TCP_REPAIR_QUEUE call.
+fn connect_in_repair(
+    s: BorrowedFd<'_>,
+    conn: &Connection,
+    netns: &Netns,
+    send: &QueueState<'_>,
+    recv: &QueueState<'_>,
+) -> Result<(), RepairError> {
+    let tuple = conn.tuple;
+    let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
+    for (q, select) in [(send, false), (recv, true)] {
+        if select {
+            so::select_queue(s, q.queue)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
+        .map_err(fail(q.seq_op()))?;
+    }
+    so::connect(s, &tuple.remote).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            RepairError::TupleInUse {
+                tuple,
+                netns: netns.spec().to_owned(),
+            }
+        } else {
+            fail("connect (repair mode)")(source)
+        }
+    })
+}
+
+/// The negotiated options, in a fixed array: no allocation per socket.
+fn repair_options(conn: &Connection) -> ([RepairOpt; 4], usize) {
+    let n = &conn.negotiated;
+    let candidates = [
+        Some(RepairOpt {
+            code: so::OPT_MSS,
+            val: u32::from(n.mss),
+        }),
+        n.wscale.map(|(snd, rcv)| RepairOpt {
+            code: so::OPT_WINDOW,
+            val: u32::from(snd) | (u32::from(rcv) << 16),
+        }),
+        n.sack.then_some(RepairOpt {
+            code: so::OPT_SACK_PERM,
+            val: 0,
+        }),
+        n.timestamps.then_some(RepairOpt {
+            code: so::OPT_TIMESTAMP,
+            val: 0,
+        }),
+    ];
+    let mut options = [RepairOpt { code: 0, val: 0 }; 4];
+    let mut count = 0;
+    for option in candidates.into_iter().flatten() {
+        options[count] = option;
+        count += 1;
+    }
+    (options, count)
+}
+
+/// The options that differ from a fresh socket's; SO_REUSEADDR and O_NONBLOCK wait for commit.
+fn apply_options(fd: BorrowedFd<'_>, ipv4: bool, options: &SocketOptions) -> io::Result<()> {
+    if options.nodelay {
+        so::set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 1)?;
+    }
+    if let Some(keepalive) = options.keepalive {
+        so::set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        so::set_int(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_KEEPIDLE,
+            keepalive.idle_s.into(),
+        )?;
+        so::set_int(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_KEEPINTVL,
+            keepalive.interval_s.into(),
+        )?;
+        so::set_int(fd, libc::SOL_TCP, libc::TCP_KEEPCNT, keepalive.count.into())?;
+    }
+    if options.user_timeout_ms != 0 {
+        so::set_int(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_USER_TIMEOUT,
+            options.user_timeout_ms as libc::c_int,
+        )?;
+    }
+    if options.mark != 0 {
+        so::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            options.mark as libc::c_int,
+        )?;
+    }
+    if options.tos != 0 {
+        let (level, name) = tos_option(ipv4);
+        so::set_int(fd, level, name, options.tos.into())?;
+    }
+    Ok(())
+}
