@@ -130,7 +130,7 @@ mod tests {
 
     /// Sockets the fd limit allows in one table, minus room for what the process has open.
     fn per_table() -> usize {
-        let limit = crate::repair::handoff::raise_nofile_limit().unwrap() as usize;
+        let limit = crate::handoff::raise_nofile_limit().unwrap() as usize;
         limit - 200
     }
 

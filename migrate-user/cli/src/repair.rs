@@ -9,16 +9,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use tcpmig::{
+    handoff::{self, ExecCommand},
     image,
     migrate::{
         self, Privileged,
         checkpoint::{self, Checkpoint, Queued},
     },
     net::Netns,
-    repair::{
-        self,
-        handoff::{self, ExecCommand},
-    },
+    repair,
 };
 
 use super::{handto::HandTo, print_json};

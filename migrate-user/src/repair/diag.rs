@@ -79,7 +79,7 @@ fn dump_family(
     mut each: impl FnMut(&InetResponseHeader),
 ) -> io::Result<()> {
     let socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    super::sockopt::set(
+    crate::sys::tcp_repair::set(
         socket.as_fd(),
         libc::SOL_SOCKET,
         libc::SO_RCVTIMEO,

@@ -15,7 +15,8 @@ use migrate_common::{
     STATE_RECORD_BYTES, STATE_SPAN_LEN_MAX, STATE_SPAN_START_MAX, STATE_SPANS, StateRecord,
 };
 
-use super::{RepairError, TcpState, btf::Btf, sockopt::RepairWindow};
+use super::{RepairError, TcpState, btf::Btf};
+use crate::sys::tcp_repair::RepairWindow;
 use crate::{
     net::Netns,
     tuple::{Tuple, canonical},
@@ -424,7 +425,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::repair::sockopt::{self as so, Queue};
+    use crate::sys::tcp_repair::{self as so, Queue};
 
     /// A loopback connection (root namespace's loopback) with bytes unread at the server: what
     /// the reader finds of the server's socket is what the repair getsockopts say of it.

@@ -23,13 +23,8 @@ mod discover;
 mod dump;
 mod kernel_state;
 mod restore;
-/// The TCP_REPAIR calls live in the sys module with every other raw kernel call.
-use crate::sys::tcp_repair as sockopt;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
-
-/// The hand-off's old path, kept while callers move to [`crate::handoff`].
-pub use crate::handoff;
 
 use bytes::Bytes;
 
@@ -45,8 +40,9 @@ pub use self::{
         Committed, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, restore,
         restore_ahead, restore_with, restore_with_pool,
     },
-    sockopt::RepairWindow,
 };
+/// The kernel's struct tcp_repair_window, part of every dumped connection.
+pub use crate::sys::tcp_repair::RepairWindow;
 use crate::{
     net::{Netns, NetnsError},
     sys::Capability,

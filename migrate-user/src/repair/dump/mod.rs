@@ -11,7 +11,8 @@ use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 
 pub use self::prepare::{PreparedDump, prepare_dump};
 pub(super) use self::read::tos_option;
-use super::{Connection, Phase, RepairError, StateReader, Workers, sockopt as so};
+use super::{Connection, Phase, RepairError, StateReader, Workers};
+use crate::sys::tcp_repair as so;
 use crate::{repair, tuple::Tuple};
 
 /// Sockets in repair mode at the source and their dumped state. They stay frozen in repair

@@ -17,8 +17,8 @@ use crate::{
     net::Netns,
     repair::{
         self, Connection, Keepalive, RepairError, SocketOptions, SocketState, TcpState, Workers,
-        sockopt::{self as so, Queue},
     },
+    sys::tcp_repair::{self as so, Queue},
     tuple::Tuple,
 };
 

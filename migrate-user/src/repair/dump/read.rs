@@ -13,8 +13,8 @@ use crate::{
     net::Netns,
     repair::{
         self, Connection, Negotiated, Phase, RepairError, SocketOptions, SocketState, StateReader,
-        sockopt::{self as so, Queue},
     },
+    sys::tcp_repair::{self as so, Queue},
     tuple::Tuple,
 };
 

@@ -8,7 +8,8 @@ use std::{
 
 use super::{Pending, RestoredSockets, queue::send_all};
 use crate::{
-    repair::{self, Phase, RepairError, UNSENT_TIMEOUT, sockopt as so},
+    repair::{self, Phase, RepairError, UNSENT_TIMEOUT},
+    sys::tcp_repair as so,
     tuple::Tuple,
 };
 

@@ -30,7 +30,8 @@ pub use self::{
     socket::SocketPool,
 };
 use self::{socket::LocalAddresses, state::restore_one};
-use super::{Connection, RepairError, SocketOptions, Workers, sockopt as so};
+use super::{Connection, RepairError, SocketOptions, Workers};
+use crate::sys::tcp_repair as so;
 use crate::{net::Netns, repair, tuple::Tuple};
 
 /// Restored sockets still in repair mode: nothing has been sent to the peers yet. Dropping the

@@ -3,10 +3,8 @@
 use std::{io, os::fd::BorrowedFd, time::Instant};
 
 use crate::{
-    repair::{
-        Phase, RepairError,
-        sockopt::{self as so, Queue},
-    },
+    repair::{Phase, RepairError},
+    sys::tcp_repair::{self as so, Queue},
     tuple::Tuple,
 };
 

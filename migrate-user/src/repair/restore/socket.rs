@@ -9,10 +9,8 @@ use std::{
 use super::reserve_fds;
 use crate::{
     net::Netns,
-    repair::{
-        self, Connection, RepairError, Workers,
-        sockopt::{self as so, Queue},
-    },
+    repair::{self, Connection, RepairError, Workers},
+    sys::tcp_repair::{self as so, Queue},
 };
 
 /// Sockets made ahead of a restore: TCP sockets in repair mode, bound to one local address.

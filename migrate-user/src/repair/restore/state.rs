@@ -12,11 +12,8 @@ use super::{
 };
 use crate::{
     net::Netns,
-    repair::{
-        Connection, Phase, RepairError, SocketOptions,
-        dump::tos_option,
-        sockopt::{self as so, Queue, RepairOpt},
-    },
+    repair::{Connection, Phase, RepairError, SocketOptions, dump::tos_option},
+    sys::tcp_repair::{self as so, Queue, RepairOpt},
 };
 
 /// TCP_TIMESTAMP, for a connection that uses timestamps.
