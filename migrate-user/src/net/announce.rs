@@ -89,7 +89,7 @@ impl Announcer {
                 return Err(NetError::NotEthernet {
                     netns,
                     dev,
-                    link_type: link.link_type.to_string(),
+                    link_type: link.link_type,
                 });
             }
         };

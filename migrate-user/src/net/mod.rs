@@ -85,7 +85,7 @@ pub enum NetError {
     NotEthernet {
         netns: String,
         dev: String,
-        link_type: String,
+        link_type: netlink_packet_route::link::LinkLayerType,
     },
     #[error(
         "{count} announcements {interval:?} apart: send 1 to {MAX_ANNOUNCE_COUNT}, at most \
