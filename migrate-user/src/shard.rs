@@ -126,6 +126,8 @@ impl<S> Drop for Shard<S> {
 mod tests {
     use std::os::fd::OwnedFd;
 
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
     use super::*;
 
     /// Sockets the fd limit allows in one table, minus room for what the process has open.
@@ -137,13 +139,8 @@ mod tests {
     fn sockets(n: usize) -> io::Result<Vec<OwnedFd>> {
         (0..n)
             .map(|_| {
-                // SAFETY: socket(2); owned at once.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: a fresh fd.
-                Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+                let (family, kind) = (AddressFamily::Inet, SockType::Datagram);
+                socket(family, kind, SockFlag::empty(), None).map_err(io::Error::from)
             })
             .collect()
     }

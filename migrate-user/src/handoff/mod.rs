@@ -46,6 +46,8 @@ pub use self::{
     exec::{exec_with_fds, spawn_with_fds, wait_all},
     unix::send_fds,
 };
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
 use crate::{net::NetnsError, repair::RestoredSocket, tuple::Tuple};
 
 /// Most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
@@ -182,31 +184,12 @@ fn fdnames(tuples: Vec<&Tuple>) -> Option<String> {
 /// Raises the soft RLIMIT_NOFILE to the hard one (no capability needed) and returns it: a bulk
 /// restore or dump holds one fd per connection.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit out- and in-pointers.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        soft = hard;
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
     }
-    Ok(limit.rlim_cur)
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    Ok(soft)
 }
 
 #[cfg(test)]

@@ -1,16 +1,23 @@
 //! SCM_RIGHTS over a Unix socket, to an application that already runs (see the module docs of
 //! [`crate::handoff`]).
 use std::{
-    io::{self, Read as _},
-    mem::size_of_val,
+    io::{self, IoSlice, Read as _},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsRawFd as _, RawFd},
         unix::{ffi::OsStrExt as _, net::UnixStream},
     },
     path::Path,
 };
 
-use super::{HandoffError, MAX_FDS_PER_MESSAGE, RECEIVER_TIMEOUT, check, fd_name};
+use nix::{
+    errno::Errno,
+    sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, connect, send,
+        sendmsg, socket,
+    },
+};
+
+use super::{HandoffError, MAX_FDS_PER_MESSAGE, RECEIVER_TIMEOUT, fd_name};
 use crate::repair::RestoredSocket;
 
 /// Sends `sockets` to the receiver at `path` (see the module docs) and waits for it to close the
@@ -59,84 +66,48 @@ fn connect_unix(path: &Path) -> Result<UnixStream, HandoffError> {
         path: path.to_owned(),
         source,
     };
-    // SAFETY: a zeroed sockaddr_un is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(connect_error(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a valid Unix socket path (at most 107 bytes, no NUL)",
         )));
     }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    let mut last = io::Error::from(io::ErrorKind::InvalidInput);
-    for kind in [libc::SOCK_SEQPACKET, libc::SOCK_STREAM] {
-        // SAFETY: socket(2); owned at once.
-        let raw = check(unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) })
-            .map_err(connect_error)?;
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: connect(2) with a valid sockaddr_un and its size.
-        let ret = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of_val(&addr) as libc::socklen_t,
-            )
-        };
-        if ret == 0 {
+    let addr = UnixAddr::new(path).map_err(|e| connect_error(e.into()))?;
+    let mut last = Errno::EINVAL;
+    for kind in [SockType::SeqPacket, SockType::Stream] {
+        let fd = socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| connect_error(e.into()))?;
+        match connect(fd.as_raw_fd(), &addr) {
             // Both kinds take read/shutdown the same way.
-            return Ok(UnixStream::from(fd));
-        }
-        last = io::Error::last_os_error();
-        if last.raw_os_error() != Some(libc::EPROTOTYPE) {
-            break;
+            Ok(()) => return Ok(UnixStream::from(fd)),
+            Err(Errno::EPROTOTYPE) => last = Errno::EPROTOTYPE,
+            Err(error) => {
+                last = error;
+                break;
+            }
         }
     }
-    Err(connect_error(last))
+    Err(connect_error(last.into()))
 }
+
+/// The size of sockaddr_un's sun_path: a path needs one byte less, for the NUL.
+const SUN_PATH_LEN: usize = 108;
 
 /// One sendmsg with `fds` attached to `data`; on a stream socket the kernel may take part of the
 /// bytes, the rest follows without fds.
 fn send_with_fds(socket: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let payload = size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-    let mut control = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; its pointers outlive the call and the control buffer has
-    // room for one cmsghdr carrying `fds`.
-    let sent = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut rest = &data[sent as usize..];
+    let sent = sendmsg::<UnixAddr>(
+        socket,
+        &[IoSlice::new(data)],
+        &[ControlMessage::ScmRights(fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    let mut rest = &data[sent..];
     while !rest.is_empty() {
-        // SAFETY: `rest` is readable for its length.
-        let sent =
-            unsafe { libc::send(socket, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        rest = &rest[sent as usize..];
+        let sent = send(socket, rest, MsgFlags::MSG_NOSIGNAL)?;
+        rest = &rest[sent..];
     }
     Ok(())
 }

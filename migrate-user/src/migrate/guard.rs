@@ -16,7 +16,7 @@ use std::{
     io::{self, Read as _, Write as _},
     net::SocketAddr,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::process::CommandExt as _,
     },
     path::Path,
@@ -24,6 +24,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{
+    errno::Errno,
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    unistd::getppid,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -224,36 +229,25 @@ pub fn guard(notes: OwnedFd) -> Result<GuardOutcome, MigrateError> {
             tracing::warn!("the migration still runs after {GUARD_LIMIT:?}: no longer guarded");
             return Ok(GuardOutcome::Finished);
         }
-        let pollfd = |fd: BorrowedFd<'_>| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         let mut fds = Vec::with_capacity(2);
         if notes_open {
-            fds.push(pollfd(reader.file.as_fd()));
+            fds.push(PollFd::new(reader.file.as_fd(), PollFlags::POLLIN));
         }
         // Last, when there is one.
         if let Some(pidfd) = &watched {
-            fds.push(pollfd(pidfd.as_fd()));
+            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
-        // SAFETY: a valid array of pollfds of the length passed.
-        let ready = unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                left.as_millis().min(1000) as libc::c_int,
-            )
-        };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(guard_error("waiting for the migration", error));
+        // At most a second, so it fits.
+        let timeout = PollTimeout::from(left.as_millis().min(1000) as u16);
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(guard_error("waiting for the migration", errno.into())),
         }
-        let dead = watched.is_some() && fds.last().is_some_and(|fd| fd.revents != 0);
-        if notes_open && fds[0].revents != 0 {
+        // Any event, also one nix has no name for.
+        let woke = |fd: &PollFd<'_>| fd.any() != Some(false);
+        let dead = watched.is_some() && fds.last().is_some_and(woke);
+        if notes_open && woke(&fds[0]) {
             notes_open = reader.read_into(&mut progress)?;
             if watched.is_none()
                 && let Some(start) = &progress.start
@@ -300,9 +294,7 @@ pub fn guard(notes: OwnedFd) -> Result<GuardOutcome, MigrateError> {
 /// the pid may name another process by now).
 fn watch(migrate_pid: u32) -> Option<OwnedFd> {
     let pidfd = pidfd_open(migrate_pid).ok()?;
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
-    (u32::try_from(parent) == Ok(migrate_pid)).then_some(pidfd)
+    (u32::try_from(getppid().as_raw()) == Ok(migrate_pid)).then_some(pidfd)
 }
 
 /// The read end of the notes: whole lines are applied as they arrive.

@@ -15,6 +15,7 @@ use std::{
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
+use nix::unistd::geteuid;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpStream;
@@ -336,8 +337,7 @@ impl Token {
         let mut file = std::fs::File::open(path).map_err(error)?;
         let meta = file.metadata().map_err(error)?;
         let mode = meta.permissions().mode() & 0o7777;
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = geteuid().as_raw();
         if mode & 0o077 != 0 || meta.uid() != euid {
             return Err(MigrateError::TokenFileMode {
                 path: path.to_owned(),

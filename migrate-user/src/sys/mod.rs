@@ -8,11 +8,14 @@
 //! - `pidfd`: process handles, taking another process's sockets, signalling it;
 //! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
 //! - `ns`: entering network namespaces, private fd tables;
+//! - `fd`, `exec`: fds at fixed numbers, a command told its own pid (socket activation);
 //! - `packet`: sending whole Ethernet frames (the address announcements);
 //! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
 mod bpf;
 mod caps;
 mod clock;
+mod exec;
+mod fd;
 mod ns;
 mod packet;
 mod pidfd;
@@ -24,6 +27,8 @@ pub use caps::{
     Capability, MissingCapability, has_capability, missing_capability, require_capabilities,
 };
 pub use clock::monotonic_now;
+pub use exec::{Execve, spawn_execve};
+pub use fd::{PlacedFds, place_fds};
 pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::PacketSocket;
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};

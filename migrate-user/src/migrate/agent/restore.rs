@@ -3,6 +3,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
 use bytes::BytesMut;
+use nix::sys::signal::{Signal, raise};
 
 use super::{
     AgentConfig, FREEZE_PREFIX, Request,
@@ -203,8 +204,8 @@ async fn receive_image(
                     buffer.extend_from_slice(&piece);
                     if config.stop_after_image_bytes.is_some_and(|n| received >= n) {
                         tracing::warn!(received, "stopping myself (--stop-after-image-bytes)");
-                        // SAFETY: raise(3) with a valid signal number.
-                        unsafe { libc::raise(libc::SIGSTOP) };
+                        // Cannot fail: SIGSTOP is a valid signal.
+                        let _ = raise(Signal::SIGSTOP);
                     }
                 }
                 Frame::Message(Message::Abort { reason }) => {

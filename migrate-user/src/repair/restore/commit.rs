@@ -6,6 +6,8 @@ use std::{
     time::Instant,
 };
 
+use nix::sys::socket::{Shutdown, shutdown};
+
 use super::{Pending, RestoredSockets, queue::send_all};
 use crate::{
     repair::{self, Phase, RepairError, UNSENT_TIMEOUT},
@@ -87,12 +89,8 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
         _ => fail("sending the never-sent tail")(source),
     })?;
     if p.shutdown {
-        // SAFETY: shutdown on a valid socket.
-        if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
-            return Err(fail("shutdown(SHUT_WR) for FIN_WAIT")(
-                io::Error::last_os_error(),
-            ));
-        }
+        shutdown(fd.as_raw_fd(), Shutdown::Write)
+            .map_err(|errno| fail("shutdown(SHUT_WR) for FIN_WAIT")(errno.into()))?;
     }
     if p.options.reuseaddr {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;

@@ -3,8 +3,10 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use super::reserve_fds;
 use crate::{
@@ -147,10 +149,7 @@ pub(super) fn repair_socket(
 
 /// Clears O_NONBLOCK: F_SETFL sets only the status flags, and a fresh socket has no other.
 pub(super) fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_SETFL on a valid fd.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok(())
 }
 
