@@ -6,7 +6,7 @@
 //! The connections, all to one service address and each from a local port of its own, are spread
 //! evenly over the fewest worker processes (`tcpmig-peer load-worker`) of at most
 //! [`MAX_SOCKETS_PER_PEER`] sockets (the hard file limit is 20,000); each worker runs one thread
-//! with epoll ([`worker`]) and no per-message round trips to the caller, whose stdin lines only
+//! with epoll ([`run_worker`]) and no per-message round trips to the caller, whose stdin lines only
 //! start the schedule and mark an instant. Messages of a worker are spread evenly over the
 //! interval, so the load is smooth rather than in bursts; the interval is chosen for a total rate
 //! that the 2 cores can carry ([`LoadConfig`]). Latency is measured from the scheduled send time,

@@ -151,7 +151,7 @@ impl PeerArgs {
     }
 
     /// A server that takes over connected sockets passed as fds (see
-    /// [`Namespace::command_with_listen_fds`]).
+    /// [`Namespace::command_with_listen_fds`](crate::Namespace::command_with_listen_fds)).
     pub fn adopting_server(stream: StreamArgs) -> Self {
         Self::scripted_adopting_server(stream, Vec::new())
     }
