@@ -13,7 +13,7 @@
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
 //! process and the server waits for room on that socket only; bytes sit in the process (where a
 //! dump of the sockets cannot see them) only between one read and its write, or while a client
-//! does not read its echoes. So a migration of it uses `--stop-signal USR1`: on SIGUSR1 it
+//! does not read its echoes. So it is migrated with `--stop-signal USR1`: on SIGUSR1 it
 //! stops itself (SIGSTOP) once it holds nothing, between two events.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
