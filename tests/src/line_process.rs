@@ -31,8 +31,9 @@ impl<'bed> LineProcess<'bed> {
         Self::spawn(host, cmd, &what)
     }
 
-    /// Starts `cmd` (from [`Namespace::command`](crate::Namespace::command): another program, e.g. `tcpmig agent` that becomes
-    /// an echo server) with its stdin and stdout piped to us; `what` names it in errors.
+    /// Starts `cmd` (from [`Namespace::command`](crate::Namespace::command): another program,
+    /// e.g. `tcpmig agent` that becomes an echo server) with its stdin and stdout piped to us;
+    /// `what` names it in errors.
     pub fn spawn(host: &'bed Host, mut cmd: Command, what: &str) -> anyhow::Result<Self> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
