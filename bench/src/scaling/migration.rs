@@ -212,9 +212,9 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
 
 /// `tcpmig agent` on the destination; once the connections are live it becomes the test bed's
 /// echo server (`tcpmig-peer echo-server`) adopting them or, past what one process holds, starts
-/// one server per group of them. Each server says `ready` on the agent's stdout (started ones inherit it).
-/// Dropping it ends the agent with SIGTERM, which it passes on to the servers it started: the
-/// bed only knows the agent's pid.
+/// one server per group of them. Each server says `ready` on the agent's stdout (started ones
+/// inherit it). Dropping it ends the agent with SIGTERM, which it passes on to the servers it
+/// started: the bed only knows the agent's pid.
 struct Agent<'bed>(LineProcess<'bed>);
 
 impl<'bed> Agent<'bed> {
