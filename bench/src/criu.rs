@@ -100,12 +100,12 @@ pub fn run(ns: &[usize]) -> anyhow::Result<Vec<CriuRun>> {
 }
 
 /// tcpmig and tcpmig-peer, built beside this benchmark.
-struct Binaries {
-    tcpmig: PathBuf,
-    peer: PathBuf,
+pub(crate) struct Binaries {
+    pub(crate) tcpmig: PathBuf,
+    pub(crate) peer: PathBuf,
 }
 
-fn binaries() -> anyhow::Result<Binaries> {
+pub(crate) fn binaries() -> anyhow::Result<Binaries> {
     Ok(Binaries {
         tcpmig: sibling("tcpmig")?,
         peer: sibling("tcpmig-peer")?,

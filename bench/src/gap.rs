@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tcpmig::freeze::{Freeze, RemoveOnDrop};
 use tcpmig::net::Netns;
-use tcpmig_testbed::{IFACE, TestBed};
+use tcpmig_testbed::{EchoServers, IFACE, LoadConfig, LoadReport, LoadRun, TestBed};
 
-use crate::echo::EchoServers;
-use crate::loadgen::{LoadConfig, LoadReport, LoadRun};
+use crate::criu::sibling;
 use crate::plot::{self, Point};
 
 const DEFAULT_FREEZE_MS: u64 = 200;
@@ -66,14 +65,15 @@ pub fn run(args: &GapArgs, quick: bool) -> anyhow::Result<Vec<GapResult>> {
         ([], false) => vec![1_000, 10_000],
         (ns, _) => ns.to_vec(),
     };
-    ns.into_iter().map(|n| once(n, args)).collect()
+    let peer = sibling("tcpmig-peer")?;
+    ns.into_iter().map(|n| once(&peer, n, args)).collect()
 }
 
-fn once(n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
+fn once(peer: &Path, n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
     let freeze_for = Duration::from_millis(args.freeze_ms);
     eprintln!("gap bench: {n} connections, service frozen for {freeze_for:?}");
     let bed = TestBed::new()?;
-    let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
+    let echo = EchoServers::listen(bed.source(), peer, TestBed::service(false), PORT, n)?;
     let services = [echo.addr()];
     let netns = Netns::open(bed.source().name())?;
     let name = format!("{}-gap", bed.prefix());
@@ -88,7 +88,7 @@ fn once(n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
         duration: warmup + freeze_for + SETTLE.max(interval * 2),
         ..config
     };
-    let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
+    let mut run = LoadRun::start(&bed, peer, echo.addr(), n, &config)?;
     thread::sleep(warmup);
     let frozen = Instant::now();
     freeze.freeze_services(&services, freeze_for + FREEZE_TTL_MARGIN)?;

@@ -3,12 +3,11 @@
 //!
 //! Without a subcommand it runs the scaling benchmark, which measures the freeze, repair and
 //! CRIU references for the same connection counts in the same run; the other subcommands run
-//! one part alone.
+//! one part alone. Every byte of traffic comes from the test bed's `tcpmig-peer` (built beside
+//! this benchmark): this crate only orchestrates, measures and reports.
 mod criu;
-mod echo;
 mod freeze;
 mod gap;
-mod loadgen;
 mod plot;
 mod repair;
 mod report;
@@ -39,21 +38,10 @@ enum Which {
     /// Dry run of the scaling benchmark's clients: open-loop echo traffic through a service
     /// freeze, no migration (gaps, catch-up after the thaw, nothing lost).
     Gap(gap::GapArgs),
-    /// The server the scaling benchmark migrates (a helper process).
-    #[command(hide = true)]
-    EchoServer(echo::EchoArgs),
-    /// One process of the load generator (a helper process).
-    #[command(hide = true)]
-    LoadgenWorker(loadgen::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match &cli.which {
-        Some(Which::EchoServer(args)) => return echo::serve(args),
-        Some(Which::LoadgenWorker(args)) => return loadgen::run_worker(args),
-        _ => {}
-    }
     let out = report::OutputDir::create()?;
     let quick = cli.quick;
     match cli.which {
@@ -90,7 +78,6 @@ fn main() -> anyhow::Result<()> {
             out.write("gap", &results, &gap::markdown(&results))?;
             gap::plot(&results, out.path())?;
         }
-        Some(Which::EchoServer(_) | Which::LoadgenWorker(_)) => unreachable!("handled above"),
     }
     println!("results in {}", out.path().display());
     Ok(())

@@ -11,28 +11,31 @@
 //! on: the same names, the same removal on drop, the same [`sweep_stale`].
 //!
 //! # Traffic
-//! Two traffic tools, because they measure different things:
-//! - `tcpmig-peer` (this crate's binary, [`peer`]), with [`Traffic`] to fill a bed: command-driven
-//!   byte streams for correctness. Servers on the source and clients on the client host; each
-//!   direction of every connection carries bytes of a known [`pattern`], and every byte is
-//!   checked on request, also after the sockets have been handed to a new process on another host.
-//!   The tests, the demo and the benchmarks' set-ups (the repair benchmark's idle peers, the CRIU
-//!   references' mirror server) use it.
-//! - The scaling benchmark's open-loop load generator (`tcpmig-bench`'s `loadgen`): messages on a
-//!   fixed schedule whatever the echoes do, with latency histograms measured from the scheduled
-//!   send time, through a migration. Its timing (one epoll thread, no per-command round trips)
-//!   is what it measures, so it stays in the benchmark rather than growing into `tcpmig-peer`,
-//!   whose stop-and-check protocol would distort it; it uses this crate's [`Host`]s, process
-//!   guards and file limits.
+//! Every byte of traffic in the tests, the benchmarks and `tcpmig demo` comes from one program,
+//! this crate's `tcpmig-peer`, in one of three modes for three measurements:
+//! - Byte-exact streams (`server`, `client`; [`peer`]), with [`Traffic`] to fill a bed:
+//!   command-driven streams for correctness. Servers on the source and clients on the client
+//!   host; each direction of every connection carries bytes of a known [`pattern`], and every
+//!   byte is checked on request, also after the sockets have been handed to a new process on
+//!   another host. The tests, the demo and the benchmarks' set-ups (the repair benchmark's idle
+//!   peers, the CRIU references' mirror server) use it.
+//! - Open-loop latency load (`load-worker`; [`load`], with [`LoadRun`]): small messages on a
+//!   fixed schedule whatever the echoes do, each echo checked byte for byte, with latency
+//!   histograms measured from the scheduled send time and each connection's longest silence,
+//!   through a migration. Its timing is what it measures, so a worker is one epoll thread that
+//!   its caller only starts and marks, with none of the streams' stop-and-check round trips.
+//! - Echo server (`echo-server`; [`echo`], with [`EchoServers`]): the other end of that load,
+//!   echoing every byte back; it stops itself only between echoes when asked, so that a
+//!   migration of it loses nothing, and it takes over restored sockets as the new server.
 //!
 //! # Capture
 //! [`Capture`] records the segments of one port on a host's `eth0` (tcpdump), for tests that
 //! assert on what crossed the wire.
 //!
-//! Everything is RAII: dropping a [`Traffic`], a [`Peer`] or a [`ChildGuard`] kills its
-//! processes, dropping the [`TestBed`] or a [`Namespaces`] group (also while unwinding from a
-//! panic) removes its namespaces, and [`sweep_stale`] removes those of test processes that died
-//! without unwinding. Every wait is bounded.
+//! Everything is RAII: dropping a [`Traffic`], a [`Peer`], a [`LoadRun`], [`EchoServers`] or a
+//! [`ChildGuard`] kills its processes, dropping the [`TestBed`] or a [`Namespaces`] group (also
+//! while unwinding from a panic) removes its namespaces, and [`sweep_stale`] removes those of
+//! test processes that died without unwinding. Every wait is bounded.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -47,6 +50,9 @@
 
 pub mod bed;
 mod capture;
+pub mod echo;
+pub mod line_process;
+pub mod load;
 pub mod namespaces;
 mod ns;
 pub mod pattern;
@@ -58,9 +64,12 @@ pub mod traffic;
 
 pub use bed::{BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed};
 pub use capture::Capture;
+pub use echo::EchoServers;
+pub use line_process::LineProcess;
+pub use load::{LoadConfig, LoadReport, LoadRun};
 pub use namespaces::{Namespace, Namespaces, namespaces_with_prefix, sweep_stale};
 pub use ns::netns_path;
-pub use peer::{Peer, PeerArgs, PeerCommand, Report, StreamArgs, command_all};
+pub use peer::{Peer, PeerArgs, PeerCommand, PeerMode, Report, StreamArgs, command_all};
 pub use process::{ChildGuard, line_reader};
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
 

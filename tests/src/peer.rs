@@ -59,7 +59,7 @@
 mod args;
 mod protocol;
 
-pub use args::{ClientArgs, PeerArgs, ServerArgs, StreamArgs};
+pub use args::{ClientArgs, PeerArgs, PeerMode, ServerArgs, StreamArgs};
 pub use protocol::{PeerCommand, Report, ScriptReport};
 
 use std::io::{Read, Write};

@@ -19,11 +19,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
-use tcpmig_testbed::{IFACE, Role, TestBed};
+use tcpmig_testbed::load::now_ns;
+use tcpmig_testbed::{
+    EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, Role, TestBed,
+};
 
 use super::ScalingArgs;
-use crate::echo::EchoServers;
-use crate::loadgen::{LineProcess, LoadConfig, LoadReport, LoadRun, now_ns};
+use crate::criu::Binaries;
 
 const PORT: u16 = 9000;
 const AGENT_PORT: u16 = 7070;
@@ -159,11 +161,11 @@ impl Drop for TokenFile {
 }
 
 /// Migrates `n` connections under load once, on a bed of its own.
-pub fn once(tcpmig: &Path, n: usize, args: &ScalingArgs) -> anyhow::Result<MigrationRun> {
+pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<MigrationRun> {
     let bed = TestBed::new()?;
     let token = TokenFile::new(&bed)?;
-    let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
-    let mut agent = Agent::start(&bed, tcpmig, &token.0)?;
+    let echo = EchoServers::listen(bed.source(), &bin.peer, TestBed::service(false), PORT, n)?;
+    let mut agent = Agent::start(&bed, bin, &token.0)?;
     let defaults = LoadConfig::default();
     let config = LoadConfig {
         rate: args.rate.unwrap_or(defaults.rate),
@@ -175,11 +177,11 @@ pub fn once(tcpmig: &Path, n: usize, args: &ScalingArgs) -> anyhow::Result<Migra
         duration: warmup + MIGRATION_ALLOWANCE + SETTLE.max(interval * 2),
         ..config
     };
-    let mut run = LoadRun::start(&bed, echo.addr(), n, &config)?;
+    let mut run = LoadRun::start(&bed, &bin.peer, echo.addr(), n, &config)?;
     thread::sleep(warmup);
     let raw = migrate(
         &bed,
-        tcpmig,
+        &bin.tcpmig,
         &echo.pids(),
         echo.addr(),
         &token.0,
@@ -208,24 +210,24 @@ pub fn once(tcpmig: &Path, n: usize, args: &ScalingArgs) -> anyhow::Result<Migra
     })
 }
 
-/// `tcpmig agent` on the destination; once the connections are live it becomes this benchmark's
-/// echo server adopting them or, past what one process holds, starts one server per group of
-/// them. Each server says `ready` on the agent's stdout (started ones inherit it).
-/// Dropping it ends the agent with SIGTERM, which it passes on to the servers it started: the
-/// bed only knows the agent's pid.
+/// `tcpmig agent` on the destination; once the connections are live it becomes the test bed's
+/// echo server (`tcpmig-peer echo-server`) adopting them or, past what one process holds, starts
+/// one server per group of them. Each server says `ready` on the agent's stdout (started ones
+/// inherit it). Dropping it ends the agent with SIGTERM, which it passes on to the servers it
+/// started: the bed only knows the agent's pid.
 struct Agent<'bed>(LineProcess<'bed>);
 
 impl<'bed> Agent<'bed> {
-    fn start(bed: &'bed TestBed, tcpmig: &Path, token: &Path) -> anyhow::Result<Self> {
+    fn start(bed: &'bed TestBed, bin: &Binaries, token: &Path) -> anyhow::Result<Self> {
         let host = bed.destination();
-        let mut cmd = host.command(tcpmig)?;
+        let mut cmd = host.command(&bin.tcpmig)?;
         cmd.arg("agent")
             .arg("--listen")
             .arg(agent_addr().to_string())
             .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
             .arg(token)
             .arg("--")
-            .arg(std::env::current_exe()?)
+            .arg(&bin.peer)
             .args(["echo-server", "--from-listen-fds"]);
         Ok(Self(LineProcess::spawn(host, cmd, "tcpmig agent")?))
     }

@@ -17,10 +17,10 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tcpmig_testbed::LoadConfig;
 
 use crate::criu::{self, CriuRun};
 use crate::freeze::{self, FreezeResult};
-use crate::loadgen::LoadConfig;
 use crate::repair::{self, RepairBench};
 use crate::report::OutputDir;
 use migration::MigrationRun;
@@ -125,7 +125,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         (ns, _) => ns.to_vec(),
     };
     let runs = args.runs.unwrap_or(if quick { 2 } else { 3 }).max(1);
-    let tcpmig = criu::sibling("tcpmig")?;
+    let bin = criu::binaries()?;
     let repair_ns: Vec<usize> = ns.iter().copied().filter(|&n| n <= REPAIR_MAX).collect();
     let references = if args.no_references {
         0
@@ -142,7 +142,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
         };
         for k in 1..=runs {
             progress.begin(&format!("migration of {n} connections, run {k}/{runs}"));
-            match migration::once(&tcpmig, n, args) {
+            match migration::once(&bin, n, args) {
                 Ok(run) => point.runs.push(run),
                 Err(e) => {
                     progress.say(&format!("migration of {n} connections failed: {e:#}"));

@@ -1,14 +1,20 @@
-//! `tcpmig-peer`: one side of the test bed's verifiable TCP traffic. The command line, the
-//! streams and the stdin/stdout protocol are documented in `tcpmig_testbed::peer`.
+//! `tcpmig-peer`: the test bed's one traffic program. Its byte-stream roles, their command line
+//! and stdin/stdout protocol are documented in `tcpmig_testbed::peer`; its open-loop load modes
+//! (`load-worker`, `echo-server`) in `tcpmig_testbed::load` and `tcpmig_testbed::echo`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tcpmig_testbed::peer::PeerArgs;
-use tcpmig_testbed::peer_process::run;
+use tcpmig_testbed::peer::PeerMode;
+use tcpmig_testbed::{echo, load, peer_process};
 
 fn main() -> ExitCode {
-    match run(PeerArgs::parse()) {
+    let result = match PeerMode::parse() {
+        PeerMode::Streams(args) => peer_process::run(args),
+        PeerMode::LoadWorker(args) => load::run_worker(&args),
+        PeerMode::EchoServer(args) => echo::serve(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcpmig-peer: {e:#}");

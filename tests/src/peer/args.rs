@@ -1,5 +1,6 @@
-//! The command line of `tcpmig-peer` ([`PeerArgs`]): its roles and stream offsets, and the
-//! arguments that give them back.
+//! The command line of `tcpmig-peer` ([`PeerMode`]): the roles and stream offsets of its byte
+//! streams ([`PeerArgs`]) and the arguments that give them back, or one of the open-loop load's
+//! processes.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,10 +10,29 @@ use clap::{Args, Parser};
 
 use super::PeerCommand;
 
+use crate::echo::EchoArgs;
+use crate::load::WorkerArgs;
+
 const DEFAULT_BYTES: u64 = 1024;
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
 
-/// The command line of `tcpmig-peer`.
+/// The command line of `tcpmig-peer`, the bed's one traffic program: byte-exact streams
+/// ([`PeerArgs`]), or a process of the open-loop load ([`crate::load`], [`crate::echo`]).
+#[derive(Parser, Debug)]
+#[command(
+    name = "tcpmig-peer",
+    about = "Verifiable TCP traffic for tcpmig's test bed"
+)]
+pub enum PeerMode {
+    #[command(flatten)]
+    Streams(PeerArgs),
+    /// One process of the open-loop load generator: connections sending on a fixed schedule.
+    LoadWorker(WorkerArgs),
+    /// A server echoing every byte back, for the open-loop load.
+    EchoServer(EchoArgs),
+}
+
+/// The byte-stream roles of `tcpmig-peer` (see the module docs of [`crate::peer`]).
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(
     name = "tcpmig-peer",
@@ -131,7 +151,7 @@ impl PeerArgs {
     }
 
     /// A server that takes over connected sockets passed as fds (see
-    /// [`Namespace::command_with_listen_fds`]).
+    /// [`Namespace::command_with_listen_fds`](crate::Namespace::command_with_listen_fds)).
     pub fn adopting_server(stream: StreamArgs) -> Self {
         Self::scripted_adopting_server(stream, Vec::new())
     }
@@ -280,7 +300,11 @@ mod tests {
             PeerArgs::client(addr, 3, StreamArgs::new(1)),
         ] {
             let argv = std::iter::once("tcpmig-peer".to_owned()).chain(args.to_args());
-            assert_eq!(PeerArgs::try_parse_from(argv).unwrap(), args);
+            assert_eq!(PeerArgs::try_parse_from(argv.clone()).unwrap(), args);
+            let PeerMode::Streams(streams) = PeerMode::try_parse_from(argv).unwrap() else {
+                panic!("{args}: not a stream mode of tcpmig-peer");
+            };
+            assert_eq!(streams, args);
         }
     }
 

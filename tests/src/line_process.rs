@@ -1,15 +1,18 @@
-//! A helper process of the benchmark (an echo server, a load generator worker): this same binary,
-//! started with a hidden subcommand inside a bed host, spoken to one line at a time over its
-//! stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
+//! A process of the open-loop load (an echo server, a load generator worker: `tcpmig-peer` in one
+//! of those modes, or a program that execs it) started inside a bed host, spoken to one line at a
+//! time over its stdin and stdout. Its stderr goes to ours, so its errors show up as they happen.
 
 use std::io::{self, Write as _};
+use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
-use tcpmig_testbed::{ChildGuard, Host, line_reader};
+
+use crate::Host;
+use crate::process::{ChildGuard, line_reader};
 
 /// Dropping it kills the process (by pid, through the bed's guard).
 pub struct LineProcess<'bed> {
@@ -20,17 +23,17 @@ pub struct LineProcess<'bed> {
 }
 
 impl<'bed> LineProcess<'bed> {
-    /// Starts `tcpmig-bench ARGS` in `host`. `/proc/self/exe` is resolved by the forked child, so
-    /// it runs this very binary even if a rebuild replaced the file meanwhile.
-    pub fn start(host: &'bed Host, args: &[String]) -> anyhow::Result<Self> {
-        let mut cmd = host.command("/proc/self/exe")?;
+    /// Starts `tcpmig-peer ARGS` (at `peer_bin`) in `host`.
+    pub fn start(host: &'bed Host, peer_bin: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let mut cmd = host.command(peer_bin)?;
         cmd.args(args);
-        let what = format!("tcpmig-bench {}", args.first().map_or("", String::as_str));
+        let what = format!("tcpmig-peer {}", args.first().map_or("", String::as_str));
         Self::spawn(host, cmd, &what)
     }
 
-    /// Starts `cmd` (from [`Host::command`]: another program, e.g. `tcpmig agent` that becomes
-    /// an echo server) with its stdin and stdout piped to us; `what` names it in errors.
+    /// Starts `cmd` (from [`Namespace::command`](crate::Namespace::command): another program,
+    /// e.g. `tcpmig agent` that becomes an echo server) with its stdin and stdout piped to us;
+    /// `what` names it in errors.
     pub fn spawn(host: &'bed Host, mut cmd: Command, what: &str) -> anyhow::Result<Self> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -40,7 +43,7 @@ impl<'bed> LineProcess<'bed> {
         let pipes = child.child_mut();
         let stdin = pipes.stdin.take().context("stdin not piped")?;
         let stdout = pipes.stdout.take().context("stdout not piped")?;
-        let lines = line_reader(stdout, "bench-child-stdout")?;
+        let lines = line_reader(stdout, "line-process-stdout")?;
         Ok(Self {
             label,
             child,

@@ -1,41 +1,42 @@
-//! The open-loop load generator of the scaling benchmark: N connections from the bed's client host
-//! to echo servers, each sending a 16-byte message (connection id, sequence number, scheduled
+//! The open-loop load generator: N connections from the bed's client host to echo servers
+//! ([`crate::echo`]), each sending a 16-byte message (connection id, sequence number, scheduled
 //! send time) every `interval`, whether or not the echoes come back, and checking every echoed
-//! byte.
+//! byte. The scaling benchmark measures a migration's effect on clients with it.
 //!
 //! The connections, all to one service address and each from a local port of its own, are spread
-//! evenly over the fewest worker processes of at most [`MAX_SOCKETS_PER_PEER`] sockets (the hard
-//! file limit is 20,000); each worker runs one thread with epoll ([`worker`]). Messages of a
-//! worker are spread evenly over the interval, so the load is smooth rather than in bursts; the
-//! interval is chosen for a total rate that the 2 cores can carry ([`LoadConfig`]). Latency is
-//! measured from the scheduled send time, not the actual one, so a stalled sender cannot hide
-//! its own delay (no coordinated omission); sends go out in batches at epoll's 1 ms resolution,
-//! which adds up to 1 ms to the latency.
+//! evenly over the fewest worker processes (`tcpmig-peer load-worker`) of at most
+//! [`MAX_SOCKETS_PER_PEER`] sockets (the hard file limit is 20,000); each worker runs one thread
+//! with epoll ([`run_worker`]) and no per-message round trips to the caller, whose stdin lines only
+//! start the schedule and mark an instant. Messages of a worker are spread evenly over the
+//! interval, so the load is smooth rather than in bursts; the interval is chosen for a total rate
+//! that the 2 cores can carry ([`LoadConfig`]). Latency is measured from the scheduled send time,
+//! not the actual one, so a stalled sender cannot hide its own delay (no coordinated omission);
+//! sends go out in batches at epoll's 1 ms resolution, which adds up to 1 ms to the latency.
 //!
 //! A connection that breaks (reset, closed, a wrong byte) is counted as lost: the generator never
 //! reconnects, so every connection in the report carried one byte stream from start to end.
 //!
 //! One measured migration:
 //! ```ignore
-//! let echo = EchoServers::listen(bed.source(), TestBed::service(false), PORT, n)?;
-//! let mut run = LoadRun::start(&bed, echo.addr(), n, &LoadConfig::default())?;
+//! let echo = EchoServers::listen(bed.source(), peer_bin, TestBed::service(false), PORT, n)?;
+//! let mut run = LoadRun::start(&bed, peer_bin, echo.addr(), n, &LoadConfig::default())?;
 //! // ... migrate ...
 //! run.mark()?; // e.g. when the restore finished
 //! let report = run.finish()?;
 //! ```
 
-mod process;
 mod worker;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tcpmig_testbed::{MAX_SOCKETS_PER_PEER, TestBed};
 
-pub use process::LineProcess;
+use crate::line_process::LineProcess;
+use crate::{MAX_SOCKETS_PER_PEER, TestBed};
 use worker::{LATENCY_RANGE_US, MAX_CONNECTIONS, WorkerReport};
 pub use worker::{WorkerArgs, run as run_worker};
 
@@ -117,11 +118,12 @@ pub struct LoadRun<'bed> {
 }
 
 impl<'bed> LoadRun<'bed> {
-    /// Opens `connections` connections to `service` from the client host (worker processes
-    /// connecting in parallel), then starts the schedule on all of them at once. Returns when
-    /// the schedule has started.
+    /// Opens `connections` connections to `service` from the client host (`tcpmig-peer` at
+    /// `peer_bin` as worker processes, connecting in parallel), then starts the schedule on all
+    /// of them at once. Returns when the schedule has started.
     pub fn start(
         bed: &'bed TestBed,
+        peer_bin: &Path,
         service: SocketAddr,
         connections: usize,
         config: &LoadConfig,
@@ -145,7 +147,7 @@ impl<'bed> LoadRun<'bed> {
                 drain_ms: duration_ms(config.drain),
                 connect_timeout_ms: duration_ms(config.connect_timeout),
             };
-            workers.push(LineProcess::start(bed.client(), &args.to_args())?);
+            workers.push(LineProcess::start(bed.client(), peer_bin, &args.to_args())?);
             first_id = u32::try_from(size)
                 .ok()
                 .and_then(|n| first_id.checked_add(n))

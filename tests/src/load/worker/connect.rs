@@ -11,7 +11,7 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{CONNECTS_IN_FLIGHT, FIRST_PORT, WorkerArgs, poll_once};
-use crate::loadgen::{duration_ns, now_ns};
+use crate::load::{duration_ns, now_ns};
 
 /// Opens `args.connections` connections, [`CONNECTS_IN_FLIGHT`] at a time, registered for
 /// writability (which is how a nonblocking connect completes) under their index.

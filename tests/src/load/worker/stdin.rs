@@ -44,7 +44,7 @@ impl Stdin {
         let mut chunk = [0; 256];
         loop {
             match io::stdin().lock().read(&mut chunk) {
-                Ok(0) => bail!("stdin closed: the benchmark is gone"),
+                Ok(0) => bail!("stdin closed: its caller is gone"),
                 Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

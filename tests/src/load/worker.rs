@@ -1,8 +1,8 @@
-//! One load generator process (`tcpmig-bench loadgen-worker`, hidden): opens its connections,
+//! One load generator process (`tcpmig-peer load-worker`): opens its connections,
 //! says `ready`, and on `start T` (CLOCK_MONOTONIC nanoseconds) sends on schedule from T on, for
 //! `--duration-ms`; `mark T` on stdin marks an instant. Then it waits for the missing echoes (at
-//! most `--drain-ms`), prints one JSON [`WorkerReport`] line and exits. The end of stdin (the
-//! benchmark died) ends it with an error. One thread, epoll (mio, edge-triggered), nonblocking
+//! most `--drain-ms`), prints one JSON [`WorkerReport`] line and exits. The end of stdin (its
+//! caller died) ends it with an error. One thread, epoll (mio, edge-triggered), nonblocking
 //! sockets.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
@@ -66,7 +66,7 @@ pub struct WorkerArgs {
 impl WorkerArgs {
     /// The command line that parses back to `self`.
     pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec!["loadgen-worker".to_owned()];
+        let mut args = vec!["load-worker".to_owned()];
         for (flag, value) in [
             ("--connect", self.connect.to_string()),
             ("--connections", self.connections.to_string()),
@@ -175,7 +175,7 @@ struct Worker {
 
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.connections > 0, "a worker needs connections");
-    tcpmig_testbed::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    crate::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let mut poll = Poll::new()?;
     let streams = connect_all(&mut poll, args)?;
     let mut stdin = Stdin::register(&poll)?;
@@ -533,6 +533,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer::PeerMode;
 
     #[test]
     fn worker_args_parse_back() {
@@ -545,9 +546,8 @@ mod tests {
             drain_ms: 5_000,
             connect_timeout_ms: 60_000,
         };
-        let argv = std::iter::once("tcpmig-bench".to_owned()).chain(args.to_args());
-        let cli = <crate::Cli as clap::Parser>::parse_from(argv);
-        let Some(crate::Which::LoadgenWorker(parsed)) = cli.which else {
+        let argv = std::iter::once("tcpmig-peer".to_owned()).chain(args.to_args());
+        let PeerMode::LoadWorker(parsed) = <PeerMode as clap::Parser>::parse_from(argv) else {
             panic!("not a worker command line");
         };
         assert_eq!(parsed.to_args(), args.to_args());

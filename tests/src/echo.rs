@@ -1,5 +1,6 @@
-//! The server the scaling benchmark migrates: `tcpmig-bench echo-server` (hidden), which echoes
-//! every byte it receives, and [`EchoServers`], the benchmark's handle on a set of them.
+//! The server of the open-loop load ([`crate::load`]), which the scaling benchmark migrates:
+//! `tcpmig-peer echo-server`, which echoes every byte it receives, and [`EchoServers`], a handle
+//! on a set of them.
 //!
 //! `--listen ADDR:PORT` accepts connections, sharing the port with the other servers listening
 //! there (SO_REUSEPORT); `--from-listen-fds` takes over connected sockets passed as fds 3.. the
@@ -12,12 +13,13 @@
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
 //! process and the server waits for room on that socket only; bytes sit in the process (where a
 //! dump of the sockets cannot see them) only between one read and its write, or while a client
-//! does not read its echoes. So the benchmark migrates it with `--stop-signal USR1`: on SIGUSR1 it
+//! does not read its echoes. So it is migrated with `--stop-signal USR1`: on SIGUSR1 it
 //! stops itself (SIGSTOP) once it holds nothing, between two events.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -25,9 +27,9 @@ use anyhow::{Context as _, bail};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
-use tcpmig_testbed::{Host, sys};
 
-use crate::loadgen::{self, LineProcess};
+use crate::line_process::LineProcess;
+use crate::{Host, load, sys};
 
 /// A server binds and says `ready` in milliseconds; this bounds a broken start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,7 +70,7 @@ extern "C" fn on_sigusr1(_: libc::c_int) {
     STOP_ASKED.store(true, Ordering::Relaxed);
 }
 
-/// The `echo-server` subcommand.
+/// The `echo-server` mode of `tcpmig-peer`.
 pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
     sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     // Caught rather than fatal, so that a server stopped between a read and its echo says so
@@ -98,7 +100,7 @@ pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
 
 /// Echo servers in one host for `connections` connections, all on one address and port
 /// (SO_REUSEPORT): the kernel spreads the connections over them by a hash of the 4-tuple, so each
-/// gets about `connections / servers`, and with [`loadgen::processes_for`] servers (at most
+/// gets about `connections / servers`, and with [`load::processes_for`] servers (at most
 /// 15,000 each on average) none comes near the file limit of 20,000. Dropping it kills them.
 pub struct EchoServers<'bed> {
     /// Dropping them kills the servers (by pid).
@@ -107,10 +109,11 @@ pub struct EchoServers<'bed> {
 }
 
 impl<'bed> EchoServers<'bed> {
-    /// Starts the servers on `ip:port` (`ip` must be on one of `host`'s interfaces) and returns
-    /// once all of them listen.
+    /// Starts the servers (`tcpmig-peer` at `peer_bin`) on `ip:port` (`ip` must be on one of
+    /// `host`'s interfaces) and returns once all of them listen.
     pub fn listen(
         host: &'bed Host,
+        peer_bin: &Path,
         ip: IpAddr,
         port: u16,
         connections: usize,
@@ -121,8 +124,8 @@ impl<'bed> EchoServers<'bed> {
             "--listen".to_owned(),
             addr.to_string(),
         ];
-        let mut processes = (0..loadgen::processes_for(connections))
-            .map(|_| LineProcess::start(host, &args))
+        let mut processes = (0..load::processes_for(connections))
+            .map(|_| LineProcess::start(host, peer_bin, &args))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for process in &mut processes {
             process.expect("ready", READY_TIMEOUT)?;
@@ -422,13 +425,14 @@ mod tests {
     use std::thread;
 
     use super::*;
+    use crate::peer::PeerMode;
 
     #[test]
     fn needs_exactly_one_source_of_sockets() {
         let parse = |args: &[&str]| -> Result<EchoArgs, clap::Error> {
-            let argv = [&["tcpmig-bench", "echo-server"], args].concat();
-            match <crate::Cli as clap::Parser>::try_parse_from(argv)?.which {
-                Some(crate::Which::EchoServer(args)) => Ok(args),
+            let argv = [&["tcpmig-peer", "echo-server"], args].concat();
+            match <PeerMode as clap::Parser>::try_parse_from(argv)? {
+                PeerMode::EchoServer(args) => Ok(args),
                 _ => panic!("not an echo-server command line"),
             }
         };
