@@ -1,5 +1,5 @@
 //! tcpmig's benchmarks, run with `cargo xtask bench [--quick]`. Results go to
-//! target/bench/<UTC time>/ as JSON, CSV, Markdown and SVG, and the Markdown is printed.
+//! `target/bench/<UTC time>/` as JSON, CSV, Markdown and SVG, and the Markdown is printed.
 //!
 //! Without a subcommand it runs the scaling benchmark, which measures the freeze, repair and
 //! CRIU references for the same connection counts in the same run; the other subcommands run

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 pub struct OutputDir(PathBuf);
 
 impl OutputDir {
-    /// target/bench/<UTC yyyymmdd-hhmmss>/ in the workspace.
+    /// `target/bench/<UTC yyyymmdd-hhmmss>/` in the workspace.
     pub fn create() -> anyhow::Result<Self> {
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

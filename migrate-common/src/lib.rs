@@ -13,7 +13,7 @@ pub const MAX_SERVICES: u32 = 1024;
 /// Capacity of the frozen-4-tuples map: enough for the largest migration we test (100,000).
 pub const MAX_TUPLES: u32 = 262_144;
 
-/// Pinned map names, under /sys/fs/bpf/tcpmig/<freeze name>/.
+/// Pinned map names, under `/sys/fs/bpf/tcpmig/<freeze name>/`.
 pub const SERVICES_MAP: &str = "SERVICES";
 pub const TUPLES_MAP: &str = "TUPLES";
 pub const COUNTERS_MAP: &str = "COUNTERS";

@@ -148,7 +148,7 @@ fn soak() -> anyhow::Result<()> {
     run(test)
 }
 
-/// The fuzz targets, in migrate-user/fuzz (their seeds in seeds/<target>/).
+/// The fuzz targets, in migrate-user/fuzz (their seeds in `seeds/<target>/`).
 const FUZZ_TARGETS: &[&str] = &["image_decode", "transport_frames"];
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {

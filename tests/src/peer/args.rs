@@ -65,7 +65,7 @@ pub struct ServerArgs {
     #[arg(long, conflicts_with = "from_listen_fds")]
     pub mirror: bool,
     /// Run this command instead of reading stdin (repeatable, in order), then print one
-    /// [`ScriptReport`] and exit.
+    /// `ScriptReport` line and exit.
     #[arg(long = "script", value_name = "CMD", conflicts_with = "listen")]
     pub script: Vec<PeerCommand>,
     #[command(flatten)]
