@@ -178,10 +178,10 @@ fn seconds(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
         source,
     };
     let seconds: f64 = value.trim().parse().map_err(|e| error(Some(e)))?;
-    if seconds.is_finite() && seconds > 0.0 {
-        Ok(Duration::from_secs_f64(seconds))
-    } else {
-        Err(error(None))
+    // try_: a value past Duration's range (1e30) is refused here, not a panic in the hook.
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(error(None)),
     }
 }
 
@@ -225,6 +225,8 @@ mod tests {
         assert!(config.services.is_empty() && config.address.is_none());
         for bad in [
             ("TCPMIG_DEADLINE", "0"),
+            ("TCPMIG_DEADLINE", "1e30"),
+            ("TCPMIG_DEADLINE", "NaN"),
             ("TCPMIG_ADDRESS", "10.0.0.1"),
             ("TCPMIG_SERVICES", "10.0.0.1"),
         ] {
