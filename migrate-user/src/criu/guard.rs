@@ -161,6 +161,5 @@ fn pidfd(pid: u32) -> Option<OwnedFd> {
 
 /// A pidfd polls readable once its process has exited.
 fn exited(fd: &OwnedFd) -> bool {
-    use std::os::fd::AsFd as _;
-    crate::sys::pidfd_wait_exit(fd.as_fd(), std::time::Instant::now())
+    crate::sys::pidfd_wait_exit(fd, std::time::Instant::now())
 }

@@ -31,15 +31,12 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{
-    MigrateError, StoppedTree,
-    process::{pidfd_open, wait_exit},
-};
+use super::{MigrateError, StoppedTree};
 use crate::{
     freeze::{self, FreezeError},
     net::{self, Netns},
     repair::{self, Filter},
-    sys::tcp_repair as so,
+    sys::{pidfd_open, pidfd_wait_exit, tcp_repair as so},
 };
 
 /// The hidden subcommand of the tcpmig binary that runs [`guard`], its notes on stdin.
@@ -276,7 +273,7 @@ pub fn guard(notes: OwnedFd) -> Result<GuardOutcome, MigrateError> {
     }
     if !migrate_gone
         && let Some(pidfd) = &watched
-        && !wait_exit(pidfd, Instant::now() + EXIT_TIMEOUT)
+        && !pidfd_wait_exit(pidfd, Instant::now() + EXIT_TIMEOUT)
     {
         return Err(guard_error(
             "its notes ended but it did not exit",

@@ -2,11 +2,12 @@
 //! not read, write or close them, so its whole process tree is stopped with SIGSTOP first.
 use std::{
     io,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
 use super::MigrateError;
+use crate::sys::{pidfd_open, pidfd_send_signal, pidfd_wait_exit};
 
 /// A stopped process tree: resumed (SIGCONT) when dropped, unless [`terminate`](Self::terminate)d.
 #[derive(Debug)]
@@ -73,7 +74,8 @@ impl StoppedTree {
                     continue;
                 };
                 if let Some(sig) = signal_each {
-                    signal(&fd, sig).map_err(|source| process_error(member, "stopping", source))?;
+                    pidfd_send_signal(&fd, sig)
+                        .map_err(|source| process_error(member, "stopping", source))?;
                 }
                 tree.members.push((member, fd));
                 grew = true;
@@ -98,16 +100,16 @@ impl StoppedTree {
     pub fn terminate(mut self) -> Result<(), MigrateError> {
         let members = std::mem::take(&mut self.members);
         for (pid, fd) in &members {
-            signal(fd, libc::SIGTERM)
-                .and_then(|()| signal(fd, libc::SIGCONT))
+            pidfd_send_signal(fd, libc::SIGTERM)
+                .and_then(|()| pidfd_send_signal(fd, libc::SIGCONT))
                 .or_else(ignore_exited)
                 .map_err(|source| process_error(*pid, "terminating", source))?;
         }
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         for (pid, fd) in &members {
-            if !wait_exit(fd, deadline) {
+            if !pidfd_wait_exit(fd, deadline) {
                 tracing::warn!(pid, "still running after SIGTERM: sending SIGKILL");
-                signal(fd, libc::SIGKILL)
+                pidfd_send_signal(fd, libc::SIGKILL)
                     .or_else(ignore_exited)
                     .map_err(|source| process_error(*pid, "killing", source))?;
             }
@@ -119,7 +121,7 @@ impl StoppedTree {
 impl Drop for StoppedTree {
     fn drop(&mut self) {
         for (pid, fd) in &self.members {
-            if let Err(error) = signal(fd, libc::SIGCONT).or_else(ignore_exited) {
+            if let Err(error) = pidfd_send_signal(fd, libc::SIGCONT).or_else(ignore_exited) {
                 tracing::warn!(pid, %error, "resuming a stopped process");
             }
         }
@@ -130,11 +132,12 @@ impl Drop for StoppedTree {
 /// SIGCONT (in case it stops later) and the error says so.
 fn wait_for_self_stop(pid: u32, ask: libc::c_int) -> Result<(), MigrateError> {
     let fd = pidfd_open(pid).map_err(|source| process_error(pid, "opening", source))?;
-    signal(&fd, ask).map_err(|source| process_error(pid, "asking it to stop", source))?;
+    pidfd_send_signal(&fd, ask)
+        .map_err(|source| process_error(pid, "asking it to stop", source))?;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while !matches!(state(pid), Some('T' | 't') | None) {
         if Instant::now() > deadline {
-            let _ = signal(&fd, libc::SIGCONT);
+            let _ = pidfd_send_signal(&fd, libc::SIGCONT);
             return Err(process_error(
                 pid,
                 "waiting for it to stop itself after the --stop-signal",
@@ -188,19 +191,6 @@ fn tree_of(pid: u32) -> io::Result<Vec<u32>> {
 fn state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    crate::sys::pidfd_open(pid)
-}
-
-fn signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
-    crate::sys::pidfd_send_signal(pidfd.as_fd(), signal)
-}
-
-/// Waits until the process exits (a pidfd turns readable then, zombie or reaped).
-pub(super) fn wait_exit(pidfd: &OwnedFd, deadline: Instant) -> bool {
-    crate::sys::pidfd_wait_exit(pidfd.as_fd(), deadline)
 }
 
 #[cfg(test)]

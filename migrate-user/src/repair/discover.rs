@@ -208,8 +208,7 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
 }
 
 fn pidfd_getfd(pidfd: &OwnedFd, pid: u32, fd: i32) -> Result<OwnedFd, RepairError> {
-    use std::os::fd::AsFd as _;
-    crate::sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|source| RepairError::Process {
+    crate::sys::pidfd_getfd(pidfd, fd).map_err(|source| RepairError::Process {
         pid,
         what: format!("pidfd_getfd of its fd {fd}"),
         source,

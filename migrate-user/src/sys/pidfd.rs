@@ -2,7 +2,7 @@
 //! of the same pid. nix has none of these calls, so they are made here, once.
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     time::Instant,
 };
 
@@ -25,18 +25,18 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// A duplicate, in this process, of the target's descriptor `fd` (close-on-exec). Needs
 /// PTRACE_MODE_ATTACH_REALCREDS over the target (CAP_SYS_PTRACE for another user's process).
-pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
+pub fn pidfd_getfd(pidfd: impl AsFd, fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd(2) takes a pidfd, a number in the target's table and flags.
-    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_fd().as_raw_fd(), fd, 0) })
 }
 
 /// Sends `signal` to the process behind `pidfd`, never to a recycled pid.
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+pub fn pidfd_send_signal(pidfd: impl AsFd, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: pidfd_send_signal(2) on a valid pidfd with no siginfo.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
+            pidfd.as_fd().as_raw_fd(),
             signal,
             std::ptr::null::<libc::siginfo_t>(),
             0,
@@ -50,7 +50,7 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Resu
 
 /// Waits until the process behind `pidfd` exits (a pidfd polls readable then, zombie or reaped)
 /// or `deadline` passes; returns whether it exited. `deadline` in the past checks without waiting.
-pub fn pidfd_wait_exit(pidfd: BorrowedFd<'_>, deadline: Instant) -> bool {
+pub fn pidfd_wait_exit(pidfd: impl AsFd, deadline: Instant) -> bool {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
