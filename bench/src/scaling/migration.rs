@@ -283,18 +283,10 @@ fn migrate(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = host.spawn(&mut cmd)?;
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
     // The report is a few kilobytes and errors a few lines: both fit in the pipes meanwhile.
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "tcpmig migrate did not end within {MIGRATION_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    };
+    let status = child
+        .wait_timeout(MIGRATION_TIMEOUT)?
+        .with_context(|| format!("tcpmig migrate did not end within {MIGRATION_TIMEOUT:?}"))?;
     let (mut stdout, mut stderr) = (String::new(), String::new());
     let pipes = child.child_mut();
     if let Some(pipe) = pipes.stdout.as_mut() {

@@ -405,17 +405,9 @@ fn run_migrate(
         .stderr(Stdio::piped());
     let mut child = host.spawn(&mut cmd)?;
     let adopted = agent.expect_line("ready");
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "tcpmig migrate did not end in {MIGRATION_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = child
+        .wait_timeout(MIGRATION_TIMEOUT)?
+        .with_context(|| format!("tcpmig migrate did not end in {MIGRATION_TIMEOUT:?}"))?;
     let output = |pipe: Option<&mut dyn std::io::Read>| {
         let mut text = String::new();
         if let Some(pipe) = pipe {

@@ -508,14 +508,10 @@ pub fn run_tcpmig(
     let mut child = host.spawn(&mut cmd)?;
     let mut stderr = Lines::new(child.child_mut().stderr.take().context("stderr piped")?)?;
     let text = stderr.until_closed(COMMAND_TIMEOUT)?.to_owned();
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok((status, text));
-        }
-        ensure!(Instant::now() < deadline, "tcpmig {args:?} did not end");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let status = child
+        .wait_timeout(COMMAND_TIMEOUT)?
+        .with_context(|| format!("tcpmig {args:?} did not end"))?;
+    Ok((status, text))
 }
 
 /// A temporary directory for images and sockets, removed on drop.
