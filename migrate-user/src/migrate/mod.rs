@@ -288,27 +288,13 @@ const TEST_PAUSE_LIMIT: Duration = Duration::from_secs(60);
 /// The test hook (see the module documentation): at `phase`, if TCPMIG_TEST_PAUSE_AT names it,
 /// logs it and waits for a line or the end of stdin, at most [`TEST_PAUSE_LIMIT`].
 fn test_pause(phase: &str) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd as _;
     if std::env::var_os("TCPMIG_TEST_PAUSE_AT").is_none_or(|at| at != phase) {
         return;
     }
     tracing::warn!("test pause at {phase}");
     let deadline = Instant::now() + TEST_PAUSE_LIMIT;
     let mut byte = 0u8;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let stdin = std::io::stdin();
-        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-        let timeout =
-            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::ZERO);
-        let ready = poll(&mut fds, timeout);
-        if left.is_zero() || ready.is_err() {
-            return;
-        }
-        if ready == Ok(0) {
-            continue;
-        }
+    while crate::sys::wait_readable(std::io::stdin(), deadline) {
         // One byte at a time, unbuffered: what follows the line belongs to whoever reads stdin
         // next (the agent's application).
         let read = nix::unistd::read(std::io::stdin(), std::slice::from_mut(&mut byte));

@@ -21,6 +21,7 @@ mod packet;
 mod pidfd;
 mod signal;
 pub mod tcp_repair;
+mod wait;
 
 pub use bpf::{detach_pinned_link, map_delete_batch, map_update_batch, prog_test_run};
 pub use caps::{
@@ -33,3 +34,4 @@ pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::PacketSocket;
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
 pub use signal::wait_for_termination;
+pub use wait::wait_readable;

@@ -6,8 +6,6 @@ use std::{
     time::Instant,
 };
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-
 /// Turns a syscall's result into the new fd it returned.
 fn owned_fd(raw: libc::c_long) -> io::Result<OwnedFd> {
     if raw < 0 {
@@ -51,17 +49,5 @@ pub fn pidfd_send_signal(pidfd: impl AsFd, signal: libc::c_int) -> io::Result<()
 /// Waits until the process behind `pidfd` exits (a pidfd polls readable then, zombie or reaped)
 /// or `deadline` passes; returns whether it exited. `deadline` in the past checks without waiting.
 pub fn pidfd_wait_exit(pidfd: impl AsFd, deadline: Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        let timeout =
-            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::ZERO);
-        match poll(&mut fds, timeout) {
-            Ok(ready) if ready > 0 => return true,
-            Err(nix::errno::Errno::EINTR) if !left.is_zero() => {}
-            Err(_) => return false,
-            Ok(_) if left.is_zero() => return false,
-            Ok(_) => {}
-        }
-    }
+    super::wait_readable(pidfd, deadline)
 }
