@@ -70,7 +70,7 @@ pub use load::{LoadConfig, LoadReport, LoadRun};
 pub use namespaces::{Namespace, Namespaces, namespaces_with_prefix, sweep_stale};
 pub use ns::netns_path;
 pub use peer::{Peer, PeerArgs, PeerCommand, PeerMode, Report, StreamArgs, command_all};
-pub use process::{ChildGuard, line_reader};
+pub use process::{ChildGuard, KillGroupOnDrop, line_reader};
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};
 
 use std::ffi::OsStr;

@@ -91,6 +91,26 @@ impl ChildGuard<'_> {
     }
 }
 
+/// Kills a process group on drop: a server started in a session of its own (setsid) and the
+/// workers it forked, which killing the server alone leaves running.
+pub struct KillGroupOnDrop(u32);
+
+impl KillGroupOnDrop {
+    /// `leader` must lead a group this test created (its pid is the group id).
+    pub fn new(leader: u32) -> Self {
+        Self(leader)
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let group = -(self.0 as libc::pid_t);
+        // SAFETY: kill(2) with a negative pid signals that process group and nothing else; an
+        // empty group only makes it fail with ESRCH.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+    }
+}
+
 impl Drop for ChildGuard<'_> {
     fn drop(&mut self) {
         // std sends nothing to a child it already reaped, so a reused pid is never hit.

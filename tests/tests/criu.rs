@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, Report, SERVICE_V4,
-    StreamArgs, TestBed, command_all, tcpmig_bin,
+    ChildGuard, Host, IFACE, KillGroupOnDrop, PREFIX_V4, Peer, PeerArgs, PeerCommand, Report,
+    SERVICE_V4, StreamArgs, TestBed, command_all, tcpmig_bin,
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -434,19 +434,6 @@ fn migrate_mirror(mode: Mode, n: usize) -> Result<()> {
     nothing_left(&bed)
 }
 
-/// Kills the process group that `spawn_detached`'s setsid made (a server and its workers, on
-/// the source or, restored by CRIU with the same ids, on the destination).
-struct KillGroupOnDrop(u32);
-
-impl Drop for KillGroupOnDrop {
-    fn drop(&mut self) {
-        let group = -(self.0 as libc::pid_t);
-        // SAFETY: kill(2) with a negative pid signals the process group this test created and
-        // nothing else; an empty group only makes it fail with ESRCH.
-        unsafe { libc::kill(group, libc::SIGKILL) };
-    }
-}
-
 /// nginx from Debian serving keep-alive HTTP to wrk with `connections` connections: wrk runs
 /// through the dump and the restore and must see no error (a reconnect follows an error). Its
 /// workers run as root: CRIU reads their rlimits, which needs CAP_SYS_RESOURCE for another user's
@@ -477,7 +464,7 @@ fn migrate_nginx(mode: Mode, connections: usize) -> Result<()> {
     let mut nginx = migration.spawn_detached(bed.source(), &mut cmd, "nginx")?;
     let pid = nginx.pid();
     // Dropping `nginx` kills the master only; its workers would outlive a failed test.
-    let _workers = KillGroupOnDrop(pid);
+    let _workers = KillGroupOnDrop::new(pid);
     let service = SocketAddr::new(SERVICE_V4.into(), PORT);
     let deadline = Instant::now() + Duration::from_secs(10);
     while bed
