@@ -156,17 +156,7 @@ impl Namespace {
         let snmp = self
             .run(|| fs::read_to_string("/proc/thread-self/net/snmp"))?
             .with_context(|| format!("reading /proc/net/snmp in {self}"))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (names, values) = tcp.next().zip(tcp.next()).context("no Tcp: lines")?;
-        let column = names
-            .split_whitespace()
-            .position(|n| n == name)
-            .with_context(|| format!("no Tcp counter {name}"))?;
-        values
-            .split_whitespace()
-            .nth(column)
-            .and_then(|value| value.parse().ok())
-            .with_context(|| format!("reading Tcp counter {name}"))
+        crate::nstat::counter(&snmp, "Tcp", name)
     }
 }
 

@@ -242,8 +242,14 @@ pub struct LoadReport {
     /// From the scheduled send to the echo.
     pub latency: Latency,
     /// Spread over connections of each one's longest silence: between two echoes, or from its
-    /// last echo to the end for a connection that did not get everything back.
+    /// last echo to the end for a connection that did not get everything back. It includes the
+    /// connection's own send interval (500 ms at 10,000 connections and the default rate).
     pub max_gap: Spread,
+    /// Spread over connections of each one's longest stall: the longest silence while an echo
+    /// was due, from the later of its last echo and the scheduled send of the message echoed
+    /// next, to that echo (or to the end). A connection with nothing to send during a blackout
+    /// did not stall; one that did waited this long to hear back.
+    pub max_stall: Spread,
     pub mark: Option<MarkReport>,
 }
 
@@ -311,10 +317,11 @@ impl LoadReport {
                 p999_ms: ms(latency.value_at_quantile(0.999)),
                 max_ms: ms(latency.max()),
             },
-            max_gap: Spread::of_us(
+            max_gap: Spread::of_us(reports.iter().flat_map(|r| r.max_gap_us.clone()).collect()),
+            max_stall: Spread::of_us(
                 reports
                     .iter()
-                    .flat_map(|r| r.max_gap_us.iter().copied())
+                    .flat_map(|r| r.max_stall_us.clone())
                     .collect(),
             ),
             mark,

@@ -96,8 +96,10 @@ pub struct WorkerReport {
     pub first_failure: Option<String>,
     /// The latency histogram as (value, count) of each recorded bucket.
     pub latency_us: Vec<(u64, u64)>,
-    /// Per connection.
+    /// Per connection: its longest time between two echoes, and its longest silence while an
+    /// echo was due (see [`super::LoadReport::max_stall`]).
     pub max_gap_us: Vec<u64>,
+    pub max_stall_us: Vec<u64>,
     pub mark: Option<WorkerMark>,
 }
 
@@ -136,6 +138,9 @@ struct Conn {
     /// When the last echo arrived (at first: when the first message was due).
     last_echo: u64,
     max_gap: u64,
+    /// Longest wait for an echo: from the later of the last echo and the due time of the
+    /// message echoed next, to its echo.
+    max_stall: u64,
     after_mark: Option<AfterMark>,
 }
 
@@ -204,6 +209,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             partial_len: 0,
             last_echo: schedule.at(i as u64),
             max_gap: 0,
+            max_stall: 0,
             after_mark: None,
         });
     }
@@ -448,6 +454,8 @@ impl Worker {
             self.latency
                 .saturating_record(now.saturating_sub(scheduled) / 1000);
             conn.max_gap = conn.max_gap.max(now.saturating_sub(conn.last_echo));
+            let owed_since = conn.last_echo.max(scheduled);
+            conn.max_stall = conn.max_stall.max(now.saturating_sub(owed_since));
             conn.last_echo = now;
             conn.echoed += 1;
             self.outstanding = self.outstanding.saturating_sub(1);
@@ -508,13 +516,21 @@ impl Worker {
                 && conn.echoed == conn.sent
                 && conn.sent == self.schedule.due_on(i, self.stop_at);
             report.verified += u64::from(complete);
-            // A connection still missing echoes has been silent since its last one.
-            let tail = if complete {
-                0
+            // A connection still missing echoes has been silent since its last one, and owed
+            // one since its next message was due.
+            let (tail, stall_tail) = if complete {
+                (0, 0)
             } else {
-                end.saturating_sub(conn.last_echo)
+                let next_due = self
+                    .schedule
+                    .at(u64::from(conn.echoed) * self.schedule.connections + i as u64);
+                let silent = end.saturating_sub(conn.last_echo);
+                (silent, silent.min(end.saturating_sub(next_due)))
             };
             report.max_gap_us.push(conn.max_gap.max(tail) / 1000);
+            report
+                .max_stall_us
+                .push(conn.max_stall.max(stall_tail) / 1000);
         }
         report.mark = self.mark.as_ref().map(|mark| {
             let since = |t: Option<u64>| t.map(|t| t.saturating_sub(mark.at) / 1000);
