@@ -3,11 +3,14 @@
 //! on a set of them.
 //!
 //! `--listen ADDR:PORT` accepts connections, sharing the port with the other servers listening
-//! there (SO_REUSEPORT); `--from-listen-fds` takes over connected sockets passed as fds 3.. the
-//! way systemd's socket activation passes listeners (LISTEN_FDS, LISTEN_PID): that is how
-//! `tcpmig` hands restored connections to the new server. Either way it prints `ready` once it
-//! listens or holds its sockets, and exits when it has neither a listener nor a connection left,
-//! or after `--idle-exit-secs` without any event.
+//! there (SO_REUSEPORT); `--from-listen-fds` takes over the sockets passed as fds 3.. the way
+//! systemd's socket activation passes them (LISTEN_FDS, LISTEN_PID): that is how `tcpmig` hands
+//! restored connections to the new server, and with them the listener the destination held for
+//! the service since the address moved, whose accept queue holds the connections opened during
+//! the migration. Each inherited fd is a listener (SO_ACCEPTCONN) to accept on, or a connection
+//! to echo on. Either way it prints `ready` once it listens or holds its sockets, and exits
+//! when it has neither a listener nor a connection left, or after `--idle-exit-secs` without
+//! any event.
 //!
 //! The echo is synchronous, so that a migration loses nothing: a chunk read is written back whole
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
@@ -33,7 +36,8 @@ use crate::{Host, load, sys};
 
 /// A server binds and says `ready` in milliseconds; this bounds a broken start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const LISTENER: Token = Token(usize::MAX);
+/// Listener `k` has token `usize::MAX - k`; connections have their slot's index.
+const LAST_TOKEN: usize = usize::MAX;
 /// Thousands of clients connect at once; std's 128 would drop their SYNs (net.core.somaxconn,
 /// 4096 in a new namespace, caps it).
 const BACKLOG: i32 = 4096;
@@ -49,7 +53,8 @@ pub struct EchoArgs {
         conflicts_with = "from_listen_fds"
     )]
     pub listen: Option<SocketAddr>,
-    /// Echo on the connected sockets passed as fds 3.. (LISTEN_FDS, LISTEN_PID).
+    /// Echo on the sockets passed as fds 3.. (LISTEN_FDS, LISTEN_PID), and accept on those of
+    /// them that listen.
     #[arg(long)]
     pub from_listen_fds: bool,
     /// Exit after this long without any event.
@@ -145,7 +150,7 @@ impl<'bed> EchoServers<'bed> {
 }
 
 /// The sockets of socket activation, after checking that they are meant for this process.
-fn inherited_sockets() -> anyhow::Result<Vec<std::net::TcpStream>> {
+fn inherited_sockets() -> anyhow::Result<Vec<Socket>> {
     let count = listen_fd_count(
         std::env::var("LISTEN_FDS").ok().as_deref(),
         std::env::var("LISTEN_PID").ok().as_deref(),
@@ -156,7 +161,7 @@ fn inherited_sockets() -> anyhow::Result<Vec<std::net::TcpStream>> {
             let fd = LISTEN_FDS_START + RawFd::try_from(k)?;
             let fd = sys::claim_inherited_fd(fd)
                 .with_context(|| format!("inherited fd {fd} (LISTEN_FDS={count})"))?;
-            Ok(std::net::TcpStream::from(fd))
+            Ok(Socket::from(fd))
         })
         .collect()
 }
@@ -193,7 +198,8 @@ struct Conn {
 
 struct Server {
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// Indexed by `LAST_TOKEN - token`.
+    listeners: Vec<TcpListener>,
     /// Indexed by token; slots of closed connections are reused.
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -201,10 +207,10 @@ struct Server {
 }
 
 impl Server {
-    fn new(listener: Option<TcpListener>) -> anyhow::Result<Self> {
+    fn new() -> anyhow::Result<Self> {
         Ok(Self {
             poll: Poll::new()?,
-            listener,
+            listeners: Vec::new(),
             conns: Vec::new(),
             free: Vec::new(),
             buf: vec![0; 64 * 1024],
@@ -213,25 +219,42 @@ impl Server {
 
     fn listen(addr: SocketAddr) -> anyhow::Result<Self> {
         let listener = shared_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        let mut listener = TcpListener::from_std(listener);
-        let server = Self::new(None)?;
-        server
-            .poll
-            .registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        Ok(Self {
-            listener: Some(listener),
-            ..server
-        })
+        let mut server = Self::new()?;
+        server.add_listener(listener)?;
+        Ok(server)
     }
 
-    fn adopt(streams: Vec<std::net::TcpStream>) -> anyhow::Result<Self> {
-        let mut server = Self::new(None)?;
-        for stream in streams {
-            stream.set_nonblocking(true)?;
-            server.add(TcpStream::from_std(stream))?;
+    /// A server that accepts on the listeners among `sockets` (SO_ACCEPTCONN) and echoes on
+    /// the others.
+    fn adopt(sockets: Vec<Socket>) -> anyhow::Result<Self> {
+        let mut server = Self::new()?;
+        for socket in sockets {
+            socket.set_nonblocking(true)?;
+            if socket
+                .is_listener()
+                .context("SO_ACCEPTCONN (is every fd a socket?)")?
+            {
+                server.add_listener(socket.into())?;
+            } else {
+                server.add(TcpStream::from_std(socket.into()))?;
+            }
         }
         Ok(server)
+    }
+
+    fn add_listener(&mut self, listener: std::net::TcpListener) -> anyhow::Result<()> {
+        let mut listener = TcpListener::from_std(listener);
+        let token = Token(LAST_TOKEN - self.listeners.len());
+        self.poll
+            .registry()
+            .register(&mut listener, token, Interest::READABLE)?;
+        self.listeners.push(listener);
+        Ok(())
+    }
+
+    /// The listener of `token`, if it is one.
+    fn listener_of(&self, token: Token) -> Option<usize> {
+        (LAST_TOKEN - token.0 < self.listeners.len()).then(|| LAST_TOKEN - token.0)
     }
 
     fn add(&mut self, mut stream: TcpStream) -> anyhow::Result<()> {
@@ -262,7 +285,7 @@ impl Server {
     fn run(&mut self, idle: Duration) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_event = Instant::now();
-        while self.listener.is_some() || self.open() > 0 {
+        while !self.listeners.is_empty() || self.open() > 0 {
             let left = idle.saturating_sub(last_event.elapsed());
             if left.is_zero() {
                 eprintln!("echo-server: no event for {idle:?}, exiting");
@@ -287,9 +310,10 @@ impl Server {
                 last_event = Instant::now();
             }
             for event in &events {
-                match event.token() {
-                    LISTENER => self.accept()?,
-                    Token(i) => {
+                match self.listener_of(event.token()) {
+                    Some(k) => self.accept(k)?,
+                    None => {
+                        let i = event.token().0;
                         if let Err(e) = self.echo(i) {
                             if TERMINATED.load(Ordering::Relaxed) {
                                 // Its sockets moved away: what it holds is reported, not echoed.
@@ -328,12 +352,10 @@ impl Server {
         Ok(())
     }
 
-    fn accept(&mut self) -> anyhow::Result<()> {
+    /// Accepts what listener `k` has queued.
+    fn accept(&mut self, k: usize) -> anyhow::Result<()> {
         loop {
-            let Some(listener) = &self.listener else {
-                return Ok(());
-            };
-            match listener.accept() {
+            match self.listeners[k].accept() {
                 Ok((stream, _)) => self.add(stream)?,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -477,6 +499,42 @@ mod tests {
         assert!(a > 0 && b > 0, "{a} and {b} connections");
     }
 
+    /// Among adopted sockets, a listener is accepted on and a connection echoed on: the new
+    /// server after a migration serves the moved connections and the new ones alike.
+    #[test]
+    fn adopts_listeners_and_connections() {
+        let listener = shared_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut moved = std::net::TcpStream::connect(addr).unwrap();
+        // A handshake can complete on the client's side before the listener queues it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (accepted, _) = std::iter::from_fn(|| {
+            (Instant::now() < deadline).then(|| {
+                thread::sleep(Duration::from_millis(1));
+                listener.accept().ok()
+            })
+        })
+        .flatten()
+        .next()
+        .expect("the first connection accepted");
+        accepted.set_nonblocking(false).unwrap();
+        let mut server = Server::adopt(vec![accepted.into(), listener.into()]).unwrap();
+        assert_eq!((server.listeners.len(), server.open()), (1, 1));
+        let server = thread::spawn(move || server.run(Duration::from_secs(1)));
+        let mut new = std::net::TcpStream::connect(addr).unwrap();
+        for (client, message) in [(&mut moved, b"moved"), (&mut new, b"new!!")] {
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            client.write_all(message).unwrap();
+            let mut echo = [0; 5];
+            client.read_exact(&mut echo).unwrap();
+            assert_eq!(&echo, message);
+        }
+        // It still listens, so it ends only when idle.
+        server.join().unwrap().unwrap();
+    }
+
     /// A client that does not read for a while makes the server hold a chunk and stop reading;
     /// every byte still comes back, in order, and the server ends with its last connection.
     #[test]
@@ -485,7 +543,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        let mut server = Server::adopt(vec![accepted]).unwrap();
+        let mut server = Server::adopt(vec![accepted.into()]).unwrap();
         let server = thread::spawn(move || server.run(Duration::from_secs(20)));
 
         let pattern: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
