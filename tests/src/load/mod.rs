@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::line_process::LineProcess;
 use crate::{MAX_SOCKETS_PER_PEER, TestBed};
@@ -362,7 +362,7 @@ pub struct Latency {
 
 /// The median, 99th percentile and maximum of one value per connection, in milliseconds; all zero
 /// when there are no values.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Spread {
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -370,7 +370,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of_us(mut values: Vec<u64>) -> Self {
+    pub(crate) fn of_us(mut values: Vec<u64>) -> Self {
         values.sort_unstable();
         let at = |q: f64| {
             let last = values.len().saturating_sub(1);

@@ -12,6 +12,7 @@ use super::PeerCommand;
 
 use crate::echo::EchoArgs;
 use crate::load::WorkerArgs;
+use crate::probe::ProbeArgs;
 
 const DEFAULT_BYTES: u64 = 1024;
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
@@ -30,6 +31,8 @@ pub enum PeerMode {
     LoadWorker(WorkerArgs),
     /// A server echoing every byte back, for the open-loop load.
     EchoServer(EchoArgs),
+    /// New connections to a service, one every few milliseconds, each checked by one echo.
+    Probe(ProbeArgs),
 }
 
 /// The byte-stream roles of `tcpmig-peer` (see the module docs of [`crate::peer`]).
