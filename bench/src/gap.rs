@@ -3,7 +3,8 @@
 //! tcpmig's freeze for `--freeze-ms`, then thawed. The clients should see a longest gap of about
 //! the freeze plus retransmission backoff, no reset and nothing missing; the time until the last
 //! client caught up after the thaw is the backoff the notes saw stretch to 1.7 s at 10,000
-//! connections after a longer blackout.
+//! connections after a longer blackout. The client host's TCP counters (nstat), read before the
+//! freeze and after the load, say what the clients retransmitted meanwhile.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tcpmig::freeze::{Freeze, RemoveOnDrop};
 use tcpmig::net::Netns;
-use tcpmig_testbed::{EchoServers, IFACE, LoadConfig, LoadReport, LoadRun, TestBed};
+use tcpmig_testbed::{EchoServers, IFACE, LoadConfig, LoadReport, LoadRun, TcpCounters, TestBed};
 
 use crate::criu::sibling;
 use crate::plot::{self, Point};
@@ -57,6 +58,8 @@ pub struct GapResult {
     pub freeze_ms: f64,
     /// The mark is the thaw.
     pub load: LoadReport,
+    /// The client host's counters from before the freeze to the end of the load.
+    pub client_tcp: TcpCounters,
 }
 
 pub fn run(args: &GapArgs, quick: bool) -> anyhow::Result<Vec<GapResult>> {
@@ -90,16 +93,19 @@ fn once(peer: &Path, n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
     };
     let mut run = LoadRun::start(&bed, peer, echo.addr(), n, &config)?;
     thread::sleep(warmup);
+    let counters = TcpCounters::read_in(bed.client())?;
     let frozen = Instant::now();
     freeze.freeze_services(&services, freeze_for + FREEZE_TTL_MARGIN)?;
     thread::sleep(freeze_for);
     freeze.thaw_services(&services)?;
     let freeze_ms = frozen.elapsed().as_secs_f64() * 1e3;
     run.mark()?;
+    let load = run.finish()?;
     Ok(GapResult {
         connections: n,
         freeze_ms,
-        load: run.finish()?,
+        load,
+        client_tcp: TcpCounters::read_in(bed.client())?.since(&counters),
     })
 }
 
@@ -107,9 +113,10 @@ pub fn markdown(results: &[GapResult]) -> String {
     let mut md = String::from(
         "### Client gaps through a service freeze (no migration)\n\n\
          | N | interval (ms) | freeze (ms) | sent | missing | verified | lost (resets) | \
-         latency p50 / p99 / p99.9 / max (ms) | longest gap p50 / max (ms) | behind at thaw | \
-         caught up p50 / p99 / last (ms) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         latency p50 / p99 / p99.9 / max (ms) | longest gap p50 / max (ms) | longest stall p50 \
+         / p99 / max (ms) | behind at thaw | caught up p50 / p99 / last (ms) | retransmitted \
+         segments / RTO timeouts / SYN retransmissions / loss probes |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let load = &r.load;
@@ -133,7 +140,7 @@ pub fn markdown(results: &[GapResult]) -> String {
         let _ = writeln!(
             md,
             "| {} | {:.0} | {:.1} | {} | {} | {} / {} | {} ({}) | {:.2} / {:.1} / {:.1} / {:.1} | \
-             {:.0} / {:.0} | {behind} | {caught} |",
+             {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {behind} | {caught} | {} / {} / {} / {} |",
             r.connections,
             load.interval_ms,
             r.freeze_ms,
@@ -149,6 +156,13 @@ pub fn markdown(results: &[GapResult]) -> String {
             load.latency.max_ms,
             load.max_gap.p50_ms,
             load.max_gap.max_ms,
+            load.max_stall.p50_ms,
+            load.max_stall.p99_ms,
+            load.max_stall.max_ms,
+            r.client_tcp.retrans_segs,
+            r.client_tcp.timeouts,
+            r.client_tcp.syn_retrans,
+            r.client_tcp.loss_probes,
         );
     }
     if let Some(failure) = results.iter().find_map(|r| r.load.first_failure.as_ref()) {
@@ -157,8 +171,10 @@ pub fn markdown(results: &[GapResult]) -> String {
     md.push_str(
         "\nOpen loop: each connection sends a 16-byte message every interval whatever the echoes \
          do, and checks every echoed byte. Latency counts from the scheduled send. Longest gap: \
-         per connection, the longest time without an echo. Caught up: from the thaw to the echo \
-         of the connection's last message sent before the thaw.\n",
+         per connection, the longest time without an echo (its send interval included). Longest \
+         stall: per connection, the longest wait for an echo that was due. Caught up: from the \
+         thaw to the echo of the connection's last message sent before the thaw. Retransmissions: \
+         the client host's counters (nstat) from before the freeze to the end of the load.\n",
     );
     md
 }
@@ -177,6 +193,7 @@ pub fn plot(results: &[GapResult], dir: &Path) -> anyhow::Result<()> {
             });
         };
         point("longest client gap", r.load.max_gap.max_ms);
+        point("longest client stall", r.load.max_stall.max_ms);
         if let Some(mark) = &r.load.mark {
             point(
                 "last client caught up, after the thaw",

@@ -7,6 +7,11 @@
 //! The clients' catch-up is counted from the end of the blackout as the agent reports it
 //! (`live_at_unix_ms`), not from the moment `tcpmig migrate` returned: the source learns of the
 //! end only after a round trip and its own clean-up, which would hide part of the catch-up.
+//!
+//! Beside the load, the client host tries new connections through the migration (the test
+//! bed's prober: one every 2 ms from [`PROBE_LEAD`] before `tcpmig migrate` starts to
+//! [`PROBE_TAIL`] after the new servers are ready), and its TCP counters (nstat) are read
+//! before the migration and after the load has ended: what the clients retransmitted.
 
 use std::fs;
 use std::io::Read as _;
@@ -21,7 +26,8 @@ use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 use tcpmig_testbed::load::now_ns;
 use tcpmig_testbed::{
-    EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, Role, TestBed,
+    EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeReport,
+    ProbeRun, Role, TcpCounters, TestBed,
 };
 
 use super::ScalingArgs;
@@ -41,6 +47,13 @@ const SETTLE: Duration = Duration::from_secs(3);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on the agent and its servers ending after SIGTERM (closing thousands of sockets).
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// New connections are tried from this long before `tcpmig migrate` starts...
+const PROBE_LEAD: Duration = Duration::from_millis(200);
+/// ...to this long after the new servers said they are ready.
+const PROBE_TAIL: Duration = Duration::from_millis(300);
+/// A new connection every this many milliseconds, each given this long for its connect and echo.
+const PROBE_EVERY_MS: u64 = 2;
+const PROBE_TIMEOUT_MS: u64 = 3_000;
 
 /// One migration: the times `tcpmig migrate --json` reported and what the clients saw.
 #[derive(Clone, Debug, Serialize)]
@@ -48,6 +61,9 @@ pub struct MigrationRun {
     pub connections: usize,
     pub kept: usize,
     pub blackout_ms: f64,
+    /// From the application stopped to the freeze: the part of the clients' silence before the
+    /// blackout (0 when `tcpmig migrate --json` does not report it).
+    pub stop_to_freeze_ms: f64,
     pub total_ms: f64,
     pub phases: Phases,
     /// With `--precopy`: connections restored ahead of the freeze, and those of them that
@@ -55,6 +71,10 @@ pub struct MigrationRun {
     pub precopied: usize,
     pub kept_precopied: usize,
     pub load: LoadReport,
+    /// The clients' TCP counters over the migration and the rest of the load.
+    pub client_tcp: TcpCounters,
+    /// New connections tried through the migration.
+    pub new_connections: ProbeReport,
     /// `tcpmig migrate --json` as printed.
     pub report: serde_json::Value,
 }
@@ -96,6 +116,8 @@ struct MigrateJson {
     connections: usize,
     kept: usize,
     blackout_ms: f64,
+    #[serde(default)]
+    stop_to_freeze_ms: f64,
     total_ms: f64,
     phases: SourcePhases,
     destination: AgentJson,
@@ -178,7 +200,16 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
         ..config
     };
     let mut run = LoadRun::start(&bed, &bin.peer, echo.addr(), n, &config)?;
-    thread::sleep(warmup);
+    thread::sleep(warmup.saturating_sub(PROBE_LEAD));
+    let counters = TcpCounters::read_in(bed.client())?;
+    let probe_args = ProbeArgs {
+        connect: echo.addr(),
+        every_ms: PROBE_EVERY_MS,
+        timeout_ms: PROBE_TIMEOUT_MS,
+        max_ms: u64::try_from((PROBE_LEAD + MIGRATION_TIMEOUT + PROBE_TAIL).as_millis())?,
+    };
+    let probe = ProbeRun::start(bed.client(), &bin.peer, &probe_args)?;
+    thread::sleep(PROBE_LEAD);
     let raw = migrate(
         &bed,
         &bin.tcpmig,
@@ -189,23 +220,30 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
     )?;
     let report: MigrateJson = serde_json::from_value(raw.clone())
         .with_context(|| format!("unexpected `tcpmig migrate --json` output: {raw}"))?;
+    // The prober's connections may be open at discovery too.
     ensure!(
-        report.connections == n,
+        report.connections >= n,
         "tcpmig migrate found {} of the {n} connections",
         report.connections
     );
     agent.servers_ready(report.destination.shards)?;
     run.mark_at(monotonic_ns_of(report.destination.live_at_unix_ms))?;
+    thread::sleep(PROBE_TAIL);
+    let new_connections = probe.finish()?;
     let load = run.finish()?;
+    let client_tcp = TcpCounters::read_in(bed.client())?.since(&counters);
     Ok(MigrationRun {
         connections: n,
         kept: report.kept,
         blackout_ms: report.blackout_ms,
+        stop_to_freeze_ms: report.stop_to_freeze_ms,
         total_ms: report.total_ms,
         phases: report.phases(),
         precopied: report.destination.precopied,
         kept_precopied: report.destination.kept_precopied,
         load,
+        client_tcp,
+        new_connections,
         report: raw,
     })
 }

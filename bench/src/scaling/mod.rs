@@ -9,6 +9,7 @@
 //! 1,000 connections is extrapolated by [`crate::freeze`]. The migrations have none: past the
 //! file limit of one process, one migration moves several servers ([`migration`]).
 
+mod clients;
 mod goals;
 mod migration;
 mod summary;

@@ -1,6 +1,8 @@
-//! The scaling run's outputs: scaling.json, a Markdown summary (medians, ranges, ratios and the
-//! goals of design.md), scaling.csv (one line per N), scaling-runs.csv (one line per migration),
-//! blackout.svg (every method against N, log-log) and phases.svg (the blackout's phases).
+//! The scaling run's outputs: scaling.json, a Markdown summary (what the clients saw first,
+//! then medians, ranges, ratios and the goals of docs/goals.md), scaling.csv (one line per N),
+//! scaling-runs.csv (one line per migration), clients.svg (the clients' times beside the
+//! blackout), blackout.svg (every method against N, log-log) and phases.svg (the blackout's
+//! phases).
 
 use std::fmt::Write as _;
 
@@ -27,6 +29,7 @@ pub fn write(out: &OutputDir, scaling: &Scaling) -> anyhow::Result<()> {
             .flat_map(|p| p.runs.iter().enumerate())
             .map(|(k, run)| per_run(k + 1, run)),
     )?;
+    super::clients::plot(&out.path().join("clients.svg"), scaling)?;
     plot::against_connections(
         &out.path().join("blackout.svg"),
         "Blackout against connection count",
@@ -45,7 +48,7 @@ pub fn write(out: &OutputDir, scaling: &Scaling) -> anyhow::Result<()> {
 }
 
 /// A named value of one migration run: a column, or a curve of the plot.
-type Column = (&'static str, fn(&MigrationRun) -> f64);
+pub(super) type Column = (&'static str, fn(&MigrationRun) -> f64);
 
 /// Statistics of one value over the runs at one N, none without runs.
 pub(super) fn stat(point: &MigrationPoint, value: impl Fn(&MigrationRun) -> f64) -> Option<Stats> {
@@ -96,12 +99,13 @@ pub(super) fn criu_seconds(runs: &[CriuRun], n: usize, lock: Lock) -> Option<f64
 fn markdown(s: &Scaling) -> String {
     let m = &s.machine;
     let mut md = format!(
-        "## Scaling: blackout against N\n\n{}, {} CPUs (shared), kernel {}, load average {} at \
+        "## Scaling: what the clients see, and the blackout, against N\n\n{}, {} CPUs (shared), kernel {}, load average {} at \
          the start and {} at the end; {:.0} s in all.\n\n",
         m.date_utc, m.cpus, m.kernel, m.load_start, m.load_end, s.wall_s
     );
+    md.push_str(&super::clients::table(s));
     md.push_str(
-        "### tcpmig migrate under load (medians over the runs; blackout [min-max])\n\n\
+        "\n### tcpmig migrate under load (medians over the runs; blackout [min-max])\n\n\
          | N | runs | blackout (ms) | freeze (us) | dump | transfer | restore | address move | \
          unfreeze | migrate total (ms) | kept | client longest gap (ms) | latency p99 (ms) | \
          last caught up after the blackout (ms) | lost (resets) |\n\
@@ -304,10 +308,13 @@ fn points(s: &Scaling) -> Vec<Point> {
         )
     };
     let once = |ms: f64| (ms, ms, ms);
-    let series: [Column; 2] = [
+    let series: [Column; 3] = [
         ("tcpmig migrate: blackout", |r| r.blackout_ms),
         ("tcpmig migrate: clients' longest gap", |r| {
             r.load.max_gap.max_ms
+        }),
+        ("tcpmig migrate: clients' longest stall", |r| {
+            r.load.max_stall.max_ms
         }),
     ];
     for (method, value) in series {
@@ -411,7 +418,8 @@ fn per_n(s: &Scaling, p: &MigrationPoint) -> Vec<(&'static str, String)> {
         ("blackout_min_ms", num(blackout.map(|b| b.min_us / 1e3))),
         ("blackout_max_ms", num(blackout.map(|b| b.max_us / 1e3))),
     ];
-    let columns: [Column; 13] = [
+    let columns: [Column; 26] = [
+        ("stop_to_freeze_ms", |r| r.stop_to_freeze_ms),
         ("freeze_ms", |r| r.phases.freeze_ms),
         ("dump_ms", |r| r.phases.dump_ms),
         ("transfer_ms", |r| r.phases.transfer_ms),
@@ -422,9 +430,21 @@ fn per_n(s: &Scaling, p: &MigrationPoint) -> Vec<(&'static str, String)> {
         ("migrate_total_ms", |r| r.total_ms),
         ("kept", |r| r.kept as f64),
         ("client_longest_gap_ms", |r| r.load.max_gap.max_ms),
+        ("client_stall_p50_ms", |r| r.load.max_stall.p50_ms),
+        ("client_stall_p99_ms", |r| r.load.max_stall.p99_ms),
+        ("client_longest_stall_ms", |r| r.load.max_stall.max_ms),
         ("latency_p99_ms", |r| r.load.latency.p99_ms),
         ("last_caught_up_ms", caught_up_ms),
         ("lost", |r| r.load.lost() as f64),
+        ("client_retrans_segs", |r| r.client_tcp.retrans_segs as f64),
+        ("client_rto_timeouts", |r| r.client_tcp.timeouts as f64),
+        ("client_syn_retrans", |r| r.client_tcp.syn_retrans as f64),
+        ("client_loss_probes", |r| r.client_tcp.loss_probes as f64),
+        ("new_tried", |r| r.new_connections.attempted as f64),
+        ("new_served", |r| r.new_connections.served as f64),
+        ("new_refused", |r| r.new_connections.refused as f64),
+        ("new_hanging", |r| r.new_connections.hanging() as f64),
+        ("new_served_max_ms", |r| r.new_connections.served_ms.max_ms),
     ];
     row.extend(columns.map(|(column, value)| (column, num(median_ms(p, value)))));
     row.extend([
@@ -477,6 +497,7 @@ fn per_run(k: usize, r: &MigrationRun) -> Vec<(&'static str, String)> {
         ("connections", r.connections.to_string()),
         ("run", k.to_string()),
         ("blackout_ms", num(Some(r.blackout_ms))),
+        ("stop_to_freeze_ms", num(Some(r.stop_to_freeze_ms))),
         ("migrate_total_ms", num(Some(r.total_ms))),
         ("kept", r.kept.to_string()),
     ];
@@ -498,6 +519,9 @@ fn per_run(k: usize, r: &MigrationRun) -> Vec<(&'static str, String)> {
     let load = &r.load;
     row.extend([
         ("client_longest_gap_ms", num(Some(load.max_gap.max_ms))),
+        ("client_stall_p50_ms", num(Some(load.max_stall.p50_ms))),
+        ("client_stall_p99_ms", num(Some(load.max_stall.p99_ms))),
+        ("client_longest_stall_ms", num(Some(load.max_stall.max_ms))),
         ("latency_p99_ms", num(Some(load.latency.p99_ms))),
         ("latency_max_ms", num(Some(load.latency.max_ms))),
         ("last_caught_up_ms", num(Some(caught_up_ms(r)))),
@@ -508,5 +532,22 @@ fn per_run(k: usize, r: &MigrationRun) -> Vec<(&'static str, String)> {
         ("resets", load.resets.to_string()),
         ("lost", load.lost().to_string()),
     ]);
+    let (tcp, new) = (&r.client_tcp, &r.new_connections);
+    row.extend(
+        [
+            ("client_retrans_segs", tcp.retrans_segs),
+            ("client_rto_timeouts", tcp.timeouts),
+            ("client_syn_retrans", tcp.syn_retrans),
+            ("client_loss_probes", tcp.loss_probes),
+            ("new_tried", new.attempted),
+            ("new_served", new.served),
+            ("new_refused", new.refused),
+            ("new_hanging", new.hanging()),
+            ("new_failed", new.failed),
+            ("new_slow_connects", new.slow_connects),
+        ]
+        .map(|(column, count)| (column, count.to_string())),
+    );
+    row.push(("new_served_max_ms", num(Some(new.served_ms.max_ms))));
     row
 }
