@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tcpmig_testbed::{
     IFACE, MAX_SOCKETS_PER_PEER, Peer, PeerArgs, PeerCommand, Report as PeerReport, Role,
-    SERVICE_V4, StreamArgs, TestBed, Traffic, command_all, peer_process,
+    SERVICE_V4, StreamArgs, TcpCounters, TestBed, Traffic, command_all, peer_process,
 };
 
 use super::print_json;
@@ -72,10 +72,15 @@ struct DemoReport {
     /// A new connection to the service was served on the destination.
     new_connection: bool,
     blackout_ms: f64,
+    /// From the application stopped to the freeze (0 if `tcpmig migrate` did not say).
+    stop_to_freeze_ms: f64,
     /// From the end of the blackout until the new server had read everything every client had
     /// written so far, including what the freeze dropped (an upper bound: the read starts once
     /// `tcpmig migrate` has returned).
     catch_up_ms: f64,
+    /// The clients' TCP counters (nstat, in their namespace) from before the migration to
+    /// after the check of every byte.
+    client_tcp: TcpCounters,
     /// The `tcpmig migrate --json` report, with `catch_up_ms` added.
     migration: serde_json::Value,
 }
@@ -206,6 +211,7 @@ fn run(n: usize) -> anyhow::Result<DemoReport> {
         round,
         server_sent,
     };
+    let counters = TcpCounters::read_in(bed.client())?;
     let (migration, agent, client_sent) = step(
         &format!("migrating {n} connections with traffic flowing"),
         || migrate_under_traffic(&parts, &mut traffic.clients, old_server),
@@ -214,28 +220,9 @@ fn run(n: usize) -> anyhow::Result<DemoReport> {
     let blackout_ms = migration["blackout_ms"].as_f64().unwrap_or_default();
     let catch_up_ms = migration["catch_up_ms"].as_f64().unwrap_or_default();
     let (to_server, to_client) = step("verifying every byte", || {
-        let to_server = command_all(
-            &mut traffic.servers,
-            PeerCommand::Verify {
-                until: Some(client_sent),
-            },
-        )?;
-        command_all(
-            &mut traffic.clients,
-            PeerCommand::Verify {
-                until: Some(server_sent),
-            },
-        )?;
-        // The destination's server goes on writing.
-        command_all(&mut traffic.servers, PeerCommand::Send { bytes: round })?;
-        let to_client = command_all(
-            &mut traffic.clients,
-            PeerCommand::Verify {
-                until: Some(server_sent + round),
-            },
-        )?;
-        Ok((to_server, to_client))
+        verify(&mut traffic, client_sent, server_sent, round)
     })?;
+    let client_tcp = TcpCounters::read_in(bed.client())?.since(&counters);
     let new_connection = step("a new connection to the destination", || {
         new_connection(&bed, &launcher, service, stream)
     })?;
@@ -252,9 +239,42 @@ fn run(n: usize) -> anyhow::Result<DemoReport> {
         sent_during_migration: client_sent,
         new_connection,
         blackout_ms,
+        stop_to_freeze_ms: migration["stop_to_freeze_ms"].as_f64().unwrap_or_default(),
         catch_up_ms,
+        client_tcp,
         migration,
     })
+}
+
+/// Checks every byte each way after the migration, and that the new server goes on writing;
+/// returns the servers' and the clients' reports.
+fn verify(
+    traffic: &mut Traffic<'_>,
+    client_sent: u64,
+    server_sent: u64,
+    round: u64,
+) -> anyhow::Result<(PeerReport, PeerReport)> {
+    let to_server = command_all(
+        &mut traffic.servers,
+        PeerCommand::Verify {
+            until: Some(client_sent),
+        },
+    )?;
+    command_all(
+        &mut traffic.clients,
+        PeerCommand::Verify {
+            until: Some(server_sent),
+        },
+    )?;
+    // The destination's server goes on writing.
+    command_all(&mut traffic.servers, PeerCommand::Send { bytes: round })?;
+    let to_client = command_all(
+        &mut traffic.clients,
+        PeerCommand::Verify {
+            until: Some(server_sent + round),
+        },
+    )?;
+    Ok((to_server, to_client))
 }
 
 /// What the migration steps need to know about the bed and the traffic.
@@ -469,10 +489,19 @@ fn summary(r: &DemoReport) -> String {
         n = r.connections,
         resets = r.resets
     );
+    let tcp = &r.client_tcp;
     let _ = writeln!(
         out,
-        "blackout {:.1} ms, clients caught up {:.0} ms after it (at most)",
-        r.blackout_ms, r.catch_up_ms
+        "blackout {:.1} ms after {:.1} ms from the stop to the freeze; clients caught up {:.0} ms \
+         after it (at most); clients retransmitted {} segments ({} timeouts, {} SYN, {} loss \
+         probes)",
+        r.blackout_ms,
+        r.stop_to_freeze_ms,
+        r.catch_up_ms,
+        tcp.retrans_segs,
+        tcp.timeouts,
+        tcp.syn_retrans,
+        tcp.loss_probes,
     );
     let _ = writeln!(
         out,
