@@ -7,7 +7,7 @@
 //! An attempt is served (echo back, byte-exact), refused (ECONNREFUSED, or a reset before the
 //! echo), hanging (no connect, or no echo, within the bound) or failed otherwise (closed
 //! without the echo, a wrong echo, another error). A connect that took 1 s or more waited for a
-//! SYN retransmission: those are counted too, served or not.
+//! SYN retransmission: those are counted too, whatever their end.
 //!
 //! One process, one thread with epoll (mio, edge-triggered); a second thread only reads stdin,
 //! where `stop` (or its end) stops new attempts. The process then waits for the attempts in
@@ -82,7 +82,8 @@ pub struct ProbeReport {
     /// Closed without the echo, a wrong echo, or another error.
     pub failed: u64,
     pub first_failure: Option<String>,
-    /// Connects that took 1 s or more: the first SYN went unanswered.
+    /// Attempts that were connecting for 1 s or more (connected, refused or given up then):
+    /// the first SYN went unanswered.
     pub slow_connects: u64,
     /// Over the served attempts: from the connect call to the whole echo.
     pub served_ms: Spread,
@@ -316,14 +317,21 @@ impl Prober {
         };
         let _ = self.poll.registry().deregister(&mut attempt.stream);
         self.free.push(slot);
-        if let Some(connected) = attempt.connected {
-            let took = connected.saturating_sub(attempt.started);
-            self.connect_us.push(took / 1000);
-            self.report.slow_connects += u64::from(took >= SYN_RETRY_NS);
-        }
+        let now = now_ns();
+        // Connected, or refused or given up while connecting: either way a connect this long
+        // sent its SYN again.
+        let connecting = match attempt.connected {
+            Some(connected) => {
+                let took = connected.saturating_sub(attempt.started);
+                self.connect_us.push(took / 1000);
+                took
+            }
+            None => now.saturating_sub(attempt.started),
+        };
+        self.report.slow_connects += u64::from(connecting >= SYN_RETRY_NS);
         if outcome == Outcome::Served {
             self.served_us
-                .push(now_ns().saturating_sub(attempt.started) / 1000);
+                .push(now.saturating_sub(attempt.started) / 1000);
         }
         self.ended(attempt.started, outcome, why);
     }

@@ -34,8 +34,9 @@ pub(super) fn table(s: &Scaling) -> String {
          | N | runs | blackout (ms) | stop to freeze (ms) | longest stall p50 / p99 / max (ms) \
          | longest gap (ms) | latency p99 (ms) | retransmitted segments | RTO timeouts | SYN \
          retransmissions | loss probes | new connections served / tried | refused | hanging \
-         | connects >= 1 s | new connection p99 / max (ms) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | connects >= 1 s | not served, tried before / during / after the blackout | new \
+         connection p99 / max (ms) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in s.migrations.iter().filter(|p| !p.runs.is_empty()) {
         let _ = writeln!(md, "{}", line(p));
@@ -67,7 +68,7 @@ fn line(p: &MigrationPoint) -> String {
         .fold(0.0, f64::max);
     format!(
         "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | \
-         {} | {} / {slowest:.1} |",
+         {} | {} / {} / {} | {} / {slowest:.1} |",
         p.connections,
         p.runs.len(),
         med(|r| r.blackout_ms, 1),
@@ -89,6 +90,9 @@ fn line(p: &MigrationPoint) -> String {
         sum(|r| r.new_connections.refused),
         sum(|r| r.new_connections.hanging()),
         sum(|r| r.new_connections.slow_connects),
+        sum(|r| r.unserved_when[0]),
+        sum(|r| r.unserved_when[1]),
+        sum(|r| r.unserved_when[2]),
         med(|r| r.new_connections.served_ms.p99_ms, 1),
     )
 }

@@ -75,6 +75,8 @@ pub struct MigrationRun {
     pub client_tcp: TcpCounters,
     /// New connections tried through the migration.
     pub new_connections: ProbeReport,
+    /// Of those not served, how many were tried before the blackout, during it and after it.
+    pub unserved_when: [u64; 3],
     /// `tcpmig migrate --json` as printed.
     pub report: serde_json::Value,
 }
@@ -227,7 +229,8 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
         report.connections
     );
     agent.servers_ready(report.destination.shards)?;
-    run.mark_at(monotonic_ns_of(report.destination.live_at_unix_ms))?;
+    let live_ns = monotonic_ns_of(report.destination.live_at_unix_ms);
+    run.mark_at(live_ns)?;
     thread::sleep(PROBE_TAIL);
     let new_connections = probe.finish()?;
     let load = run.finish()?;
@@ -243,6 +246,7 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
         kept_precopied: report.destination.kept_precopied,
         load,
         client_tcp,
+        unserved_when: unserved_when(&new_connections, live_ns, report.blackout_ms),
         new_connections,
         report: raw,
     })
@@ -339,6 +343,22 @@ fn migrate(
         stderr.trim()
     );
     serde_json::from_str(&stdout).with_context(|| format!("tcpmig migrate printed {stdout:?}"))
+}
+
+/// How many of the new connections not served were tried before, during and after the blackout
+/// that ended at `live_ns` (on [`now_ns`]'s clock).
+fn unserved_when(probe: &ProbeReport, live_ns: u64, blackout_ms: f64) -> [u64; 3] {
+    let frozen_ns = live_ns.saturating_sub((blackout_ms * 1e6) as u64);
+    let mut when = [0; 3];
+    for attempt in &probe.unserved {
+        let k = match attempt.at_ns {
+            at if at < frozen_ns => 0,
+            at if at <= live_ns => 1,
+            _ => 2,
+        };
+        when[k] += 1;
+    }
+    when
 }
 
 /// The instant `unix_ms` (wall clock, as the agent reports it) on the load generator's

@@ -545,6 +545,9 @@ fn per_run(k: usize, r: &MigrationRun) -> Vec<(&'static str, String)> {
             ("new_hanging", new.hanging()),
             ("new_failed", new.failed),
             ("new_slow_connects", new.slow_connects),
+            ("new_unserved_before_blackout", r.unserved_when[0]),
+            ("new_unserved_in_blackout", r.unserved_when[1]),
+            ("new_unserved_after_blackout", r.unserved_when[2]),
         ]
         .map(|(column, count)| (column, count.to_string())),
     );
