@@ -11,12 +11,12 @@ use super::migration::MigrationRun;
 use super::summary::{Column, median_ms, stat};
 use super::{MigrationPoint, Scaling};
 
+const STOP_CURVE: &str = "stop to freeze + blackout";
+
 /// Times of one run drawn in clients.svg, in order.
 const CURVES: [Column; 6] = [
     ("blackout", |r| r.blackout_ms),
-    ("stop to freeze + blackout", |r| {
-        r.stop_to_freeze_ms + r.blackout_ms
-    }),
+    (STOP_CURVE, |r| r.stop_to_freeze_ms + r.blackout_ms),
     ("clients' longest stall", |r| r.load.max_stall.max_ms),
     ("clients' stall p99", |r| r.load.max_stall.p99_ms),
     ("clients' longest gap (with the send interval)", |r| {
@@ -100,7 +100,13 @@ fn line(p: &MigrationPoint) -> String {
 /// clients.svg: the clients' times beside the blackout against N (median, and the runs' range).
 pub(super) fn plot(path: &Path, s: &Scaling) -> anyhow::Result<()> {
     let mut points = Vec::new();
+    let reported = |r: &MigrationRun| r.stop_to_freeze_ms > 0.0;
+    let stop_known = s.migrations.iter().flat_map(|p| &p.runs).any(reported);
     for (method, value) in CURVES {
+        // Without the stop-to-freeze time, its curve would be the blackout's again.
+        if method == STOP_CURVE && !stop_known {
+            continue;
+        }
         for p in &s.migrations {
             if let Some(stats) = stat(p, value) {
                 points.push(Point {
