@@ -490,13 +490,17 @@ fn summary(r: &DemoReport) -> String {
         resets = r.resets
     );
     let tcp = &r.client_tcp;
+    // 0 when `tcpmig migrate --json` does not report it.
+    let stopped = if r.stop_to_freeze_ms > 0.0 {
+        format!(" ({:.1} ms after the stop)", r.stop_to_freeze_ms)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "blackout {:.1} ms after {:.1} ms from the stop to the freeze; clients caught up {:.0} ms \
-         after it (at most); clients retransmitted {} segments ({} timeouts, {} SYN, {} loss \
-         probes)",
+        "blackout {:.1} ms{stopped}, clients caught up {:.0} ms after it (at most); clients \
+         retransmitted {} segments ({} timeouts, {} SYN, {} loss probes)",
         r.blackout_ms,
-        r.stop_to_freeze_ms,
         r.catch_up_ms,
         tcp.retrans_segs,
         tcp.timeouts,
