@@ -1,7 +1,8 @@
 //! The TCP counters of one network namespace that tell how its clients lived through a
 //! migration, as `nstat` shows them: segments retransmitted (`Tcp: RetransSegs` of
 //! /proc/net/snmp), retransmission timeouts, SYN retransmissions and tail loss probes
-//! (`TcpExt: TCPTimeouts TCPSynRetrans TCPLossProbes` of /proc/net/netstat). Read them before
+//! (`TcpExt: TCPTimeouts TCPSynRetrans TCPLossProbes` of /proc/net/netstat), and fast
+//! retransmits (`TcpExt: TCPFastRetrans`), which say how the others recovered. Read them before
 //! and after ([`TcpCounters::read_in`]) and take the difference ([`TcpCounters::since`]).
 //!
 //! /proc/net is /proc/self/net, and /proc/self is the thread group: its namespace is the main
@@ -29,6 +30,8 @@ pub struct TcpCounters {
     pub syn_retrans: u64,
     /// Tail loss probes sent (`TcpExtTCPLossProbes`): an unacked tail, probed after about 2 RTT.
     pub loss_probes: u64,
+    /// Segments resent on duplicate ACKs or SACKs (`TcpExtTCPFastRetrans`), without a timer.
+    pub fast_retrans: u64,
 }
 
 impl TcpCounters {
@@ -51,6 +54,7 @@ impl TcpCounters {
             timeouts: counter(netstat, "TcpExt", "TCPTimeouts")?,
             syn_retrans: counter(netstat, "TcpExt", "TCPSynRetrans")?,
             loss_probes: counter(netstat, "TcpExt", "TCPLossProbes")?,
+            fast_retrans: counter(netstat, "TcpExt", "TCPFastRetrans")?,
         })
     }
 
@@ -61,6 +65,7 @@ impl TcpCounters {
             timeouts: self.timeouts.saturating_sub(before.timeouts),
             syn_retrans: self.syn_retrans.saturating_sub(before.syn_retrans),
             loss_probes: self.loss_probes.saturating_sub(before.loss_probes),
+            fast_retrans: self.fast_retrans.saturating_sub(before.fast_retrans),
         }
     }
 }
@@ -101,8 +106,8 @@ Udp: 5 0
 ";
 
     const NETSTAT_SAMPLE: &str = "\
-TcpExt: SyncookiesSent SyncookiesRecv TCPTimeouts TCPLossProbes TCPLossProbeRecovery TCPSynRetrans
-TcpExt: 0 0 9 4 1 3
+TcpExt: SyncookiesSent SyncookiesRecv TCPFastRetrans TCPTimeouts TCPLossProbes TCPLossProbeRecovery TCPSynRetrans
+TcpExt: 0 0 6 9 4 1 3
 IpExt: InNoRoutes InTruncatedPkts
 IpExt: 0 0
 ";
@@ -117,6 +122,7 @@ IpExt: 0 0
                 timeouts: 9,
                 syn_retrans: 3,
                 loss_probes: 4,
+                fast_retrans: 6,
             }
         );
         let before = TcpCounters {
@@ -124,6 +130,7 @@ IpExt: 0 0
             timeouts: 9,
             syn_retrans: 1,
             loss_probes: 5,
+            fast_retrans: 0,
         };
         assert_eq!(
             after.since(&before),
@@ -132,6 +139,7 @@ IpExt: 0 0
                 timeouts: 0,
                 syn_retrans: 2,
                 loss_probes: 0,
+                fast_retrans: 6,
             }
         );
         assert_eq!(counter(SNMP_SAMPLE, "Tcp", "MaxConn").unwrap(), 0);

@@ -48,7 +48,9 @@ pub(super) fn table(s: &Scaling) -> String {
          the longest time between two echoes, which includes its own send interval. \
          Retransmissions: the client host's counters (TcpRetransSegs, TcpExtTCPTimeouts, \
          TcpExtTCPSynRetrans, TcpExtTCPLossProbes) from before the migration to the end of the \
-         load, the load's connections and the new ones together. New connections: one every \
+         load, the load's connections and the new ones together; RTO timeouts count the SYNs' \
+         too, and TcpExtTCPFastRetrans (in the CSV and JSON) the segments resent on SACKs or \
+         duplicate ACKs, without a timer. New connections: one every \
          2 ms from 200 ms before `tcpmig migrate` to 300 ms after the new servers were ready, \
          one 16-byte echo on each within 3 s; refused = ECONNREFUSED or reset, hanging = no \
          connect or no echo within 3 s, connects >= 1 s waited for a SYN retransmission.\n",

@@ -539,6 +539,7 @@ fn per_run(k: usize, r: &MigrationRun) -> Vec<(&'static str, String)> {
             ("client_rto_timeouts", tcp.timeouts),
             ("client_syn_retrans", tcp.syn_retrans),
             ("client_loss_probes", tcp.loss_probes),
+            ("client_fast_retrans", tcp.fast_retrans),
             ("new_tried", new.attempted),
             ("new_served", new.served),
             ("new_refused", new.refused),
