@@ -4,7 +4,8 @@
 //! the freeze plus retransmission backoff, no reset and nothing missing; the time until the last
 //! client caught up after the thaw is the backoff the notes saw stretch to 1.7 s at 10,000
 //! connections after a longer blackout. The client host's TCP counters (nstat), read before the
-//! freeze and after the load, say what the clients retransmitted meanwhile.
+//! freeze and after the load, say what the clients retransmitted meanwhile, and new connections
+//! tried every 2 ms through the freeze (the test bed's prober) how a new user fares.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -14,7 +15,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tcpmig::freeze::{Freeze, RemoveOnDrop};
 use tcpmig::net::Netns;
-use tcpmig_testbed::{EchoServers, IFACE, LoadConfig, LoadReport, LoadRun, TcpCounters, TestBed};
+use tcpmig_testbed::{
+    EchoServers, IFACE, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeReport, ProbeRun,
+    TcpCounters, TestBed, probe,
+};
 
 use crate::criu::sibling;
 use crate::plot::{self, Point};
@@ -60,6 +64,8 @@ pub struct GapResult {
     pub load: LoadReport,
     /// The client host's counters from before the freeze to the end of the load.
     pub client_tcp: TcpCounters,
+    /// New connections tried through the freeze.
+    pub new_connections: ProbeReport,
 }
 
 pub fn run(args: &GapArgs, quick: bool) -> anyhow::Result<Vec<GapResult>> {
@@ -92,20 +98,25 @@ fn once(peer: &Path, n: usize, args: &GapArgs) -> anyhow::Result<GapResult> {
         ..config
     };
     let mut run = LoadRun::start(&bed, peer, echo.addr(), n, &config)?;
-    thread::sleep(warmup);
+    thread::sleep(warmup.saturating_sub(probe::LEAD));
     let counters = TcpCounters::read_in(bed.client())?;
+    let probe = ProbeRun::start(bed.client(), peer, &ProbeArgs::new(echo.addr()))?;
+    thread::sleep(probe::LEAD);
     let frozen = Instant::now();
     freeze.freeze_services(&services, freeze_for + FREEZE_TTL_MARGIN)?;
     thread::sleep(freeze_for);
     freeze.thaw_services(&services)?;
     let freeze_ms = frozen.elapsed().as_secs_f64() * 1e3;
     run.mark()?;
+    thread::sleep(probe::TAIL);
+    let new_connections = probe.finish()?;
     let load = run.finish()?;
     Ok(GapResult {
         connections: n,
         freeze_ms,
         load,
         client_tcp: TcpCounters::read_in(bed.client())?.since(&counters),
+        new_connections,
     })
 }
 
@@ -115,11 +126,12 @@ pub fn markdown(results: &[GapResult]) -> String {
          | N | interval (ms) | freeze (ms) | sent | missing | verified | lost (resets) | \
          latency p50 / p99 / p99.9 / max (ms) | longest gap p50 / max (ms) | longest stall p50 \
          / p99 / max (ms) | behind at thaw | caught up p50 / p99 / last (ms) | retransmitted \
-         segments / RTO timeouts / SYN retransmissions / loss probes |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         segments / RTO timeouts / SYN retransmissions / loss probes | new connections served / \
+         tried, refused, hanging, connects >= 1 s | slowest new connection (ms) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
-        let load = &r.load;
+        let (load, new) = (&r.load, &r.new_connections);
         let (behind, caught) = load.mark.as_ref().map_or_else(
             || ("-".to_owned(), "-".to_owned()),
             |m| {
@@ -140,7 +152,7 @@ pub fn markdown(results: &[GapResult]) -> String {
         let _ = writeln!(
             md,
             "| {} | {:.0} | {:.1} | {} | {} | {} / {} | {} ({}) | {:.2} / {:.1} / {:.1} / {:.1} | \
-             {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {behind} | {caught} | {} / {} / {} / {} |",
+             {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {behind} | {caught} | {} / {} / {} / {} | {} / {}, {}, {}, {} | {:.1} |",
             r.connections,
             load.interval_ms,
             r.freeze_ms,
@@ -163,6 +175,12 @@ pub fn markdown(results: &[GapResult]) -> String {
             r.client_tcp.timeouts,
             r.client_tcp.syn_retrans,
             r.client_tcp.loss_probes,
+            new.served,
+            new.attempted,
+            new.refused,
+            new.hanging(),
+            new.slow_connects,
+            new.served_ms.max_ms,
         );
     }
     if let Some(failure) = results.iter().find_map(|r| r.load.first_failure.as_ref()) {
@@ -174,7 +192,9 @@ pub fn markdown(results: &[GapResult]) -> String {
          per connection, the longest time without an echo (its send interval included). Longest \
          stall: per connection, the longest wait for an echo that was due. Caught up: from the \
          thaw to the echo of the connection's last message sent before the thaw. Retransmissions: \
-         the client host's counters (nstat) from before the freeze to the end of the load.\n",
+         the client host's counters (nstat) from before the freeze to the end of the load. New \
+         connections: one every 2 ms from 200 ms before the freeze to 300 ms after the thaw, one \
+         16-byte echo on each within 3 s.\n",
     );
     md
 }

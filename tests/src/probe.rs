@@ -36,6 +36,14 @@ const SYN_RETRY_NS: u64 = 1_000_000_000;
 const REPORT_MARGIN: Duration = Duration::from_secs(30);
 /// Bound on the prober saying `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How the benchmarks probe an event (a migration, a freeze): a new connection every 2 ms,
+/// each given 3 s, from [`LEAD`] before the event starts to [`TAIL`] after it ended.
+pub const EVERY_MS: u64 = 2;
+pub const TIMEOUT_MS: u64 = 3_000;
+pub const LEAD: Duration = Duration::from_millis(200);
+pub const TAIL: Duration = Duration::from_millis(300);
+/// Bound on the probing when `stop` never comes.
+const MAX_MS: u64 = 120_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
@@ -43,17 +51,27 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub connect: SocketAddr,
     /// A new connection this often.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = EVERY_MS)]
     pub every_ms: u64,
     /// Bound on each attempt, from the connect call to the whole echo.
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = TIMEOUT_MS)]
     pub timeout_ms: u64,
     /// Bound on the probing, should `stop` never come.
-    #[arg(long, default_value_t = 120_000)]
+    #[arg(long, default_value_t = MAX_MS)]
     pub max_ms: u64,
 }
 
 impl ProbeArgs {
+    /// Probing `connect` with the defaults.
+    pub fn new(connect: SocketAddr) -> Self {
+        Self {
+            connect,
+            every_ms: EVERY_MS,
+            timeout_ms: TIMEOUT_MS,
+            max_ms: MAX_MS,
+        }
+    }
+
     /// The command line that parses back to `self`.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec!["probe".to_owned()];

@@ -9,8 +9,8 @@
 //! end only after a round trip and its own clean-up, which would hide part of the catch-up.
 //!
 //! Beside the load, the client host tries new connections through the migration (the test
-//! bed's prober: one every 2 ms from [`PROBE_LEAD`] before `tcpmig migrate` starts to
-//! [`PROBE_TAIL`] after the new servers are ready), and its TCP counters (nstat) are read
+//! bed's prober: one every 2 ms from [`probe::LEAD`] before `tcpmig migrate` starts to
+//! [`probe::TAIL`] after the new servers are ready), and its TCP counters (nstat) are read
 //! before the migration and after the load has ended: what the clients retransmitted.
 
 use std::fs;
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tcpmig_testbed::load::now_ns;
 use tcpmig_testbed::{
     EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeReport,
-    ProbeRun, Role, TcpCounters, TestBed,
+    ProbeRun, Role, TcpCounters, TestBed, probe,
 };
 
 use super::ScalingArgs;
@@ -47,13 +47,6 @@ const SETTLE: Duration = Duration::from_secs(3);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on the agent and its servers ending after SIGTERM (closing thousands of sockets).
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// New connections are tried from this long before `tcpmig migrate` starts...
-const PROBE_LEAD: Duration = Duration::from_millis(200);
-/// ...to this long after the new servers said they are ready.
-const PROBE_TAIL: Duration = Duration::from_millis(300);
-/// A new connection every this many milliseconds, each given this long for its connect and echo.
-const PROBE_EVERY_MS: u64 = 2;
-const PROBE_TIMEOUT_MS: u64 = 3_000;
 
 /// One migration: the times `tcpmig migrate --json` reported and what the clients saw.
 #[derive(Clone, Debug, Serialize)]
@@ -202,16 +195,10 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
         ..config
     };
     let mut run = LoadRun::start(&bed, &bin.peer, echo.addr(), n, &config)?;
-    thread::sleep(warmup.saturating_sub(PROBE_LEAD));
+    thread::sleep(warmup.saturating_sub(probe::LEAD));
     let counters = TcpCounters::read_in(bed.client())?;
-    let probe_args = ProbeArgs {
-        connect: echo.addr(),
-        every_ms: PROBE_EVERY_MS,
-        timeout_ms: PROBE_TIMEOUT_MS,
-        max_ms: u64::try_from((PROBE_LEAD + MIGRATION_TIMEOUT + PROBE_TAIL).as_millis())?,
-    };
-    let probe = ProbeRun::start(bed.client(), &bin.peer, &probe_args)?;
-    thread::sleep(PROBE_LEAD);
+    let probe = ProbeRun::start(bed.client(), &bin.peer, &ProbeArgs::new(echo.addr()))?;
+    thread::sleep(probe::LEAD);
     let raw = migrate(
         &bed,
         &bin.tcpmig,
@@ -231,7 +218,7 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
     agent.servers_ready(report.destination.shards)?;
     let live_ns = monotonic_ns_of(report.destination.live_at_unix_ms);
     run.mark_at(live_ns)?;
-    thread::sleep(PROBE_TAIL);
+    thread::sleep(probe::TAIL);
     let new_connections = probe.finish()?;
     let load = run.finish()?;
     let client_tcp = TcpCounters::read_in(bed.client())?.since(&counters);
