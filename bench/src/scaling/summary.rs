@@ -165,9 +165,10 @@ fn markdown(s: &Scaling) -> String {
          destination; restore = from the address deleted to the agent's Restored; unfreeze = the \
          destination's unfreeze and first socket out of repair mode. Clients: open loop, 16-byte \
          messages at {:.0} per second over all connections (every connection at least every \
-         10 ms), each echo checked byte for byte; the longest gap is the longest silence of any \
-         connection (it includes stopping the server before the freeze and starting the new \
-         one after it); the catch-up counts from the end of the blackout as the agent reports it \
+         10 ms), each echo checked byte for byte; the longest gap is the longest time between \
+         two echoes of any connection (it includes stopping the server before the freeze, \
+         starting the new one after it, and the connection's own send interval; the stall in \
+         the clients' table leaves the interval out); the catch-up counts from the end of the blackout as the agent reports it \
          (`live_at_unix_ms`) to the echo of the last message each connection sent before it. The \
          clients never reconnect: a broken connection is counted as lost, so reconnects are 0 \
          by construction.\n",
