@@ -1,6 +1,6 @@
 //! The agent's work between Prepare and live sockets: the pool and freeze programs made ahead,
 //! the pre-copy restored ahead, the image received and restored in repair mode, and going live.
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd, time::Instant};
 
 use bytes::BytesMut;
 use nix::sys::signal::{Signal, raise};
@@ -10,7 +10,10 @@ use super::{
     groups::{Group, group_sizes, on_each_group, spawn_groups, split_by_precopy, split_evenly},
 };
 use crate::{
-    freeze::Freeze,
+    freeze::{
+        Freeze,
+        hold::{HeldPackets, Replayer},
+    },
     image::{Decoded, Decoder},
     migrate::{
         AgentReport, MigrateError, millis,
@@ -27,14 +30,18 @@ pub(super) struct Ready<'a> {
     pub(super) groups: Vec<Shard<Group>>,
     pub(super) freeze: Freeze,
     pub(super) takeover: Takeover<'a>,
+    /// Takes new connections from the address move on (None: something listens there already).
+    pub(super) listener: Option<OwnedFd>,
+    pub(super) replayer: Replayer,
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
 /// application: pools of `request.expected` sockets in all bound to the service, one per group, on
 /// the groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
 /// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
-/// session and packet socket that add and announce the address. The freeze is unpinned: an agent
-/// killed at any point leaves nothing attached.
+/// session and packet socket that add and announce the address, the service's listener and the
+/// raw socket that replays what the source's freeze held. The freeze is unpinned: an agent killed
+/// at any point leaves nothing attached.
 pub(super) fn prepare<'a>(
     config: &'a AgentConfig,
     netns: &'a Netns,
@@ -44,6 +51,9 @@ pub(super) fn prepare<'a>(
     let service = request.service;
     let name = format!("{FREEZE_PREFIX}{}", std::process::id());
     let started = Instant::now();
+    // Before the pools: their sockets bind with repair mode's forced reuse, which a listener
+    // bound after them would not be granted.
+    let listener = net::listen_ahead(netns, service)?;
     let sizes = group_sizes(request.expected as usize, config.max_per_process);
     let groups = spawn_groups(sizes.len())?;
     let pooling: Vec<_> = groups
@@ -72,6 +82,8 @@ pub(super) fn prepare<'a>(
         groups,
         freeze: freeze?,
         takeover: Takeover::prepare(netns, &config.dev, service.ip(), request.prefix_len)?,
+        listener,
+        replayer: Replayer::open(netns, service.ip())?,
     })
 }
 
@@ -262,4 +274,42 @@ pub(super) fn go_live(
     report.dropped = freeze.counters()?.into();
     freeze.remove()?;
     Ok(())
+}
+
+/// Tells the source the connections are live, receives what its freeze held and replays it
+/// into this host's stack, in arrival order. Past the commit nothing here may fail the
+/// migration: a hold that does not arrive costs only time (its senders retransmit).
+pub(super) async fn replay_held(
+    config: &AgentConfig,
+    link: &mut Link,
+    replayer: &Replayer,
+    report: &mut AgentReport,
+) {
+    let replayed = async {
+        link.send(&Message::Live).await?;
+        let waiting = "waiting for the held segments";
+        let bytes = match link.recv_message(waiting, None).await? {
+            Message::Held { bytes, .. } if bytes <= config.max_image_bytes => bytes,
+            Message::Held { .. } => {
+                return Err(MigrateError::ImageTooLarge {
+                    limit: config.max_image_bytes,
+                });
+            }
+            other => return Err(link.unexpected(waiting, &other)),
+        };
+        let mut encoded = BytesMut::with_capacity(bytes as usize);
+        while (encoded.len() as u64) < bytes {
+            match link.recv(waiting, None).await? {
+                Frame::Image(piece) => encoded.extend_from_slice(&piece),
+                Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
+            }
+        }
+        let started = Instant::now();
+        report.replay = replayer.replay(&HeldPackets::decode(&encoded)?);
+        report.replay_ms = millis(started.elapsed());
+        Ok(())
+    };
+    if let Err(error) = replayed.await {
+        tracing::warn!(%error, "replaying the source's held segments; their senders retransmit them");
+    }
 }

@@ -1,0 +1,127 @@
+//! The source's side of a hold: a capture socket on the service's interface that takes nothing
+//! until the freeze begins, then keeps the segments to the service the freeze drops, in the
+//! kernel's queue, until the destination is live.
+use std::net::SocketAddr;
+
+use nix::net::if_::if_nametoindex;
+
+use super::{
+    HoldBudget, HoldError, HoldReport,
+    filter::service_filter,
+    held::{HeldPackets, MAX_PACKET},
+};
+use crate::{net::Netns, sys::CaptureSocket};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+/// A hold, opened before the freeze (its socket takes nothing yet).
+pub struct Hold {
+    socket: CaptureSocket,
+    service: SocketAddr,
+    dev: String,
+    budget: HoldBudget,
+}
+
+impl Hold {
+    /// Opens the capture socket on `dev` in `netns` for the segments to `service`.
+    pub fn open(
+        netns: &Netns,
+        dev: &str,
+        service: SocketAddr,
+        budget: HoldBudget,
+    ) -> Result<Self, HoldError> {
+        let capture = |what| {
+            let dev = dev.to_owned();
+            move |source| HoldError::Capture {
+                service,
+                dev,
+                what,
+                source,
+            }
+        };
+        let ethertype = if service.is_ipv4() {
+            ETH_P_IP
+        } else {
+            ETH_P_IPV6
+        };
+        let socket = netns.run(|| {
+            let ifindex = if_nametoindex(dev)
+                .map_err(|errno| capture("looking up the interface")(errno.into()))?;
+            CaptureSocket::bind(ifindex, ethertype, budget.queue_bytes())
+                .map_err(capture("opening the capture socket"))
+        })??;
+        Ok(Self {
+            socket,
+            service,
+            dev: dev.to_owned(),
+            budget,
+        })
+    }
+
+    /// The freeze is about to start: from now on the segments to the service are kept. A
+    /// segment that arrives between this and the freeze is both delivered here and replayed
+    /// there, where TCP discards it as a duplicate.
+    pub fn begin(&self) -> Result<(), HoldError> {
+        self.socket
+            .set_filter(&service_filter(self.service))
+            .map_err(self.error("setting the capture filter"))?;
+        // Resets the statistics: drops from here on are the hold's.
+        self.socket
+            .take_dropped()
+            .map_err(self.error("reading the capture statistics"))?;
+        Ok(())
+    }
+
+    /// Stops holding and returns what was kept, in arrival order, within the budget.
+    pub fn finish(self) -> Result<(HeldPackets, HoldReport), HoldError> {
+        let mut report = HoldReport {
+            budget: Some(self.budget),
+            ..HoldReport::default()
+        };
+        // Nothing more comes in: the queue is drained to its end.
+        self.socket
+            .set_filter(&[nothing()])
+            .map_err(self.error("closing the capture filter"))?;
+        let mut held = HeldPackets::default();
+        let mut buffer = vec![0u8; MAX_PACKET];
+        while let Some(len) = self
+            .socket
+            .recv(&mut buffer)
+            .map_err(self.error("reading a held segment"))?
+        {
+            if len > buffer.len() {
+                report.too_long += 1;
+            } else if !held.push(&buffer[..len], &self.budget) {
+                report.over_budget += 1;
+            }
+        }
+        report.queue_full = self
+            .socket
+            .take_dropped()
+            .map_err(self.error("reading the capture statistics"))?
+            .into();
+        report.packets = held.len() as u64;
+        report.bytes = held.bytes();
+        Ok((held, report))
+    }
+
+    fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + '_ {
+        move |source| HoldError::Capture {
+            service: self.service,
+            dev: self.dev.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+/// A filter that takes nothing.
+fn nothing() -> libc::sock_filter {
+    libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }
+}
