@@ -140,7 +140,10 @@ fn a_handoff_in_several_groups_sends_each_on_its_own_connection() -> Result<()> 
             }
         }
     }
-    ensure!(listeners == 1, "{listeners} listeners handed over, 1 expected");
+    ensure!(
+        listeners == 1,
+        "{listeners} listeners handed over, 1 expected"
+    );
     let (status, _, stderr) = agent.finish()?;
     ensure!(status.success(), "the agent failed: {stderr}");
     // Live: every received socket gets what its client sends now, after the MORE the image

@@ -3,8 +3,8 @@ use std::{net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
 
 use clap::Args;
 use tcpmig::{
-    handoff::{self, ExecCommand},
     freeze::hold::HoldBudget,
+    handoff::{self, ExecCommand},
     migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig, Token},
 };
 

@@ -116,7 +116,11 @@ impl CaptureSocket {
             k: 0,
         }])?;
         // The kernel doubles the value it is given.
-        setsockopt(&socket.fd, RcvBufForce, &(queue_bytes / 2).min(i32::MAX as usize))?;
+        setsockopt(
+            &socket.fd,
+            RcvBufForce,
+            &(queue_bytes / 2).min(i32::MAX as usize),
+        )?;
         let one: libc::c_int = 1;
         // SAFETY: an int option, passed with its size.
         let ignore = unsafe {

@@ -12,8 +12,9 @@ use super::{
 };
 use crate::{net::Netns, sys::CaptureSocket};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+/// Every protocol: sockets bound to one protocol see a frame only after tc ingress, where the
+/// freeze has dropped it; the filter picks IPv4 or IPv6.
+const ETH_P_ALL: u16 = 0x0003;
 
 /// A hold, opened before the freeze (its socket takes nothing yet).
 pub struct Hold {
@@ -40,15 +41,10 @@ impl Hold {
                 source,
             }
         };
-        let ethertype = if service.is_ipv4() {
-            ETH_P_IP
-        } else {
-            ETH_P_IPV6
-        };
         let socket = netns.run(|| {
             let ifindex = if_nametoindex(dev)
                 .map_err(|errno| capture("looking up the interface")(errno.into()))?;
-            CaptureSocket::bind(ifindex, ethertype, budget.queue_bytes())
+            CaptureSocket::bind(ifindex, ETH_P_ALL, budget.queue_bytes())
                 .map_err(capture("opening the capture socket"))
         })??;
         Ok(Self {

@@ -1,5 +1,7 @@
 //! The classic BPF filter of a hold: TCP segments to the service's address and port, read from
-//! the network header on (the capture socket is SOCK_DGRAM). Non-first IPv4 fragments carry no
+//! the network header on (the capture socket is SOCK_DGRAM). The socket takes every protocol
+//! (ETH_P_ALL): only those sockets see a frame before tc ingress, so the filter checks the
+//! frame's protocol itself, in the kernel's ancillary data. Non-first IPv4 fragments carry no
 //! TCP header and are not taken; IPv6 extension headers before TCP are not followed (the freeze
 //! programs let those pass too).
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +15,10 @@ const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const IPPROTO_TCP: u32 = 6;
+/// Where classic BPF reads skb->protocol (SKF_AD_OFF + SKF_AD_PROTOCOL).
+const SKB_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
 /// Whole frames: a GSO frame from a veth peer can be 64 KiB.
 const ACCEPT_BYTES: u32 = 1 << 18;
 
@@ -30,6 +36,8 @@ pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
     let port = u32::from(service.port());
     let steps = match service.ip() {
         IpAddr::V4(ip) => vec![
+            Step::Load(LD_H_ABS, SKB_PROTOCOL),
+            Step::Equal(ETH_P_IP),
             Step::Load(LD_B_ABS, 9),
             Step::Equal(IPPROTO_TCP),
             Step::Load(LD_H_ABS, 6),
@@ -41,7 +49,12 @@ pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
             Step::Equal(port),
         ],
         IpAddr::V6(ip) => {
-            let mut steps = vec![Step::Load(LD_B_ABS, 6), Step::Equal(IPPROTO_TCP)];
+            let mut steps = vec![
+                Step::Load(LD_H_ABS, SKB_PROTOCOL),
+                Step::Equal(ETH_P_IPV6),
+                Step::Load(LD_B_ABS, 6),
+                Step::Equal(IPPROTO_TCP),
+            ];
             for (k, word) in ip.octets().chunks_exact(4).enumerate() {
                 let word = u32::from_be_bytes(word.try_into().expect("4 bytes"));
                 steps.push(Step::Load(LD_W_ABS, 24 + 4 * k as u32));
@@ -78,10 +91,14 @@ fn assemble(steps: &[Step]) -> Vec<libc::sock_filter> {
 mod tests {
     use super::*;
 
-    /// Runs the program the way the kernel does, on the instructions it uses.
-    fn run(program: &[libc::sock_filter], packet: &[u8]) -> u32 {
+    /// Runs the program the way the kernel does, on the instructions it uses, for a frame of
+    /// `protocol`.
+    fn run(program: &[libc::sock_filter], protocol: u32, packet: &[u8]) -> u32 {
         let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
         let load = |at: usize, size: usize| -> Option<u32> {
+            if at == SKB_PROTOCOL as usize {
+                return Some(protocol);
+            }
             let bytes = packet.get(at..at + size)?;
             Some(bytes.iter().fold(0, |v, &b| (v << 8) | u32::from(b)))
         };
@@ -117,18 +134,38 @@ mod tests {
     #[test]
     fn ipv4_takes_only_segments_to_the_service() {
         let filter = service_filter("10.0.0.2:80".parse().unwrap());
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)), ACCEPT_BYTES);
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)),
+            ACCEPT_BYTES
+        );
         // Don't-fragment set: still taken.
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 2], 80, 0x4000, 6)), ACCEPT_BYTES);
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 2], 81, 0, 6)), 0);
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 3], 80, 0, 6)), 0);
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 2], 80, 0, 17)), 0);
-        assert_eq!(run(&filter, &ipv4_tcp([10, 0, 0, 2], 80, 0x0010, 6)), 0);
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0x4000, 6)),
+            ACCEPT_BYTES
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 81, 0, 6)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 3], 80, 0, 6)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 17)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0x0010, 6)),
+            0
+        );
         // IP options move the TCP header.
         let mut options = ipv4_tcp([10, 0, 0, 2], 80, 0, 6);
         options[0] = 0x46;
         options.splice(20..20, [1, 1, 1, 0]);
-        assert_eq!(run(&filter, &options), ACCEPT_BYTES);
+        assert_eq!(run(&filter, ETH_P_IP, &options), ACCEPT_BYTES);
+        // The same bytes in a frame of another protocol (ARP, say).
+        assert_eq!(run(&filter, 0x0806, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)), 0);
     }
 
     #[test]
@@ -143,9 +180,13 @@ mod tests {
             p[42..44].copy_from_slice(&dport.to_be_bytes());
             p
         };
-        assert_eq!(run(&filter, &packet("fd00::2", 6, 443)), ACCEPT_BYTES);
-        assert_eq!(run(&filter, &packet("fd00::3", 6, 443)), 0);
-        assert_eq!(run(&filter, &packet("fd00::2", 6, 80)), 0);
-        assert_eq!(run(&filter, &packet("fd00::2", 17, 443)), 0);
+        assert_eq!(
+            run(&filter, ETH_P_IPV6, &packet("fd00::2", 6, 443)),
+            ACCEPT_BYTES
+        );
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::3", 6, 443)), 0);
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 6, 80)), 0);
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 17, 443)), 0);
+        assert_eq!(run(&filter, ETH_P_IP, &packet("fd00::2", 6, 443)), 0);
     }
 }

@@ -75,8 +75,8 @@ pub struct HeldPackets {
 impl HeldPackets {
     /// Appends `packet` if `budget` has room for it; says whether it did.
     pub(super) fn push(&mut self, packet: &[u8], budget: &HoldBudget) -> bool {
-        let room = self.packets < budget.packets
-            && self.bytes() as usize + packet.len() <= budget.bytes;
+        let room =
+            self.packets < budget.packets && self.bytes() as usize + packet.len() <= budget.bytes;
         if room {
             let len = u32::try_from(packet.len()).expect("packets are under MAX_PACKET");
             self.encoded.extend_from_slice(&len.to_be_bytes());
@@ -154,7 +154,10 @@ mod tests {
         held.push(&[7; 8], &HoldBudget::DEFAULT);
         let encoded = held.encoded();
         for cut in 1..encoded.len() {
-            assert!(HeldPackets::decode(&encoded[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                HeldPackets::decode(&encoded[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let huge = ((MAX_PACKET + 1) as u32).to_be_bytes();
         assert!(matches!(

@@ -122,7 +122,9 @@ fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<IpAddr> {
         (IpAddr::V4(Ipv4Addr::from(dst)), header_len, pseudo)
     } else {
         let payload = usize::from(u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]));
-        if packet[0] >> 4 != 6 || packet.get(6) != Some(&IPPROTO_TCP) || 40 + payload != packet.len()
+        if packet[0] >> 4 != 6
+            || packet.get(6) != Some(&IPPROTO_TCP)
+            || 40 + payload != packet.len()
         {
             return None;
         }

@@ -17,9 +17,7 @@ use std::{
 };
 
 pub use self::live::LiveConnections;
-use self::restore::{
-    Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy,
-};
+use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, Token, check_privileges,
     resident_memory, test_pause,
