@@ -98,7 +98,7 @@ pub enum Message {
         bytes: u64,
     },
     Committed {
-        report: AgentReport,
+        report: Box<AgentReport>,
     },
     /// The source stops the migration; the agent undoes what it did.
     Abort {
@@ -409,7 +409,7 @@ mod tests {
             }),
             Frame::Image(Bytes::from_static(b"TCPMIGIM")),
             Frame::Message(Message::Committed {
-                report: AgentReport::default(),
+                report: Box::default(),
             }),
         ];
         let mut codec = FrameCodec::new(MAX_FRAME);

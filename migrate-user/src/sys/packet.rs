@@ -106,9 +106,8 @@ impl CaptureSocket {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let socket = Self {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        };
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let socket = Self { fd };
         socket.set_filter(&[libc::sock_filter {
             code: (libc::BPF_RET | libc::BPF_K) as u16,
             jt: 0,

@@ -55,8 +55,8 @@ pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
                 Step::Load(LD_B_ABS, 6),
                 Step::Equal(IPPROTO_TCP),
             ];
-            for (k, word) in ip.octets().chunks_exact(4).enumerate() {
-                let word = u32::from_be_bytes(word.try_into().expect("4 bytes"));
+            for (k, word) in ip.octets().as_chunks::<4>().0.iter().enumerate() {
+                let word = u32::from_be_bytes(*word);
                 steps.push(Step::Load(LD_W_ABS, 24 + 4 * k as u32));
                 steps.push(Step::Equal(word));
             }

@@ -145,12 +145,12 @@ fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<IpAddr> {
 
 /// The ones'-complement sum of `bytes` as 16-bit big-endian words, not yet folded.
 fn sum(bytes: &[u8]) -> u32 {
-    let mut words = bytes.chunks_exact(2);
+    let (words, rest) = bytes.as_chunks::<2>();
     let mut total: u32 = words
-        .by_ref()
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .iter()
+        .map(|&w| u32::from(u16::from_be_bytes(w)))
         .fold(0, u32::wrapping_add);
-    if let [last] = words.remainder() {
+    if let [last] = rest {
         total = total.wrapping_add(u32::from(*last) << 8);
     }
     total

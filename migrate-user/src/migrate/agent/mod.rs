@@ -164,7 +164,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     replay_held(config, &mut link, &replayer, &mut report).await;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
-        report: report.clone(),
+        report: Box::new(report.clone()),
     };
     if let Err(error) = link.send(&committed).await {
         tracing::warn!(%error, "confirming the commit to the source");

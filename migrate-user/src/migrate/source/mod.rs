@@ -262,7 +262,7 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     release(config, held, &mut report)?;
     report.phases.finish_ms = millis(finished.elapsed());
     let destination = match committed {
-        Ok(Message::Committed { report }) => report,
+        Ok(Message::Committed { report }) => *report,
         Ok(other) => {
             let waiting = "waiting for the agent to commit";
             return Err(in_doubt(link.unexpected(waiting, &other)));
