@@ -21,7 +21,8 @@ pub struct Hold {
     socket: CaptureSocket,
     service: SocketAddr,
     dev: String,
-    budget: HoldBudget,
+    /// What was taken so far, against the budget.
+    report: HoldReport,
 }
 
 impl Hold {
@@ -51,7 +52,10 @@ impl Hold {
             socket,
             service,
             dev: dev.to_owned(),
-            budget,
+            report: HoldReport {
+                budget: Some(budget),
+                ..HoldReport::default()
+            },
         })
     }
 
@@ -69,43 +73,52 @@ impl Hold {
         Ok(())
     }
 
-    /// Stops holding and returns what was kept, in arrival order, within the budget.
-    pub fn finish(self) -> Result<(HeldPackets, HoldReport), HoldError> {
-        let mut report = HoldReport {
-            budget: Some(self.budget),
-            ..HoldReport::default()
+    /// What was held so far, in arrival order, within the budget; the hold goes on.
+    pub fn take(&mut self) -> Result<HeldPackets, HoldError> {
+        let budget = self.report.budget.unwrap_or(HoldBudget::NONE);
+        let left = HoldBudget {
+            bytes: budget.bytes.saturating_sub(self.report.bytes as usize),
+            packets: budget.packets.saturating_sub(self.report.packets as usize),
         };
-        // Nothing more comes in: the queue is drained to its end.
-        self.socket
-            .set_filter(&[nothing()])
-            .map_err(self.error("closing the capture filter"))?;
         let mut held = HeldPackets::default();
         let mut buffer = vec![0u8; MAX_PACKET];
+        // Bounded by what the queue holds: the senders are waiting for the freeze's end.
         while let Some(len) = self
             .socket
             .recv(&mut buffer)
             .map_err(self.error("reading a held segment"))?
         {
             if len > buffer.len() {
-                report.too_long += 1;
-            } else if !held.push(&buffer[..len], &self.budget) {
-                report.over_budget += 1;
+                self.report.too_long += 1;
+            } else if !held.push(&buffer[..len], &left) {
+                self.report.over_budget += 1;
             }
         }
-        report.queue_full = self
+        self.report.packets += held.len() as u64;
+        self.report.bytes += held.bytes();
+        Ok(held)
+    }
+
+    /// Stops holding: the rest of what was held, and the report of the whole hold.
+    pub fn finish(mut self) -> Result<(HeldPackets, HoldReport), HoldError> {
+        // Nothing more comes in: the queue is drained to its end.
+        self.socket
+            .set_filter(&[nothing()])
+            .map_err(self.error("closing the capture filter"))?;
+        let held = self.take()?;
+        self.report.queue_full = self
             .socket
             .take_dropped()
             .map_err(self.error("reading the capture statistics"))?
             .into();
-        report.packets = held.len() as u64;
-        report.bytes = held.bytes();
-        Ok((held, report))
+        Ok((held, self.report))
     }
 
-    fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + '_ {
+    fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + use<> {
+        let (service, dev) = (self.service, self.dev.clone());
         move |source| HoldError::Capture {
-            service: self.service,
-            dev: self.dev.clone(),
+            service,
+            dev,
             what,
             source,
         }

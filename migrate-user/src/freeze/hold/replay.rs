@@ -33,6 +33,17 @@ pub struct ReplayReport {
     pub first_failure: Option<String>,
 }
 
+impl ReplayReport {
+    /// Adds the counts of another replay (the first failure stays the first).
+    pub fn absorb(&mut self, other: ReplayReport) {
+        self.replayed += other.replayed;
+        self.failed += other.failed;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+    }
+}
+
 /// A raw socket in the destination's namespace, opened before the blackout.
 pub struct Replayer {
     socket: OwnedFd,

@@ -160,8 +160,8 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    go_live(&takeover, &groups, freeze, service, &mut report)?;
-    replay_held(config, &mut link, &replayer, &mut report).await;
+    let thawed = go_live(&takeover, &groups, freeze, service, &mut report)?;
+    replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
         report: Box::new(report.clone()),

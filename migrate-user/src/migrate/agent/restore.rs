@@ -231,7 +231,8 @@ async fn receive_image(
     }
 }
 
-/// Address and its announcements, unfreeze, repair off: the blackout ends.
+/// Address and its announcements, unfreeze, repair off: the blackout ends. Returns the thawed
+/// freeze, removed later (detaching its programs takes milliseconds, see [`replay_held`]).
 ///
 /// The announcements go out together, right after the address, as keepalived sends its
 /// gratuitous ARPs: the interface is quiet then (the destination is still frozen), so one frame
@@ -243,7 +244,7 @@ pub(super) fn go_live(
     mut freeze: Freeze,
     service: SocketAddr,
     report: &mut AgentReport,
-) -> Result<(), MigrateError> {
+) -> Result<Freeze, MigrateError> {
     let committed_at = Instant::now();
     takeover.claim(net::ANNOUNCE_COUNT)?;
     report.announcements = net::ANNOUNCE_COUNT;
@@ -271,45 +272,72 @@ pub(super) fn go_live(
             report.first_failure = failures.into_iter().next();
         }
     }
-    report.dropped = freeze.counters()?.into();
-    freeze.remove()?;
-    Ok(())
+    Ok(freeze)
 }
 
-/// Tells the source the connections are live, receives what its freeze held and replays it
-/// into this host's stack, in arrival order. Past the commit nothing here may fail the
+/// Tells the source the connections are live, removes the (thawed) freeze, and replays what
+/// the source's freeze held into this host's stack, in arrival order: the early part (held up to
+/// GoingLive, sent meanwhile) first, then the rest. Past the commit nothing here may fail the
 /// migration: a hold that does not arrive costs only time (its senders retransmit).
 pub(super) async fn replay_held(
     config: &AgentConfig,
     link: &mut Link,
     replayer: &Replayer,
+    thawed: Freeze,
     report: &mut AgentReport,
-) {
-    let replayed = async {
-        link.send(&Message::Live).await?;
-        let waiting = "waiting for the held segments";
-        let bytes = match link.recv_message(waiting, None).await? {
-            Message::Held { bytes, .. } if bytes <= config.max_image_bytes => bytes,
-            Message::Held { .. } => {
-                return Err(MigrateError::ImageTooLarge {
-                    limit: config.max_image_bytes,
-                });
-            }
-            other => return Err(link.unexpected(waiting, &other)),
-        };
-        let mut encoded = BytesMut::with_capacity(bytes as usize);
-        while (encoded.len() as u64) < bytes {
-            match link.recv(waiting, None).await? {
-                Frame::Image(piece) => encoded.extend_from_slice(&piece),
-                Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
+) -> Result<(), MigrateError> {
+    if let Err(error) = link.send(&Message::Live).await {
+        tracing::warn!(%error, "telling the source the connections are live");
+    }
+    let mut thawed = Some(thawed);
+    for batch in 0..2 {
+        let replayed = replay_batch(config, link, replayer, report).await;
+        // Out of the way of the early batch, and meanwhile the source reads the rest.
+        if let Some(freeze) = thawed.take() {
+            report.dropped = freeze.counters()?.into();
+            freeze.remove()?;
+        }
+        match replayed {
+            Ok(true) => break,
+            Ok(false) if batch == 0 => {}
+            Ok(false) => tracing::warn!("the source sent held segments past its last batch"),
+            Err(error) => {
+                tracing::warn!(%error, "replaying the source's held segments; their senders retransmit them");
+                break;
             }
         }
-        let started = Instant::now();
-        report.replay = replayer.replay(&HeldPackets::decode(&encoded)?);
-        report.replay_ms = millis(started.elapsed());
-        Ok(())
-    };
-    if let Err(error) = replayed.await {
-        tracing::warn!(%error, "replaying the source's held segments; their senders retransmit them");
     }
+    Ok(())
+}
+
+/// One batch of held segments, replayed; says whether it was the last.
+async fn replay_batch(
+    config: &AgentConfig,
+    link: &mut Link,
+    replayer: &Replayer,
+    report: &mut AgentReport,
+) -> Result<bool, MigrateError> {
+    let waiting = "waiting for the held segments";
+    let (bytes, last) = match link.recv_message(waiting, None).await? {
+        Message::Held { bytes, last, .. } if bytes <= config.max_image_bytes => (bytes, last),
+        Message::Held { .. } => {
+            return Err(MigrateError::ImageTooLarge {
+                limit: config.max_image_bytes,
+            });
+        }
+        other => return Err(link.unexpected(waiting, &other)),
+    };
+    let mut encoded = BytesMut::with_capacity(bytes as usize);
+    while (encoded.len() as u64) < bytes {
+        match link.recv(waiting, None).await? {
+            Frame::Image(piece) => encoded.extend_from_slice(&piece),
+            Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
+        }
+    }
+    let started = Instant::now();
+    report
+        .replay
+        .absorb(replayer.replay(&HeldPackets::decode(&encoded)?));
+    report.replay_ms += millis(started.elapsed());
+    Ok(last)
 }

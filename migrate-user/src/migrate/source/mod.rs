@@ -277,34 +277,53 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     Ok(report)
 }
 
-/// Waits for the agent's Live (its sockets out of repair mode, its address announced), then
-/// sends what the freeze held, for the agent to replay. A hold that cannot be read costs only
+/// Sends what the freeze held for the agent to replay: what came during the blackout at once,
+/// while the agent goes live, and the rest once it says Live (its sockets out of repair mode,
+/// its address announced, so nothing more comes here). A hold that cannot be read costs only
 /// time: its segments are retransmitted by their senders, as without a hold.
 async fn send_held(
     link: &mut Link,
-    hold: Option<Hold>,
+    mut hold: Option<Hold>,
     report: &mut Report,
 ) -> Result<(), MigrateError> {
+    let early = match hold.as_mut().map(Hold::take).transpose() {
+        Ok(early) => early.unwrap_or_default(),
+        Err(error) => {
+            tracing::warn!(%error, "reading the held segments; their senders retransmit them");
+            hold = None;
+            HeldPackets::default()
+        }
+    };
+    send_held_batch(link, &early, false).await?;
     let waiting = "waiting for the agent to go live";
     match link.recv_message(waiting, None).await? {
         Message::Live => {}
         other => return Err(link.unexpected(waiting, &other)),
     }
-    let held = hold.map(Hold::finish).transpose().unwrap_or_else(|error| {
-        tracing::warn!(%error, "reading the held segments; their senders retransmit them");
-        None
-    });
-    let packets = match held {
-        Some((packets, hold)) => {
+    let rest = match hold.map(Hold::finish).transpose() {
+        Ok(Some((rest, hold))) => {
             report.hold = hold;
-            packets
+            rest
         }
-        None => HeldPackets::default(),
+        Ok(None) => HeldPackets::default(),
+        Err(error) => {
+            tracing::warn!(%error, "reading the held segments; their senders retransmit them");
+            HeldPackets::default()
+        }
     };
+    send_held_batch(link, &rest, true).await
+}
+
+async fn send_held_batch(
+    link: &mut Link,
+    packets: &HeldPackets,
+    last: bool,
+) -> Result<(), MigrateError> {
     let encoded = packets.encoded();
     link.send(&Message::Held {
         packets: packets.len() as u64,
         bytes: encoded.len() as u64,
+        last,
     })
     .await?;
     for piece in encoded.chunks(IMAGE_PIECE) {
