@@ -3,6 +3,7 @@ use std::{net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
 
 use clap::Args;
 use tcpmig::{
+    freeze::hold::HoldBudget,
     handoff::{self, ExecCommand},
     migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig, Token},
 };
@@ -51,6 +52,15 @@ pub struct MigrateArgs {
     /// connections); those that moved are restored on fresh sockets.
     #[arg(long)]
     precopy: bool,
+    /// Most bytes of segments the freeze holds for the destination, which replays them once
+    /// its connections are live (the clients are answered without waiting for their
+    /// retransmission timers). Past it, or past --hold-packets, segments are dropped and their
+    /// senders retransmit them. 0: hold nothing.
+    #[arg(long, value_name = "BYTES", default_value_t = HoldBudget::DEFAULT.bytes)]
+    hold_bytes: usize,
+    /// Most segments the freeze holds (see --hold-bytes).
+    #[arg(long, value_name = "N", default_value_t = HoldBudget::DEFAULT.packets)]
+    hold_packets: usize,
     /// Seconds to wait for each step of the agent.
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -145,6 +155,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         stop_source: args.stop_source,
         stop_signal: args.stop_signal,
         precopy: args.precopy,
+        hold: HoldBudget {
+            bytes: args.hold_bytes,
+            packets: args.hold_packets,
+        },
         step_timeout: timeout(args.timeout)?,
         guard_exe: std::env::current_exe()?,
     };
@@ -234,7 +248,10 @@ fn summary(r: &Report) -> String {
          kept; restore {drestore:.1}, address {daddress:.1}, repair off \
          {repair_off:.1}, {announcements} announcements\n\
          dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
-         SYNs, {din} in, {dout} out\n{stopped}{skipped}",
+         SYNs, {din} in, {dout} out\n\
+         held for the destination: {held} segments ({held_bytes} bytes), {replayed} replayed \
+         there in {replay:.1} ms ({replay_failed} failed); not held: {over_budget} over the \
+         budget, {queue_full} queue full, {too_long} too long; {listener}\n{stopped}{skipped}",
         kept = r.kept,
         n = r.connections,
         service = r.service,
@@ -277,6 +294,19 @@ fn summary(r: &Report) -> String {
         dsyn = r.dropped_destination.syn,
         din = r.dropped_destination.ingress,
         dout = r.dropped_destination.egress,
+        held = r.hold.packets,
+        held_bytes = r.hold.bytes,
+        replayed = d.replay.replayed,
+        replay = d.replay_ms,
+        replay_failed = d.replay.failed,
+        over_budget = r.hold.over_budget,
+        queue_full = r.hold.queue_full,
+        too_long = r.hold.too_long,
+        listener = if d.listener {
+            "new connections went to the agent's listener, handed to the application"
+        } else {
+            "the service had a listener on the destination already"
+        },
         stopped = if r.source_stopped {
             "the source application was ended\n".to_owned()
         } else {

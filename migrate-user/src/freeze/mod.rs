@@ -11,7 +11,7 @@
 //!
 //! The steps live in their own files: attach (load, attach, detach), entries (services and
 //! 4-tuples, their map keys), status (entries and counters), and pins (what lets a freeze
-//! outlive its process).
+//! outlive its process). [`hold`] keeps what the freeze drops, for the destination.
 //!
 //! # Why the programs do not log (no aya-log)
 //! The rare events (an entry's deadline passing, which lets traffic flow again) are counted,
@@ -22,9 +22,11 @@
 //! "passes" for them on each packet that arrives after it, so a log would be per packet. The
 //! per-CPU counters are pinned with the maps and outlive every process: `passed_after_deadline`
 //! counts the packets let through after a deadline, and `tcpmig status` reports them with each
-//! entry's deadline ("deadline passed"). The programs hold no packets, so nothing overflows.
+//! entry's deadline ("deadline passed"). The programs hold no packets (a [`hold`] keeps them in
+//! a socket, and reports its own overflow).
 mod attach;
 mod entries;
+pub mod hold;
 mod pins;
 mod status;
 

@@ -194,6 +194,8 @@ pub enum MigrateError {
     #[error(transparent)]
     Freeze(#[from] FreezeError),
     #[error(transparent)]
+    Hold(#[from] crate::freeze::hold::HoldError),
+    #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
     Netns(#[from] NetnsError),

@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::freeze::Counters;
+use crate::freeze::{
+    Counters,
+    hold::{HoldReport, ReplayReport},
+};
 
 /// Segments dropped by one side's freeze while it was on (the freeze plane's counters).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,15 @@ pub struct AgentReport {
     pub announcements: u32,
     /// What the destination's freeze dropped before it was lifted.
     pub dropped: Dropped,
+    /// Whether a listener of the agent took new connections from the address move on (false when
+    /// something there listened on the service already), handed to the application.
+    #[serde(default)]
+    pub listener: bool,
+    /// The source's held segments replayed into this host's stack, and how long that took.
+    #[serde(default)]
+    pub replay: ReplayReport,
+    #[serde(default)]
+    pub replay_ms: f64,
     /// The agent's resident memory once the connections were live, and its peak, in KiB.
     pub resident_kib: u64,
     pub peak_resident_kib: u64,
@@ -110,6 +122,9 @@ pub struct Report {
     /// What each side's freeze dropped.
     pub dropped_source: Dropped,
     pub dropped_destination: Dropped,
+    /// What the source's freeze held for the destination instead of dropping it (counted in
+    /// `dropped_source` too), and what it could not hold.
+    pub hold: HoldReport,
     /// Whether the application was ended after the commit (--stop-source).
     pub source_stopped: bool,
     /// This process's peak resident memory, in KiB.
@@ -137,6 +152,7 @@ impl Report {
             phases: Phases::default(),
             dropped_source: Dropped::default(),
             dropped_destination: Dropped::default(),
+            hold: HoldReport::default(),
             source_stopped: false,
             peak_resident_kib: 0,
             destination: AgentReport::default(),
@@ -167,7 +183,8 @@ pub struct Phases {
     pub address_ms: f64,
     /// From the address deleted to the agent's Restored.
     pub restore_ms: f64,
-    /// From Commit sent to Committed received (address, announcements, repair off there).
+    /// From Commit sent to Committed received: address, announcements and repair off there,
+    /// then the held segments read here, sent, and replayed there.
     pub commit_ms: f64,
     /// Closing the source sockets, ending the application, removing the freeze.
     pub finish_ms: f64,

@@ -27,7 +27,9 @@ use super::{AgentReport, MigrateError};
 /// 2: GoingLive, and Commit says how long the source waits for it.
 /// 3: Prepare says how many connections to expect.
 /// 4: Prepare may announce a pre-copy, which Precopied answers.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: the source sends what its freeze held after GoingLive and, the rest, after the agent's
+/// Live (Held and their pieces); the agent replays them before Committed.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
 pub const MAX_FRAME: usize = 8 << 20;
@@ -41,7 +43,7 @@ const TAG_IMAGE: u8 = 1;
 
 /// What the two sides say to each other, in this order: Hello, Welcome (or Refused), Prepare,
 /// Prepared, [the pre-copy's image pieces, Precopied,] image pieces, Restored, Commit,
-/// GoingLive, Committed. Either side may send Abort or
+/// GoingLive, Held and its pieces, Live, Held and its pieces, Committed. Either side may send Abort or
 /// Failed instead of its next step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -86,8 +88,19 @@ pub enum Message {
     /// Sent by the agent before it touches anything on Commit: from here on the source must not
     /// roll back, since the connections may go live at the destination.
     GoingLive,
+    /// The connections are live at the destination and its address announced: the source stops
+    /// holding and sends the rest of what its freeze held.
+    Live,
+    /// `bytes` of held segments follow in image pieces (`packets` of them, see
+    /// [`HeldPackets`](crate::freeze::hold::HeldPackets)): the agent replays them. The source
+    /// sends two: what was held up to GoingLive (`last` false), and the rest after Live.
+    Held {
+        packets: u64,
+        bytes: u64,
+        last: bool,
+    },
     Committed {
-        report: AgentReport,
+        report: Box<AgentReport>,
     },
     /// The source stops the migration; the agent undoes what it did.
     Abort {
@@ -398,7 +411,7 @@ mod tests {
             }),
             Frame::Image(Bytes::from_static(b"TCPMIGIM")),
             Frame::Message(Message::Committed {
-                report: AgentReport::default(),
+                report: Box::default(),
             }),
         ];
         let mut codec = FrameCodec::new(MAX_FRAME);

@@ -5,6 +5,7 @@
 //! caller's own namespace is never touched by accident.
 mod addr;
 mod announce;
+mod listener;
 mod netns;
 mod rtnl;
 mod takeover;
@@ -15,6 +16,7 @@ pub use addr::{add_address, delete_address, has_address, move_address};
 pub use announce::{
     ANNOUNCE_COUNT, ANNOUNCE_INTERVAL, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL, announce,
 };
+pub use listener::listen_ahead;
 pub use netns::{Netns, NetnsError};
 pub use takeover::Takeover;
 
@@ -24,6 +26,12 @@ pub use takeover::Takeover;
 pub enum NetError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("network namespace {netns}: listening on {service} ahead of the address")]
+    Listen {
+        netns: String,
+        service: std::net::SocketAddr,
+        source: io::Error,
+    },
     #[error("network namespace {netns}: no interface {dev}; list them with `ip link` there")]
     NoInterface { netns: String, dev: String },
     #[error("network namespace {netns}, interface {dev}: {action} failed; {hint}")]

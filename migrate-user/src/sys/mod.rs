@@ -9,7 +9,8 @@
 //! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
 //! - `ns`: entering network namespaces, private fd tables;
 //! - `fd`, `exec`: fds at fixed numbers, a command told its own pid (socket activation);
-//! - `packet`: sending whole Ethernet frames (the address announcements);
+//! - `packet`: sending whole Ethernet frames (the address announcements), copying arriving ones
+//!   (the hold of a freeze);
 //! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
 mod bpf;
 mod caps;
@@ -31,7 +32,7 @@ pub use clock::monotonic_now;
 pub use exec::{Execve, spawn_execve};
 pub use fd::{PlacedFds, place_fds};
 pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
-pub use packet::PacketSocket;
+pub use packet::{CaptureSocket, PacketSocket};
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
 pub use signal::wait_for_termination;
 pub use wait::wait_readable;

@@ -115,7 +115,9 @@ pub(super) fn accept(
     Ok(sockets)
 }
 
-/// Takes the connected sockets handed over by socket activation (LISTEN_PID, LISTEN_FDS).
+/// Takes the connected sockets handed over by socket activation (LISTEN_PID, LISTEN_FDS). A
+/// listener among them (the agent hands over its own, which takes new connections from the
+/// address move on) is closed: a peer serves only the connections it is handed.
 pub(super) fn adopt() -> Result<Vec<TcpStream>> {
     let var =
         |name| env::var(name).with_context(|| format!("{name} is not set (--from-listen-fds)"));
@@ -126,17 +128,21 @@ pub(super) fn adopt() -> Result<Vec<TcpStream>> {
         std::process::id()
     );
     let count: RawFd = var("LISTEN_FDS")?.parse().context("LISTEN_FDS")?;
-    (LISTEN_FDS_START..LISTEN_FDS_START + count)
-        .map(|fd| {
-            let socket = TcpStream::from(
-                sys::claim_inherited_fd(fd).with_context(|| format!("LISTEN_FDS fd {fd}"))?,
-            );
-            socket
-                .peer_addr()
-                .with_context(|| format!("LISTEN_FDS fd {fd} is not a connected TCP socket"))?;
-            Ok(socket)
-        })
-        .collect()
+    let mut sockets = Vec::new();
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
+        let socket = Socket::from(
+            sys::claim_inherited_fd(fd).with_context(|| format!("LISTEN_FDS fd {fd}"))?,
+        );
+        if socket.is_listener().unwrap_or(false) {
+            continue;
+        }
+        let socket = TcpStream::from(socket);
+        socket
+            .peer_addr()
+            .with_context(|| format!("LISTEN_FDS fd {fd} is not a connected TCP socket"))?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }
 
 pub(super) fn connect(addr: SocketAddr, count: usize, deadline: Instant) -> Result<Vec<TcpStream>> {

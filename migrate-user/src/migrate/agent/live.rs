@@ -1,11 +1,17 @@
 //! Handing the live connections to the application, group by group (see [`crate::handoff`]).
-use std::process::ExitStatus;
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
+    process::ExitStatus,
+};
 
 use super::groups::Group;
 use crate::{
     handoff::{self, ExecCommand, HandoffError},
     net::Netns,
+    repair::RestoredSocket,
     shard::{self, Shard},
+    tuple::Tuple,
 };
 
 /// The live connections, in their groups, until they are handed to the application.
@@ -16,7 +22,23 @@ pub struct LiveConnections {
 }
 
 impl LiveConnections {
-    pub(super) fn new(groups: Vec<Shard<Group>>, netns: String) -> Self {
+    /// The `listener` of `service`, if any, goes with the first group, after its connections:
+    /// its process accepts the new connections (an application finds it among the fds it is
+    /// handed with SO_ACCEPTCONN; its name says `0.0.0.0.0` for the remote end).
+    pub(super) fn new(
+        groups: Vec<Shard<Group>>,
+        netns: String,
+        service: SocketAddr,
+        listener: Option<OwnedFd>,
+    ) -> Self {
+        if let (Some(fd), Some(first)) = (listener, groups.first()) {
+            let unspecified = SocketAddr::new(unspecified_like(service.ip()), 0);
+            let tuple = Tuple {
+                local: service,
+                remote: unspecified,
+            };
+            first.run(move |group| group.live.push(RestoredSocket { tuple, fd }));
+        }
         Self { groups, netns }
     }
 
@@ -70,4 +92,11 @@ impl LiveConnections {
 /// The application runs in the namespace its connections are in.
 fn enter(netns: &str) -> Result<(), HandoffError> {
     Ok(Netns::open(netns)?.enter_current_thread()?)
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }

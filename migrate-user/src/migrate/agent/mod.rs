@@ -17,7 +17,7 @@ use std::{
 };
 
 pub use self::live::LiveConnections;
-use self::restore::{Ready, go_live, prepare, receive_and_restore, restore_precopy};
+use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, Token, check_privileges,
     resident_memory, test_pause,
@@ -124,7 +124,10 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         mut groups,
         mut freeze,
         takeover,
+        listener,
+        replayer,
     } = or_fail(&mut link, ready).await?;
+    report.listener = listener.is_some();
     link.send(&Message::Prepared).await?;
     test_pause("agent-prepared");
     let mut ahead = HashMap::new();
@@ -157,15 +160,16 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    go_live(&takeover, &groups, freeze, service, &mut report)?;
+    let thawed = go_live(&takeover, &groups, freeze, service, &mut report)?;
+    replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
-        report: report.clone(),
+        report: Box::new(report.clone()),
     };
     if let Err(error) = link.send(&committed).await {
         tracing::warn!(%error, "confirming the commit to the source");
     }
-    let live = LiveConnections::new(groups, config.netns.clone());
+    let live = LiveConnections::new(groups, config.netns.clone(), service, listener);
     Ok(AgentOutcome {
         source,
         service,

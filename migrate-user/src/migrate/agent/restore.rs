@@ -1,6 +1,6 @@
 //! The agent's work between Prepare and live sockets: the pool and freeze programs made ahead,
 //! the pre-copy restored ahead, the image received and restored in repair mode, and going live.
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd, time::Instant};
 
 use bytes::BytesMut;
 use nix::sys::signal::{Signal, raise};
@@ -10,7 +10,10 @@ use super::{
     groups::{Group, group_sizes, on_each_group, spawn_groups, split_by_precopy, split_evenly},
 };
 use crate::{
-    freeze::Freeze,
+    freeze::{
+        Freeze,
+        hold::{HeldPackets, Replayer},
+    },
     image::{Decoded, Decoder},
     migrate::{
         AgentReport, MigrateError, millis,
@@ -27,14 +30,18 @@ pub(super) struct Ready<'a> {
     pub(super) groups: Vec<Shard<Group>>,
     pub(super) freeze: Freeze,
     pub(super) takeover: Takeover<'a>,
+    /// Takes new connections from the address move on (None: something listens there already).
+    pub(super) listener: Option<OwnedFd>,
+    pub(super) replayer: Replayer,
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
 /// application: pools of `request.expected` sockets in all bound to the service, one per group, on
 /// the groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
 /// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
-/// session and packet socket that add and announce the address. The freeze is unpinned: an agent
-/// killed at any point leaves nothing attached.
+/// session and packet socket that add and announce the address, the service's listener and the
+/// raw socket that replays what the source's freeze held. The freeze is unpinned: an agent killed
+/// at any point leaves nothing attached.
 pub(super) fn prepare<'a>(
     config: &'a AgentConfig,
     netns: &'a Netns,
@@ -44,6 +51,9 @@ pub(super) fn prepare<'a>(
     let service = request.service;
     let name = format!("{FREEZE_PREFIX}{}", std::process::id());
     let started = Instant::now();
+    // Before the pools: their sockets bind with repair mode's forced reuse, which a listener
+    // bound after them would not be granted.
+    let listener = net::listen_ahead(netns, service)?;
     let sizes = group_sizes(request.expected as usize, config.max_per_process);
     let groups = spawn_groups(sizes.len())?;
     let pooling: Vec<_> = groups
@@ -72,6 +82,8 @@ pub(super) fn prepare<'a>(
         groups,
         freeze: freeze?,
         takeover: Takeover::prepare(netns, &config.dev, service.ip(), request.prefix_len)?,
+        listener,
+        replayer: Replayer::open(netns, service.ip())?,
     })
 }
 
@@ -219,7 +231,8 @@ async fn receive_image(
     }
 }
 
-/// Address and its announcements, unfreeze, repair off: the blackout ends.
+/// Address and its announcements, unfreeze, repair off: the blackout ends. Returns the thawed
+/// freeze, removed later (detaching its programs takes milliseconds, see [`replay_held`]).
 ///
 /// The announcements go out together, right after the address, as keepalived sends its
 /// gratuitous ARPs: the interface is quiet then (the destination is still frozen), so one frame
@@ -231,7 +244,7 @@ pub(super) fn go_live(
     mut freeze: Freeze,
     service: SocketAddr,
     report: &mut AgentReport,
-) -> Result<(), MigrateError> {
+) -> Result<Freeze, MigrateError> {
     let committed_at = Instant::now();
     takeover.claim(net::ANNOUNCE_COUNT)?;
     report.announcements = net::ANNOUNCE_COUNT;
@@ -259,7 +272,72 @@ pub(super) fn go_live(
             report.first_failure = failures.into_iter().next();
         }
     }
-    report.dropped = freeze.counters()?.into();
-    freeze.remove()?;
+    Ok(freeze)
+}
+
+/// Tells the source the connections are live, removes the (thawed) freeze, and replays what
+/// the source's freeze held into this host's stack, in arrival order: the early part (held up to
+/// GoingLive, sent meanwhile) first, then the rest. Past the commit nothing here may fail the
+/// migration: a hold that does not arrive costs only time (its senders retransmit).
+pub(super) async fn replay_held(
+    config: &AgentConfig,
+    link: &mut Link,
+    replayer: &Replayer,
+    thawed: Freeze,
+    report: &mut AgentReport,
+) -> Result<(), MigrateError> {
+    if let Err(error) = link.send(&Message::Live).await {
+        tracing::warn!(%error, "telling the source the connections are live");
+    }
+    let mut thawed = Some(thawed);
+    for batch in 0..2 {
+        let replayed = replay_batch(config, link, replayer, report).await;
+        // Out of the way of the early batch, and meanwhile the source reads the rest.
+        if let Some(freeze) = thawed.take() {
+            report.dropped = freeze.counters()?.into();
+            freeze.remove()?;
+        }
+        match replayed {
+            Ok(true) => break,
+            Ok(false) if batch == 0 => {}
+            Ok(false) => tracing::warn!("the source sent held segments past its last batch"),
+            Err(error) => {
+                tracing::warn!(%error, "replaying the source's held segments; their senders retransmit them");
+                break;
+            }
+        }
+    }
     Ok(())
+}
+
+/// One batch of held segments, replayed; says whether it was the last.
+async fn replay_batch(
+    config: &AgentConfig,
+    link: &mut Link,
+    replayer: &Replayer,
+    report: &mut AgentReport,
+) -> Result<bool, MigrateError> {
+    let waiting = "waiting for the held segments";
+    let (bytes, last) = match link.recv_message(waiting, None).await? {
+        Message::Held { bytes, last, .. } if bytes <= config.max_image_bytes => (bytes, last),
+        Message::Held { .. } => {
+            return Err(MigrateError::ImageTooLarge {
+                limit: config.max_image_bytes,
+            });
+        }
+        other => return Err(link.unexpected(waiting, &other)),
+    };
+    let mut encoded = BytesMut::with_capacity(bytes as usize);
+    while (encoded.len() as u64) < bytes {
+        match link.recv(waiting, None).await? {
+            Frame::Image(piece) => encoded.extend_from_slice(&piece),
+            Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
+        }
+    }
+    let started = Instant::now();
+    report
+        .replay
+        .absorb(replayer.replay(&HeldPackets::decode(&encoded)?));
+    report.replay_ms += millis(started.elapsed());
+    Ok(last)
 }

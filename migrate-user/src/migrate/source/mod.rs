@@ -18,10 +18,13 @@ use super::{
     MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
     guard::{Guardian, Note, Plan},
     millis, resident_memory, test_pause,
-    transport::{Link, Message, PROTOCOL_VERSION},
+    transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
-    freeze::{Freeze, RemoveOnDrop},
+    freeze::{
+        Freeze, RemoveOnDrop,
+        hold::{HeldPackets, Hold, HoldBudget},
+    },
     net::{self, Netns},
     repair::{self, DumpedSockets, Filter, PreparedDump, StateReader},
     shard::{self, Shard},
@@ -54,6 +57,9 @@ pub struct SourceConfig {
     /// restore them ahead of the freeze; the blackout then pays only for those that moved
     /// since (see [`repair::RestoredAhead`]).
     pub precopy: bool,
+    /// How much the freeze holds for the destination instead of dropping it
+    /// ([`HoldBudget::NONE`]: nothing, every segment waits for its sender's retransmission).
+    pub hold: HoldBudget,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
     /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
@@ -69,7 +75,10 @@ pub struct SourceConfig {
 /// ```no_run
 /// use std::path::Path;
 ///
-/// use tcpmig::migrate::{self, DEFAULT_STEP_TIMEOUT, SourceConfig, Token};
+/// use tcpmig::{
+///     freeze::hold::HoldBudget,
+///     migrate::{self, DEFAULT_STEP_TIMEOUT, SourceConfig, Token},
+/// };
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = SourceConfig {
@@ -81,6 +90,7 @@ pub struct SourceConfig {
 ///     stop_source: true,
 ///     stop_signal: None,
 ///     precopy: false,
+///     hold: HoldBudget::DEFAULT,
 ///     step_timeout: DEFAULT_STEP_TIMEOUT,
 ///     // The tcpmig binary, which runs the guard of the migration.
 ///     guard_exe: "/usr/bin/tcpmig".into(),
@@ -102,6 +112,8 @@ pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
 /// What the source holds while the migration can still be undone.
 struct Held {
     freeze: RemoveOnDrop,
+    /// Opened before the freeze, holding from it on (None with a budget of nothing).
+    hold: Option<Hold>,
     /// The dump's socket reader, loaded before the application stops.
     reader: StateReader,
     stopped: Vec<StoppedTree>,
@@ -202,6 +214,7 @@ async fn guarded(
     let started = Instant::now();
     let held = Held {
         freeze: RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?),
+        hold: open_hold(config, netns, service)?,
         reader: StateReader::load(Some(service.port()))?,
         stopped: Vec::new(),
         shards: Vec::new(),
@@ -231,21 +244,29 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     let Run {
         config,
         link,
-        held,
+        mut held,
         mut report,
         ..
     } = run;
-    let waiting = "waiting for the agent to commit";
     let commit_sent = Instant::now();
-    let committed = link.recv_message(waiting, None).await;
+    let committed = match send_held(link, held.hold.take(), &mut report).await {
+        Ok(()) => {
+            link.recv_message("waiting for the agent to commit", None)
+                .await
+        }
+        Err(cause) => Err(cause),
+    };
     report.phases.commit_ms += millis(commit_sent.elapsed());
     test_pause("finishing");
     let finished = Instant::now();
     release(config, held, &mut report)?;
     report.phases.finish_ms = millis(finished.elapsed());
     let destination = match committed {
-        Ok(Message::Committed { report }) => report,
-        Ok(other) => return Err(in_doubt(link.unexpected(waiting, &other))),
+        Ok(Message::Committed { report }) => *report,
+        Ok(other) => {
+            let waiting = "waiting for the agent to commit";
+            return Err(in_doubt(link.unexpected(waiting, &other)));
+        }
         Err(cause) => return Err(in_doubt(cause)),
     };
     report.peak_resident_kib = resident_memory().1;
@@ -254,6 +275,73 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     report.dropped_destination = destination.dropped;
     report.destination = destination;
     Ok(report)
+}
+
+/// Sends what the freeze held for the agent to replay: what came during the blackout at once,
+/// while the agent goes live, and the rest once it says Live (its sockets out of repair mode,
+/// its address announced, so nothing more comes here). A hold that cannot be read costs only
+/// time: its segments are retransmitted by their senders, as without a hold.
+async fn send_held(
+    link: &mut Link,
+    mut hold: Option<Hold>,
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    let early = match hold.as_mut().map(Hold::take).transpose() {
+        Ok(early) => early.unwrap_or_default(),
+        Err(error) => {
+            tracing::warn!(%error, "reading the held segments; their senders retransmit them");
+            hold = None;
+            HeldPackets::default()
+        }
+    };
+    send_held_batch(link, &early, false).await?;
+    let waiting = "waiting for the agent to go live";
+    match link.recv_message(waiting, None).await? {
+        Message::Live => {}
+        other => return Err(link.unexpected(waiting, &other)),
+    }
+    let rest = match hold.map(Hold::finish).transpose() {
+        Ok(Some((rest, hold))) => {
+            report.hold = hold;
+            rest
+        }
+        Ok(None) => HeldPackets::default(),
+        Err(error) => {
+            tracing::warn!(%error, "reading the held segments; their senders retransmit them");
+            HeldPackets::default()
+        }
+    };
+    send_held_batch(link, &rest, true).await
+}
+
+async fn send_held_batch(
+    link: &mut Link,
+    packets: &HeldPackets,
+    last: bool,
+) -> Result<(), MigrateError> {
+    let encoded = packets.encoded();
+    link.send(&Message::Held {
+        packets: packets.len() as u64,
+        bytes: encoded.len() as u64,
+        last,
+    })
+    .await?;
+    for piece in encoded.chunks(IMAGE_PIECE) {
+        link.send_image(piece).await?;
+    }
+    Ok(())
+}
+
+/// The hold of `config`, opened on the service's interface (None with a budget of nothing).
+fn open_hold(
+    config: &SourceConfig,
+    netns: &Netns,
+    service: SocketAddr,
+) -> Result<Option<Hold>, MigrateError> {
+    if config.hold.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Hold::open(netns, &config.dev, service, config.hold)?))
 }
 
 fn in_doubt(cause: MigrateError) -> MigrateError {

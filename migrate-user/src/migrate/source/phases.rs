@@ -156,6 +156,9 @@ impl<'r, 'a> Discovered<'r, 'a> {
     fn freeze(self) -> Result<Frozen<'r, 'a>, MigrateError> {
         let run = self.0;
         let at = Instant::now();
+        if let Some(hold) = &run.held.hold {
+            hold.begin()?;
+        }
         run.held
             .freeze
             .freeze_services(&[run.service], FREEZE_TTL)?;

@@ -1,0 +1,136 @@
+//! The source's side of a hold: a capture socket on the service's interface that takes nothing
+//! until the freeze begins, then keeps the segments to the service the freeze drops, in the
+//! kernel's queue, until the destination is live.
+use std::net::SocketAddr;
+
+use nix::net::if_::if_nametoindex;
+
+use super::{
+    HoldBudget, HoldError, HoldReport,
+    filter::service_filter,
+    held::{HeldPackets, MAX_PACKET},
+};
+use crate::{net::Netns, sys::CaptureSocket};
+
+/// Every protocol: sockets bound to one protocol see a frame only after tc ingress, where the
+/// freeze has dropped it; the filter picks IPv4 or IPv6.
+const ETH_P_ALL: u16 = 0x0003;
+
+/// A hold, opened before the freeze (its socket takes nothing yet).
+pub struct Hold {
+    socket: CaptureSocket,
+    service: SocketAddr,
+    dev: String,
+    /// What was taken so far, against the budget.
+    report: HoldReport,
+}
+
+impl Hold {
+    /// Opens the capture socket on `dev` in `netns` for the segments to `service`.
+    pub fn open(
+        netns: &Netns,
+        dev: &str,
+        service: SocketAddr,
+        budget: HoldBudget,
+    ) -> Result<Self, HoldError> {
+        let capture = |what| {
+            let dev = dev.to_owned();
+            move |source| HoldError::Capture {
+                service,
+                dev,
+                what,
+                source,
+            }
+        };
+        let socket = netns.run(|| {
+            let ifindex = if_nametoindex(dev)
+                .map_err(|errno| capture("looking up the interface")(errno.into()))?;
+            CaptureSocket::bind(ifindex, ETH_P_ALL, budget.queue_bytes())
+                .map_err(capture("opening the capture socket"))
+        })??;
+        Ok(Self {
+            socket,
+            service,
+            dev: dev.to_owned(),
+            report: HoldReport {
+                budget: Some(budget),
+                ..HoldReport::default()
+            },
+        })
+    }
+
+    /// The freeze is about to start: from now on the segments to the service are kept. A
+    /// segment that arrives between this and the freeze is both delivered here and replayed
+    /// there, where TCP discards it as a duplicate.
+    pub fn begin(&self) -> Result<(), HoldError> {
+        self.socket
+            .set_filter(&service_filter(self.service))
+            .map_err(self.error("setting the capture filter"))?;
+        // Resets the statistics: drops from here on are the hold's.
+        self.socket
+            .take_dropped()
+            .map_err(self.error("reading the capture statistics"))?;
+        Ok(())
+    }
+
+    /// What was held so far, in arrival order, within the budget; the hold goes on.
+    pub fn take(&mut self) -> Result<HeldPackets, HoldError> {
+        let budget = self.report.budget.unwrap_or(HoldBudget::NONE);
+        let left = HoldBudget {
+            bytes: budget.bytes.saturating_sub(self.report.bytes as usize),
+            packets: budget.packets.saturating_sub(self.report.packets as usize),
+        };
+        let mut held = HeldPackets::default();
+        let mut buffer = vec![0u8; MAX_PACKET];
+        // Bounded by what the queue holds: the senders are waiting for the freeze's end.
+        while let Some(len) = self
+            .socket
+            .recv(&mut buffer)
+            .map_err(self.error("reading a held segment"))?
+        {
+            if len > buffer.len() {
+                self.report.too_long += 1;
+            } else if !held.push(&buffer[..len], &left) {
+                self.report.over_budget += 1;
+            }
+        }
+        self.report.packets += held.len() as u64;
+        self.report.bytes += held.bytes();
+        Ok(held)
+    }
+
+    /// Stops holding: the rest of what was held, and the report of the whole hold.
+    pub fn finish(mut self) -> Result<(HeldPackets, HoldReport), HoldError> {
+        // Nothing more comes in: the queue is drained to its end.
+        self.socket
+            .set_filter(&[nothing()])
+            .map_err(self.error("closing the capture filter"))?;
+        let held = self.take()?;
+        self.report.queue_full = self
+            .socket
+            .take_dropped()
+            .map_err(self.error("reading the capture statistics"))?
+            .into();
+        Ok((held, self.report))
+    }
+
+    fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + use<> {
+        let (service, dev) = (self.service, self.dev.clone());
+        move |source| HoldError::Capture {
+            service,
+            dev,
+            what,
+            source,
+        }
+    }
+}
+
+/// A filter that takes nothing.
+fn nothing() -> libc::sock_filter {
+    libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }
+}

@@ -1,0 +1,192 @@
+//! The classic BPF filter of a hold: TCP segments to the service's address and port, read from
+//! the network header on (the capture socket is SOCK_DGRAM). The socket takes every protocol
+//! (ETH_P_ALL): only those sockets see a frame before tc ingress, so the filter checks the
+//! frame's protocol itself, in the kernel's ancillary data. Non-first IPv4 fragments carry no
+//! TCP header and are not taken; IPv6 extension headers before TCP are not followed (the freeze
+//! programs let those pass too).
+use std::net::{IpAddr, SocketAddr};
+
+const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
+const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const IPPROTO_TCP: u32 = 6;
+/// Where classic BPF reads skb->protocol (SKF_AD_OFF + SKF_AD_PROTOCOL).
+const SKB_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+/// Whole frames: a GSO frame from a veth peer can be 64 KiB.
+const ACCEPT_BYTES: u32 = 1 << 18;
+
+/// A check that drops the frame when it fails (jumps are fixed up once the program is complete).
+enum Step {
+    Load(u16, u32),
+    /// Continue when the accumulator equals `k`, else drop.
+    Equal(u32),
+    /// Drop when any bit of `k` is set in the accumulator.
+    NoBits(u32),
+}
+
+/// The filter program for segments to `service`.
+pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
+    let port = u32::from(service.port());
+    let steps = match service.ip() {
+        IpAddr::V4(ip) => vec![
+            Step::Load(LD_H_ABS, SKB_PROTOCOL),
+            Step::Equal(ETH_P_IP),
+            Step::Load(LD_B_ABS, 9),
+            Step::Equal(IPPROTO_TCP),
+            Step::Load(LD_H_ABS, 6),
+            Step::NoBits(0x1fff),
+            Step::Load(LD_W_ABS, 16),
+            Step::Equal(u32::from(ip)),
+            Step::Load(LDX_MSH, 0),
+            Step::Load(LD_H_IND, 2),
+            Step::Equal(port),
+        ],
+        IpAddr::V6(ip) => {
+            let mut steps = vec![
+                Step::Load(LD_H_ABS, SKB_PROTOCOL),
+                Step::Equal(ETH_P_IPV6),
+                Step::Load(LD_B_ABS, 6),
+                Step::Equal(IPPROTO_TCP),
+            ];
+            for (k, word) in ip.octets().as_chunks::<4>().0.iter().enumerate() {
+                let word = u32::from_be_bytes(*word);
+                steps.push(Step::Load(LD_W_ABS, 24 + 4 * k as u32));
+                steps.push(Step::Equal(word));
+            }
+            steps.push(Step::Load(LD_H_ABS, 40 + 2));
+            steps.push(Step::Equal(port));
+            steps
+        }
+    };
+    assemble(&steps)
+}
+
+/// The steps, then "accept" and "drop": every failed check jumps to the last instruction.
+fn assemble(steps: &[Step]) -> Vec<libc::sock_filter> {
+    let instruction = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let count = steps.len();
+    let mut program = Vec::with_capacity(count + 2);
+    for (at, step) in steps.iter().enumerate() {
+        // From the instruction after this one to the drop at `count + 1`.
+        let to_drop = u8::try_from(count - at).expect("filters are short");
+        program.push(match *step {
+            Step::Load(code, k) => instruction(code, 0, 0, k),
+            Step::Equal(k) => instruction(JEQ, 0, to_drop, k),
+            Step::NoBits(k) => instruction(JSET, to_drop, 0, k),
+        });
+    }
+    program.push(instruction(RET, 0, 0, ACCEPT_BYTES));
+    program.push(instruction(RET, 0, 0, 0));
+    program
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the program the way the kernel does, on the instructions it uses, for a frame of
+    /// `protocol`.
+    fn run(program: &[libc::sock_filter], protocol: u32, packet: &[u8]) -> u32 {
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let load = |at: usize, size: usize| -> Option<u32> {
+            if at == SKB_PROTOCOL as usize {
+                return Some(protocol);
+            }
+            let bytes = packet.get(at..at + size)?;
+            Some(bytes.iter().fold(0, |v, &b| (v << 8) | u32::from(b)))
+        };
+        loop {
+            let i = program[pc];
+            pc += 1;
+            match i.code {
+                LD_B_ABS => a = load(i.k as usize, 1).unwrap_or_default(),
+                LD_H_ABS => a = load(i.k as usize, 2).unwrap_or_default(),
+                LD_W_ABS => a = load(i.k as usize, 4).unwrap_or_default(),
+                LD_H_IND => a = load((x + i.k) as usize, 2).unwrap_or_default(),
+                LDX_MSH => x = 4 * (load(i.k as usize, 1).unwrap_or_default() & 0xf),
+                JEQ => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
+                JSET => pc += usize::from(if a & i.k != 0 { i.jt } else { i.jf }),
+                RET => return i.k,
+                other => panic!("instruction {other:#x}"),
+            }
+        }
+    }
+
+    fn ipv4_tcp(dst: [u8; 4], dport: u16, frag: u16, proto: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = proto;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn ipv4_takes_only_segments_to_the_service() {
+        let filter = service_filter("10.0.0.2:80".parse().unwrap());
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)),
+            ACCEPT_BYTES
+        );
+        // Don't-fragment set: still taken.
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0x4000, 6)),
+            ACCEPT_BYTES
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 81, 0, 6)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 3], 80, 0, 6)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 17)),
+            0
+        );
+        assert_eq!(
+            run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0x0010, 6)),
+            0
+        );
+        // IP options move the TCP header.
+        let mut options = ipv4_tcp([10, 0, 0, 2], 80, 0, 6);
+        options[0] = 0x46;
+        options.splice(20..20, [1, 1, 1, 0]);
+        assert_eq!(run(&filter, ETH_P_IP, &options), ACCEPT_BYTES);
+        // The same bytes in a frame of another protocol (ARP, say).
+        assert_eq!(run(&filter, 0x0806, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)), 0);
+    }
+
+    #[test]
+    fn ipv6_takes_only_segments_to_the_service() {
+        let filter = service_filter("[fd00::2]:443".parse().unwrap());
+        let packet = |dst: &str, next: u8, dport: u16| {
+            let mut p = vec![0u8; 60];
+            p[0] = 0x60;
+            p[6] = next;
+            let dst: std::net::Ipv6Addr = dst.parse().unwrap();
+            p[24..40].copy_from_slice(&dst.octets());
+            p[42..44].copy_from_slice(&dport.to_be_bytes());
+            p
+        };
+        assert_eq!(
+            run(&filter, ETH_P_IPV6, &packet("fd00::2", 6, 443)),
+            ACCEPT_BYTES
+        );
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::3", 6, 443)), 0);
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 6, 80)), 0);
+        assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 17, 443)), 0);
+        assert_eq!(run(&filter, ETH_P_IP, &packet("fd00::2", 6, 443)), 0);
+    }
+}

@@ -1,0 +1,48 @@
+//! Hold and replay: what a freeze drops on the source is kept, and delivered to the destination
+//! once its sockets are live, so that a client whose segment (or SYN) met the freeze is answered
+//! at the end of the blackout instead of after its retransmission timer (200 ms and more, 1 s for
+//! a SYN).
+//!
+//! A packet socket on the service's interface sees the frames arriving there before the freeze
+//! program on tc ingress drops them ([`Hold`], on the source). Its classic BPF filter takes the
+//! TCP segments to the service's address and port, from the freeze on; they wait in the
+//! socket's kernel queue, costing no CPU during the blackout. Once the destination is live, the
+//! source reads them, sends them over the migration link, and the destination writes them into
+//! its own stack through a raw IP socket ([`Replayer`]). docs/architecture.md says why this path
+//! was chosen over the others (forwarding frames to the destination's MAC, a tun device, a BPF
+//! qdisc). The hold is bounded ([`HoldBudget`]): past it, segments are dropped as without a
+//! hold, and counted ([`HoldReport`]).
+mod capture;
+mod filter;
+mod held;
+mod replay;
+
+use std::net::SocketAddr;
+
+pub use self::{
+    capture::Hold,
+    held::{HeldPackets, HoldBudget, HoldReport, MAX_PACKET},
+    replay::{ReplayReport, Replayer},
+};
+use crate::net::NetnsError;
+
+/// What can fail while holding or replaying.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("holding the segments to {service} on {dev}: {what}")]
+    Capture {
+        service: SocketAddr,
+        dev: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("opening a raw IP socket in {netns} to replay held segments")]
+    ReplaySocket {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("the held segments are corrupt at byte {at}")]
+    Corrupt { at: usize },
+}
