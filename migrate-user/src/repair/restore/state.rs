@@ -47,12 +47,14 @@ pub(super) fn restore_one(
     let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
     let fd = socket_for(conn, pooled, local)?;
     let s = fd.as_fd();
-    let (send, recv) = queues(conn);
+    let (mut send, recv) = queues(conn);
     connect_in_repair(s, conn, netns, &send, &recv)?;
     let (options, count) = repair_options(conn);
     so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     set_timestamp(s, conn)?;
+    let in_repair = send.data.len() - resent_len(s, conn)?;
+    send.data = &send.data[..in_repair];
     for (q, selected) in [(&recv, true), (&send, false)] {
         fill_queue(s, tuple, q, selected)?;
     }
@@ -63,10 +65,36 @@ pub(super) fn restore_one(
         tuple,
         fd,
         options: conn.options,
-        unsent: conn.unsent_part(),
+        tail: conn.send_queue.slice(in_repair..),
         shutdown: conn.state.fin_sent(),
-        probe: !conn.sent_part().is_empty() || conn.state.fin_sent(),
+        probe: in_repair > 0,
     })
+}
+
+/// The most TCP options a segment carries: each segment holds at least its MSS less these.
+const MAX_OPTIONS: u32 = 40;
+
+/// How many bytes at the end of the sent part are sent again as new data after repair-off: as
+/// many as the restored socket's first flight (its congestion window) holds, which is all of
+/// them unless the source had more in flight.
+///
+/// Bytes queued in repair mode count as sent: a peer that misses them gets them on the first
+/// retransmission timeout, which a restored socket without an RTT estimate takes 1 to 3 s
+/// after a tail loss probe. Sent anew they go out at once, and a peer that has them already
+/// drops them as duplicates. Not more than one flight: a peer that got everything the source
+/// sent (only its ACKs were lost) acknowledges the source's snd_nxt, and the kernel ignores an
+/// ACK beyond its own snd_nxt, so the first flight must reach it. What stays in repair mode
+/// before it is recovered by the peer's SACKs or duplicate ACKs for that flight.
+fn resent_len(s: BorrowedFd<'_>, conn: &Connection) -> Result<usize, RepairError> {
+    let sent = conn.sent_part().len();
+    if sent == 0 {
+        return Ok(0);
+    }
+    let (cwnd, mss) =
+        so::cwnd_and_mss(s).map_err(RepairError::socket(conn.tuple, Phase::Restore, "TCP_INFO"))?;
+    let flight = cwnd as usize * mss.saturating_sub(MAX_OPTIONS) as usize;
+    tracing::trace!(tuple = %conn.tuple, cwnd, mss, sent, flight, "first flight");
+    Ok(sent.min(flight))
 }
 
 /// The pooled socket (made blocking when the connection's was), or a fresh one.
