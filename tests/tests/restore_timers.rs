@@ -341,7 +341,7 @@ fn more_in_flight_than_a_first_flight_v4() -> Result<()> {
         lost: 48 * 1024,
         loss: Loss::Acks,
     };
-    no_timeouts(migrate_undelivered((20, false, 7820), case, 16 * 1024)?)
+    no_timeouts(migrate_undelivered((20, false, 7820), case, 8 * 1024)?)
 }
 
 /// The same, with the clients missing it all: the part left in flight in repair mode is
@@ -353,5 +353,5 @@ fn more_lost_than_a_first_flight_v4() -> Result<()> {
         lost: 48 * 1024,
         loss: Loss::Everything,
     };
-    no_timeouts(migrate_undelivered((20, false, 7830), case, 16 * 1024)?)
+    no_timeouts(migrate_undelivered((20, false, 7830), case, 8 * 1024)?)
 }
