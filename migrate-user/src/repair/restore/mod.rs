@@ -48,7 +48,7 @@ struct Pending {
     fd: OwnedFd,
     options: SocketOptions,
     /// Sent normally after repair-off: the never-sent tail of the send queue, and before it the
-    /// end of the part already sent that the first flight holds ([`state`]).
+    /// part already sent when one flight holds it ([`state`]).
     tail: Bytes,
     shutdown: bool,
     /// Leave repair mode with a window probe: part of the send queue stays in flight.
