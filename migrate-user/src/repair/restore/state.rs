@@ -257,3 +257,17 @@ fn apply_options(fd: BorrowedFd<'_>, ipv4: bool, options: &SocketOptions) -> io:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::user_mss;
+
+    #[test]
+    fn user_mss_stays_within_what_the_kernel_takes() {
+        assert_eq!(user_mss(1460), Some(1460));
+        // Loopback's MSS is beyond MAX_TCP_WINDOW: lowered, never raised.
+        assert_eq!(user_mss(65483), Some(32767));
+        assert_eq!(user_mss(88), Some(88));
+        assert_eq!(user_mss(48), None);
+    }
+}
