@@ -9,8 +9,9 @@
 mod support;
 
 use std::{
-    io::Write as _,
-    net::SocketAddr,
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::OwnedFd,
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -21,7 +22,7 @@ use support::PEER;
 use tcpmig::{
     freeze::{Freeze, RemoveOnDrop},
     net::{self, Netns},
-    repair,
+    repair::{self, TcpState},
     tuple::{self, Tuple},
 };
 use tcpmig_testbed::{
@@ -363,4 +364,67 @@ fn more_lost_than_a_first_flight_v4() -> Result<()> {
         "more than one retransmission timeout per connection: {retransmitted:?}"
     );
     Ok(())
+}
+
+/// A FIN behind the lost bytes: the server wrote them and shut its side down while the client
+/// lost everything (FIN_WAIT1, our FIN in flight). The client gets every byte, then the end of
+/// the stream, without a retransmission timeout on the destination.
+#[test]
+fn lost_bytes_and_fin_are_sent_again_at_once() -> Result<()> {
+    const LOST: usize = 4000;
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(false), 7840);
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut client = bed.client().run(|| TcpStream::connect(service))??;
+    let (mut server, _) = listener.accept()?;
+    let loss = start_loss(&bed, service, 1, Loss::Everything)?;
+    let data: Vec<u8> = (0..LOST).map(|i| (i % 251) as u8).collect();
+    server.write_all(&data)?;
+    server.shutdown(Shutdown::Write)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let (src, dst) = (
+        Netns::open(bed.source().name())?,
+        Netns::open(bed.destination().name())?,
+    );
+    let mut source_freeze = RemoveOnDrop::new(Freeze::attach(
+        &src,
+        IFACE,
+        &format!("{}-src", bed.prefix()),
+    )?);
+    source_freeze.freeze_services(&[service], FREEZE_TTL)?;
+    drop(loss);
+    let dumped = repair::dump(vec![OwnedFd::from(server.try_clone()?)])?;
+    let conn = &dumped.connections()[0];
+    ensure!(
+        conn.state == TcpState::FinWait1 && conn.sent_part().len() == LOST,
+        "{:?} with {} bytes sent",
+        conn.state,
+        conn.sent_part().len()
+    );
+
+    let mut dest_freeze = RemoveOnDrop::new(Freeze::attach(
+        &dst,
+        IFACE,
+        &format!("{}-dst", bed.prefix()),
+    )?);
+    dest_freeze.freeze_services(&[service], FREEZE_TTL)?;
+    let restored = repair::restore(&dst, dumped.connections())?;
+    let prefix = tcpmig_testbed::PREFIX_V4;
+    net::move_address(&src, IFACE, &dst, IFACE, service.ip(), prefix)?;
+    drop(dest_freeze);
+    let before = Retransmissions::of(bed.destination())?;
+    let committed = restored.commit();
+    ensure!(committed.failures.is_empty(), "{:?}", committed.failures);
+    dumped.commit();
+    drop(source_freeze);
+
+    client.set_read_timeout(Some(Duration::from_secs(STREAM_TIMEOUT_SECS)))?;
+    let mut received = Vec::new();
+    client.read_to_end(&mut received)?;
+    ensure!(
+        received == data,
+        "{} of {LOST} bytes, then the end",
+        received.len()
+    );
+    no_timeouts(Retransmissions::of(bed.destination())?.since(before))
 }
