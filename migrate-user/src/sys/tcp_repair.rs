@@ -136,6 +136,25 @@ pub fn get_int(
     get(fd, level, name)
 }
 
+/// The congestion window (in segments) and the sending MSS of a connected socket, from
+/// TCP_INFO: what its first flight of new data can hold.
+pub fn cwnd_and_mss(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain integers: all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes; the kernel fills at most `len`.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((info.tcpi_snd_cwnd, info.tcpi_snd_mss))
+}
+
 /// A close-on-exec duplicate of `fd` numbered `min` or above (F_DUPFD_CLOEXEC).
 pub fn dup_at_least(fd: BorrowedFd<'_>, min: usize) -> io::Result<OwnedFd> {
     let min = libc::c_int::try_from(min).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

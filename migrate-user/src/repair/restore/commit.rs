@@ -31,8 +31,10 @@ pub struct Committed {
 }
 
 impl RestoredSockets {
-    /// flight: those peers resynchronise at once), sends the never-sent tails normally, sends our
-    /// FIN again for FIN_WAIT connections, and sets SO_REUSEADDR where the source had it
+    /// Takes every socket out of repair mode (with a window probe where data stays in flight:
+    /// those peers resynchronise at once), sends the tails of the send queues normally (so what
+    /// a peer misses goes out at once, not on a retransmission timer), sends our FIN again for
+    /// FIN_WAIT connections, and sets SO_REUSEADDR where the source had it
     /// (O_NONBLOCK was set at socket()). Sharded over threads.
     pub fn commit(mut self) -> Committed {
         let pending = std::mem::take(&mut self.pending);
@@ -66,8 +68,9 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     let fail = |op| RepairError::socket(p.tuple, Phase::Commit, op);
     // No TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected queue once repair is
     // off. The window probe (TCP_REPAIR=0) makes the peer acknowledge at once what it already
-    // has of our data in flight, instead of at our next retransmission; with nothing in flight
-    // it changes nothing (the window was restored), and costs a round trip of packets per socket
+    // has of our data left in flight in repair mode, instead of at our next retransmission;
+    // with nothing in flight (the usual case: what was sent goes again with the tail) it
+    // changes nothing (the window was restored), and costs a round trip of packets per socket
     // (64 ms of the commit at 10,000 connections), so those leave without it (-1).
     let (value, op) = if p.probe {
         (so::REPAIR_OFF, "TCP_REPAIR=0")
@@ -75,9 +78,30 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
         (so::REPAIR_OFF_NO_WP, "TCP_REPAIR=-1")
     };
     so::set_repair(fd, value).map_err(fail(op))?;
+    send_tail(p, deadline)?;
+    if p.shutdown {
+        shutdown(fd.as_raw_fd(), Shutdown::Write)
+            .map_err(|errno| fail("shutdown(SHUT_WR) for FIN_WAIT")(errno.into()))?;
+    }
+    if p.options.reuseaddr {
+        so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
+    }
+    Ok(())
+}
+
+/// Sends the tail of the send queue as new data. Nagle stays off meanwhile: it could hold back a
+/// last short segment that ends the part already sent, and a peer that had it already
+/// acknowledges past our snd_nxt until it goes, an ACK the kernel ignores (docs/tcp-repair.md).
+fn send_tail(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
+    let fd = p.fd.as_fd();
+    let fail = |op| RepairError::socket(p.tuple, Phase::Commit, op);
+    let nagle = !p.options.nodelay && !p.tail.is_empty();
+    if nagle {
+        so::set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 1).map_err(fail("TCP_NODELAY"))?;
+    }
     send_all(
         fd,
-        &p.unsent,
+        &p.tail,
         (so::SO_SNDBUFFORCE, p.options.sndbuf),
         Some(deadline),
     )
@@ -86,14 +110,10 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
             tuple: p.tuple,
             left,
         },
-        _ => fail("sending the never-sent tail")(source),
+        _ => fail("sending the tail of the send queue")(source),
     })?;
-    if p.shutdown {
-        shutdown(fd.as_raw_fd(), Shutdown::Write)
-            .map_err(|errno| fail("shutdown(SHUT_WR) for FIN_WAIT")(errno.into()))?;
-    }
-    if p.options.reuseaddr {
-        so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
+    if nagle {
+        so::set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 0).map_err(fail("TCP_NODELAY"))?;
     }
     Ok(())
 }

@@ -47,9 +47,11 @@ struct Pending {
     tuple: Tuple,
     fd: OwnedFd,
     options: SocketOptions,
-    unsent: Bytes,
+    /// Sent normally after repair-off: the never-sent tail of the send queue, and before it the
+    /// part already sent when one flight holds it ([`state`]).
+    tail: Bytes,
     shutdown: bool,
-    /// Leave repair mode with a window probe: the connection has data or a FIN in flight.
+    /// Leave repair mode with a window probe: part of the send queue stays in flight.
     probe: bool,
 }
 

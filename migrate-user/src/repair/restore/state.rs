@@ -47,12 +47,18 @@ pub(super) fn restore_one(
     let fail = |op| RepairError::socket(tuple, Phase::Restore, op);
     let fd = socket_for(conn, pooled, local)?;
     let s = fd.as_fd();
-    let (send, recv) = queues(conn);
+    let (mut send, recv) = queues(conn);
     connect_in_repair(s, conn, netns, &send, &recv)?;
     let (options, count) = repair_options(conn);
     so::set_slice(s, libc::SOL_TCP, so::TCP_REPAIR_OPTIONS, &options[..count])
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     set_timestamp(s, conn)?;
+    let in_repair = if resend_sent_part(s, conn)? {
+        0
+    } else {
+        send.data.len()
+    };
+    send.data = &send.data[..in_repair];
     for (q, selected) in [(&recv, true), (&send, false)] {
         fill_queue(s, tuple, q, selected)?;
     }
@@ -63,10 +69,35 @@ pub(super) fn restore_one(
         tuple,
         fd,
         options: conn.options,
-        unsent: conn.unsent_part(),
+        tail: conn.send_queue.slice(in_repair..),
         shutdown: conn.state.fin_sent(),
-        probe: !conn.sent_part().is_empty() || conn.state.fin_sent(),
+        probe: in_repair > 0,
     })
+}
+
+/// The most TCP options a segment carries: each segment holds at least its MSS less these.
+const MAX_OPTIONS: u32 = 40;
+
+/// Whether the part of the send queue already sent is sent again as new data after repair-off:
+/// when the restored socket's first flight (its congestion window) holds all of it.
+///
+/// Bytes queued in repair mode count as sent: a peer that misses them gets them after a tail
+/// loss probe (1 s) and the first retransmission timeout, which a restored socket without an
+/// RTT estimate takes at 3 s. Sent anew they go out at once, and a peer that has them already
+/// drops them as duplicates. Only when one flight holds them: a peer that got everything the
+/// source sent (only its ACKs were lost) acknowledges the source's snd_nxt, the kernel ignores
+/// an ACK beyond its own snd_nxt, and bytes still in flight in repair mode count against the
+/// congestion window; a connection that never reached the source's snd_nxt would stall for good.
+fn resend_sent_part(s: BorrowedFd<'_>, conn: &Connection) -> Result<bool, RepairError> {
+    let sent = conn.sent_part().len();
+    if sent == 0 {
+        return Ok(false);
+    }
+    let (cwnd, mss) =
+        so::cwnd_and_mss(s).map_err(RepairError::socket(conn.tuple, Phase::Restore, "TCP_INFO"))?;
+    let flight = cwnd as usize * mss.saturating_sub(MAX_OPTIONS) as usize;
+    tracing::trace!(tuple = %conn.tuple, cwnd, mss, sent, flight, "first flight");
+    Ok(sent <= flight)
 }
 
 /// The pooled socket (made blocking when the connection's was), or a fresh one.
@@ -129,6 +160,9 @@ fn connect_in_repair(
         .and_then(|()| so::set(s, libc::SOL_TCP, so::TCP_QUEUE_SEQ, &q.seq))
         .map_err(fail(q.seq_op()))?;
     }
+    if let Some(mss) = user_mss(conn.negotiated.mss) {
+        so::set_int(s, libc::SOL_TCP, libc::TCP_MAXSEG, mss).map_err(fail("TCP_MAXSEG"))?;
+    }
     so::connect(s, &tuple.remote).map_err(|source| {
         if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             RepairError::TupleInUse {
@@ -139,6 +173,15 @@ fn connect_in_repair(
             fail("connect (repair mode)")(source)
         }
     })
+}
+
+/// TCP_MAXSEG for a connection that negotiated `mss`, given before the repair connect. That
+/// connect sizes the socket's segments from the default MSS clamp (536): the negotiated MSS set
+/// later (TCP_REPAIR_OPTIONS) changes the clamp but not that size, and the connection would
+/// send 524-byte segments for good. The kernel takes 88 to 32767 (TCP_MIN_MSS, MAX_TCP_WINDOW):
+/// larger is lowered (loopback), smaller is left alone, never raised above the peer's.
+fn user_mss(mss: u16) -> Option<libc::c_int> {
+    (mss >= 88).then(|| libc::c_int::from(mss.min(32767)))
 }
 
 /// The negotiated options, in a fixed array: no allocation per socket.
@@ -213,4 +256,18 @@ fn apply_options(fd: BorrowedFd<'_>, ipv4: bool, options: &SocketOptions) -> io:
         so::set_int(fd, level, name, options.tos.into())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_mss;
+
+    #[test]
+    fn user_mss_stays_within_what_the_kernel_takes() {
+        assert_eq!(user_mss(1460), Some(1460));
+        // Loopback's MSS is beyond MAX_TCP_WINDOW: lowered, never raised.
+        assert_eq!(user_mss(65483), Some(32767));
+        assert_eq!(user_mss(88), Some(88));
+        assert_eq!(user_mss(48), None);
+    }
 }
