@@ -1,10 +1,20 @@
 //! Finds a process's TCP connections: sock_diag in its network namespace gives each socket's
 //! 4-tuple, state and inode; /proc/PID/fd maps inodes to the process's fds; pidfd_getfd copies
-//! those fds into this process.
-use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd};
+//! those fds into this process. [`catch_up`] finds, once the process is stopped, the sockets it
+//! opened or closed since.
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{SocketAddr, TcpStream},
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use super::{DiagSocket, RepairError, TcpState, diag};
-use crate::{net::Netns, tuple::Tuple};
+use crate::{
+    net::Netns,
+    sys::tcp_repair as so,
+    tuple::{Tuple, canonical},
+};
 
 /// Which of a process's connections to take. Empty fields match everything.
 #[derive(Clone, Debug, Default)]
@@ -60,6 +70,9 @@ pub struct Discovery {
     pub listening: Vec<SocketAddr>,
     /// Matching connections left out because of their state (SYN_RECV, TIME_WAIT, CLOSE_WAIT...).
     pub skipped: Vec<(Tuple, TcpState)>,
+    /// The inode of every socket in the process's fd table, taken or not: what a later
+    /// [`catch_up`] compares the table with.
+    pub seen: HashSet<u64>,
 }
 
 impl Discovery {
@@ -119,15 +132,14 @@ pub fn discover_among(
     let by_inode = &listed.0;
     let mut discovery = Discovery::default();
     let mut wanted = Vec::new();
-    let mut seen = std::collections::HashSet::new();
     for (fd, inode) in socket_fds(pid)? {
+        // dup()ed fds share a socket: take it once.
+        if !discovery.seen.insert(inode) {
+            continue;
+        }
         let Some(socket) = by_inode.get(&inode) else {
             continue;
         };
-        // dup()ed fds share a socket: take it once.
-        if !seen.insert(inode) {
-            continue;
-        }
         if socket.state == TcpState::Listen {
             if filter.matches_local(socket.tuple.local) {
                 discovery.listening.push(socket.tuple.local);
@@ -167,6 +179,91 @@ pub fn discover_among(
         });
     }
     Ok(discovery)
+}
+
+/// What [`catch_up`] found in a stopped process's fd table.
+#[derive(Debug, Default)]
+pub struct CatchUp {
+    /// Connections `filter` selects that the process opened (accepted) since the discovery.
+    pub sockets: Vec<TakenSocket>,
+    /// Matching connections it opened since, left out because of their state.
+    pub skipped: Vec<(Tuple, TcpState)>,
+    /// The inode of every socket in its fd table now: a socket taken before and missing here was
+    /// closed by the process since.
+    pub open: HashSet<u64>,
+}
+
+/// Once `pid` is stopped, after a [`discover_among`] made while it ran: one walk of its fd table
+/// against the inodes the discovery `seen`. Only the sockets it opened since are looked at (taken,
+/// then identified with four calls each: no sock_diag listing), so that a connection it accepted
+/// in between is moved too; the table's inodes tell which taken sockets it closed.
+pub fn catch_up(pid: u32, seen: &HashSet<u64>, filter: &Filter) -> Result<CatchUp, RepairError> {
+    let mut found = CatchUp::default();
+    let mut pidfd = None;
+    for (fd, inode) in socket_fds(pid)? {
+        if !found.open.insert(inode) || seen.contains(&inode) {
+            continue;
+        }
+        let pidfd = match &pidfd {
+            Some(pidfd) => pidfd,
+            None => pidfd.insert(pidfd_open(pid)?),
+        };
+        let taken = pidfd_getfd(pidfd, pid, fd)?;
+        let (taken, identity) = tcp_identity(taken).map_err(|source| RepairError::Process {
+            pid,
+            what: format!("identifying the socket of its fd {fd}"),
+            source,
+        })?;
+        let Some((tuple, state)) = identity else {
+            continue;
+        };
+        if !filter.matches(&tuple) {
+            continue;
+        }
+        if state.repairable() {
+            found.sockets.push(TakenSocket {
+                tuple,
+                state,
+                source_fd: fd,
+                fd: taken,
+            });
+        } else {
+            found.skipped.push((tuple, state));
+        }
+    }
+    Ok(found)
+}
+
+/// The tuple and state of a connected TCP socket (IPv4 or IPv6); `None` for any other socket, a
+/// listener or one not connected. Gives the fd back.
+fn tcp_identity(fd: OwnedFd) -> io::Result<(OwnedFd, Option<(Tuple, TcpState)>)> {
+    let option = |name| so::get_int(fd.as_fd(), libc::SOL_SOCKET, name);
+    let domain = option(libc::SO_DOMAIN)?;
+    if option(libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
+        || (domain != libc::AF_INET && domain != libc::AF_INET6)
+    {
+        return Ok((fd, None));
+    }
+    // tcpi_state is the first byte of struct tcp_info.
+    let info: [u8; 8] = so::get(fd.as_fd(), libc::SOL_TCP, libc::TCP_INFO)?;
+    let state = TcpState::from_kernel(info[0]);
+    let stream = TcpStream::from(fd);
+    let addresses = stream
+        .local_addr()
+        .and_then(|local| Ok((local, stream.peer_addr()?)));
+    let fd = OwnedFd::from(stream);
+    match addresses {
+        Ok((local, remote)) if state != TcpState::Listen => {
+            let tuple = Tuple {
+                local: canonical(local),
+                remote: canonical(remote),
+            };
+            Ok((fd, Some((tuple, state))))
+        }
+        Ok(_) => Ok((fd, None)),
+        Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => Ok((fd, None)),
+        Err(error) => Err(error),
+    }
 }
 
 /// (fd, socket inode) for every socket fd of `pid`, from the socket:[INODE] links in /proc.
