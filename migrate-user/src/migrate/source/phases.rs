@@ -157,7 +157,10 @@ impl<'r, 'a> Stopped<'r, 'a> {
             noted.extend(caught.noted);
         }
         if taken > 0 {
-            let all = shard::run_all(&run.held.shards, |_, sockets| sockets.known.inodes.clone());
+            let all = shard::run_all(&run.held.shards, |_, sockets| {
+                let taken = sockets.known.taken.iter();
+                taken.map(|&(inode, _)| inode).collect::<Vec<_>>()
+            });
             refuse_shared(all.concat())?;
         }
         if !noted.is_empty() {
@@ -398,8 +401,9 @@ async fn send_image(
 /// What one process's shard knows of its sockets besides the prepared dump.
 #[derive(Default)]
 pub(super) struct Known {
-    /// The inode of each prepared socket, in the prepared dump's order.
-    inodes: Vec<u64>,
+    /// The inode of each prepared socket and its fd number in the process, in the prepared
+    /// dump's order.
+    taken: Vec<(u64, i32)>,
     /// Every socket inode the discovery saw in the process's fd table, taken or not.
     seen: HashSet<u64>,
 }
@@ -426,7 +430,9 @@ fn prepare_process(
     let identified = identify(pid, &discovery.sockets)?;
     let skipped = discovery.skipped.len();
     sockets.known = Known {
-        inodes: identified.iter().map(|&(inode, _)| inode).collect(),
+        taken: (identified.iter().map(|&(inode, _)| inode))
+            .zip(discovery.sockets.iter().map(|s| s.source_fd))
+            .collect(),
         seen: std::mem::take(&mut discovery.seen),
     };
     sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
@@ -466,24 +472,36 @@ fn catch_up_process(
     service: SocketAddr,
     sockets: &mut ProcessSockets,
 ) -> Result<Caught, MigrateError> {
-    let found = repair::catch_up(pid, &sockets.known.seen, &Filter::service(service))?;
     let prepared = sockets.prepared.as_mut().expect("prepared at discovery");
     let known = &mut sockets.known;
-    let before = known.inodes.len();
-    prepared.retain(|k| found.open.contains(&known.inodes[k]));
-    known.inodes.retain(|inode| found.open.contains(inode));
-    let closed = before - known.inodes.len();
+    let found = {
+        let taken: Vec<repair::Taken<'_>> = (known.taken.iter())
+            .zip(prepared.fds())
+            .map(|(&(inode, fd), ours)| (fd, ours, inode))
+            .collect();
+        repair::catch_up(pid, &taken, &known.seen, &Filter::service(service))?
+    };
+    let closed = found.closed.len();
+    if closed > 0 {
+        let open = |k: usize| found.closed.binary_search(&k).is_err();
+        prepared.retain(open);
+        known.taken = (known.taken.iter().enumerate())
+            .filter(|&(k, _)| open(k))
+            .map(|(_, &taken)| taken)
+            .collect();
+    }
     let changed = prepared.reread_options()?;
     let mut noted: Vec<(u64, bool)> = changed
         .into_iter()
-        .map(|(k, reuse)| (known.inodes[k], reuse))
+        .map(|(k, reuse)| (known.taken[k].0, reuse))
         .collect();
     let identified = identify(pid, &found.sockets)?;
     let taken = identified.len();
     if taken > 0 {
+        let fds = found.sockets.iter().map(|s| s.source_fd);
         known
-            .inodes
-            .extend(identified.iter().map(|&(inode, _)| inode));
+            .taken
+            .extend(identified.iter().map(|&(inode, _)| inode).zip(fds));
         let fds: Vec<OwnedFd> = found.sockets.into_iter().map(|s| s.fd).collect();
         prepared.append(repair::prepare_dump(Workers::PerCpu, fds)?);
         noted.extend(identified);

@@ -167,6 +167,11 @@ impl PreparedDump {
         }
     }
 
+    /// Our fd of each socket, in order.
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.sockets.iter().map(|socket| socket.fd.as_fd())
+    }
+
     /// Adds the sockets of `other`, prepared later, after these.
     pub fn append(&mut self, mut other: PreparedDump) {
         self.sockets.append(&mut other.sockets);
