@@ -96,6 +96,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
         refuse_shared(noted.iter().map(|&(inode, _)| inode).collect())?;
         run.guardian.note(&Note::Sockets { sockets: noted })?;
         run.report.phases.discover_ms = millis(step.elapsed());
+        test_pause("discovered");
         Ok(Discovered(run))
     }
 }
