@@ -245,10 +245,12 @@ impl<'r, 'a> Frozen<'r, 'a> {
         let states = Arc::new(run.held.reader.read(run.netns)?);
         let dumped = shard::run_all(&run.held.shards, move |_, sockets| {
             let prepared = sockets.prepared.take().expect("prepared before the dump");
-            sockets.dumped = Some(prepared.dump_read(&states)?);
-            Ok::<_, MigrateError>(())
+            let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
+            Ok::<_, MigrateError>(dumped.skipped().len())
         });
-        dumped.into_iter().collect::<Result<(), _>>()?;
+        for skipped in dumped {
+            run.report.skipped += skipped?;
+        }
         run.report.phases.dump_ms = millis(step.elapsed());
         test_pause("dumped");
         Ok(Dumped { run, frozen_at: at })
