@@ -353,7 +353,7 @@ pub(super) fn peek(
 mod tests {
     use std::{
         net::{Shutdown, TcpListener, TcpStream},
-        os::fd::{AsFd as _, OwnedFd},
+        os::fd::OwnedFd,
         time::Duration,
     };
 
