@@ -192,6 +192,10 @@ pub struct CatchUp {
     pub closed: Vec<usize>,
 }
 
+/// Past this many numbers in a process's fd table per socket it held at discovery, the
+/// catch-up lists the table instead of probing every number.
+const PROBE_RATIO: usize = 4;
+
 /// A socket taken from the process before: its fd number there, our fd of it, its inode.
 pub type Taken<'a> = (i32, BorrowedFd<'a>, u64);
 
@@ -231,7 +235,18 @@ pub fn catch_up(
     let pidfd = pidfd_open(pid)?;
     let mut found = CatchUp::default();
     let mut new = HashSet::new();
-    for fd in (0..size).filter(|&fd| !checked[fd]) {
+    // An fd table grows with the highest fd ever open and never shrinks: when it is mostly
+    // free, listing /proc/PID/fd (about 1 us per fd, no readlink) is cheaper than probing every
+    // number (about 0.2 us each).
+    let numbers = if size > PROBE_RATIO * seen.len().max(256) {
+        fd_numbers(pid)?
+    } else {
+        (0..size).collect()
+    };
+    for fd in numbers
+        .into_iter()
+        .filter(|&fd| !checked.get(fd).unwrap_or(&false))
+    {
         let fd = fd as i32;
         let file = match crate::sys::pidfd_getfd(&pidfd, fd) {
             Ok(file) => file,
@@ -294,6 +309,16 @@ fn take_new(
         found.skipped.push((tuple, state));
     }
     Ok(())
+}
+
+/// The fd numbers `pid` holds, from the names in /proc/PID/fd.
+fn fd_numbers(pid: u32) -> Result<Vec<usize>, RepairError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|source| process_error(pid, format!("reading {dir}"), source))?;
+    Ok(entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
 }
 
 /// The size of `pid`'s fd table (FDSize in /proc/PID/status): every fd it holds is below.
