@@ -159,6 +159,12 @@ fn in_repair(fd: &OwnedFd) -> bool {
 }
 
 #[test]
+fn source_killed_after_the_discovery_with_the_application_running() -> Result<()> {
+    // The guard knows the sockets but not the stop: nothing to resume, nothing in repair mode.
+    kill_source_at("discovered", false)
+}
+
+#[test]
 fn source_killed_with_the_application_stopped() -> Result<()> {
     kill_source_at("stopped", false)
 }

@@ -49,7 +49,8 @@ const GUARD_LIMIT: Duration = Duration::from_secs(3600);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `migrate` tells its guard, in this order (Sockets, Committing and RollingBack only if it
-/// gets that far).
+/// gets that far): Start, Sockets (those taken while the application runs), Stopping, Sockets
+/// again (those it opened before it stopped, and any whose SO_REUSEADDR changed), Committing.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "note", rename_all = "snake_case")]
 pub(super) enum Note {
@@ -57,8 +58,8 @@ pub(super) enum Note {
     Start(Plan),
     /// The application's process tree is about to be stopped.
     Stopping,
-    /// The sockets about to enter repair mode: inode, and whether SO_REUSEADDR was on (repair
-    /// mode overwrites it).
+    /// Sockets that may enter repair mode: inode, and whether SO_REUSEADDR was on (repair mode
+    /// overwrites it); a later note adds to the earlier ones, or corrects them.
     Sockets { sockets: Vec<(u64, bool)> },
     /// Written before Commit is sent: from here on, finish the commit instead of rolling back.
     Committing,

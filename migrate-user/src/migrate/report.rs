@@ -117,6 +117,9 @@ pub struct Report {
     pub recv_bytes: u64,
     /// From the freeze on the source to the first socket out of repair mode on the destination.
     pub blackout_ms: f64,
+    /// From the application stopped to the freeze: the part of the clients' silence before the
+    /// blackout.
+    pub stop_to_freeze_ms: f64,
     pub total_ms: f64,
     pub phases: Phases,
     /// What each side's freeze dropped.
@@ -148,6 +151,7 @@ impl Report {
             unsent_bytes: 0,
             recv_bytes: 0,
             blackout_ms: 0.0,
+            stop_to_freeze_ms: 0.0,
             total_ms: 0.0,
             phases: Phases::default(),
             dropped_source: Dropped::default(),
@@ -165,11 +169,11 @@ impl Report {
 pub struct Phases {
     /// Connect, handshake, agent ready, source freeze programs attached.
     pub prepare_ms: f64,
+    /// Finding the application's connections (sock_diag, pidfd_getfd) and reading the options
+    /// only it sets, while it runs.
+    pub discover_ms: f64,
     /// Stopping the application's process tree.
     pub stop_ms: f64,
-    /// Finding its connections (sock_diag, pidfd_getfd) and reading the options only the
-    /// application sets, before the freeze.
-    pub discover_ms: f64,
     /// With `--precopy`, before the freeze: reading the connections, sending them, and the
     /// agent restoring them ahead.
     pub precopy_ms: f64,

@@ -31,8 +31,8 @@ use bytes::Bytes;
 pub use self::{
     diag::DiagSocket,
     discover::{
-        Discovery, Filter, SocketsByInode, TakenSocket, count_connections, discover,
-        discover_among, list_tcp_sockets,
+        CatchUp, Discovery, Filter, SocketsByInode, Taken, TakenSocket, catch_up,
+        count_connections, discover, discover_among, list_tcp_sockets,
     },
     dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
     kernel_state::{SocketState, StateReader},

@@ -5,7 +5,8 @@
 //! TCP_REPAIR socket options) is written here once, each block with its `SAFETY:` argument.
 //!
 //! - `bpf`: bpf(2) commands aya does not offer;
-//! - `pidfd`: process handles, taking another process's sockets, signalling it;
+//! - `pidfd`: process handles, taking another process's sockets, comparing its files with ours,
+//!   signalling it;
 //! - [`tcp_repair`]: the TCP_REPAIR socket options and the socket calls a restore makes;
 //! - `ns`: entering network namespaces, private fd tables;
 //! - `fd`, `exec`: fds at fixed numbers, a command told its own pid (socket activation);
@@ -33,6 +34,6 @@ pub use exec::{Execve, spawn_execve};
 pub use fd::{PlacedFds, place_fds};
 pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::{CaptureSocket, PacketSocket};
-pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit};
+pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit, same_file};
 pub use signal::wait_for_termination;
 pub use wait::wait_readable;

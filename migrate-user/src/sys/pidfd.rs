@@ -28,6 +28,29 @@ pub fn pidfd_getfd(pidfd: impl AsFd, fd: RawFd) -> io::Result<OwnedFd> {
     owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_fd().as_raw_fd(), fd, 0) })
 }
 
+/// Whether the descriptor `fd` of process `pid` and our descriptor `ours` are the same open file
+/// (kcmp(2) KCMP_FILE): one call, no path lookup. EBADF when `pid` has no descriptor `fd`.
+#[doc(alias = "kcmp")]
+pub fn same_file(pid: u32, fd: RawFd, ours: impl AsFd) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    let ours = ours.as_fd().as_raw_fd();
+    // SAFETY: kcmp(2) takes two pids, a type and two descriptor numbers, no pointers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid as libc::pid_t,
+            std::process::id() as libc::pid_t,
+            KCMP_FILE,
+            fd,
+            ours,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret == 0)
+}
+
 /// Sends `signal` to the process behind `pidfd`, never to a recycled pid.
 pub fn pidfd_send_signal(pidfd: impl AsFd, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: pidfd_send_signal(2) on a valid pidfd with no siginfo.

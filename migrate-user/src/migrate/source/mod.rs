@@ -1,6 +1,6 @@
 //! The source side of a migration: connect and get the agent ready, then the phases up to the
-//! agent's GoingLive ([`phases`]: stop, discover, freeze, dump, send, restored, commit), and the
-//! source's own commit, or the rollback (docs/architecture.md walks through them).
+//! agent's GoingLive ([`phases`]: discover, stop, catch up, freeze, dump, send, restored, commit),
+//! and the source's own commit, or the rollback (docs/architecture.md walks through them).
 //!
 //! Each application process's sockets are held in a shard of their own ([`crate::shard`]): one
 //! fd table holds at most one process's worth (the fd limit), and several processes, 50,000
@@ -123,11 +123,13 @@ struct Held {
     address_deleted: bool,
 }
 
-/// One application process's sockets, in its shard: prepared once the process is stopped, then
-/// dumped (in repair mode) until the commit or the rollback. Dropped, they roll back.
+/// One application process's sockets, in its shard: prepared while the process runs (caught up
+/// once it is stopped), then dumped (in repair mode) until the commit or the rollback. Dropped,
+/// they roll back.
 #[derive(Default)]
 struct ProcessSockets {
     prepared: Option<PreparedDump>,
+    known: phases::Known,
     dumped: Option<DumpedSockets>,
 }
 

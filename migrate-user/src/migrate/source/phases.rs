@@ -1,9 +1,19 @@
 //! The source's phases up to the agent's GoingLive, one type each: [`Prepared`] (the agent is
-//! ready) -> [`Stopped`] (the application is) -> [`Discovered`] (its sockets are taken) ->
-//! [`Frozen`] (the blackout starts) -> [`Dumped`] -> [`Sent`] -> [`Restored`] (by the agent) ->
-//! Commit sent and GoingLive received. Each phase borrows the [`Run`], which keeps what a
-//! rollback undoes: on an error the caller rolls back from there.
-use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Instant};
+//! ready) -> [`Discovered`] (the application's sockets are taken while it still runs) ->
+//! [`Stopped`] (the application is) -> [`CaughtUp`] (the sockets it opened or closed since the
+//! discovery are taken or let go: every socket is known) -> [`Frozen`] (the blackout starts) ->
+//! [`Dumped`] -> [`Sent`] -> [`Restored`] (by the agent) -> Commit sent and GoingLive received.
+//! The clients see the application silent from the stop on, so only the catch-up (and the
+//! pre-copy, which needs the application stopped) lies between the stop and the freeze. Each
+//! phase borrows the [`Run`], which keeps what a rollback undoes: on an error the caller rolls
+//! back from there.
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+    time::Instant,
+};
 
 use bytes::Bytes;
 
@@ -17,7 +27,7 @@ use crate::{
         transport::{IMAGE_PIECE, Link, Message},
     },
     net::{self, Netns},
-    repair::{self, Connection, Filter, SocketsByInode, Workers},
+    repair::{self, Connection, Filter, SocketsByInode, TakenSocket, Workers},
     shard::{self, Shard},
 };
 
@@ -37,8 +47,8 @@ pub(super) struct Run<'a> {
 /// Everything up to the agent's GoingLive, the answer to Commit. The report's `blackout_ms`
 /// holds the part up to Commit sent, `phases.commit_ms` the wait for GoingLive.
 pub(super) async fn until_live(run: &mut Run<'_>) -> Result<(), MigrateError> {
-    let discovered = Prepared::wait(run).await?.stop()?.discover()?;
-    let frozen = discovered.precopy().await?.freeze()?;
+    let stopped = Prepared::wait(run).await?.discover()?.stop()?;
+    let frozen = stopped.catch_up()?.precopy().await?.freeze()?;
     let sent = frozen.dump()?.send().await?;
     sent.restored().await?.commit().await
 }
@@ -55,28 +65,9 @@ impl<'r, 'a> Prepared<'r, 'a> {
         }
     }
 
-    /// Stops the application's process trees (told to the guard first).
-    fn stop(self) -> Result<Stopped<'r, 'a>, MigrateError> {
-        let run = self.0;
-        let step = Instant::now();
-        run.guardian.note(&Note::Stopping)?;
-        for &pid in &run.config.pids {
-            let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
-            run.held.stopped.push(stopped);
-        }
-        run.report.processes_stopped = run.held.stopped.iter().map(StoppedTree::len).sum();
-        run.report.phases.stop_ms = millis(step.elapsed());
-        test_pause("stopped");
-        Ok(Stopped(run))
-    }
-}
-
-/// The application's processes are stopped: their sockets hold still.
-pub(super) struct Stopped<'r, 'a>(&'r mut Run<'a>);
-
-impl<'r, 'a> Stopped<'r, 'a> {
-    /// Takes each process's connections into a shard of its own and reads what only the
-    /// application changes; the guard learns which sockets to roll back.
+    /// While the application runs: takes each process's connections into a shard of its own
+    /// and reads what only the application changes; the guard learns which sockets to roll
+    /// back.
     fn discover(self) -> Result<Discovered<'r, 'a>, MigrateError> {
         let run = self.0;
         let step = Instant::now();
@@ -102,16 +93,16 @@ impl<'r, 'a> Stopped<'r, 'a> {
             run.report.skipped += found.skipped;
             noted.extend(found.sockets);
         }
-        refuse_shared(&noted)?;
+        refuse_shared(noted.iter().map(|&(inode, _)| inode).collect())?;
         run.guardian.note(&Note::Sockets { sockets: noted })?;
         run.report.phases.discover_ms = millis(step.elapsed());
+        test_pause("discovered");
         Ok(Discovered(run))
     }
 }
 
 /// A socket shared by two of the processes (inherited over fork) would be dumped twice.
-fn refuse_shared(sockets: &[(u64, bool)]) -> Result<(), MigrateError> {
-    let mut inodes: Vec<u64> = sockets.iter().map(|&(inode, _)| inode).collect();
+fn refuse_shared(mut inodes: Vec<u64>) -> Result<(), MigrateError> {
     inodes.sort_unstable();
     match inodes.windows(2).find(|pair| pair[0] == pair[1]) {
         Some(pair) => Err(MigrateError::SharedSocket { inode: pair[0] }),
@@ -119,17 +110,90 @@ fn refuse_shared(sockets: &[(u64, bool)]) -> Result<(), MigrateError> {
     }
 }
 
-/// The connections are taken and prepared, the guard knows their sockets.
+/// The connections are taken and prepared, the guard knows their sockets; the application
+/// still runs.
 pub(super) struct Discovered<'r, 'a>(&'r mut Run<'a>);
 
 impl<'r, 'a> Discovered<'r, 'a> {
+    /// Stops the application's process trees (told to the guard first): the clients' silence
+    /// starts.
+    fn stop(self) -> Result<Stopped<'r, 'a>, MigrateError> {
+        let run = self.0;
+        let at = Instant::now();
+        run.guardian.note(&Note::Stopping)?;
+        for &pid in &run.config.pids {
+            let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
+            run.held.stopped.push(stopped);
+        }
+        run.report.processes_stopped = run.held.stopped.iter().map(StoppedTree::len).sum();
+        run.report.phases.stop_ms = millis(at.elapsed());
+        test_pause("stopped");
+        Ok(Stopped { run, at })
+    }
+}
+
+/// The application's processes are stopped (since `at`): their sockets hold still.
+pub(super) struct Stopped<'r, 'a> {
+    run: &'r mut Run<'a>,
+    at: Instant,
+}
+
+impl<'r, 'a> Stopped<'r, 'a> {
+    /// What the application did between the discovery and the stop: in each shard, the
+    /// connections it accepted since are taken and prepared, those it closed let go, and the
+    /// options read again. The guard learns the new sockets (and any SO_REUSEADDR that changed)
+    /// before any of them enters repair mode.
+    fn catch_up(self) -> Result<CaughtUp<'r, 'a>, MigrateError> {
+        let Self { run, at } = self;
+        let step = Instant::now();
+        let (pids, service) = (run.config.pids.clone(), run.service);
+        let caught = shard::run_all(&run.held.shards, move |k, sockets| {
+            catch_up_process(pids[k], service, sockets)
+        });
+        let (mut noted, mut taken, mut closed) = (Vec::new(), 0, 0);
+        for caught in caught {
+            let caught = caught?;
+            run.report.skipped += caught.skipped;
+            (taken, closed) = (taken + caught.taken, closed + caught.closed);
+            noted.extend(caught.noted);
+        }
+        if taken > 0 {
+            let all = shard::run_all(&run.held.shards, |_, sockets| {
+                let taken = sockets.known.taken.iter();
+                taken.map(|&(inode, _)| inode).collect::<Vec<_>>()
+            });
+            refuse_shared(all.concat())?;
+        }
+        if !noted.is_empty() {
+            run.guardian.note(&Note::Sockets { sockets: noted })?;
+        }
+        let took_ms = millis(step.elapsed());
+        tracing::info!(
+            taken,
+            closed,
+            took_ms,
+            "caught up with the stopped application"
+        );
+        Ok(CaughtUp { run, stopped: at })
+    }
+}
+
+/// Every socket of the service in the stopped application is taken and prepared, and the
+/// guard knows them.
+pub(super) struct CaughtUp<'r, 'a> {
+    run: &'r mut Run<'a>,
+    stopped: Instant,
+}
+
+impl<'r, 'a> CaughtUp<'r, 'a> {
     /// With `--precopy`: one reader pass, each process's connections that were quiet for
     /// [`PRECOPY_QUIET`] read in its shard, the image of them sent (it may hold none), and the
-    /// agent's Precopied awaited. Without, nothing.
+    /// agent's Precopied awaited. Without, nothing. It puts the connections it reads in repair
+    /// mode, where a running application's send() would fail: hence after the stop.
     async fn precopy(self) -> Result<Self, MigrateError> {
-        let run = self.0;
+        let Self { run, stopped } = self;
         if !run.config.precopy {
-            return Ok(Self(run));
+            return Ok(Self { run, stopped });
         }
         let step = Instant::now();
         let states = Arc::new(run.held.reader.read(run.netns)?);
@@ -149,13 +213,14 @@ impl<'r, 'a> Discovered<'r, 'a> {
             other => return Err(run.link.unexpected(waiting, &other)),
         }
         run.report.phases.precopy_ms = millis(step.elapsed());
-        Ok(Self(run))
+        Ok(Self { run, stopped })
     }
 
     /// One map update: the blackout starts.
     fn freeze(self) -> Result<Frozen<'r, 'a>, MigrateError> {
-        let run = self.0;
+        let Self { run, stopped } = self;
         let at = Instant::now();
+        run.report.stop_to_freeze_ms = millis(at.duration_since(stopped));
         if let Some(hold) = &run.held.hold {
             hold.begin()?;
         }
@@ -183,10 +248,12 @@ impl<'r, 'a> Frozen<'r, 'a> {
         let states = Arc::new(run.held.reader.read(run.netns)?);
         let dumped = shard::run_all(&run.held.shards, move |_, sockets| {
             let prepared = sockets.prepared.take().expect("prepared before the dump");
-            sockets.dumped = Some(prepared.dump_read(&states)?);
-            Ok::<_, MigrateError>(())
+            let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
+            Ok::<_, MigrateError>(dumped.skipped().len())
         });
-        dumped.into_iter().collect::<Result<(), _>>()?;
+        for skipped in dumped {
+            run.report.skipped += skipped?;
+        }
         run.report.phases.dump_ms = millis(step.elapsed());
         test_pause("dumped");
         Ok(Dumped { run, frozen_at: at })
@@ -337,6 +404,16 @@ async fn send_image(
     Ok((connections, image_bytes))
 }
 
+/// What one process's shard knows of its sockets besides the prepared dump.
+#[derive(Default)]
+pub(super) struct Known {
+    /// The inode of each prepared socket and its fd number in the process, in the prepared
+    /// dump's order.
+    taken: Vec<(u64, i32)>,
+    /// Every socket inode the discovery saw in the process's fd table, taken or not.
+    seen: HashSet<u64>,
+}
+
 /// What discovery found in one process.
 struct Found {
     /// Inode and SO_REUSEADDR of each socket, for the guard.
@@ -352,12 +429,28 @@ fn prepare_process(
     sockets: &mut ProcessSockets,
 ) -> Result<Found, MigrateError> {
     let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
-    let discovery = repair::discover_among(listed, &netns, pid, &Filter::service(service))?;
+    let mut discovery = repair::discover_among(listed, &netns, pid, &Filter::service(service))?;
     if discovery.sockets.is_empty() {
         return Err(MigrateError::NoConnections { pid, service });
     }
-    let identified = discovery
-        .sockets
+    let identified = identify(pid, &discovery.sockets)?;
+    let skipped = discovery.skipped.len();
+    sockets.known = Known {
+        taken: (identified.iter().map(|&(inode, _)| inode))
+            .zip(discovery.sockets.iter().map(|s| s.source_fd))
+            .collect(),
+        seen: std::mem::take(&mut discovery.seen),
+    };
+    sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
+    Ok(Found {
+        sockets: identified,
+        skipped,
+    })
+}
+
+/// Inode and SO_REUSEADDR of each socket taken from `pid`.
+fn identify(pid: u32, taken: &[TakenSocket]) -> Result<Vec<(u64, bool)>, MigrateError> {
+    taken
         .iter()
         .map(|taken| {
             guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
@@ -366,11 +459,63 @@ fn prepare_process(
                 source,
             })
         })
-        .collect::<Result<_, _>>()?;
-    let skipped = discovery.skipped.len();
-    sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
-    Ok(Found {
-        sockets: identified,
-        skipped,
+        .collect()
+}
+
+/// What the catch-up changed in one process.
+struct Caught {
+    /// Inode and SO_REUSEADDR of the sockets taken now and of those whose options changed.
+    noted: Vec<(u64, bool)>,
+    taken: usize,
+    closed: usize,
+    skipped: usize,
+}
+
+/// In the stopped process's shard: lets go of the sockets it closed since the discovery, reads
+/// the options of the others again, and takes and prepares those it opened.
+fn catch_up_process(
+    pid: u32,
+    service: SocketAddr,
+    sockets: &mut ProcessSockets,
+) -> Result<Caught, MigrateError> {
+    let prepared = sockets.prepared.as_mut().expect("prepared at discovery");
+    let known = &mut sockets.known;
+    let found = {
+        let taken: Vec<repair::Taken<'_>> = (known.taken.iter())
+            .zip(prepared.fds())
+            .map(|(&(inode, fd), ours)| (fd, ours, inode))
+            .collect();
+        repair::catch_up(pid, &taken, &known.seen, &Filter::service(service))?
+    };
+    let closed = found.closed.len();
+    if closed > 0 {
+        let open = |k: usize| found.closed.binary_search(&k).is_err();
+        prepared.retain(open);
+        known.taken = (known.taken.iter().enumerate())
+            .filter(|&(k, _)| open(k))
+            .map(|(_, &taken)| taken)
+            .collect();
+    }
+    let changed = prepared.reread_options()?;
+    let mut noted: Vec<(u64, bool)> = changed
+        .into_iter()
+        .map(|(k, reuse)| (known.taken[k].0, reuse))
+        .collect();
+    let identified = identify(pid, &found.sockets)?;
+    let taken = identified.len();
+    if taken > 0 {
+        let fds = found.sockets.iter().map(|s| s.source_fd);
+        known
+            .taken
+            .extend(identified.iter().map(|&(inode, _)| inode).zip(fds));
+        let fds: Vec<OwnedFd> = found.sockets.into_iter().map(|s| s.fd).collect();
+        prepared.append(repair::prepare_dump(Workers::PerCpu, fds)?);
+        noted.extend(identified);
+    }
+    Ok(Caught {
+        noted,
+        taken,
+        closed,
+        skipped: found.skipped.len(),
     })
 }

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 
 pub use self::prepare::{PreparedDump, prepare_dump};
 pub(super) use self::read::tos_option;
-use super::{Connection, Phase, RepairError, StateReader, Workers};
+use super::{Connection, Phase, RepairError, StateReader, TcpState, Workers};
 use crate::sys::tcp_repair as so;
 use crate::{repair, tuple::Tuple};
 
@@ -22,12 +22,20 @@ use crate::{repair, tuple::Tuple};
 pub struct DumpedSockets {
     fds: Vec<OwnedFd>,
     connections: Vec<Connection>,
+    /// Left to their application by [`PreparedDump::dump_read`]: their state is one repair does
+    /// not handle.
+    skipped: Vec<(Tuple, TcpState)>,
     workers: Workers,
 }
 
 impl DumpedSockets {
     pub fn connections(&self) -> &[Connection] {
         &self.connections
+    }
+
+    /// The connections left out of the dump because of their state, with it.
+    pub fn skipped(&self) -> &[(Tuple, TcpState)] {
+        &self.skipped
     }
 
     pub fn len(&self) -> usize {

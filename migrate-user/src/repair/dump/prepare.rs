@@ -24,9 +24,10 @@ use crate::{
 
 /// Sockets taken for a dump, with their cookies and the options only their application changes
 /// (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, SO_REUSEADDR, O_NONBLOCK, TOS) already read: once the
-/// application is stopped these hold still, so [`prepare_dump`] reads them before the freeze, and
-/// the blackout pays only for one pass of the [`StateReader`](repair::StateReader) over the
-/// namespace and repair mode on each socket.
+/// application is stopped these hold still, so they are read before the freeze ([`prepare_dump`],
+/// and [`reread_options`](Self::reread_options) for sockets taken while it ran), and the blackout
+/// pays only for one pass of the [`StateReader`](repair::StateReader) over the namespace and
+/// repair mode on each socket.
 pub struct PreparedDump {
     pub(super) sockets: Vec<PreparedSocket>,
     pub(super) workers: Workers,
@@ -135,19 +136,74 @@ impl PreparedDump {
 impl Drop for PreparedDump {
     /// Takes the pre-copied sockets out of repair mode: the connections carry on.
     fn drop(&mut self) {
-        for socket in &self.sockets {
-            if let Some(precopied) = &socket.precopied
-                && let Err(error) =
-                    leave_repair(socket.fd.as_fd(), precopied.tuple, socket.options.reuseaddr)
-            {
-                tracing::warn!(%error, "rolling back a pre-copied socket");
-            }
+        self.sockets.iter().for_each(PreparedSocket::release);
+    }
+}
+
+impl PreparedSocket {
+    /// Out of repair mode if the pre-copy put it there: the connection carries on.
+    fn release(&self) {
+        if let Some(precopied) = &self.precopied
+            && let Err(error) =
+                leave_repair(self.fd.as_fd(), precopied.tuple, self.options.reuseaddr)
+        {
+            tracing::warn!(%error, "rolling back a pre-copied socket");
         }
     }
 }
 
+impl PreparedDump {
+    /// Keeps the sockets `keep` selects by their index, in order; the others are released and
+    /// their fds closed: a socket its application closed since it was taken then closes as the
+    /// application asked.
+    pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let sockets = std::mem::take(&mut self.sockets);
+        for (k, socket) in sockets.into_iter().enumerate() {
+            if keep(k) {
+                self.sockets.push(socket);
+            } else {
+                socket.release();
+            }
+        }
+    }
+
+    /// Our fd of each socket, in order.
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.sockets.iter().map(|socket| socket.fd.as_fd())
+    }
+
+    /// Adds the sockets of `other`, prepared later, after these.
+    pub fn append(&mut self, mut other: PreparedDump) {
+        self.sockets.append(&mut other.sockets);
+    }
+
+    /// Reads again what only the application changes, for a dump prepared while it ran (it may
+    /// have set an option since; once it is stopped they hold still). Returns the index and
+    /// SO_REUSEADDR of each socket whose options changed.
+    pub fn reread_options(&mut self) -> Result<Vec<(usize, bool)>, RepairError> {
+        let read = repair::sharded(self.workers, &self.sockets, |batch| {
+            batch
+                .iter()
+                .map(|socket| read_options(socket.fd.as_fd(), socket.tclass.is_some()))
+                .collect::<Vec<_>>()
+        });
+        let mut changed = Vec::new();
+        let read = read.into_iter().flatten();
+        for (k, (socket, read)) in self.sockets.iter_mut().zip(read).enumerate() {
+            let now = read.map_err(|error| not_connected(socket.fd.as_fd(), error))?;
+            if now != (socket.options, socket.tos, socket.tclass) {
+                (socket.options, socket.tos, socket.tclass) = now;
+                changed.push((k, socket.options.reuseaddr));
+            }
+        }
+        Ok(changed)
+    }
+}
+
 /// Reads what only the sockets' application changes, sharded like the dump: call it once the
-/// application is stopped, before the freeze. Changes nothing on the sockets.
+/// application is stopped, before the freeze, or earlier and then
+/// [`reread_options`](PreparedDump::reread_options) once it is stopped. Changes nothing on the
+/// sockets.
 ///
 /// # Examples
 /// The dump of a process's connections on one service: taken, prepared, then (once their
@@ -199,10 +255,17 @@ pub fn prepare_dump(workers: Workers, fds: Vec<OwnedFd>) -> Result<PreparedDump,
     Ok(PreparedDump { sockets, workers })
 }
 
-/// Cookie, then the options only the application changes. SO_REUSEADDR must be read before
-/// repair mode, which forces it on.
+/// Cookie, then the options only the application changes.
 fn prepare_one(fd: BorrowedFd<'_>) -> io::Result<(u64, SocketOptions, u8, Option<u8>)> {
     let cookie = so::get::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
+    let ipv6 = so::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_INET6;
+    let (options, tos, tclass) = read_options(fd, ipv6)?;
+    Ok((cookie, options, tos, tclass))
+}
+
+/// The options only the application changes, with TOS and (on an AF_INET6 socket) TCLASS.
+/// SO_REUSEADDR must be read before repair mode, which forces it on.
+fn read_options(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<(SocketOptions, u8, Option<u8>)> {
     let flag = |level, name| so::get_int(fd, level, name).map(|v| v != 0);
     let keepalive = if flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE)? {
         Some(Keepalive {
@@ -223,11 +286,11 @@ fn prepare_one(fd: BorrowedFd<'_>) -> io::Result<(u64, SocketOptions, u8, Option
     };
     let (level, name) = tos_option(true);
     let tos = so::get_int(fd, level, name)? as u8;
-    let tclass = if so::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_INET6 {
+    let tclass = if ipv6 {
         let (level, name) = tos_option(false);
         Some(so::get_int(fd, level, name)? as u8)
     } else {
         None
     };
-    Ok((cookie, options, tos, tclass))
+    Ok((options, tos, tclass))
 }

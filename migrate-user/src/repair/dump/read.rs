@@ -58,12 +58,14 @@ impl PreparedDump {
                 }
             }
         }
-        self.settle(outcomes)
+        self.settle(outcomes, false)
     }
 
     /// [`dump`](Self::dump) with the states of one pass of the reader, made after the freeze:
     /// several dumps of one namespace (the shards of a migration) share one pass. A socket not
-    /// in `states` fails the dump.
+    /// in `states` fails the dump. A socket in a state repair does not handle (its peer closed it
+    /// since it was taken: CLOSE_WAIT...) is left to its application, as a discovery leaves it,
+    /// and listed in [`DumpedSockets::skipped`].
     pub fn dump_read(
         self,
         states: &HashMap<u64, SocketState>,
@@ -76,7 +78,7 @@ impl PreparedDump {
                 .map(|socket| dump_one(socket, states))
                 .collect::<Vec<_>>()
         });
-        self.settle(batches.into_iter().flatten())
+        self.settle(batches.into_iter().flatten(), true)
     }
 
     /// Dumps the sockets not settled yet that `states` holds.
@@ -99,15 +101,19 @@ impl PreparedDump {
     }
 
     /// The dumped sockets, or the first error after taking every socket out of repair mode.
+    /// With `leave_unsupported`, a socket in a state repair does not handle is no error: it is
+    /// left out (out of repair mode if the pre-copy put it there) and listed as skipped.
     fn settle(
         mut self,
         outcomes: impl IntoIterator<Item = Option<Outcome>>,
+        leave_unsupported: bool,
     ) -> Result<DumpedSockets, RepairError> {
         let sockets = std::mem::take(&mut self.sockets);
         let workers = self.workers;
         let mut connections = Vec::with_capacity(sockets.len());
         let mut first_error = None;
         let mut in_repair = Vec::with_capacity(sockets.len());
+        let mut skipped = Vec::new();
         for (socket, outcome) in sockets.into_iter().zip(outcomes) {
             let fd = socket.fd;
             let outcome = outcome.unwrap_or_else(|| {
@@ -131,13 +137,21 @@ impl PreparedDump {
                     {
                         tracing::warn!(%rollback, "rolling back a socket whose dump failed");
                     }
-                    first_error.get_or_insert(error);
+                    match error {
+                        RepairError::UnsupportedState { tuple, state } if leave_unsupported => {
+                            skipped.push((tuple, state));
+                        }
+                        error => {
+                            first_error.get_or_insert(error);
+                        }
+                    }
                 }
             }
         }
         let dumped = DumpedSockets {
             fds: in_repair,
             connections,
+            skipped,
             workers,
         };
         match first_error {
@@ -333,4 +347,48 @@ pub(super) fn peek(
         });
     }
     Ok(Bytes::from(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Shutdown, TcpListener, TcpStream},
+        os::fd::OwnedFd,
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::repair::{TcpState, Workers, prepare_dump};
+
+    /// Two loopback connections, one closed by its client after it was prepared (CLOSE_WAIT at
+    /// the server): dump_read moves the other and leaves that one, out of repair mode.
+    #[test]
+    fn dump_read_leaves_a_connection_its_peer_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let service = listener.local_addr().unwrap();
+        let clients: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(service).unwrap())
+            .collect();
+        let servers: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+        let fds: Vec<OwnedFd> = (servers.iter())
+            .map(|s| s.as_fd().try_clone_to_owned().unwrap())
+            .collect();
+        let prepared = prepare_dump(Workers::One, fds).unwrap();
+        clients[1].shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+
+        let mut reader = StateReader::load(Some(service.port())).unwrap();
+        let states = reader.read(&Netns::current().unwrap()).unwrap();
+        let dumped = prepared.dump_read(&states).unwrap();
+        assert_eq!(dumped.len(), 1);
+        assert_eq!(dumped.connections()[0].tuple.local, service);
+        let closed = servers[1].peer_addr().unwrap();
+        assert!(
+            matches!(dumped.skipped(), [(tuple, TcpState::CloseWait)] if tuple.remote == closed),
+            "{:?}",
+            dumped.skipped()
+        );
+        assert!(!so::in_repair(servers[1].as_fd()).unwrap());
+        dumped.rollback().unwrap();
+    }
 }
