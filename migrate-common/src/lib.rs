@@ -53,7 +53,16 @@ pub struct FreezeValue {
     pub deadline_ns: u64,
     /// When the freeze was set, CLOCK_MONOTONIC nanoseconds (for `tcpmig status`).
     pub since_ns: u64,
+    /// [`SCOPE_ALL`] or [`SCOPE_NEW_CONNECTIONS`].
+    pub scope: u32,
+    pub _pad: u32,
 }
+
+/// The entry stops every segment of its connections, both ways.
+pub const SCOPE_ALL: u32 = 0;
+/// The entry stops only new connections (SYNs in); established ones pass. Set when the
+/// application stops, so that no handshake completes into an accept queue it will never read.
+pub const SCOPE_NEW_CONNECTIONS: u32 = 1;
 
 /// Indexes into the per-CPU counters array.
 #[repr(u32)]

@@ -3,7 +3,8 @@
 //! A packet is dropped when its TCP connection belongs to a frozen service (one map entry per
 //! {address, port}, whatever the number of connections) or is a frozen 4-tuple, and the entry's
 //! deadline has not passed. New SYNs to a frozen service are dropped silently, so the client
-//! retries instead of seeing a reset. Everything that is not TCP over IPv4/IPv6 passes untouched.
+//! retries instead of seeing a reset. An entry of the new-connections scope drops only those
+//! SYNs. Everything that is not TCP over IPv4/IPv6 passes untouched.
 #![no_std]
 #![no_main]
 
@@ -17,7 +18,7 @@ use aya_ebpf::{
 };
 use migrate_common::{
     CRIU_SKB_MARK, Counter, FAMILY_V4, FAMILY_V6, FreezeValue, MAX_SERVICES, MAX_TUPLES,
-    ServiceKey, TupleKey,
+    SCOPE_NEW_CONNECTIONS, ServiceKey, TupleKey,
 };
 
 #[map(name = "SERVICES")]
@@ -91,10 +92,12 @@ fn classify(ctx: &TcContext, direction: Direction) -> Option<Verdict> {
     if unsafe { bpf_ktime_get_ns() } >= entry.deadline_ns {
         return Some(Verdict::PassExpired);
     }
+    let syn = segment.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if entry.scope == SCOPE_NEW_CONNECTIONS && !(direction == Direction::Ingress && syn) {
+        return None;
+    }
     match direction {
-        Direction::Ingress if segment.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN => {
-            Some(Verdict::Drop(Counter::SynDropped))
-        }
+        Direction::Ingress if syn => Some(Verdict::Drop(Counter::SynDropped)),
         Direction::Ingress => Some(Verdict::Drop(Counter::IngressDropped)),
         Direction::Egress if skb_mark(ctx) == CRIU_SKB_MARK => Some(Verdict::PassMarked),
         Direction::Egress => Some(Verdict::Drop(Counter::EgressDropped)),

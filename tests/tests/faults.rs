@@ -20,10 +20,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, TokenFile, adopted_stream, carries_on,
-    migrate_to, migrate_to_paused_agent, nothing_left, process_state, queued_traffic, start_agent,
+    BYTES, COMMAND_TIMEOUT, MORE, STEP_TIMEOUT_SECS, adopted_stream, carries_on, migrate_to,
+    migrate_to_paused_agent, nothing_left, process_state, queued_traffic, start_agent,
     start_migrate, wait_exited,
 };
+use tcpmig_testbed::TokenFile;
 use tcpmig_testbed::{StreamArgs, TestBed, sys::take_fd};
 
 const N: usize = 500;

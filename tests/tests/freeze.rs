@@ -183,6 +183,52 @@ fn round_trip(host: &Host, to: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// The scope a migration sets when it stops the application: new connections are stopped (a
+/// SYN gets no answer), established ones carry on both ways; widened to the whole service, the
+/// established one stops too.
+#[test]
+fn new_connections_scope_stops_only_syns() -> Result<()> {
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(false), 7300);
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut client = connect(bed.client(), service, Duration::from_secs(2))??;
+    let (mut server, _) = listener.accept()?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let netns = Netns::open(bed.source().name())?;
+    let name = format!("{}-new", bed.prefix());
+    let _cleanup = FreezeCleanup(name.clone());
+    let mut frozen = freeze::Freeze::attach(&netns, IFACE, &name)?;
+    frozen.freeze_new_connections(&[service], Duration::from_secs(30))?;
+
+    server.write_all(b"still here")?;
+    let mut answer = [0u8; 10];
+    client.read_exact(&mut answer)?;
+    ensure!(
+        &answer == b"still here",
+        "the established connection stopped"
+    );
+    ensure!(
+        connect(bed.client(), service, Duration::from_millis(700))?.is_err(),
+        "a new connection got through"
+    );
+    let entries = &frozen.status()?.services;
+    ensure!(
+        entries.len() == 1 && entries[0].new_connections_only,
+        "status: {entries:?}"
+    );
+
+    frozen.freeze_services(&[service], Duration::from_secs(30))?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    server.write_all(b"x")?;
+    ensure!(
+        client.read(&mut answer).is_err(),
+        "the widened freeze let a segment through"
+    );
+    ensure!(!frozen.status()?.services[0].new_connections_only);
+    frozen.remove()?;
+    nothing_left(&bed, &name)
+}
+
 #[test]
 fn other_ports_and_addresses_flow_during_a_freeze() -> Result<()> {
     let bed = TestBed::new()?;

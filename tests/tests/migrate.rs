@@ -81,10 +81,10 @@ fn rollback_case(fault: Fault) -> Result<()> {
     let bed = TestBed::new()?;
     // Unread data both ways, so the image carries queues.
     let mut traffic = support::queued_traffic(&bed, N, PORT)?;
-    let source_token = support::TokenFile::new(&bed, "source", "right token")?;
+    let source_token = tcpmig_testbed::TokenFile::new(&bed, "source", "right token")?;
     let agent_token = match fault {
-        Fault::WrongToken => support::TokenFile::new(&bed, "agent", "another token")?,
-        _ => support::TokenFile::new(&bed, "agent", "right token\n")?,
+        Fault::WrongToken => tcpmig_testbed::TokenFile::new(&bed, "agent", "another token")?,
+        _ => tcpmig_testbed::TokenFile::new(&bed, "agent", "right token\n")?,
     };
     let _blocker = match fault {
         Fault::TupleInUse => Some(hold_tuple_at_destination(&bed, PORT)?),
@@ -148,7 +148,7 @@ fn agent_is_ready_on_prepare_with_nothing_pinned() -> Result<()> {
     const PORT: u16 = 8095;
     let bed = TestBed::new()?;
     let mut traffic = support::queued_traffic(&bed, N, PORT)?;
-    let token = support::TokenFile::new(&bed, "prepare", "prepare token")?;
+    let token = tcpmig_testbed::TokenFile::new(&bed, "prepare", "prepare token")?;
     let (source, destination) = (bed.source(), bed.destination());
     let server_pid = traffic.server_pids()[0];
     let (mut agent, mut migrate) = support::migrate_to_paused_agent(

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, TokenFile, migrate_to, nothing_left, process_state,
+    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, migrate_to, nothing_left, process_state,
     queued_traffic, run_tcpmig, start_agent, start_plain_agent, start_plain_migrate,
 };
 use tcpmig::{
@@ -23,6 +23,7 @@ use tcpmig::{
     migrate::{MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION},
     net::Netns,
 };
+use tcpmig_testbed::TokenFile;
 use tcpmig_testbed::{IFACE, SERVICE_V4, StreamArgs, TestBed};
 
 const N: usize = 50;

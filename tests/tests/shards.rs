@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    BYTES, COMMAND_TIMEOUT, MORE, Scratch, TokenFile, adopted_stream, carries_on,
-    new_connection_reaches, nothing_left, process_state, queued_shared_traffic, receive_handoff_on,
-    script_reports, service, start_handoff_agent, start_plain_agent, start_scripted_agent,
-    start_unpaused_migrate, wait_exited,
+    BYTES, COMMAND_TIMEOUT, MORE, Scratch, adopted_stream, carries_on, new_connection_reaches,
+    nothing_left, process_state, queued_shared_traffic, receive_handoff_on, script_reports,
+    service, start_handoff_agent, start_plain_agent, start_scripted_agent, start_unpaused_migrate,
+    wait_exited,
 };
+use tcpmig_testbed::TokenFile;
 use tcpmig_testbed::{Peer, PeerCommand, Report, TestBed, command_all, sys};
 
 const PORT: u16 = 8500;

@@ -16,7 +16,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use support::{PEER, TokenFile, nothing_left, start_agent, start_unpaused_migrate, wait_exited};
+use support::{PEER, nothing_left, start_agent, start_unpaused_migrate, wait_exited};
+use tcpmig_testbed::TokenFile;
 use tcpmig_testbed::{
     Peer, PeerCommand, Report, SERVICE_V4, StreamArgs, TestBed, Traffic, command_all,
 };

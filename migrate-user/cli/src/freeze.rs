@@ -210,8 +210,13 @@ fn print_status(status: &FreezeStatus) {
     );
     for entry in &status.services {
         if let Some(service) = entry.service {
+            let what = if entry.new_connections_only {
+                "new connections frozen"
+            } else {
+                "frozen"
+            };
             println!(
-                "  service {service}: frozen {:.3} s ago, {}",
+                "  service {service}: {what} {:.3} s ago, {}",
                 entry.frozen_for_s,
                 deadline_text(entry.deadline_in_s)
             );

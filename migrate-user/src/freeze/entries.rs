@@ -8,7 +8,9 @@ use std::{
 };
 
 use aya::maps::MapError;
-use migrate_common::{FAMILY_V4, FAMILY_V6, FreezeValue, ServiceKey, TupleKey};
+use migrate_common::{
+    FAMILY_V4, FAMILY_V6, FreezeValue, SCOPE_ALL, SCOPE_NEW_CONNECTIONS, ServiceKey, TupleKey,
+};
 
 use super::{Freeze, FreezeError, infos};
 use crate::{
@@ -25,7 +27,28 @@ impl Freeze {
         services: &[SocketAddr],
         ttl: Duration,
     ) -> Result<(), FreezeError> {
-        let value = freeze_value(ttl);
+        self.insert_services(services, freeze_value(ttl))
+    }
+
+    /// Stops only the new connections to each service (SYNs in), for `ttl`: its established
+    /// connections carry on. [`Freeze::freeze_services`] later widens the same entries.
+    pub fn freeze_new_connections(
+        &mut self,
+        services: &[SocketAddr],
+        ttl: Duration,
+    ) -> Result<(), FreezeError> {
+        let value = FreezeValue {
+            scope: SCOPE_NEW_CONNECTIONS,
+            ..freeze_value(ttl)
+        };
+        self.insert_services(services, value)
+    }
+
+    fn insert_services(
+        &mut self,
+        services: &[SocketAddr],
+        value: FreezeValue,
+    ) -> Result<(), FreezeError> {
         for &service in services {
             self.services.insert(&service_key(service), &value, 0)?;
         }
@@ -122,6 +145,8 @@ fn freeze_value(ttl: Duration) -> FreezeValue {
     FreezeValue {
         deadline_ns: u64::try_from(now.saturating_add(ttl).as_nanos()).unwrap_or(u64::MAX),
         since_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+        scope: SCOPE_ALL,
+        _pad: 0,
     }
 }
 

@@ -2,7 +2,7 @@
 //! deadline, and the totals of the programs' per-CPU counters.
 use std::{net::SocketAddr, time::Duration};
 
-use migrate_common::{Counter, FreezeValue, ServiceKey, TupleKey};
+use migrate_common::{Counter, FreezeValue, SCOPE_NEW_CONNECTIONS, ServiceKey, TupleKey};
 use serde::Serialize;
 
 use super::{Freeze, FreezeError, FreezeInfo, entries::socket_addr, infos};
@@ -20,6 +20,8 @@ pub struct FrozenEntry {
     pub frozen_for_s: f64,
     /// Seconds until the programs let its traffic through again (negative: expired).
     pub deadline_in_s: f64,
+    /// Only new connections are stopped (the application is stopped, the freeze to come).
+    pub new_connections_only: bool,
 }
 
 /// Totals of the per-CPU counters.
@@ -124,5 +126,6 @@ fn frozen_entry(
         }),
         frozen_for_s: (now_ns - value.since_ns as f64) / 1e9,
         deadline_in_s: (value.deadline_ns as f64 - now_ns) / 1e9,
+        new_connections_only: value.scope == SCOPE_NEW_CONNECTIONS,
     }
 }

@@ -12,7 +12,6 @@ pub use handoff::receive_handoff_on;
 use std::{
     io::Read,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError},
@@ -87,24 +86,6 @@ pub fn carries_on(traffic: &mut Traffic<'_>, n: usize) -> Result<()> {
     ensure!(more.all_verified(n), "still flowing: {more:?}");
     ensure!(more.client.resets + more.server.resets == 0, "{more:?}");
     Ok(())
-}
-
-/// A token file (mode 0600, as tcpmig demands), removed when dropped.
-pub struct TokenFile(pub PathBuf);
-
-impl TokenFile {
-    pub fn new(bed: &TestBed, which: &str, token: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("{}-{which}.token", bed.prefix()));
-        std::fs::write(&path, token)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TokenFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// A child's stderr, line by line, read on a thread of its own (which ends with the pipe).

@@ -7,7 +7,7 @@ use nix::net::if_::if_nametoindex;
 
 use super::{
     HoldBudget, HoldError, HoldReport,
-    filter::service_filter,
+    filter::{Segments, service_filter},
     held::{HeldPackets, MAX_PACKET},
 };
 use crate::{net::Netns, sys::CaptureSocket};
@@ -23,6 +23,8 @@ pub struct Hold {
     dev: String,
     /// What was taken so far, against the budget.
     report: HoldReport,
+    /// Whether a filter other than "nothing" was set.
+    begun: bool,
 }
 
 impl Hold {
@@ -52,6 +54,7 @@ impl Hold {
             socket,
             service,
             dev: dev.to_owned(),
+            begun: false,
             report: HoldReport {
                 budget: Some(budget),
                 ..HoldReport::default()
@@ -59,17 +62,22 @@ impl Hold {
         })
     }
 
-    /// The freeze is about to start: from now on the segments to the service are kept. A
-    /// segment that arrives between this and the freeze is both delivered here and replayed
-    /// there, where TCP discards it as a duplicate.
-    pub fn begin(&self) -> Result<(), HoldError> {
+    /// A freeze is about to start: from now on the `segments` to the service that come in are
+    /// kept. First only the SYNs, while new connections alone are held back (the application
+    /// is stopped, its connections not yet frozen), then every segment, as the service
+    /// freezes; a segment that arrives between this and the freeze is both delivered here and
+    /// replayed there, where TCP discards it as a duplicate.
+    pub fn begin(&mut self, segments: Segments) -> Result<(), HoldError> {
         self.socket
-            .set_filter(&service_filter(self.service))
+            .set_filter(&service_filter(self.service, segments))
             .map_err(self.error("setting the capture filter"))?;
-        // Resets the statistics: drops from here on are the hold's.
-        self.socket
-            .take_dropped()
-            .map_err(self.error("reading the capture statistics"))?;
+        if !self.begun {
+            // Resets the statistics: drops from here on are the hold's.
+            self.socket
+                .take_dropped()
+                .map_err(self.error("reading the capture statistics"))?;
+            self.begun = true;
+        }
         Ok(())
     }
 

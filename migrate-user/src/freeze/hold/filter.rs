@@ -3,18 +3,23 @@
 //! (ETH_P_ALL): only those sockets see a frame before tc ingress, so the filter checks the
 //! frame's protocol itself, in the kernel's ancillary data. Non-first IPv4 fragments carry no
 //! TCP header and are not taken; IPv6 extension headers before TCP are not followed (the freeze
-//! programs let those pass too).
+//! programs let those pass too). Before the freeze, while only new connections are held back,
+//! the filter takes only SYNs (SYN set, ACK not).
 use std::net::{IpAddr, SocketAddr};
 
 const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
 const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+const LD_B_IND: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_IND) as u16;
+const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
 const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const IPPROTO_TCP: u32 = 6;
+const TCP_SYN: u32 = 0x02;
+const TCP_ACK: u32 = 0x10;
 /// Where classic BPF reads skb->protocol (SKF_AD_OFF + SKF_AD_PROTOCOL).
 const SKB_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
 const ETH_P_IP: u32 = 0x0800;
@@ -29,12 +34,23 @@ enum Step {
     Equal(u32),
     /// Drop when any bit of `k` is set in the accumulator.
     NoBits(u32),
+    /// Keep only the bits of `k` in the accumulator.
+    Mask(u32),
 }
 
-/// The filter program for segments to `service`.
-pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
+/// Which segments to the service a hold takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segments {
+    /// Every one (the service is frozen).
+    All,
+    /// Only SYNs (only new connections are held back).
+    Syns,
+}
+
+/// The filter program for `segments` to `service`.
+pub(super) fn service_filter(service: SocketAddr, segments: Segments) -> Vec<libc::sock_filter> {
     let port = u32::from(service.port());
-    let steps = match service.ip() {
+    let mut steps = match service.ip() {
         IpAddr::V4(ip) => vec![
             Step::Load(LD_H_ABS, SKB_PROTOCOL),
             Step::Equal(ETH_P_IP),
@@ -65,6 +81,15 @@ pub(super) fn service_filter(service: SocketAddr) -> Vec<libc::sock_filter> {
             steps
         }
     };
+    if segments == Segments::Syns {
+        // The flags byte, 13 into the TCP header (X still holds the IPv4 header's length).
+        steps.push(match service.ip() {
+            IpAddr::V4(_) => Step::Load(LD_B_IND, 13),
+            IpAddr::V6(_) => Step::Load(LD_B_ABS, 40 + 13),
+        });
+        steps.push(Step::Mask(TCP_SYN | TCP_ACK));
+        steps.push(Step::Equal(TCP_SYN));
+    }
     assemble(&steps)
 }
 
@@ -80,6 +105,7 @@ fn assemble(steps: &[Step]) -> Vec<libc::sock_filter> {
             Step::Load(code, k) => instruction(code, 0, 0, k),
             Step::Equal(k) => instruction(JEQ, 0, to_drop, k),
             Step::NoBits(k) => instruction(JSET, to_drop, 0, k),
+            Step::Mask(k) => instruction(AND, 0, 0, k),
         });
     }
     program.push(instruction(RET, 0, 0, ACCEPT_BYTES));
@@ -110,6 +136,8 @@ mod tests {
                 LD_H_ABS => a = load(i.k as usize, 2).unwrap_or_default(),
                 LD_W_ABS => a = load(i.k as usize, 4).unwrap_or_default(),
                 LD_H_IND => a = load((x + i.k) as usize, 2).unwrap_or_default(),
+                LD_B_IND => a = load((x + i.k) as usize, 1).unwrap_or_default(),
+                AND => a &= i.k,
                 LDX_MSH => x = 4 * (load(i.k as usize, 1).unwrap_or_default() & 0xf),
                 JEQ => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
                 JSET => pc += usize::from(if a & i.k != 0 { i.jt } else { i.jf }),
@@ -133,7 +161,7 @@ mod tests {
 
     #[test]
     fn ipv4_takes_only_segments_to_the_service() {
-        let filter = service_filter("10.0.0.2:80".parse().unwrap());
+        let filter = service_filter("10.0.0.2:80".parse().unwrap(), Segments::All);
         assert_eq!(
             run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)),
             ACCEPT_BYTES
@@ -170,7 +198,7 @@ mod tests {
 
     #[test]
     fn ipv6_takes_only_segments_to_the_service() {
-        let filter = service_filter("[fd00::2]:443".parse().unwrap());
+        let filter = service_filter("[fd00::2]:443".parse().unwrap(), Segments::All);
         let packet = |dst: &str, next: u8, dport: u16| {
             let mut p = vec![0u8; 60];
             p[0] = 0x60;
@@ -188,5 +216,35 @@ mod tests {
         assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 6, 80)), 0);
         assert_eq!(run(&filter, ETH_P_IPV6, &packet("fd00::2", 17, 443)), 0);
         assert_eq!(run(&filter, ETH_P_IP, &packet("fd00::2", 6, 443)), 0);
+    }
+
+    #[test]
+    fn before_the_freeze_only_syns_are_taken() {
+        let syn_only = |flags: u8, options: bool| {
+            let mut p = ipv4_tcp([10, 0, 0, 2], 80, 0, 6);
+            p[33] = flags;
+            if options {
+                p[0] = 0x46;
+                p.splice(20..20, [1, 1, 1, 0]);
+            }
+            let filter = service_filter("10.0.0.2:80".parse().unwrap(), Segments::Syns);
+            run(&filter, ETH_P_IP, &p)
+        };
+        assert_eq!(syn_only(0x02, false), ACCEPT_BYTES);
+        assert_eq!(syn_only(0x02, true), ACCEPT_BYTES);
+        // SYN-ACK, ACK, data, FIN: not new connections.
+        for flags in [0x12, 0x10, 0x18, 0x11] {
+            assert_eq!(syn_only(flags, false), 0, "flags {flags:#x}");
+        }
+        let filter = service_filter("[fd00::2]:443".parse().unwrap(), Segments::Syns);
+        let mut p = vec![0u8; 60];
+        p[0] = 0x60;
+        p[6] = 6;
+        p[24..40].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        p[42..44].copy_from_slice(&443u16.to_be_bytes());
+        p[53] = 0x02;
+        assert_eq!(run(&filter, ETH_P_IPV6, &p), ACCEPT_BYTES);
+        p[53] = 0x10;
+        assert_eq!(run(&filter, ETH_P_IPV6, &p), 0);
     }
 }

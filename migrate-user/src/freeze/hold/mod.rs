@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 
 pub use self::{
     capture::Hold,
+    filter::Segments,
     held::{HeldPackets, HoldBudget, HoldReport, MAX_PACKET},
     replay::{ReplayReport, Replayer},
 };

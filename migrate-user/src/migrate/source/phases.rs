@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use super::{Held, PRECOPY_QUIET, ProcessSockets, SourceConfig};
 use crate::{
+    freeze::hold::Segments,
     image::{self, Image},
     migrate::{
         FREEZE_TTL, MigrateError, Report, StoppedTree,
@@ -116,11 +117,19 @@ pub(super) struct Discovered<'r, 'a>(&'r mut Run<'a>);
 
 impl<'r, 'a> Discovered<'r, 'a> {
     /// Stops the application's process trees (told to the guard first): the clients' silence
-    /// starts.
+    /// starts. New connections stop first (held for the destination): a handshake the source's
+    /// kernel completed from here on would wait in an accept queue the stopped application
+    /// never reads, and move nowhere.
     fn stop(self) -> Result<Stopped<'r, 'a>, MigrateError> {
         let run = self.0;
         let at = Instant::now();
         run.guardian.note(&Note::Stopping)?;
+        if let Some(hold) = &mut run.held.hold {
+            hold.begin(Segments::Syns)?;
+        }
+        run.held
+            .freeze
+            .freeze_new_connections(&[run.service], FREEZE_TTL)?;
         for &pid in &run.config.pids {
             let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
             run.held.stopped.push(stopped);
@@ -221,8 +230,8 @@ impl<'r, 'a> CaughtUp<'r, 'a> {
         let Self { run, stopped } = self;
         let at = Instant::now();
         run.report.stop_to_freeze_ms = millis(at.duration_since(stopped));
-        if let Some(hold) = &run.held.hold {
-            hold.begin()?;
+        if let Some(hold) = &mut run.held.hold {
+            hold.begin(Segments::All)?;
         }
         run.held
             .freeze
