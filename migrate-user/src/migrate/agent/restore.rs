@@ -292,10 +292,11 @@ pub(super) async fn replay_held(
     let mut thawed = Some(thawed);
     for batch in 0..2 {
         let replayed = replay_batch(config, link, replayer, report).await;
-        // Out of the way of the early batch, and meanwhile the source reads the rest.
+        // Out of the way of the early batch, and meanwhile the source reads the rest; the
+        // detach itself (25-30 ms) is left to a keeper process, off the hand-over's path.
         if let Some(freeze) = thawed.take() {
             report.dropped = freeze.counters()?.into();
-            freeze.remove()?;
+            freeze.remove_in_background()?;
         }
         match replayed {
             Ok(true) => break,
