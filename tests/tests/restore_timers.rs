@@ -23,11 +23,8 @@ use tcpmig::{
     freeze::{Freeze, RemoveOnDrop},
     net::{self, Netns},
     repair::{self, TcpState},
-    tuple::{self, Tuple},
 };
-use tcpmig_testbed::{
-    Host, IFACE, Peer, PeerArgs, PeerCommand, Report, StreamArgs, TestBed, Traffic, command_all,
-};
+use tcpmig_testbed::{Host, IFACE, PeerCommand, Report, StreamArgs, TestBed, Traffic, command_all};
 
 /// Written both ways at first and left unread: the receive queues hold it.
 const BYTES: u64 = 1024;
@@ -111,21 +108,9 @@ impl Drop for LossGuard<'_> {
 }
 
 fn start_loss(bed: &TestBed, service: SocketAddr, n: usize, loss: Loss) -> Result<LossGuard<'_>> {
-    let client_ns = Netns::open(bed.client().name())?;
     match loss {
         Loss::Everything => {
-            let tuples: Vec<Tuple> = repair::list_tcp_sockets(&client_ns)?
-                .into_iter()
-                .filter(|s| s.tuple.remote == tuple::canonical(service))
-                .map(|s| s.tuple)
-                .collect();
-            ensure!(tuples.len() == n, "{} client sockets found", tuples.len());
-            let mut freeze = RemoveOnDrop::new(Freeze::attach(
-                &client_ns,
-                IFACE,
-                &format!("{}-loss", bed.prefix()),
-            )?);
-            freeze.freeze_tuples(&tuples, FREEZE_TTL)?;
+            let freeze = support::client_loses_everything(bed, service, n, FREEZE_TTL)?;
             Ok(LossGuard::Freeze(Box::new(freeze)))
         }
         Loss::Acks => {
@@ -277,21 +262,13 @@ fn migrate_undelivered(
     dumped.commit();
 
     let fds = committed.sockets.into_iter().map(|s| s.fd).collect();
-    let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
     let taken_over = StreamArgs {
         sent_already: total,
         ..stream(total)
     };
-    cmd.args(PeerArgs::adopting_server(taken_over).to_args());
-    let server = Peer::spawn(
-        bed.destination(),
-        cmd,
-        "server of the restored sockets",
-        taken_over.timeout() + Duration::from_secs(10),
-    )?;
+    let server = support::adopt_on_destination(&bed, fds, taken_over)?;
     // The old server's sockets are in repair mode: killing it closes them silently.
     drop(std::mem::replace(&mut traffic.servers, vec![server]));
-    traffic.servers[0].expect_line("ready")?;
     drop(source_freeze);
     verify(&mut traffic, total, BYTES, n as u64)?;
     let caught_up = committed_at.elapsed();

@@ -154,19 +154,7 @@ pub(super) fn loaded_traffic<'bed>(
     n: usize,
 ) -> Result<(Traffic<'bed>, RemoveOnDrop, String)> {
     let mut traffic = Traffic::open_at(bed, Path::new(PEER), service, n, stream(BYTES))?;
-    let client_ns = Netns::open(bed.client().name())?;
-    let tuples: Vec<Tuple> = repair::list_tcp_sockets(&client_ns)?
-        .into_iter()
-        .filter(|s| s.tuple.remote == tuple::canonical(service))
-        .map(|s| s.tuple)
-        .collect();
-    ensure!(tuples.len() == n, "{} client sockets found", tuples.len());
-    let mut loss = RemoveOnDrop::new(Freeze::attach(
-        &client_ns,
-        IFACE,
-        &format!("{}-loss", bed.prefix()),
-    )?);
-    loss.freeze_tuples(&tuples, Duration::from_secs(120))?;
+    let loss = super::support::client_loses_everything(bed, service, n, Duration::from_secs(120))?;
     let wrote = |report: Report, bytes: u64| report.bytes_out == bytes * n as u64;
     let servers = command_all(
         &mut traffic.servers,

@@ -31,7 +31,7 @@ use tcpmig::{
     image,
     net::{self, Netns},
     repair,
-    tuple::{self, Tuple},
+    tuple::Tuple,
 };
 use tcpmig_testbed::{
     Host, IFACE, Peer, PeerArgs, PeerCommand, Report, StreamArgs, TestBed, Traffic, command_all,
@@ -313,20 +313,12 @@ fn precopy_keeps_what_did_not_move_and_redoes_the_rest() -> Result<()> {
     ensure!(committed.failures.is_empty(), "{:?}", committed.failures);
     dumped.commit();
     let fds = committed.sockets.into_iter().map(|s| s.fd).collect();
-    let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
     let taken_over = StreamArgs {
         sent_already: BYTES,
         ..stream(BYTES)
     };
-    cmd.args(PeerArgs::adopting_server(taken_over).to_args());
-    let server = Peer::spawn(
-        bed.destination(),
-        cmd,
-        "server of the restored sockets",
-        taken_over.timeout() + Duration::from_secs(10),
-    )?;
+    let server = support::adopt_on_destination(&bed, fds, taken_over)?;
     let old_servers = std::mem::replace(&mut traffic.servers, vec![server]);
-    traffic.servers[0].expect_line("ready")?;
     unfreeze(bed.destination(), &dest_name)?;
     drop(dest_freeze);
     drop(old_servers);

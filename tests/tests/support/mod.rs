@@ -12,6 +12,7 @@ pub use handoff::receive_handoff_on;
 use std::{
     io::Read,
     net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError},
@@ -19,7 +20,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tcpmig::{freeze, net::Netns};
+use tcpmig::{
+    freeze::{self, Freeze, RemoveOnDrop},
+    net::Netns,
+    repair,
+    tuple::{self, Tuple},
+};
 use tcpmig_testbed::{
     ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs,
     TestBed, Traffic, line_reader, peer::ScriptReport, tcpmig_bin,
@@ -514,4 +520,47 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The client host loses every segment of its `n` connections to `service`, both ways (a
+/// 4-tuple freeze in its namespace, for `ttl`), until the guard drops.
+pub fn client_loses_everything(
+    bed: &TestBed,
+    service: SocketAddr,
+    n: usize,
+    ttl: Duration,
+) -> Result<RemoveOnDrop> {
+    let client_ns = Netns::open(bed.client().name())?;
+    let tuples: Vec<Tuple> = repair::list_tcp_sockets(&client_ns)?
+        .into_iter()
+        .filter(|s| s.tuple.remote == tuple::canonical(service))
+        .map(|s| s.tuple)
+        .collect();
+    ensure!(tuples.len() == n, "{} client sockets found", tuples.len());
+    let mut loss = RemoveOnDrop::new(Freeze::attach(
+        &client_ns,
+        IFACE,
+        &format!("{}-loss", bed.prefix()),
+    )?);
+    loss.freeze_tuples(&tuples, ttl)?;
+    Ok(loss)
+}
+
+/// An adopting `tcpmig-peer` server of the restored sockets `fds` on the bed's destination
+/// (socket activation), going on from `taken_over`; returns once it said `ready`.
+pub fn adopt_on_destination(
+    bed: &TestBed,
+    fds: Vec<OwnedFd>,
+    taken_over: StreamArgs,
+) -> Result<Peer<'_>> {
+    let mut cmd = bed.destination().command_with_listen_fds(PEER, fds)?;
+    cmd.args(PeerArgs::adopting_server(taken_over).to_args());
+    let mut server = Peer::spawn(
+        bed.destination(),
+        cmd,
+        "server of the restored sockets",
+        taken_over.timeout() + Duration::from_secs(10),
+    )?;
+    server.expect_line("ready")?;
+    Ok(server)
 }

@@ -257,6 +257,8 @@ impl<'r, 'a> Frozen<'r, 'a> {
         let states = Arc::new(run.held.reader.read(run.netns)?);
         let dumped = shard::run_all(&run.held.shards, move |_, sockets| {
             let prepared = sockets.prepared.take().expect("prepared before the dump");
+            // What the catch-up compared the fd table with: not needed any more.
+            sockets.known = Known::default();
             let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
             Ok::<_, MigrateError>(dumped.skipped().len())
         });
@@ -496,6 +498,8 @@ fn catch_up_process(
             .collect();
         repair::catch_up(pid, &taken, &known.seen, &Filter::service(service))?
     };
+    // Not needed again: a megabyte of inodes at 50,000 connections.
+    known.seen = HashSet::new();
     let closed = found.closed.len();
     if closed > 0 {
         let open = |k: usize| found.closed.binary_search(&k).is_err();
