@@ -297,6 +297,8 @@ async fn send_held(
         }
     };
     send_held_batch(link, &early, false).await?;
+    // Most of what was held: gone before the rest is read.
+    drop(early);
     let waiting = "waiting for the agent to go live";
     match link.recv_message(waiting, None).await? {
         Message::Live => {}
