@@ -162,7 +162,7 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
 }
 
 /// How many of the new connections not served were tried before, during and after the blackout
-/// that ended at `live_ns` (on [`now_ns`]'s clock).
+/// that ended at `live_ns` (on the load generator's clock).
 fn unserved_when(probe: &ProbeReport, live_ns: u64, blackout_ms: f64) -> [u64; 3] {
     let frozen_ns = live_ns.saturating_sub((blackout_ms * 1e6) as u64);
     let mut when = [0; 3];
