@@ -24,7 +24,9 @@ impl<'bed> Capture<'bed> {
     pub fn start(netns: &'bed Namespace, port: u16) -> Result<Self> {
         let file = std::env::temp_dir().join(format!("{}-{port}.pcap", netns.name()));
         let mut cmd = netns.command("tcpdump")?;
-        cmd.args(["-i", IFACE, "-n", "-U", "-w"])
+        // --immediate-mode: without it libpcap hands packets over a ring block at a time (when
+        // full, or after its timeout), and a capture stopped before that loses them all.
+        cmd.args(["-i", IFACE, "-n", "-U", "--immediate-mode", "-w"])
             .arg(&file)
             .arg(format!("tcp port {port}"))
             .stdout(Stdio::null())
@@ -42,13 +44,7 @@ impl<'bed> Capture<'bed> {
 
     /// Stops the capture and returns tcpdump's one-line summaries of the packets.
     pub fn stop(mut self) -> Result<Vec<String>> {
-        // SAFETY: signalling a child we started and have not reaped, by its pid.
-        unsafe { libc::kill(self.child.pid() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait()?.is_none() {
-            ensure!(Instant::now() < deadline, "tcpdump did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.stop_tcpdump()?;
         let out = Command::new("tcpdump")
             .args(["-n", "-r"])
             .arg(&self.file)
@@ -58,5 +54,25 @@ impl<'bed> Capture<'bed> {
             .lines()
             .map(str::to_owned)
             .collect())
+    }
+
+    /// Stops the capture and returns the capture file's bytes (pcap: headers and the packets,
+    /// whole), for a test that looks for bytes that must not cross the wire.
+    pub fn stop_raw(mut self) -> Result<Vec<u8>> {
+        self.stop_tcpdump()?;
+        let bytes = std::fs::read(&self.file)?;
+        let _ = std::fs::remove_file(&self.file);
+        Ok(bytes)
+    }
+
+    fn stop_tcpdump(&mut self) -> Result<()> {
+        // SAFETY: signalling a child we started and have not reaped, by its pid.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait()?.is_none() {
+            ensure!(Instant::now() < deadline, "tcpdump did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 }

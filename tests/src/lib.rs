@@ -60,6 +60,7 @@ pub mod nstat;
 pub mod pattern;
 pub mod peer;
 pub mod peer_process;
+pub mod pki;
 pub mod probe;
 mod process;
 pub mod sys;
@@ -75,6 +76,7 @@ pub use namespaces::{Namespace, Namespaces, namespaces_with_prefix, sweep_stale}
 pub use ns::netns_path;
 pub use nstat::TcpCounters;
 pub use peer::{Peer, PeerArgs, PeerCommand, PeerMode, Report, StreamArgs, command_all};
+pub use pki::Pki;
 pub use probe::{ProbeArgs, ProbeReport, ProbeRun};
 pub use process::{ChildGuard, KillGroupOnDrop, line_reader};
 pub use traffic::{MAX_SOCKETS_PER_PEER, Traffic, Verification};

@@ -2,7 +2,9 @@
 //! source (one per 15,000 connections, all on the service port), the open-loop clients on the
 //! client host, `tcpmig agent` on the destination (it becomes an echo server adopting the
 //! restored connections, or starts one per group of them when they do not fit in one process)
-//! and `tcpmig migrate --stop-source --json` with every server's pid on the source.
+//! and `tcpmig migrate --stop-source --json` with every server's pid on the source. The two
+//! talk mutual TLS with the bed's own certificates ([`Pki`]), or plaintext with a token when
+//! asked (to measure what TLS costs).
 //!
 //! Beside the load, the client host tries new connections through the migration (the prober:
 //! one every 2 ms from [`probe::LEAD`] before `tcpmig migrate` starts to [`probe::TAIL`] after
@@ -23,7 +25,7 @@ use anyhow::{Context as _, ensure};
 
 use crate::load::now_ns;
 use crate::{
-    EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeReport,
+    EchoServers, IFACE, LineProcess, LoadConfig, LoadReport, LoadRun, Pki, ProbeArgs, ProbeReport,
     ProbeRun, Role, TcpCounters, TestBed, probe,
 };
 
@@ -55,6 +57,8 @@ pub struct LoadedMigration<'a> {
     pub connections: usize,
     pub rate: Option<f64>,
     pub migrate_args: &'a [&'a str],
+    /// Plaintext link with a token (`--insecure`) instead of mutual TLS.
+    pub insecure: bool,
 }
 
 /// What one loaded migration saw.
@@ -76,10 +80,10 @@ impl LoadedMigration<'_> {
     pub fn run(&self, programs: &Programs<'_>) -> anyhow::Result<Outcome> {
         let n = self.connections;
         let bed = TestBed::new()?;
-        let token = TokenFile::new(&bed, "loaded", "tcpmig loaded migration token\n")?;
+        let link = LinkFiles::new(&bed, self.insecure)?;
         let service = TestBed::service(false);
         let echo = EchoServers::listen(bed.source(), programs.peer, service, PORT, n)?;
-        let mut agent = EchoAgent::start(&bed, programs, &token.0)?;
+        let mut agent = EchoAgent::start(&bed, programs, &link.agent_args())?;
         let config = self.load_config();
         let warmup = WARMUP.max(config.interval(n) * 2);
         let config = LoadConfig {
@@ -91,7 +95,13 @@ impl LoadedMigration<'_> {
         let counters = TcpCounters::read_in(bed.client())?;
         let prober = ProbeRun::start(bed.client(), programs.peer, &ProbeArgs::new(echo.addr()))?;
         thread::sleep(probe::LEAD);
-        let report = migrate(&bed, programs.tcpmig, &echo, &token.0, self.migrate_args)?;
+        let report = migrate(
+            &bed,
+            programs.tcpmig,
+            &echo,
+            &link.source_args(),
+            self.migrate_args,
+        )?;
         let destination = &report["destination"];
         let servers = destination["shards"].as_u64().unwrap_or(1) as usize;
         agent.servers_ready(servers)?;
@@ -122,6 +132,40 @@ impl LoadedMigration<'_> {
     }
 }
 
+/// How the two commands of a loaded migration secure their link: their arguments.
+enum LinkFiles {
+    Tls(Box<Pki>),
+    Insecure(TokenFile),
+}
+
+impl LinkFiles {
+    fn new(bed: &TestBed, insecure: bool) -> anyhow::Result<Self> {
+        Ok(if insecure {
+            Self::Insecure(TokenFile::new(
+                bed,
+                "loaded",
+                "tcpmig loaded migration token\n",
+            )?)
+        } else {
+            Self::Tls(Box::new(Pki::new(bed, agent_addr().ip())?))
+        })
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        match self {
+            Self::Tls(pki) => pki.agent().args(),
+            Self::Insecure(token) => token.insecure_args(),
+        }
+    }
+
+    fn source_args(&self) -> Vec<String> {
+        match self {
+            Self::Tls(pki) => pki.source().args(),
+            Self::Insecure(token) => token.insecure_args(),
+        }
+    }
+}
+
 /// A token file (mode 0600, as tcpmig demands), removed when dropped.
 pub struct TokenFile(pub PathBuf);
 
@@ -131,6 +175,15 @@ impl TokenFile {
         fs::write(&path, token)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
         Ok(Self(path))
+    }
+
+    /// `--insecure --token-file PATH`: a plaintext link that checks this token.
+    pub fn insecure_args(&self) -> Vec<String> {
+        vec![
+            "--insecure".into(),
+            "--token-file".into(),
+            self.0.display().to_string(),
+        ]
     }
 }
 
@@ -148,14 +201,18 @@ impl Drop for TokenFile {
 struct EchoAgent<'bed>(LineProcess<'bed>);
 
 impl<'bed> EchoAgent<'bed> {
-    fn start(bed: &'bed TestBed, programs: &Programs<'_>, token: &Path) -> anyhow::Result<Self> {
+    fn start(
+        bed: &'bed TestBed,
+        programs: &Programs<'_>,
+        link_args: &[String],
+    ) -> anyhow::Result<Self> {
         let host = bed.destination();
         let mut cmd = host.command(programs.tcpmig)?;
         cmd.arg("agent")
             .arg("--listen")
             .arg(agent_addr().to_string())
-            .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
-            .arg(token)
+            .args(["--netns", host.name(), "--dev", IFACE])
+            .args(link_args)
             .arg("--")
             .arg(programs.peer)
             .args(["echo-server", "--from-listen-fds"]);
@@ -193,7 +250,7 @@ fn migrate(
     bed: &TestBed,
     tcpmig: &Path,
     echo: &EchoServers<'_>,
-    token: &Path,
+    link_args: &[String],
     extra: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
     let host = bed.source();
@@ -204,8 +261,7 @@ fn migrate(
     }
     cmd.args(["--service", &echo.addr().to_string()])
         .args(["--dev", IFACE, "--to", &agent_addr().to_string()])
-        .arg("--token-file")
-        .arg(token)
+        .args(link_args)
         .args(["--stop-source", "--stop-signal", "USR1", "--json"])
         .args(extra)
         .stdin(Stdio::null())

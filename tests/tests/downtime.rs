@@ -29,6 +29,7 @@ fn migrate_under_load(migrate_args: &[&str]) -> Result<Outcome> {
         connections: CONNECTIONS,
         rate: None,
         migrate_args,
+        insecure: false,
     };
     loaded.run(&programs)
 }

@@ -128,6 +128,7 @@ pub fn once(bin: &Binaries, n: usize, args: &ScalingArgs) -> anyhow::Result<Migr
         connections: n,
         rate: args.rate,
         migrate_args: precopy,
+        insecure: args.insecure,
     };
     let programs = Programs {
         tcpmig: &bin.tcpmig,

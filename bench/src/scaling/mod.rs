@@ -50,6 +50,10 @@ pub struct ScalingArgs {
     /// Every migration with `tcpmig migrate --precopy`.
     #[arg(long)]
     pub precopy: bool,
+    /// Every migration over a plaintext link (`--insecure`, with a token) instead of mutual
+    /// TLS: the difference is what TLS costs.
+    #[arg(long)]
+    pub insecure: bool,
     /// The clients' messages per second over all connections [default: 20000]; at 2000 each
     /// of 10,000 connections sends every 5 s, and most are quiet at any moment.
     #[arg(long, value_name = "PER_SECOND")]
@@ -62,6 +66,8 @@ pub struct Scaling {
     pub machine: Machine,
     /// The migrations ran with `--precopy`.
     pub precopy: bool,
+    /// The migrations ran over a plaintext link, not mutual TLS.
+    pub insecure: bool,
     /// The clients' messages per second over all connections.
     pub rate: f64,
     pub migrations: Vec<MigrationPoint>,
@@ -179,6 +185,7 @@ pub fn run(args: &ScalingArgs, quick: bool, out: &OutputDir) -> anyhow::Result<(
     let scaling = Scaling {
         machine,
         precopy: args.precopy,
+        insecure: args.insecure,
         rate: args.rate.unwrap_or(LoadConfig::default().rate),
         migrations,
         freeze,

@@ -163,7 +163,8 @@ fn markdown(s: &Scaling) -> String {
         "\nPhases: as `tcpmig migrate --json` reports them; address move = deleting the address \
          on the source (while the agent restores) + adding and announcing it on the \
          destination; restore = from the address deleted to the agent's Restored; unfreeze = the \
-         destination's unfreeze and first socket out of repair mode. Clients: open loop, 16-byte \
+         destination's unfreeze and first socket out of repair mode; transfer = the image \
+         crossing the link ({}). Clients: open loop, 16-byte \
          messages at {:.0} per second over all connections (every connection at least every \
          10 ms), each echo checked byte for byte; the longest gap is the longest time between \
          two echoes of any connection (it includes stopping the server before the freeze, \
@@ -172,6 +173,11 @@ fn markdown(s: &Scaling) -> String {
          (`live_at_unix_ms`) to the echo of the last message each connection sent before it. The \
          clients never reconnect: a broken connection is counted as lost, so reconnects are 0 \
          by construction.\n",
+        if s.insecure {
+            "plaintext, `--insecure`"
+        } else {
+            "mutual TLS 1.3"
+        },
         s.rate,
     );
     for p in &s.migrations {

@@ -17,7 +17,7 @@ use clap::{Args, Parser as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tcpmig_testbed::{
-    IFACE, MAX_SOCKETS_PER_PEER, Peer, PeerArgs, PeerCommand, Report as PeerReport, Role,
+    IFACE, MAX_SOCKETS_PER_PEER, Peer, PeerArgs, PeerCommand, Pki, Report as PeerReport, Role,
     SERVICE_V4, StreamArgs, TcpCounters, TestBed, Traffic, command_all, peer_process,
 };
 
@@ -108,7 +108,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A directory for the peer launcher and the token, removed when dropped.
+/// A directory for the peer launcher, removed when dropped.
 struct Scratch(PathBuf);
 
 impl Scratch {
@@ -176,11 +176,12 @@ fn run(n: usize) -> anyhow::Result<DemoReport> {
         ),
         0o700,
     )?;
-    let token = scratch.file("token", &format!("demo-{}\n", std::process::id()), 0o600)?;
     let bed = step(
         "building client, source and destination namespaces",
         TestBed::new,
     )?;
+    // The agent's certificate names its address, which `tcpmig migrate --to` checks.
+    let pki = Pki::new(&bed, Role::Destination.v4().into())?;
     let service = SocketAddr::new(SERVICE_V4.into(), SERVICE_PORT);
     let stream = StreamArgs {
         timeout_secs: PEER_TIMEOUT_SECS,
@@ -205,7 +206,7 @@ fn run(n: usize) -> anyhow::Result<DemoReport> {
         bed: &bed,
         exe: &exe,
         launcher: &launcher,
-        token: &token,
+        pki: &pki,
         service,
         stream,
         round,
@@ -282,7 +283,8 @@ struct Parts<'a> {
     bed: &'a TestBed,
     exe: &'a Path,
     launcher: &'a Path,
-    token: &'a Path,
+    /// The certificates of the link's mutual TLS.
+    pki: &'a Pki,
     service: SocketAddr,
     stream: StreamArgs,
     /// Bytes each client writes per round.
@@ -300,13 +302,13 @@ fn start_agent<'bed>(parts: &Parts<'bed>, received: u64) -> anyhow::Result<Peer<
         received_already: received,
         ..parts.stream
     });
-    let (exe, token, launcher) = (parts.exe, parts.token, parts.launcher);
+    let (exe, launcher) = (parts.exe, parts.launcher);
     let mut cmd = host.command(exe)?;
     cmd.arg("agent")
         .arg("--listen")
         .arg(SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT).to_string())
-        .args(["--netns", host.name(), "--dev", IFACE, "--token-file"])
-        .arg(token)
+        .args(["--netns", host.name(), "--dev", IFACE])
+        .args(parts.pki.agent().args())
         .arg("--")
         .arg(launcher)
         .args(adopting.to_args());
@@ -417,8 +419,7 @@ fn run_migrate(
         ])
         .args(["--dev", IFACE, "--to"])
         .arg(SocketAddr::new(Role::Destination.v4().into(), AGENT_PORT).to_string())
-        .arg("--token-file")
-        .arg(parts.token)
+        .args(parts.pki.source().args())
         .args(["--stop-source", "--json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -5,6 +5,7 @@ mod criu;
 mod demo;
 mod freeze;
 mod handto;
+mod link;
 mod migrate;
 mod repair;
 

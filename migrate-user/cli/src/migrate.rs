@@ -1,14 +1,14 @@
 //! `tcpmig migrate` (source) and `tcpmig agent` (destination).
-use std::{net::SocketAddr, os::fd::AsFd as _, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd as _, time::Duration};
 
 use clap::Args;
 use tcpmig::{
     freeze::hold::HoldBudget,
     handoff::{self, ExecCommand},
-    migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig, Token},
+    migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig},
 };
 
-use super::{handto::HandTo, print_json};
+use super::{handto::HandTo, link::LinkArgs, print_json};
 
 #[derive(Args)]
 pub struct MigrateArgs {
@@ -32,9 +32,12 @@ pub struct MigrateArgs {
     /// Where `tcpmig agent` listens.
     #[arg(long, value_name = "HOST:PORT")]
     to: SocketAddr,
-    /// File holding the token the agent expects (yours, mode 0600).
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    #[command(flatten)]
+    link: LinkArgs,
+    /// The name the agent's certificate must carry (a DNS name or an IP address subject
+    /// alternative name). [default: the address of --to]
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    tls_name: Option<String>,
     /// End the application after the commit (SIGTERM, then SIGKILL after 5 s); without it the
     /// application is resumed and must close its migrated sockets (they fail with EPERM).
     #[arg(long)]
@@ -108,10 +111,8 @@ pub struct AgentArgs {
     /// Interface that gets the service address, in that namespace.
     #[arg(long, value_name = "IFACE")]
     dev: String,
-    /// File holding the token the source must present (yours, mode 0600); sources without it
-    /// are refused.
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Refuse images larger than this (the migration then rolls back).
     #[arg(long, value_name = "BYTES", default_value_t = migrate::DEFAULT_MAX_IMAGE_BYTES)]
     max_image_bytes: u64,
@@ -151,7 +152,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         service: args.service,
         dev: args.dev,
         agent: args.to,
-        token: Token::from_file(&args.token_file)?,
+        security: args.link.client(args.to, args.tls_name.as_deref())?,
+        token: args.link.token()?,
         stop_source: args.stop_source,
         stop_signal: args.stop_signal,
         precopy: args.precopy,
@@ -180,7 +182,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         listen: args.listen,
         netns: args.netns.clone(),
         dev: args.dev,
-        token: Token::from_file(&args.token_file)?,
+        security: args.link.server()?,
+        token: args.link.token()?,
         max_image_bytes: args.max_image_bytes,
         step_timeout: timeout(args.timeout)?,
         stop_after_image_bytes: args.stop_after_image_bytes,

@@ -43,6 +43,7 @@ mod guard;
 mod process;
 mod report;
 mod source;
+mod tls;
 mod transport;
 
 use std::{
@@ -58,6 +59,7 @@ pub use self::{
     process::StoppedTree,
     report::{AgentReport, Dropped, Phases, Report},
     source::{PRECOPY_QUIET, SourceConfig, migrate},
+    tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     transport::{
         Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
         Token,
@@ -92,6 +94,14 @@ pub enum MigrateError {
     },
     #[error(transparent)]
     MissingCapability(#[from] crate::sys::MissingCapability),
+    /// Boxed: its file paths and rustls error would double the size of every Result here.
+    #[error(transparent)]
+    Tls(Box<TlsError>),
+    #[error(
+        "a plaintext link (--insecure) needs a token: give --token-file, or use TLS \
+         (nothing was changed)"
+    )]
+    InsecureWithoutToken,
     #[error(
         "the image is larger than this agent accepts ({limit} bytes): raise --max-image-bytes \
          on the agent or migrate fewer connections"
@@ -217,6 +227,12 @@ pub enum MigrateError {
          the agent finished, see its log"
     )]
     InDoubt { cause: Box<MigrateError> },
+}
+
+impl From<TlsError> for MigrateError {
+    fn from(error: TlsError) -> Self {
+        Self::Tls(Box::new(error))
+    }
 }
 
 /// Why an agent refuses a source at the handshake; the source gets this text in Refused.

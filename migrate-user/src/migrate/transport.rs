@@ -1,6 +1,7 @@
-//! The link between `tcpmig migrate` and `tcpmig agent`: TCP, length-delimited frames, a
-//! versioned handshake that authenticates the source with a shared token, and a timeout on every
-//! step so that a dead peer is noticed within seconds.
+//! The link between `tcpmig migrate` and `tcpmig agent`: TCP, mutual TLS 1.3 (see [`super::tls`];
+//! plaintext only with `--insecure`), length-delimited frames, a versioned handshake that may also
+//! check a shared token, and a timeout on every step so that a dead peer is noticed within
+//! seconds.
 //!
 //! A frame is one tag byte and a body: [`TAG_MESSAGE`] carries a [`Message`] as JSON,
 //! [`TAG_IMAGE`] a piece of the image (see `image`), streamed as the agent decodes it.
@@ -10,6 +11,8 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::Path,
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -18,10 +21,17 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use nix::unistd::geteuid;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
-use super::{AgentReport, MigrateError};
+use super::{
+    AgentReport, MigrateError,
+    tls::{ClientSecurity, FirstBytes, ServerSecurity, TlsError, classify, rustls_cause},
+};
 
 /// Bumped on any change of [`Message`] or of the framing: both ends must run the same one.
 /// 2: GoingLive, and Commit says how long the source waits for it.
@@ -197,18 +207,62 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
+/// The bytes under the frames: TCP, with TLS on it unless the operator said `--insecure`.
+pub(super) enum LinkStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for LinkStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for LinkStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One end of the link.
 pub(super) struct Link {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<LinkStream, FrameCodec>,
     peer: SocketAddr,
     timeout: Duration,
 }
 
 impl Link {
     /// A link whose peer is not authenticated yet: see [`Link::authenticated`].
-    pub(super) fn new(stream: TcpStream, peer: SocketAddr, timeout: Duration) -> Self {
-        // Small control messages must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
+    fn new(stream: LinkStream, peer: SocketAddr, timeout: Duration) -> Self {
         Self {
             framed: Framed::new(stream, FrameCodec::new(MAX_HANDSHAKE_FRAME)),
             peer,
@@ -222,21 +276,93 @@ impl Link {
     }
 
     /// Connects to the agent, retrying for a while if it is not listening yet (both commands
-    /// are often started together).
-    pub(super) async fn connect(to: SocketAddr, timeout: Duration) -> Result<Self, MigrateError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let error = match tokio::time::timeout_at(deadline, TcpStream::connect(to)).await {
-                Ok(Ok(stream)) => return Ok(Self::new(stream, to, timeout)),
-                Ok(Err(error)) => error,
-                Err(_) => io::Error::from(io::ErrorKind::TimedOut),
-            };
-            let retry = error.kind() == io::ErrorKind::ConnectionRefused
-                && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
-            if !retry {
-                return Err(MigrateError::Connect { to, source: error });
+    /// are often started together), and does the TLS handshake (the agent checks our
+    /// certificate once it has our first message, see [`Link::tls_refusal`]).
+    pub(super) async fn connect(
+        to: SocketAddr,
+        timeout: Duration,
+        security: &ClientSecurity,
+    ) -> Result<Self, MigrateError> {
+        let tcp = connect_tcp(to, timeout).await?;
+        let stream = match security {
+            ClientSecurity::Insecure => {
+                tracing::warn!(agent = %to, "plaintext link (--insecure): the image and the token travel in clear");
+                LinkStream::Plain(tcp)
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            ClientSecurity::Tls { config, name } => {
+                let connecting = TlsConnector::from(config.clone()).connect(name.clone(), tcp);
+                let tls = tokio::time::timeout(timeout, connecting)
+                    .await
+                    .map_err(|_| timed_out(to, "the TLS handshake", timeout))?
+                    .map_err(|source| handshake_failed(to, source))?;
+                LinkStream::Tls(Box::new(tls.into()))
+            }
+        };
+        Ok(Self::new(stream, to, timeout))
+    }
+
+    /// Takes a source's connection: what it sends first must match `security` (TLS, or link
+    /// frames with `--insecure`); with TLS, its certificate must chain to our CA. `Ok(None)`:
+    /// the peer closed or stayed silent without sending a byte (a port probe), so the agent
+    /// goes on waiting; an error is a peer that cannot be ours, and ends the agent.
+    pub(super) async fn accept(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        timeout: Duration,
+        security: &ServerSecurity,
+    ) -> Result<Option<Self>, MigrateError> {
+        let _ = tcp.set_nodelay(true);
+        let mut first = [0u8; 1];
+        let first = match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(n)) => classify(&first[..n]),
+            Ok(Err(_)) | Err(_) => FirstBytes::Nothing,
+        };
+        let stream = match (security, first) {
+            (_, FirstBytes::Nothing) => return Ok(None),
+            (ServerSecurity::Insecure, FirstBytes::Tls) => {
+                // Its ClientHello read, our close is an end of stream, not a reset: the source
+                // then says the agent closed the handshake.
+                let mut hello = [0u8; 4096];
+                let _ = tokio::time::timeout(timeout, tcp.readable()).await;
+                let _ = tcp.try_read(&mut hello);
+                return Err(TlsError::TlsPeer { peer }.into());
+            }
+            (ServerSecurity::Insecure, FirstBytes::Other) => {
+                tracing::warn!(source = %peer, "plaintext link (--insecure): the image and the token travel in clear");
+                LinkStream::Plain(tcp)
+            }
+            (ServerSecurity::Tls(_), FirstBytes::Other) => {
+                // Told in clear, so that the source says why rather than "corrupt message".
+                let mut link = Self::new(LinkStream::Plain(tcp), peer, timeout);
+                let reason = TlsError::PlaintextPeer { peer };
+                let refused = Message::Refused {
+                    reason: "this agent speaks TLS only: give tcpmig migrate --tls-cert, \
+                             --tls-key and --tls-ca"
+                        .to_owned(),
+                };
+                let _ = link.send(&refused).await;
+                return Err(reason.into());
+            }
+            (ServerSecurity::Tls(config), FirstBytes::Tls) => {
+                let accepting = TlsAcceptor::from(config.clone()).accept(tcp);
+                let tls = tokio::time::timeout(timeout, accepting)
+                    .await
+                    .map_err(|_| timed_out(peer, "the TLS handshake", timeout))?
+                    .map_err(|source| TlsError::Handshake { peer, source })?;
+                LinkStream::Tls(Box::new(tls.into()))
+            }
+        };
+        Ok(Some(Self::new(stream, peer, timeout)))
+    }
+
+    /// `error` as a TLS failure, when the peer's TLS refused us (an alert, after our first
+    /// message: TLS 1.3 checks the client's certificate after the client's handshake is done).
+    pub(super) fn tls_refusal(&self, error: MigrateError) -> MigrateError {
+        match error {
+            MigrateError::Link { peer, source, .. } if rustls_cause(&source).is_some() => {
+                TlsError::Handshake { peer, source }.into()
+            }
+            other => other,
         }
     }
 
@@ -324,11 +450,49 @@ impl Link {
     }
 
     fn timed_out(&self, step: &'static str) -> MigrateError {
-        MigrateError::Timeout {
-            peer: self.peer,
-            step,
-            secs: self.timeout.as_secs_f64(),
+        timed_out(self.peer, step, self.timeout)
+    }
+}
+
+fn timed_out(peer: SocketAddr, step: &'static str, timeout: Duration) -> MigrateError {
+    MigrateError::Timeout {
+        peer,
+        step,
+        secs: timeout.as_secs_f64(),
+    }
+}
+
+/// A client handshake that failed; the agent closing the link without a word means it does not
+/// speak TLS (see [`Link::accept`]).
+fn handshake_failed(peer: SocketAddr, source: io::Error) -> MigrateError {
+    if matches!(
+        source.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+    ) {
+        return TlsError::ClosedInHandshake { peer }.into();
+    }
+    TlsError::Handshake { peer, source }.into()
+}
+
+/// Connects, retrying while the agent is not listening yet, until `timeout`.
+async fn connect_tcp(to: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrateError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let error = match tokio::time::timeout_at(deadline, TcpStream::connect(to)).await {
+            Ok(Ok(stream)) => {
+                // Small control messages must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(error)) => error,
+            Err(_) => io::Error::from(io::ErrorKind::TimedOut),
+        };
+        let retry = error.kind() == io::ErrorKind::ConnectionRefused
+            && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
+        if !retry {
+            return Err(MigrateError::Connect { to, source: error });
         }
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 

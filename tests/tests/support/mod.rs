@@ -163,13 +163,32 @@ pub fn agent_command(
     extra: &[&str],
     pause_at: Option<&str>,
 ) -> Result<Command> {
+    agent_command_with(host, &insecure(token), extra, pause_at)
+}
+
+/// `--insecure --token-file TOKEN`: the link of most tests, which test what it carries.
+pub fn insecure(token: &Path) -> Vec<String> {
+    vec![
+        "--insecure".into(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ]
+}
+
+/// [`agent_command`] whose link is secured by `link` (TLS files or [`insecure`]).
+pub fn agent_command_with(
+    host: &Host,
+    link: &[String],
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Command> {
     let mut cmd = host.command(tcpmig_bin())?;
     cmd.arg("agent")
         .arg("--listen")
         .arg(SocketAddr::new(host.v4().into(), AGENT_PORT).to_string())
         .args(["--netns", host.name(), "--dev", IFACE])
-        .args(["--timeout", STEP_TIMEOUT_SECS, "--token-file"])
-        .arg(token)
+        .args(["--timeout", STEP_TIMEOUT_SECS])
+        .args(link)
         .args(extra);
     if let Some(phase) = pause_at {
         cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
@@ -272,7 +291,7 @@ pub struct Running<'bed> {
 }
 
 impl<'bed> Running<'bed> {
-    fn spawn(host: &'bed Host, mut cmd: Command) -> Result<Self> {
+    pub fn spawn(host: &'bed Host, mut cmd: Command) -> Result<Self> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -301,6 +320,24 @@ pub fn start_migrate<'bed>(
     extra: &[&str],
     pause_at: Option<&str>,
 ) -> Result<Running<'bed>> {
+    let mut cmd = migrate_command(from, to, pids, port, &insecure(token), timeout)?;
+    cmd.args(extra);
+    if let Some(phase) = pause_at {
+        cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
+    }
+    Running::spawn(from, cmd)
+}
+
+/// `tcpmig migrate --stop-source` of `pids` on `from` to the agent on `to`, its link secured
+/// by `link` (TLS files or [`insecure`]); the caller adds what else it needs.
+pub fn migrate_command(
+    from: &Host,
+    to: &Host,
+    pids: &[u32],
+    port: u16,
+    link: &[String],
+    timeout: &str,
+) -> Result<Command> {
     let mut cmd = from.command(tcpmig_bin())?;
     cmd.arg("migrate");
     for pid in pids {
@@ -317,13 +354,8 @@ pub fn start_migrate<'bed>(
             "--to",
         ])
         .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
-        .arg("--token-file")
-        .arg(token)
-        .args(extra);
-    if let Some(phase) = pause_at {
-        cmd.env("TCPMIG_TEST_PAUSE_AT", phase);
-    }
-    Running::spawn(from, cmd)
+        .args(link);
+    Ok(cmd)
 }
 
 /// [`start_migrate`] with the usual step timeout and no pause.

@@ -19,8 +19,8 @@ use std::{
 pub use self::live::LiveConnections;
 use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
 use super::{
-    AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, Token, check_privileges,
-    resident_memory, test_pause,
+    AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, ServerSecurity, Token,
+    check_privileges, resident_memory, test_pause,
     transport::{Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -43,9 +43,12 @@ pub struct AgentConfig {
     pub netns: String,
     /// The interface that gets the service address.
     pub dev: String,
-    /// The token the source must present. Sources without it are refused, and the agent goes on
-    /// waiting for the right one.
-    pub token: Token,
+    /// Mutual TLS (the source must present a certificate of our CA), or plaintext if the
+    /// operator said so. A peer that fails TLS, or speaks the wrong one, ends the agent.
+    pub security: ServerSecurity,
+    /// A token the source must also present (required in plaintext). Sources without it are
+    /// refused, and the agent goes on waiting for the right one.
+    pub token: Option<Token>,
     /// Images larger than this are refused (the migration rolls back).
     pub max_image_bytes: u64,
     /// Bound on each step of the source, and on the wait for it to connect (times 60).
@@ -76,7 +79,10 @@ pub struct AgentOutcome {
 ///
 /// use tcpmig::{
 ///     handoff,
-///     migrate::{self, AgentConfig, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_STEP_TIMEOUT, Token},
+///     migrate::{
+///         self, AgentConfig, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_STEP_TIMEOUT, ServerSecurity,
+///         TlsFiles,
+///     },
 /// };
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -84,7 +90,12 @@ pub struct AgentOutcome {
 ///     listen: "192.0.2.2:7070".parse()?,
 ///     netns: "/proc/self/ns/net".into(),
 ///     dev: "eth0".into(),
-///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     security: ServerSecurity::tls(&TlsFiles {
+///         cert: "/etc/tcpmig/agent.pem".into(),
+///         key: "/etc/tcpmig/agent.key".into(),
+///         ca: "/etc/tcpmig/ca.pem".into(),
+///     })?,
+///     token: None,
 ///     max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
 ///     step_timeout: DEFAULT_STEP_TIMEOUT,
 ///     stop_after_image_bytes: None,
@@ -97,6 +108,9 @@ pub struct AgentOutcome {
 /// ```
 pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
     check_privileges(Privileged::Agent)?;
+    if matches!(config.security, ServerSecurity::Insecure) && config.token.is_none() {
+        return Err(MigrateError::InsecureWithoutToken);
+    }
     let netns = Netns::open(&config.netns)?;
     remove_stale_freezes();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -218,7 +232,9 @@ async fn receive_commit(link: &mut Link, restored_sent: Instant) -> Result<(), M
 }
 
 /// Waits for a source that passes the handshake. Those that do not (wrong token or protocol,
-/// garbage, silence) are refused and the agent goes on waiting, until 60 step timeouts passed.
+/// garbage, silence) are refused and the agent goes on waiting, until 60 step timeouts passed;
+/// one that fails TLS or speaks the other of TLS and plaintext ends the agent with its error
+/// (a misconfigured pair shows at once, on both sides).
 async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), MigrateError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -238,7 +254,11 @@ async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), Migra
                 listen: config.listen,
                 source,
             })?;
-        let mut link = Link::new(stream, source, config.step_timeout);
+        let accepted = Link::accept(stream, source, config.step_timeout, &config.security);
+        let Some(mut link) = accepted.await? else {
+            tracing::warn!(%source, "a peer connected and sent nothing; waiting for another");
+            continue;
+        };
         match handshake(config, &mut link).await {
             Ok(()) => {
                 link.authenticated();
@@ -256,7 +276,11 @@ async fn handshake(config: &AgentConfig, link: &mut Link) -> Result<(), MigrateE
     };
     let refusal = if protocol != PROTOCOL_VERSION {
         Some(Refusal::Protocol { theirs: protocol })
-    } else if !config.token.matches(&token) {
+    } else if config
+        .token
+        .as_ref()
+        .is_some_and(|ours| !ours.matches(&token))
+    {
         Some(Refusal::WrongToken)
     } else {
         None

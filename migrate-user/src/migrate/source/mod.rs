@@ -15,7 +15,7 @@ use std::{
 
 use self::phases::Run;
 use super::{
-    MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
+    ClientSecurity, MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
     guard::{Guardian, Note, Plan},
     millis, resident_memory, test_pause,
     transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
@@ -47,7 +47,10 @@ pub struct SourceConfig {
     pub dev: String,
     /// Where `tcpmig agent` listens.
     pub agent: SocketAddr,
-    pub token: Token,
+    /// Mutual TLS, or plaintext if the operator said so.
+    pub security: ClientSecurity,
+    /// A shared secret the agent may also ask for (sent inside TLS; required in plaintext).
+    pub token: Option<Token>,
     /// End the application after the commit (SIGTERM, SIGKILL after 5 s).
     pub stop_source: bool,
     /// Ask each process to stop itself with this signal instead of stopping it (see
@@ -73,11 +76,9 @@ pub struct SourceConfig {
 /// Moves the connections of process 1234 on 192.0.2.1:80, and the address, to the agent at
 /// 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other side):
 /// ```no_run
-/// use std::path::Path;
-///
 /// use tcpmig::{
 ///     freeze::hold::HoldBudget,
-///     migrate::{self, DEFAULT_STEP_TIMEOUT, SourceConfig, Token},
+///     migrate::{self, ClientSecurity, DEFAULT_STEP_TIMEOUT, SourceConfig, TlsFiles},
 /// };
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -86,7 +87,16 @@ pub struct SourceConfig {
 ///     service: "192.0.2.1:80".parse()?,
 ///     dev: "eth0".into(),
 ///     agent: "192.0.2.2:7070".parse()?,
-///     token: Token::from_file(Path::new("/etc/tcpmig/token"))?,
+///     // Mutual TLS: the agent's certificate must name 192.0.2.2 and chain to ca.pem.
+///     security: ClientSecurity::tls(
+///         &TlsFiles {
+///             cert: "/etc/tcpmig/source.pem".into(),
+///             key: "/etc/tcpmig/source.key".into(),
+///             ca: "/etc/tcpmig/ca.pem".into(),
+///         },
+///         "192.0.2.2",
+///     )?,
+///     token: None,
 ///     stop_source: true,
 ///     stop_signal: None,
 ///     precopy: false,
@@ -102,6 +112,9 @@ pub struct SourceConfig {
 /// ```
 pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
     check_privileges(Privileged::Migrate)?;
+    if matches!(config.security, ClientSecurity::Insecure) && config.token.is_none() {
+        return Err(MigrateError::InsecureWithoutToken);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -185,15 +198,20 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
 /// Connects to the agent and passes the handshake; returns the link and half the handshake's
 /// round trip, the time Commit will take to arrive (counted in the blackout).
 async fn connect(config: &SourceConfig) -> Result<(Link, Duration), MigrateError> {
-    let mut link = Link::connect(config.agent, config.step_timeout).await?;
+    let mut link = Link::connect(config.agent, config.step_timeout, &config.security).await?;
     let sent = Instant::now();
     link.send(&Message::Hello {
         protocol: PROTOCOL_VERSION,
-        token: config.token.as_str().to_owned(),
+        token: config
+            .token
+            .as_ref()
+            .map(|token| token.as_str().to_owned())
+            .unwrap_or_default(),
     })
     .await?;
     let waiting = "waiting for the handshake";
-    match link.recv_message(waiting, None).await? {
+    let answer = link.recv_message(waiting, None).await;
+    match answer.map_err(|error| link.tls_refusal(error))? {
         Message::Welcome { .. } => link.authenticated(),
         Message::Refused { reason } => return Err(MigrateError::Refused { reason }),
         other => return Err(link.unexpected(waiting, &other)),
