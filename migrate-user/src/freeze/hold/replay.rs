@@ -47,12 +47,14 @@ impl ReplayReport {
 /// A raw socket in the destination's namespace, opened before the blackout.
 pub struct Replayer {
     socket: OwnedFd,
-    ipv4: bool,
+    /// The only destination it sends to: the held packets come from the source over the link,
+    /// and an authenticated source must still not make this raw socket send anything else.
+    service: SocketAddr,
 }
 
 impl Replayer {
     /// Opens the socket for `service`'s family in `netns`.
-    pub fn open(netns: &Netns, service: IpAddr) -> Result<Self, HoldError> {
+    pub fn open(netns: &Netns, service: SocketAddr) -> Result<Self, HoldError> {
         let family = if service.is_ipv4() {
             AddressFamily::Inet
         } else {
@@ -70,10 +72,7 @@ impl Replayer {
             netns: netns.to_string(),
             source: errno.into(),
         })?;
-        Ok(Self {
-            socket,
-            ipv4: service.is_ipv4(),
-        })
+        Ok(Self { socket, service })
     }
 
     /// Hands `packets` to the stack in their order.
@@ -95,9 +94,8 @@ impl Replayer {
     }
 
     fn send_one(&self, packet: &mut [u8]) -> Result<(), String> {
-        let destination = fix_checksums(packet, self.ipv4)
-            .ok_or_else(|| format!("a held packet of {} bytes is not TCP", packet.len()))?;
-        let sent = match destination {
+        let destination = for_service(packet, self.service)?;
+        let sent = match destination.ip() {
             IpAddr::V4(ip) => {
                 let to = SockaddrIn::from(SocketAddrV4::new(ip, 0));
                 sendto(self.socket.as_raw_fd(), packet, &to, MsgFlags::empty())
@@ -107,16 +105,26 @@ impl Replayer {
                 sendto(self.socket.as_raw_fd(), packet, &to, MsgFlags::empty())
             }
         };
-        sent.map(drop).map_err(|errno| {
-            let to = SocketAddr::new(destination, 0).ip();
-            format!("replaying a segment to {to}: {errno}")
-        })
+        sent.map(drop)
+            .map_err(|errno| format!("replaying a segment to {destination}: {errno}"))
     }
 }
 
+/// Makes `packet` ready to send (see [`fix_checksums`]) if it is a TCP packet to `service`.
+fn for_service(packet: &mut [u8], service: SocketAddr) -> Result<SocketAddr, String> {
+    let destination = fix_checksums(packet, service.is_ipv4())
+        .ok_or_else(|| format!("a held packet of {} bytes is not TCP", packet.len()))?;
+    if destination != service {
+        return Err(format!(
+            "a held packet to {destination} is not for the service {service}: not replayed"
+        ));
+    }
+    Ok(destination)
+}
+
 /// Recomputes the TCP checksum (and IPv4's header checksum) of an IP packet of the expected
-/// family; returns its destination, or None when it is not a whole TCP packet.
-fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<IpAddr> {
+/// family; returns its destination address and port, or None when it is not a whole TCP packet.
+fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<SocketAddr> {
     let (destination, header_len, pseudo) = if ipv4 {
         let header_len = usize::from(*packet.first()? & 0x0f) * 4;
         let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
@@ -151,7 +159,10 @@ fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<IpAddr> {
     tcp[16..18].fill(0);
     let checksum = !fold(pseudo + sum(tcp));
     tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
-    Some(destination)
+    Some(SocketAddr::new(
+        destination,
+        u16::from_be_bytes([tcp[2], tcp[3]]),
+    ))
 }
 
 /// The ones'-complement sum of `bytes` as 16-bit big-endian words, not yet folded.
@@ -196,11 +207,23 @@ mod tests {
         packet[36..38].copy_from_slice(&[0x12, 0x34]);
         packet[10..12].copy_from_slice(&[0, 0]);
         let to = fix_checksums(&mut packet, true).unwrap();
-        assert_eq!(to, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(to, "10.0.0.2:80".parse::<SocketAddr>().unwrap());
         assert_eq!(fold(sum(&packet[..20])), 0xffff, "IPv4 header checksum");
         let pseudo = sum(&packet[12..20]) + 6 + 20;
         assert!(verifies(&packet, 20, pseudo), "TCP checksum");
         assert_eq!(&packet[10..12], &SYN_V4[10..12]);
+    }
+
+    #[test]
+    fn only_packets_to_the_service_are_replayed() {
+        let service: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert_eq!(for_service(&mut SYN_V4.clone(), service), Ok(service));
+        let other_port = "10.0.0.2:22".parse().unwrap();
+        let error = for_service(&mut SYN_V4.clone(), other_port).unwrap_err();
+        assert!(error.contains("not for the service 10.0.0.2:22"), "{error}");
+        let mut elsewhere = SYN_V4;
+        elsewhere[16..20].copy_from_slice(&[192, 0, 2, 1]);
+        assert!(for_service(&mut elsewhere, service).is_err());
     }
 
     #[test]
@@ -216,7 +239,7 @@ mod tests {
         packet[52] = 0x50;
         packet[53] = 0x02;
         let to = fix_checksums(&mut packet, false).unwrap();
-        assert_eq!(to, "fd00::2".parse::<IpAddr>().unwrap());
+        assert_eq!(to, "[fd00::2]:443".parse::<SocketAddr>().unwrap());
         let pseudo = sum(&packet[8..40]) + 6 + 20;
         assert!(verifies(&packet, 40, pseudo));
     }

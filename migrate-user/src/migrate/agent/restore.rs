@@ -83,7 +83,7 @@ pub(super) fn prepare<'a>(
         freeze: freeze?,
         takeover: Takeover::prepare(netns, &config.dev, service.ip(), request.prefix_len)?,
         listener,
-        replayer: Replayer::open(netns, service.ip())?,
+        replayer: Replayer::open(netns, service)?,
     })
 }
 
