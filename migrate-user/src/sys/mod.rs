@@ -13,13 +13,14 @@
 //! - `packet`: sending whole Ethernet frames (the address announcements), copying arriving ones
 //!   (the hold of a freeze);
 //! - `keeper`: a process that closes our files for the last time, off our path;
-//! - capability checks, the eBPF programs' clock, waiting for SIGTERM.
+//! - capability checks, the eBPF programs' clock, waiting for SIGTERM, the allocator's setting.
 mod bpf;
 mod caps;
 mod clock;
 mod exec;
 mod fd;
 mod keeper;
+mod malloc;
 mod ns;
 mod packet;
 mod pidfd;
@@ -35,6 +36,7 @@ pub use clock::monotonic_now;
 pub use exec::{Execve, spawn_execve};
 pub use fd::{PlacedFds, place_fds};
 pub use keeper::{FdKeeper, keep_files};
+pub use malloc::return_large_blocks_to_the_kernel;
 pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::{CaptureSocket, PacketSocket};
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit, same_file};
