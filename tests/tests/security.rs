@@ -356,6 +356,8 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
             without(host, "-bpf,-sys_admin", args, "CAP_BPF")?;
         }
     }
+    // The agent drops what it no longer uses once listening, which takes CAP_SETPCAP.
+    without(destination, "-setpcap", &agent, "CAP_SETPCAP")?;
     ensure!(!Path::new(image).exists(), "nothing written");
     ensure!(
         process_state(traffic.server_pids()[0]) != Some('T'),

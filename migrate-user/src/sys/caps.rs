@@ -228,8 +228,8 @@ pub enum CapabilityError {
         found: CapabilitySet,
     },
     #[error(
-        "{missing}: this process does not hold it (its permitted set is {held}), so it cannot \
-         pass it on; run tcpmig as root or grant it"
+        "{missing}: this process does not hold it (permitted set), so it cannot pass it on; run \
+         tcpmig as root or grant it"
     )]
     NotHeld {
         missing: CapabilitySet,
