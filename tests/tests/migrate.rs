@@ -66,6 +66,32 @@ fn ten_thousand_connections_under_traffic() -> Result<()> {
     demo(10_000)
 }
 
+/// A service below port 1024 moves whole: the agent binds its restored sockets and listener to
+/// that port after it dropped its other capabilities (it keeps CAP_NET_BIND_SERVICE for this),
+/// and the application it hands them to holds none.
+#[test]
+fn a_service_on_a_privileged_port_moves() -> Result<()> {
+    const N: usize = 50;
+    const PORT: u16 = 80;
+    let bed = TestBed::new()?;
+    let mut traffic = support::queued_traffic(&bed, N, PORT)?;
+    let token = tcpmig_testbed::TokenFile::new(&bed, "low-port", "low port token")?;
+    let stream = tcpmig_testbed::StreamArgs {
+        sent_already: support::BYTES + support::MORE,
+        received_already: support::BYTES,
+        ..tcpmig_testbed::StreamArgs::new(support::BYTES)
+    };
+    let agent = support::start_agent(bed.destination(), &token.0, stream, &[])?;
+    let server_pid = traffic.server_pids()[0];
+    support::migrate_to(&bed, &mut traffic, agent, server_pid, PORT, &token.0)?;
+    let after = traffic.verify_until(support::BYTES + support::MORE)?;
+    ensure!(
+        after.all_verified(N as u64),
+        "at the destination: {after:?}"
+    );
+    Ok(())
+}
+
 /// How a rollback case breaks the migration.
 enum Fault {
     /// The agent stops itself after this many image bytes and the test kills it (-9).

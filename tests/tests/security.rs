@@ -1,7 +1,8 @@
 //! Security of migrations on the test bed: the agent refuses sources without the token (and
 //! goes on waiting for the right one) and images above its limit; token files open to others are
 //! refused; images and pins are root-only; every command that needs CAP_NET_ADMIN or CAP_BPF says
-//! so when it lacks it, before touching anything.
+//! so when it lacks it, before touching anything; once listening, the agent keeps only the
+//! capabilities it uses, and the application it starts gets none but those it is given.
 //!
 //! Run one at a time: `cargo test -p tcpmig-testbed --test security -- --test-threads=1`.
 mod support;
@@ -15,13 +16,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::{
-    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, migrate_to, nothing_left, process_state,
-    queued_traffic, run_tcpmig, start_agent, start_plain_agent, start_plain_migrate,
+    AGENT_PORT, BYTES, COMMAND_TIMEOUT, MORE, Running, agent_command, migrate_to, nothing_left,
+    process_state, queued_traffic, run_tcpmig, start_agent, start_plain_agent, start_plain_migrate,
 };
 use tcpmig::{
     freeze::{Freeze, PIN_ROOT, RemoveOnDrop},
     migrate::{MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION},
     net::Netns,
+    sys::{CapabilitySet, ThreadCapabilities},
 };
 use tcpmig_testbed::TokenFile;
 use tcpmig_testbed::{IFACE, SERVICE_V4, StreamArgs, TestBed};
@@ -354,6 +356,8 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
             without(host, "-bpf,-sys_admin", args, "CAP_BPF")?;
         }
     }
+    // The agent drops what it no longer uses once listening, which takes CAP_SETPCAP.
+    without(destination, "-setpcap", &agent, "CAP_SETPCAP")?;
     ensure!(!Path::new(image).exists(), "nothing written");
     ensure!(
         process_state(traffic.server_pids()[0]) != Some('T'),
@@ -377,4 +381,201 @@ fn dump_args<'a>(pid: &'a str, service: &'a str, out: &'a str) -> [&'a str; 9] {
         "--freeze-dev",
         IFACE,
     ]
+}
+
+/// What the agent keeps once listening, named here rather than taken from the library.
+const AGENT_KEEPS: &str =
+    "CAP_SYS_ADMIN,CAP_NET_ADMIN,CAP_NET_RAW,CAP_NET_BIND_SERVICE,CAP_SETPCAP";
+
+fn caps(names: &str) -> Result<CapabilitySet> {
+    Ok(names.parse()?)
+}
+
+/// The capability sets of every thread of process `pid`.
+fn thread_capabilities(pid: u32) -> Result<Vec<ThreadCapabilities>> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        threads.push(ThreadCapabilities::parse(&status).context("Cap lines")?);
+    }
+    ensure!(!threads.is_empty(), "no thread in process {pid}");
+    Ok(threads)
+}
+
+/// Starts `tcpmig agent -v` with `extra` on the destination (then `-- /bin/true`, unless
+/// `extra` hands over with `--handoff`), waits until it listens, and checks every thread's sets: `effective` in the effective set, `effective` and `passed_on` in
+/// the permitted and bounding sets, nothing inheritable or ambient.
+fn agent_listens_with(
+    bed: &TestBed,
+    token: &Path,
+    extra: &[&str],
+    effective: CapabilitySet,
+    passed_on: CapabilitySet,
+) -> Result<()> {
+    let mut args = vec!["-v"];
+    args.extend(extra);
+    let mut cmd = agent_command(bed.destination(), token, &args, None)?;
+    if !extra.contains(&"--handoff") {
+        cmd = with_command(cmd, &["/bin/true"]);
+    }
+    let mut agent = Running::spawn(bed.destination(), cmd)?;
+    agent
+        .stderr
+        .wait_for("waiting for a source", COMMAND_TIMEOUT)?;
+    let held = effective.union(passed_on);
+    for sets in thread_capabilities(agent.child.pid())? {
+        let none = CapabilitySet::EMPTY;
+        ensure!(
+            (sets.effective, sets.permitted, sets.bounding) == (effective, held, held)
+                && (sets.inheritable, sets.ambient) == (none, none),
+            "agent with {extra:?}: {sets:?}, expected effective {effective}, permitted and \
+             bounding {held}"
+        );
+    }
+    agent.kill()?;
+    Ok(())
+}
+
+fn with_command(mut cmd: std::process::Command, command: &[&str]) -> std::process::Command {
+    cmd.arg("--").args(command);
+    cmd
+}
+
+#[test]
+fn the_agent_keeps_only_what_it_uses_once_listening() -> Result<()> {
+    let bed = TestBed::new()?;
+    let token = TokenFile::new(&bed, "kept", "kept token")?;
+    let kept = caps(AGENT_KEEPS)?;
+    agent_listens_with(&bed, &token.0, &[], kept, CapabilitySet::EMPTY)?;
+    // The application's capabilities stay permitted, not effective, until it starts.
+    let nice = caps("sys_nice,CAP_DAC_OVERRIDE")?;
+    agent_listens_with(
+        &bed,
+        &token.0,
+        &["--app-caps", "sys_nice,CAP_DAC_OVERRIDE"],
+        kept,
+        nice,
+    )?;
+    // Handing over to a running application's Unix socket, which another user may own (the
+    // agent connects to it only after a migration: none happens here).
+    let socket = "/run/tcpmig-test-never-made.sock";
+    let with_dac = kept.union(caps("CAP_DAC_OVERRIDE")?);
+    agent_listens_with(
+        &bed,
+        &token.0,
+        &["--handoff", socket],
+        with_dac,
+        CapabilitySet::EMPTY,
+    )?;
+    Ok(())
+}
+
+/// An agent whose namespace is given as another process's /proc/PID/ns/net keeps
+/// CAP_SYS_PTRACE, which opening that file needs once it has fewer capabilities than that
+/// process; and moves the connections there.
+#[test]
+fn an_agent_in_another_process_namespace_keeps_cap_sys_ptrace() -> Result<()> {
+    let bed = TestBed::new()?;
+    let traffic = queued_traffic(&bed, N, PORT)?;
+    let token = TokenFile::new(&bed, "ptrace", "ptrace token")?;
+    let destination = bed.destination();
+    let mut holder = destination.command("sleep")?;
+    holder.arg("600");
+    let holder = destination.spawn(&mut holder)?;
+    let netns = format!("/proc/{}/ns/net", holder.pid());
+    let listen = SocketAddr::new(destination.v4().into(), AGENT_PORT).to_string();
+    let mut cmd = destination.command(tcpmig_testbed::tcpmig_bin())?;
+    cmd.args(["-v", "agent", "--listen", &listen, "--netns", &netns])
+        .args(["--dev", IFACE])
+        .args(support::insecure(&token.0))
+        .args(["--", "/bin/true"]);
+    let mut agent = Running::spawn(destination, cmd)?;
+    agent
+        .stderr
+        .wait_for("waiting for a source", COMMAND_TIMEOUT)?;
+    let kept = caps(&format!("{AGENT_KEEPS},CAP_SYS_PTRACE"))?;
+    for sets in thread_capabilities(agent.child.pid())? {
+        ensure!(
+            (sets.effective, sets.bounding) == (kept, kept),
+            "{sets:?}, expected {kept}"
+        );
+    }
+    let mut migrate = start_plain_migrate(&bed, traffic.server_pids()[0], PORT, &token.0)?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let (status, _, stderr) = agent.finish()?;
+    ensure!(status.success(), "the agent: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn the_application_gets_no_capability() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = queued_traffic(&bed, N, PORT)?;
+    let token = TokenFile::new(&bed, "app", "app token")?;
+    let stream = StreamArgs {
+        sent_already: BYTES + MORE,
+        received_already: BYTES,
+        ..StreamArgs::new(BYTES)
+    };
+    // One group: the agent becomes the application (same pid).
+    let agent = start_agent(bed.destination(), &token.0, stream, &[])?;
+    let pid = agent.pid();
+    let server_pid = traffic.server_pids()[0];
+    migrate_to(&bed, &mut traffic, agent, server_pid, PORT, &token.0)?;
+    let none = CapabilitySet::EMPTY;
+    for sets in thread_capabilities(pid)? {
+        ensure!(
+            [
+                sets.effective,
+                sets.permitted,
+                sets.bounding,
+                sets.inheritable,
+                sets.ambient
+            ] == [none; 5],
+            "the application: {sets:?}"
+        );
+    }
+    let after = traffic.verify_until(BYTES + MORE)?;
+    ensure!(
+        after.all_verified(N as u64),
+        "at the destination: {after:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_application_gets_exactly_the_capabilities_given() -> Result<()> {
+    let bed = TestBed::new()?;
+    let traffic = queued_traffic(&bed, N, PORT)?;
+    let token = TokenFile::new(&bed, "given", "given token")?;
+    // Two groups (the application started twice, as children), each printing its sets.
+    let extra = [
+        "--app-caps",
+        "CAP_NET_BIND_SERVICE",
+        "--max-per-process",
+        "30",
+    ];
+    let cmd = agent_command(bed.destination(), &token.0, &extra, None)?;
+    let print = ["/bin/sh", "-c", "grep ^Cap /proc/self/status"];
+    let mut agent = Running::spawn(bed.destination(), with_command(cmd, &print))?;
+    let mut migrate = start_plain_migrate(&bed, traffic.server_pids()[0], PORT, &token.0)?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let (status, stdout, stderr) = agent.finish()?;
+    ensure!(status.success(), "the agent: {stderr}");
+    // The children's lines may interleave: each set's line, twice, with the same value.
+    let given = format!("{:016x}", caps("net_bind_service")?.bits());
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        let values: Vec<&str> = stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix(set))
+            .map(str::trim)
+            .collect();
+        ensure!(
+            values == [given.as_str(); 2],
+            "{set} of two children: {stdout}"
+        );
+    }
+    Ok(())
 }

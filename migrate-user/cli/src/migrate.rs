@@ -6,6 +6,7 @@ use tcpmig::{
     freeze::hold::HoldBudget,
     handoff::{self, ExecCommand},
     migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig},
+    sys::{Capability, CapabilitySet},
 };
 
 use super::{handto::HandTo, link::LinkArgs, print_json};
@@ -127,6 +128,16 @@ pub struct AgentArgs {
     /// the agent then waits for them all. [default: the fd limit less 67]
     #[arg(long, value_name = "N")]
     max_per_process: Option<usize>,
+    /// Capabilities the application gets, separated by commas (CAP_NET_BIND_SERVICE or
+    /// net_bind_service), as ambient capabilities; it gets no other, even as root (its bounding
+    /// set holds these only). The agent keeps them until it starts the application.
+    #[arg(
+        long,
+        value_name = "CAPS",
+        default_value = "none",
+        conflicts_with = "handoff"
+    )]
+    app_caps: CapabilitySet,
     /// Testing aid: stop (SIGSTOP) once this many image bytes arrived.
     #[arg(long, hide = true, value_name = "BYTES")]
     stop_after_image_bytes: Option<u64>,
@@ -191,6 +202,11 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
             Some(0) => anyhow::bail!("--max-per-process 0: give at least 1"),
             Some(max) => max,
             None => handoff::max_fds_per_process()?,
+        },
+        app_capabilities: args.app_caps,
+        also_keep: match args.to.handoff {
+            Some(_) => CapabilitySet::of(&[Capability::DacOverride]),
+            None => CapabilitySet::EMPTY,
         },
     };
     let outcome = migrate::agent(&config)?;

@@ -96,6 +96,12 @@ pub enum HandoffError {
     ReceiverClose { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("handing the connections over: limiting the application's capabilities to {caps}")]
+    Capabilities {
+        caps: crate::sys::CapabilitySet,
+        #[source]
+        source: crate::sys::CapabilityError,
+    },
 }
 
 /// The name of a connection in LISTEN_FDNAMES and in the Unix socket protocol:

@@ -54,7 +54,10 @@ use std::{
 };
 
 pub use self::{
-    agent::{AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, LiveConnections, agent},
+    agent::{
+        AgentConfig, AgentOutcome, DEFAULT_MAX_IMAGE_BYTES, LiveConnections, agent,
+        kept_capabilities,
+    },
     guard::{GuardOutcome, guard},
     process::StoppedTree,
     report::{AgentReport, Dropped, Phases, Report},
@@ -94,6 +97,17 @@ pub enum MigrateError {
     },
     #[error(transparent)]
     MissingCapability(#[from] crate::sys::MissingCapability),
+    #[error("the application's capabilities (nothing was changed)")]
+    AppCapabilities(#[source] crate::sys::CapabilityError),
+    #[error(
+        "dropping every capability but {kept} once listening (nothing was changed): the agent \
+         does not go on with more than it needs"
+    )]
+    DropCapabilities {
+        kept: crate::sys::CapabilitySet,
+        #[source]
+        source: crate::sys::CapabilityError,
+    },
     /// Boxed: its file paths and rustls error would double the size of every Result here.
     #[error(transparent)]
     Tls(Box<TlsError>),
@@ -283,13 +297,14 @@ impl Privileged {
     }
 
     /// Repair mode needs CAP_NET_ADMIN, freezes CAP_BPF, taking another process's fds
-    /// CAP_SYS_PTRACE, entering a network namespace CAP_SYS_ADMIN.
+    /// CAP_SYS_PTRACE, entering a network namespace CAP_SYS_ADMIN; the agent drops the
+    /// capabilities it no longer uses with CAP_SETPCAP.
     fn needs(self) -> &'static [Capability] {
-        use Capability::{Bpf, NetAdmin, SysAdmin, SysPtrace};
+        use Capability::{Bpf, NetAdmin, SetPcap, SysAdmin, SysPtrace};
         match self {
             Privileged::Dump | Privileged::Migrate => &[NetAdmin, Bpf, SysPtrace, SysAdmin],
             Privileged::Restore => &[NetAdmin, SysAdmin],
-            Privileged::Agent => &[NetAdmin, Bpf, SysAdmin],
+            Privileged::Agent => &[NetAdmin, Bpf, SysAdmin, SetPcap],
         }
     }
 }

@@ -13,9 +13,11 @@
 //! - `packet`: sending whole Ethernet frames (the address announcements), copying arriving ones
 //!   (the hold of a freeze);
 //! - `keeper`: a process that closes our files for the last time, off our path;
-//! - capability checks, the eBPF programs' clock, waiting for SIGTERM, the allocator's setting.
+//! - `caps`, `capset`: capability checks, sets of capabilities by name, dropping them;
+//! - the eBPF programs' clock, waiting for SIGTERM, the allocator's setting.
 mod bpf;
 mod caps;
+mod capset;
 mod clock;
 mod exec;
 mod fd;
@@ -30,7 +32,11 @@ mod wait;
 
 pub use bpf::{detach_pinned_link, map_delete_batch, map_update_batch, prog_test_run};
 pub use caps::{
-    Capability, MissingCapability, has_capability, missing_capability, require_capabilities,
+    Capability, CapabilityError, CapabilitySet, MissingCapability, has_capability,
+    missing_capability, require_capabilities,
+};
+pub use capset::{
+    ThreadCapabilities, clear_after_fork, confine_for_exec, drop_all_but, require_single_thread,
 };
 pub use clock::monotonic_now;
 pub use exec::{Execve, spawn_execve};

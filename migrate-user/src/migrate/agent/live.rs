@@ -5,12 +5,13 @@ use std::{
     process::ExitStatus,
 };
 
-use super::groups::Group;
+use super::{AgentConfig, groups::Group};
 use crate::{
     handoff::{self, ExecCommand, HandoffError},
     net::Netns,
     repair::RestoredSocket,
     shard::{self, Shard},
+    sys::{self, CapabilitySet},
     tuple::Tuple,
 };
 
@@ -19,6 +20,8 @@ pub struct LiveConnections {
     groups: Vec<Shard<Group>>,
     /// Where the application runs: the namespace the connections are in.
     netns: String,
+    /// All the application gets (see [`AgentConfig::app_capabilities`]).
+    app_capabilities: CapabilitySet,
 }
 
 impl LiveConnections {
@@ -27,7 +30,7 @@ impl LiveConnections {
     /// handed with SO_ACCEPTCONN; its name says `0.0.0.0.0` for the remote end).
     pub(super) fn new(
         groups: Vec<Shard<Group>>,
-        netns: String,
+        config: &AgentConfig,
         service: SocketAddr,
         listener: Option<OwnedFd>,
     ) -> Self {
@@ -39,7 +42,11 @@ impl LiveConnections {
             };
             first.run(move |group| group.live.push(RestoredSocket { tuple, fd }));
         }
-        Self { groups, netns }
+        Self {
+            groups,
+            netns: config.netns.clone(),
+            app_capabilities: config.app_capabilities,
+        }
     }
 
     /// Groups, each handed to one process.
@@ -60,20 +67,25 @@ impl LiveConnections {
     /// Hands the connections to `command` in their namespace: one group becomes it (this process
     /// is replaced, see [`handoff::exec_with_fds`]); several start it once per group (see
     /// [`handoff::spawn_with_fds`]) and wait for them all. Returns the first failure's exit
-    /// status, or success.
+    /// status, or success. The command gets the application's capabilities and no other: each
+    /// group's thread limits itself to them before it executes or starts the command.
     pub fn run(self, command: ExecCommand) -> Result<ExitStatus, HandoffError> {
-        let Self { groups, netns } = self;
+        let Self {
+            groups,
+            netns,
+            app_capabilities,
+        } = self;
         let count = groups.len();
         if count == 1 {
             let exec = groups[0].run(move |group| {
-                enter(&netns)?;
+                enter_confined(&netns, app_capabilities)?;
                 handoff::exec_with_fds(std::mem::take(&mut group.live), command)
             });
             match exec? {}
         }
         let command = std::sync::Arc::new(command);
         let started = shard::run_all(&groups, move |k, group| {
-            enter(&netns)?;
+            enter_confined(&netns, app_capabilities)?;
             let env = [
                 ("TCPMIG_SHARD", k.to_string()),
                 ("TCPMIG_SHARDS", count.to_string()),
@@ -89,9 +101,12 @@ impl LiveConnections {
     }
 }
 
-/// The application runs in the namespace its connections are in.
-fn enter(netns: &str) -> Result<(), HandoffError> {
-    Ok(Netns::open(netns)?.enter_current_thread()?)
+/// The application runs in the namespace its connections are in, with `caps` only: the calling
+/// thread enters it, then limits itself to `caps` (see [`sys::confine_for_exec`]).
+fn enter_confined(netns: &str, caps: CapabilitySet) -> Result<(), HandoffError> {
+    Netns::open(netns)?.enter_current_thread()?;
+    sys::confine_for_exec(caps).map_err(|source| HandoffError::Capabilities { caps, source })?;
+    Ok(())
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {

@@ -26,6 +26,7 @@ use super::{
 use crate::{
     freeze::{self, Freeze},
     net::Netns,
+    sys::{self, Capability, CapabilitySet},
 };
 
 /// Freezes of agents are named this plus the agent's pid, so that the next agent can remove
@@ -59,6 +60,15 @@ pub struct AgentConfig {
     /// Most connections one group holds, and one application process gets; more make several
     /// groups. See [`crate::handoff::max_fds_per_process`].
     pub max_per_process: usize,
+    /// The capabilities the application gets (as ambient capabilities, so that they survive
+    /// execve whatever its user); it gets no other, even as root. The agent holds them until it
+    /// starts the application (permitted, not effective), beside those it keeps for itself
+    /// ([`kept_capabilities`]).
+    pub app_capabilities: CapabilitySet,
+    /// Capabilities the caller still needs once the agent listens, beside
+    /// [`kept_capabilities`]: `tcpmig agent --handoff` keeps CAP_DAC_OVERRIDE, to connect to an
+    /// application's Unix socket that another user owns.
+    pub also_keep: CapabilitySet,
 }
 
 /// A completed migration on the destination: the live sockets, to hand to the application.
@@ -69,7 +79,10 @@ pub struct AgentOutcome {
     pub report: AgentReport,
 }
 
-/// Waits for one source, receives its connections and makes them live here.
+/// Waits for one source, receives its connections and makes them live here. Once it listens
+/// for the source, the calling thread (the only one of the process: capabilities belong to
+/// threads) drops every capability but [`kept_capabilities`] and
+/// [`AgentConfig::app_capabilities`], from its bounding set too.
 ///
 /// # Examples
 /// Takes the connections [`migrate`](crate::migrate::migrate) sends, adds the service address
@@ -83,6 +96,7 @@ pub struct AgentOutcome {
 ///         self, AgentConfig, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_STEP_TIMEOUT, ServerSecurity,
 ///         TlsFiles,
 ///     },
+///     sys::{Capability, CapabilitySet},
 /// };
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -100,6 +114,10 @@ pub struct AgentOutcome {
 ///     step_timeout: DEFAULT_STEP_TIMEOUT,
 ///     stop_after_image_bytes: None,
 ///     max_per_process: handoff::max_fds_per_process()?,
+///     // Handed over a Unix socket (below): the application starts itself, so it gets none
+///     // from the agent; the agent may need to reach a socket another user owns.
+///     app_capabilities: CapabilitySet::EMPTY,
+///     also_keep: CapabilitySet::of(&[Capability::DacOverride]),
 /// };
 /// let outcome = migrate::agent(&config)?;
 /// outcome.live.send_to(Path::new("/run/app/fds.sock"))?;
@@ -111,6 +129,7 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
     if matches!(config.security, ServerSecurity::Insecure) && config.token.is_none() {
         return Err(MigrateError::InsecureWithoutToken);
     }
+    check_app_capabilities(config)?;
     let netns = Netns::open(&config.netns)?;
     remove_stale_freezes();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -183,7 +202,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&committed).await {
         tracing::warn!(%error, "confirming the commit to the source");
     }
-    let live = LiveConnections::new(groups, config.netns.clone(), service, listener);
+    let live = LiveConnections::new(groups, config, service, listener);
     Ok(AgentOutcome {
         source,
         service,
@@ -242,6 +261,7 @@ async fn accept_source(config: &AgentConfig) -> Result<(Link, SocketAddr), Migra
             listen: config.listen,
             source,
         })?;
+    drop_capabilities(config)?;
     tracing::info!(listen = %config.listen, "waiting for a source");
     let deadline = tokio::time::Instant::now() + config.step_timeout * 60;
     loop {
@@ -346,4 +366,71 @@ fn remove_stale_freezes() {
             }
         }
     }
+}
+
+/// The capabilities the agent still uses once it listens for the source; it drops every other
+/// one (see [`agent`]):
+/// - CAP_SYS_ADMIN: entering the namespace (setns) on the threads of the groups, of the
+///   netlink session and of the freeze, and for the application; loading and attaching the
+///   freeze programs (it stands in for CAP_BPF and CAP_PERFMON); mounting bpffs when it is not;
+/// - CAP_NET_ADMIN: repair mode (TCP_REPAIR), SO_SNDBUFFORCE, SO_RCVBUFFORCE and SO_MARK on the
+///   restored sockets, attaching the freeze programs (tcx), adding the service address
+///   (netlink);
+/// - CAP_NET_RAW: the packet socket of the address announcements (gratuitous ARP, unsolicited
+///   NA), the raw socket that replays the segments the source's freeze held, IP_TRANSPARENT on
+///   the restored sockets (bound before the address exists here);
+/// - CAP_NET_BIND_SERVICE: binding the restored sockets and the service's listener to the
+///   service's port, when it is below the namespace's ip_unprivileged_port_start (1024);
+/// - CAP_SETPCAP: emptying the bounding set of the threads that start the application, so that
+///   it gets none of these (see [`sys::confine_for_exec`]);
+/// - CAP_SYS_PTRACE, only when `netns` is another process's /proc/PID/ns/net: opening it needs
+///   ptrace access to that process, which a process with fewer capabilities than it has only
+///   with CAP_SYS_PTRACE.
+pub fn kept_capabilities(netns: &str) -> CapabilitySet {
+    use Capability::{NetAdmin, NetBindService, NetRaw, SetPcap, SysAdmin, SysPtrace};
+    let kept = CapabilitySet::of(&[SysAdmin, NetAdmin, NetRaw, NetBindService, SetPcap]);
+    match names_another_process(netns) {
+        true => kept.union(CapabilitySet::of(&[SysPtrace])),
+        false => kept,
+    }
+}
+
+/// Whether `netns` is a path under /proc/PID of a process other than this one.
+fn names_another_process(netns: &str) -> bool {
+    let Some(pid) = netns
+        .strip_prefix("/proc/")
+        .and_then(|rest| rest.split('/').next())
+    else {
+        return false;
+    };
+    !["self", "thread-self", &std::process::id().to_string()].contains(&pid)
+}
+
+/// Fails before anything is done when the application is to get a capability this process
+/// does not hold.
+fn check_app_capabilities(config: &AgentConfig) -> Result<(), MigrateError> {
+    let held = sys::ThreadCapabilities::of_this_thread()
+        .map_err(MigrateError::AppCapabilities)?
+        .permitted;
+    let missing = config.app_capabilities.difference(held);
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(MigrateError::AppCapabilities(
+            sys::CapabilityError::NotHeld { missing, held },
+        )),
+    }
+}
+
+/// Keeps [`kept_capabilities`], and the application's for it, and drops the rest.
+fn drop_capabilities(config: &AgentConfig) -> Result<(), MigrateError> {
+    let kept = kept_capabilities(&config.netns).union(config.also_keep);
+    let dropping = |source| MigrateError::DropCapabilities { kept, source };
+    sys::require_single_thread().map_err(dropping)?;
+    let now = sys::drop_all_but(kept, config.app_capabilities).map_err(dropping)?;
+    tracing::info!(
+        effective = %now.effective,
+        permitted = %now.permitted,
+        "dropped every other capability"
+    );
+    Ok(())
 }
