@@ -358,6 +358,9 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
     }
     // The agent drops what it no longer uses once listening, which takes CAP_SETPCAP.
     without(destination, "-setpcap", &agent, "CAP_SETPCAP")?;
+    // The hold's packet socket, the replay's raw socket and the announcements.
+    without(source, "-net_raw", &migrate, "CAP_NET_RAW")?;
+    without(destination, "-net_raw", &agent, "CAP_NET_RAW")?;
     ensure!(!Path::new(image).exists(), "nothing written");
     ensure!(
         process_state(traffic.server_pids()[0]) != Some('T'),

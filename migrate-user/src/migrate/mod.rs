@@ -297,14 +297,16 @@ impl Privileged {
     }
 
     /// Repair mode needs CAP_NET_ADMIN, freezes CAP_BPF, taking another process's fds
-    /// CAP_SYS_PTRACE, entering a network namespace CAP_SYS_ADMIN; the agent drops the
-    /// capabilities it no longer uses with CAP_SETPCAP.
+    /// CAP_SYS_PTRACE, entering a network namespace CAP_SYS_ADMIN; the migration's hold and
+    /// the agent's replay and announcements CAP_NET_RAW; the agent drops the capabilities it
+    /// no longer uses with CAP_SETPCAP.
     fn needs(self) -> &'static [Capability] {
-        use Capability::{Bpf, NetAdmin, SetPcap, SysAdmin, SysPtrace};
+        use Capability::{Bpf, NetAdmin, NetRaw, SetPcap, SysAdmin, SysPtrace};
         match self {
-            Privileged::Dump | Privileged::Migrate => &[NetAdmin, Bpf, SysPtrace, SysAdmin],
+            Privileged::Dump => &[NetAdmin, Bpf, SysPtrace, SysAdmin],
+            Privileged::Migrate => &[NetAdmin, Bpf, SysPtrace, SysAdmin, NetRaw],
             Privileged::Restore => &[NetAdmin, SysAdmin],
-            Privileged::Agent => &[NetAdmin, Bpf, SysAdmin, SetPcap],
+            Privileged::Agent => &[NetAdmin, Bpf, SysAdmin, NetRaw, SetPcap],
         }
     }
 }
