@@ -50,7 +50,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tcpmig::sys::return_large_blocks_to_the_kernel();
     let result = if criu::invoked_as_hook() {
         init_logging(0);
         criu::run_as_hook()

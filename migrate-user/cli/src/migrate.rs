@@ -158,6 +158,7 @@ fn timeout(secs: f64) -> anyhow::Result<Duration> {
 pub struct GuardArgs {}
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    tcpmig::sys::limit_heap_arenas();
     let config = SourceConfig {
         pids: args.pids,
         service: args.service,

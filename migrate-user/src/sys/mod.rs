@@ -42,7 +42,7 @@ pub use clock::monotonic_now;
 pub use exec::{Execve, spawn_execve};
 pub use fd::{PlacedFds, place_fds};
 pub use keeper::{FdKeeper, keep_files};
-pub use malloc::return_large_blocks_to_the_kernel;
+pub use malloc::limit_heap_arenas;
 pub use ns::{detach_into_netns_on_spawn, enter_netns, unshare_fd_table};
 pub use packet::{CaptureSocket, PacketSocket};
 pub use pidfd::{pidfd_getfd, pidfd_open, pidfd_send_signal, pidfd_wait_exit, same_file};
