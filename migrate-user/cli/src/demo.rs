@@ -523,8 +523,8 @@ fn summary(r: &DemoReport) -> String {
     );
     let _ = writeln!(
         out,
-        "image {} bytes; {} bytes to the server and {} to the clients verified after the move; \
-         new connection on the destination: {}",
+        "image {} bytes (mutual TLS 1.3); {} bytes to the server and {} to the clients \
+         verified after the move; new connection on the destination: {}",
         m["image_bytes"],
         r.bytes_to_server,
         r.bytes_to_client,
