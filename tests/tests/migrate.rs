@@ -99,6 +99,8 @@ enum Fault {
     WrongToken,
     /// A live socket with the 4-tuple of one of the connections exists at the destination.
     TupleInUse,
+    /// The agent's `--dev` is its loopback: no Ethernet address to announce the service from.
+    NotEthernet,
 }
 
 fn rollback_case(fault: Fault) -> Result<()> {
@@ -124,7 +126,15 @@ fn rollback_case(fault: Fault) -> Result<()> {
         Fault::KillAgentAfter(_) => &["--stop-after-image-bytes", &stop_after],
         _ => &[],
     };
-    let agent = support::start_plain_agent(bed.destination(), &agent_token.0, extra, None)?;
+    let agent = match fault {
+        Fault::NotEthernet => {
+            let link = support::insecure(&agent_token.0);
+            let mut cmd = support::agent_command_on(bed.destination(), "lo", &link, &[], None)?;
+            cmd.args(["--", "/bin/true"]);
+            support::Running::spawn(bed.destination(), cmd)?
+        }
+        _ => support::start_plain_agent(bed.destination(), &agent_token.0, extra, None)?,
+    };
     let agent_pid = agent.child.pid();
     let mut agent = Some(agent);
     let server_pid = traffic.server_pids()[0];
@@ -143,6 +153,10 @@ fn rollback_case(fault: Fault) -> Result<()> {
         _ => "rolled back: the connections carry on at the source",
     };
     migrate.fails_saying(expected).context("the migration")?;
+    if let (Fault::NotEthernet, Some(agent)) = (&fault, agent.as_mut()) {
+        let said = agent.fails_saying("without an Ethernet address")?;
+        ensure!(!said.contains("panicked"), "the agent panicked: {said}");
+    }
     ensure!(
         !matches!(support::process_state(server_pid), Some('T') | None),
         "the server must run again"
@@ -234,6 +248,13 @@ fn wrong_token_rolls_back() -> Result<()> {
 #[test]
 fn failed_restore_rolls_back() -> Result<()> {
     rollback_case(Fault::TupleInUse)
+}
+
+/// The agent fails while it prepares (it cannot announce from a loopback): an error, not a
+/// panic, and the source rolls back.
+#[test]
+fn an_agent_that_cannot_announce_refuses_and_rolls_back() -> Result<()> {
+    rollback_case(Fault::NotEthernet)
 }
 
 fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {

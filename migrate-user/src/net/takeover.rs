@@ -30,7 +30,15 @@ impl<'a> Takeover<'a> {
     ) -> Result<Self, NetError> {
         check_prefix(addr, prefix_len)?;
         let session = Session::open(netns, dev)?;
-        let announcer = netns.run(|| Announcer::open_here(&session, addr))??;
+        let opened = || Ok::<_, NetError>(netns.run(|| Announcer::open_here(&session, addr))??);
+        let announcer = match opened() {
+            Ok(announcer) => announcer,
+            Err(error) => {
+                // Dropped here, its runtime would panic inside the agent's own.
+                session.close_in_background();
+                return Err(error);
+            }
+        };
         Ok(Self {
             session: Some(session),
             announcer,

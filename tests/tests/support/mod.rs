@@ -182,11 +182,22 @@ pub fn agent_command_with(
     extra: &[&str],
     pause_at: Option<&str>,
 ) -> Result<Command> {
+    agent_command_on(host, IFACE, link, extra, pause_at)
+}
+
+/// [`agent_command_with`] taking the address over `dev` instead of the bed's interface.
+pub fn agent_command_on(
+    host: &Host,
+    dev: &str,
+    link: &[String],
+    extra: &[&str],
+    pause_at: Option<&str>,
+) -> Result<Command> {
     let mut cmd = host.command(tcpmig_bin())?;
     cmd.arg("agent")
         .arg("--listen")
         .arg(SocketAddr::new(host.v4().into(), AGENT_PORT).to_string())
-        .args(["--netns", host.name(), "--dev", IFACE])
+        .args(["--netns", host.name(), "--dev", dev])
         .args(["--timeout", STEP_TIMEOUT_SECS])
         .args(link)
         .args(extra);
@@ -356,6 +367,22 @@ pub fn migrate_command(
         .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
         .args(link);
     Ok(cmd)
+}
+
+/// The arguments of `tcpmig migrate` that move process `pid`'s connections on `service` to the
+/// agent at `listen` over the bed's interface, for tests that add the link's options themselves.
+pub fn migrate_args<'a>(pid: &'a str, service: &'a str, listen: &'a str) -> [&'a str; 9] {
+    [
+        "migrate",
+        "--pid",
+        pid,
+        "--service",
+        service,
+        "--dev",
+        IFACE,
+        "--to",
+        listen,
+    ]
 }
 
 /// [`start_migrate`] with the usual step timeout and no pause.
