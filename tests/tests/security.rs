@@ -319,19 +319,10 @@ fn commands_without_their_capabilities_say_which() -> Result<()> {
         image,
     ];
     let migrate = [
-        "migrate",
-        "--pid",
-        &server_pid,
-        "--service",
-        &service,
-        "--dev",
-        IFACE,
-        "--to",
-        &listen,
-        "--insecure",
-        "--token-file",
-        &token,
-    ];
+        &support::migrate_args(&server_pid, &service, &listen)[..],
+        &["--insecure", "--token-file", &token],
+    ]
+    .concat();
     let agent = [
         "agent",
         "--listen",

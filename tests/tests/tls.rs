@@ -36,7 +36,7 @@ fn migrate_captured<'bed>(
     agent_link: &[String],
     source_link: &[String],
 ) -> Result<Vec<u8>> {
-    let (source, destination) = (bed.source(), bed.destination());
+    let destination = bed.destination();
     let capture = Capture::start(destination, AGENT_PORT)?;
     let mut cmd = agent_command_with(destination, agent_link, &[], None)?;
     cmd.arg("--")
@@ -44,15 +44,7 @@ fn migrate_captured<'bed>(
         .args(PeerArgs::adopting_server(adopted_stream()).to_args());
     let mut agent = Peer::spawn(destination, cmd, "tcpmig agent", support::COMMAND_TIMEOUT)?;
     let server_pid = traffic.server_pids()[0];
-    let cmd = migrate_command(
-        source,
-        destination,
-        &[server_pid],
-        PORT,
-        source_link,
-        STEP_TIMEOUT_SECS,
-    )?;
-    let mut migrate = Running::spawn(source, cmd)?;
+    let mut migrate = spawn_migrate(bed, server_pid, source_link)?;
     agent.expect_line("ready")?;
     let (status, _, stderr) = migrate.finish()?;
     ensure!(status.success(), "the migration failed: {stderr}");
@@ -165,19 +157,11 @@ fn refused(
     agent_says: &str,
     migrate_says: &str,
 ) -> Result<u32> {
-    let (source, destination) = (bed.source(), bed.destination());
+    let destination = bed.destination();
     let mut cmd = agent_command_with(destination, agent_link, &[], None)?;
     cmd.args(["--", "/bin/true"]);
     let mut agent = Running::spawn(destination, cmd)?;
-    let cmd = migrate_command(
-        source,
-        destination,
-        &[server_pid],
-        PORT,
-        source_link,
-        STEP_TIMEOUT_SECS,
-    )?;
-    let mut migrate = Running::spawn(source, cmd)?;
+    let mut migrate = spawn_migrate(bed, server_pid, source_link)?;
     let migrate_pid = migrate.child.pid();
     let said = migrate.fails_saying(migrate_says)?;
     ensure!(said.contains("nothing was changed"), "migrate: {said}");
@@ -337,17 +321,7 @@ fn commands_need_tls_or_insecure_and_usable_files() -> Result<()> {
     let listen = SocketAddr::new(destination.v4().into(), AGENT_PORT).to_string();
     let service = support::service(PORT).to_string();
     let agent = ["agent", "--listen", &listen, "--dev", IFACE];
-    let migrate = [
-        "migrate",
-        "--pid",
-        &server_pid,
-        "--service",
-        &service,
-        "--dev",
-        IFACE,
-        "--to",
-        &listen,
-    ];
+    let migrate = support::migrate_args(&server_pid, &service, &listen);
     let path = |p: &std::path::Path| p.display().to_string();
     let (agent_files, source_files) = (pki.agent(), pki.source());
     // The source's key with the agent's certificate; a CA file that does not exist.
@@ -410,4 +384,22 @@ fn commands_need_tls_or_insecure_and_usable_files() -> Result<()> {
         "the server must run"
     );
     carries_on(&mut traffic, N)
+}
+
+/// `tcpmig migrate` of `server_pid` from the source to the destination's agent over `link`.
+fn spawn_migrate<'bed>(
+    bed: &'bed TestBed,
+    server_pid: u32,
+    link: &[String],
+) -> Result<Running<'bed>> {
+    let (source, destination) = (bed.source(), bed.destination());
+    let cmd = migrate_command(
+        source,
+        destination,
+        &[server_pid],
+        PORT,
+        link,
+        STEP_TIMEOUT_SECS,
+    )?;
+    Running::spawn(source, cmd)
 }
