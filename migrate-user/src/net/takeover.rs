@@ -30,7 +30,9 @@ impl<'a> Takeover<'a> {
     ) -> Result<Self, NetError> {
         check_prefix(addr, prefix_len)?;
         let session = Session::open(netns, dev)?;
-        let opened = || Ok::<_, NetError>(netns.run(|| Announcer::open_here(&session, addr))??);
+        let opened = || -> Result<Announcer, NetError> {
+            netns.run(|| Announcer::open_here(&session, addr))?
+        };
         let announcer = match opened() {
             Ok(announcer) => announcer,
             Err(error) => {
