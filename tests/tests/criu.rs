@@ -182,6 +182,14 @@ impl<'bed> Migration<'bed> {
         }
     }
 
+    /// The hook's settings file: where it appends its report.
+    fn settings(&self) -> Result<std::path::PathBuf> {
+        let path = self.dir.0.join("criu-hook.conf");
+        let report = self.dir.0.join("hooks.jsonl");
+        fs::write(&path, format!("TCPMIG_REPORT={}\n", report.display()))?;
+        Ok(path)
+    }
+
     /// Runs CRIU with the hook configured, inside `host`'s netns or (external mode) outside;
     /// fails with CRIU's log tail. Returns the wall time.
     fn criu(
@@ -216,7 +224,8 @@ impl<'bed> Migration<'bed> {
             .env("TCPMIG_DEV", self.dev)
             .env("TCPMIG_ADDRESS", format!("{SERVICE_V4}/{PREFIX_V4}"))
             .env("TCPMIG_DEADLINE", DEADLINE_S)
-            .env("TCPMIG_REPORT", self.dir.0.join("hooks.jsonl"))
+            // The report through the settings file, as under podman (no environment).
+            .env("TCPMIG_CONFIG", self.settings()?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(self.dir.0.join(format!("{log}.stderr")))?);
@@ -418,10 +427,14 @@ fn migrate_mirror(mode: Mode, n: usize) -> Result<()> {
     })?;
     let _restored_server = KillOnDrop(pid);
     eprintln!("{mode:?} N={n}: dump {dumped:?}, restore {restored:?}, {rounds} rounds: {report:?}");
-    eprintln!(
-        "hooks: {}",
-        fs::read_to_string(migration.dir.0.join("hooks.jsonl")).unwrap_or_default()
-    );
+    let hooks = fs::read_to_string(migration.dir.0.join("hooks.jsonl")).unwrap_or_default();
+    eprintln!("hooks: {hooks}");
+    for action in ["\"action\":\"post-dump\"", "\"action\":\"post-restore\""] {
+        ensure!(
+            hooks.contains(action),
+            "no {action} in the report the settings file asked for: {hooks}"
+        );
+    }
     ensure!(
         report.all_verified() && report.connections == n as u64 && report.resets == 0,
         "after the migration: {report:?}"

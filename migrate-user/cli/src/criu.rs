@@ -46,17 +46,18 @@ pub fn invoked_as_hook() -> bool {
 }
 
 /// Runs the action CRIU names; a failure exits non-zero, which makes CRIU stop. With
-/// TCPMIG_REPORT=FILE, appends one JSON line per action to FILE.
+/// TCPMIG_REPORT=FILE (environment or settings file), appends one JSON line per action to FILE.
 pub fn run_as_hook() -> anyhow::Result<()> {
     let env = HookEnv::from_env()?;
-    let result = Config::from_env().and_then(|config| criu::run_hook(&env, &config));
-    let report = result.with_context(|| format!("tcpmig-criu-hook {}", env.action.name()))?;
-    if let Some(path) = std::env::var_os("TCPMIG_REPORT") {
+    let context = || format!("tcpmig-criu-hook {}", env.action.name());
+    let config = Config::from_env().with_context(context)?;
+    let report = criu::run_hook(&env, &config).with_context(context)?;
+    if let Some(path) = &config.report {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&path)
-            .with_context(|| format!("opening TCPMIG_REPORT {}", path.to_string_lossy()))?;
+            .open(path)
+            .with_context(|| format!("opening TCPMIG_REPORT {}", path.display()))?;
         writeln!(file, "{}", serde_json::to_string(&report)?)?;
     }
     Ok(())

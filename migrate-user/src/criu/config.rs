@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     net::{AddrParseError, IpAddr, SocketAddr},
     num::{ParseFloatError, ParseIntError},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -15,11 +15,12 @@ pub const CONFIG_ENV: &str = "TCPMIG_CONFIG";
 /// Read when it exists and TCPMIG_CONFIG is not set.
 pub const DEFAULT_CONFIG: &str = "/etc/tcpmig/criu-hook.conf";
 
-const KEYS: [&str; 4] = [
+const KEYS: [&str; 5] = [
     "TCPMIG_DEV",
     "TCPMIG_SERVICES",
     "TCPMIG_ADDRESS",
     "TCPMIG_DEADLINE",
+    "TCPMIG_REPORT",
 ];
 const DEFAULT_DEV: &str = "eth0";
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
@@ -70,6 +71,9 @@ pub struct Config {
     pub address: Option<(IpAddr, u8)>,
     /// TCPMIG_DEADLINE=SECS: the longest any freeze lasts (default 60).
     pub deadline: Duration,
+    /// TCPMIG_REPORT=FILE: one JSON line per action is appended to FILE. In the file too, since
+    /// podman passes CRIU no environment at all.
+    pub report: Option<PathBuf>,
 }
 
 impl Config {
@@ -127,6 +131,7 @@ impl Config {
             address: get("TCPMIG_ADDRESS").map(|v| address(v)).transpose()?,
             deadline: get("TCPMIG_DEADLINE")
                 .map_or(Ok(DEFAULT_DEADLINE), |v| seconds("TCPMIG_DEADLINE", v))?,
+            report: get("TCPMIG_REPORT").map(PathBuf::from),
         })
     }
 }
@@ -198,7 +203,7 @@ mod tests {
 
     #[test]
     fn environment_wins_over_the_file() {
-        let file = "# tcpmig\nTCPMIG_DEV = veth1\nTCPMIG_DEADLINE=5\n";
+        let file = "# tcpmig\nTCPMIG_DEV = veth1\nTCPMIG_DEADLINE=5\nTCPMIG_REPORT=/run/a.jsonl\n";
         let config = Config::parse(
             Some(file),
             env(&[
@@ -213,6 +218,9 @@ mod tests {
         assert_eq!(config.deadline, Duration::from_millis(2500));
         assert_eq!(config.address, Some(("fd00::1".parse().unwrap(), 64)));
         assert_eq!(config.services.len(), 2);
+        assert_eq!(config.report, Some("/run/a.jsonl".into()));
+        let moved = Config::parse(Some(file), env(&[("TCPMIG_REPORT", "/run/b.jsonl")]));
+        assert_eq!(moved.unwrap().report, Some("/run/b.jsonl".into()));
     }
 
     #[test]
@@ -223,6 +231,7 @@ mod tests {
             ("eth0", DEFAULT_DEADLINE)
         );
         assert!(config.services.is_empty() && config.address.is_none());
+        assert_eq!(config.report, None);
         for bad in [
             ("TCPMIG_DEADLINE", "0"),
             ("TCPMIG_DEADLINE", "1e30"),
