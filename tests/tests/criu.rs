@@ -8,9 +8,8 @@
 use std::{
     fs,
     net::SocketAddr,
-    os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -18,266 +17,19 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, KillGroupOnDrop, PREFIX_V4, Peer, PeerArgs, PeerCommand, Report,
-    SERVICE_V4, StreamArgs, TestBed, command_all, tcpmig_bin,
+    ChildGuard, IFACE, KillGroupOnDrop, Peer, PeerArgs, PeerCommand, Report, SERVICE_V4,
+    StreamArgs, TestBed, command_all, tcpmig_bin,
 };
+
+mod criu_bed;
+
+use criu_bed::*;
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
 const BYTES: u64 = 1024;
 /// Bytes each client sends (and gets back) per round of traffic.
 const ROUND: u64 = 512;
 const PORT: u16 = 8080;
-const CRIU_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest a freeze may last; the guard removes what is left by then.
-const DEADLINE_S: &str = "30";
-/// The key CRIU pairs the task's netns with between `--external` and `--inherit-fd`.
-const NETNS_KEY: &str = "tcpmig-net";
-/// The fd the destination netns is passed to `criu restore` on.
-const NETNS_FD: i32 = 10;
-
-/// Where the task's network namespace is relative to CRIU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// CRIU runs in the source (then destination) netns, like the task.
-    SameNetns,
-    /// CRIU runs outside; the task's netns is external to the dump.
-    ExternalNetns,
-}
-
-/// A directory removed with its contents when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("tcpmig-criu-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(path.join("images"))?;
-        Ok(Self(path))
-    }
-
-    fn images(&self) -> PathBuf {
-        self.0.join("images")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("TCPMIG_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Kills a process tree that is not our child (the restored server) by pids, and waits for it.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let pids = tree_pids(self.0);
-        for &pid in &pids {
-            // SAFETY: signalling the pids CRIU restored for this test.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let _ = wait_gone(&pids);
-    }
-}
-
-/// `root` and its children (the servers here are at most two levels deep).
-fn tree_pids(root: u32) -> Vec<u32> {
-    let children = fs::read_to_string(format!("/proc/{root}/task/{root}/children"));
-    std::iter::once(root)
-        .chain(
-            children
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok()),
-        )
-        .collect()
-}
-
-/// Waits (bounded) until none of `pids` exists, zombies included: CRIU restores the same pids.
-fn wait_gone(pids: &[u32]) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pids
-        .iter()
-        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-    {
-        ensure!(Instant::now() < deadline, "pids {pids:?} still exist");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-/// One migration's hosts, hook and files.
-struct Migration<'bed> {
-    bed: &'bed TestBed,
-    mode: Mode,
-    dir: TempDir,
-    hook: PathBuf,
-    /// TCPMIG_DEV for the hook.
-    dev: &'static str,
-}
-
-impl<'bed> Migration<'bed> {
-    fn new(bed: &'bed TestBed, mode: Mode, tag: &str) -> Result<Self> {
-        let dir = TempDir::new(tag)?;
-        let out = Command::new(tcpmig_bin())
-            .args(["criu-hook", "--install", "--dir"])
-            .arg(&dir.0)
-            .output()
-            .context("running tcpmig criu-hook --install (build tcpmig first)")?;
-        ensure!(
-            out.status.success(),
-            "install: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let hook = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(Self {
-            bed,
-            mode,
-            dir,
-            hook,
-            dev: IFACE,
-        })
-    }
-
-    /// Starts `cmd` (made by a host) detached: own session, stdio on files in the temp dir, as
-    /// CRIU wants a task without a terminal.
-    fn spawn_detached(
-        &self,
-        host: &'bed Host,
-        cmd: &mut Command,
-        tag: &str,
-    ) -> Result<ChildGuard<'bed>> {
-        let log = |suffix| fs::File::create(self.dir.0.join(format!("{tag}.{suffix}")));
-        cmd.stdin(Stdio::null())
-            .stdout(log("out")?)
-            .stderr(log("err")?);
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        };
-        host.spawn(cmd)
-    }
-
-    fn wait_for_line(&self, tag: &str, line: &str) -> Result<()> {
-        let path = self.dir.0.join(format!("{tag}.out"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().any(|l| l == line) {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{tag} did not say {line:?}; stderr: {}",
-                fs::read_to_string(self.dir.0.join(format!("{tag}.err"))).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The hook's settings file: where it appends its report.
-    fn settings(&self) -> Result<std::path::PathBuf> {
-        let path = self.dir.0.join("criu-hook.conf");
-        let report = self.dir.0.join("hooks.jsonl");
-        fs::write(&path, format!("TCPMIG_REPORT={}\n", report.display()))?;
-        Ok(path)
-    }
-
-    /// Runs CRIU with the hook configured, inside `host`'s netns or (external mode) outside;
-    /// fails with CRIU's log tail. Returns the wall time.
-    fn criu(
-        &self,
-        host: &Host,
-        args: &[&str],
-        log: &str,
-        netns: Option<fs::File>,
-    ) -> Result<Duration> {
-        let mut cmd = match self.mode {
-            Mode::SameNetns => {
-                let mut cmd = Command::new("nsenter");
-                cmd.arg(format!("--net={}", host.path().display()))
-                    .arg("criu");
-                cmd
-            }
-            Mode::ExternalNetns => Command::new("criu"),
-        };
-        cmd.args(args)
-            .arg("-D")
-            .arg(self.dir.images())
-            .args([
-                "--tcp-established",
-                "--network-lock",
-                "skip",
-                "-v4",
-                "-o",
-                log,
-            ])
-            .arg("--action-script")
-            .arg(&self.hook)
-            .env("TCPMIG_DEV", self.dev)
-            .env("TCPMIG_ADDRESS", format!("{SERVICE_V4}/{PREFIX_V4}"))
-            .env("TCPMIG_DEADLINE", DEADLINE_S)
-            // The report through the settings file, as under podman (no environment).
-            .env("TCPMIG_CONFIG", self.settings()?)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(self.dir.0.join(format!("{log}.stderr")))?);
-        if let Some(file) = &netns {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-            // SAFETY: dup2 and fcntl only, in the child: the duplicate survives exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == NETNS_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0);
-                    } else if libc::dup2(fd, NETNS_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                })
-            };
-        }
-        run_bounded(&mut cmd, CRIU_TIMEOUT).with_context(|| {
-            let log_text = fs::read_to_string(self.dir.images().join(log)).unwrap_or_default();
-            let stderr =
-                fs::read_to_string(self.dir.0.join(format!("{log}.stderr"))).unwrap_or_default();
-            let tail: Vec<&str> = log_text.lines().rev().take(15).collect();
-            format!(
-                "criu {args:?}; stderr: {stderr}\nlog tail:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-    }
-
-    fn dump(&self, pid: u32) -> Result<Duration> {
-        let pid = pid.to_string();
-        let mut args = vec!["dump", "-t", &pid];
-        let external;
-        if self.mode == Mode::ExternalNetns {
-            let inode = Netns::open(self.bed.source().name())?.inode();
-            external = format!("net[{inode}]:{NETNS_KEY}");
-            args.extend(["--external", &external]);
-        }
-        self.criu(self.bed.source(), &args, "dump.log", None)
-    }
-
-    fn restore(&self) -> Result<Duration> {
-        let inherit = format!("fd[{NETNS_FD}]:{NETNS_KEY}");
-        let mut args = vec!["restore", "--restore-detached"];
-        let mut netns = None;
-        if self.mode == Mode::ExternalNetns {
-            args.extend(["--inherit-fd", &inherit]);
-            netns = Some(fs::File::open(self.bed.destination().path())?);
-        }
-        self.criu(self.bed.destination(), &args, "restore.log", netns)
-    }
-}
 
 /// Runs `cmd` to completion within `timeout` (killed by pid after it).
 fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Duration> {
@@ -522,9 +274,66 @@ fn migrate_nginx(mode: Mode, connections: usize) -> Result<()> {
 /// server runs on where it was, its connections intact, and nothing is left.
 #[test]
 fn failing_hook_stops_criu_and_leaves_nothing() -> Result<()> {
+    failed_dump_carries_on(
+        "failing",
+        |migration| {
+            migration.dev = "nosuchdev0";
+            Ok(())
+        },
+        &["pre-dump: attaching the freeze programs", "nosuchdev0"],
+    )
+}
+
+/// The settings file the installed script names is gone: the checkpoint fails saying so.
+#[test]
+fn missing_settings_stop_criu_and_leave_nothing() -> Result<()> {
+    failed_dump_carries_on(
+        "nosettings",
+        |migration| Ok(fs::remove_file(migration.dir.0.join("settings.conf"))?),
+        &["reading the configuration", "settings.conf"],
+    )
+}
+
+/// A settings file with an unknown key, or none, is refused when the hook is installed.
+#[test]
+fn install_checks_the_settings() -> Result<()> {
+    let dir = TempDir::new("install")?;
+    let bad = dir.0.join("bad.conf");
+    fs::write(&bad, "TCPMIG_DEVICE=eth0\n")?;
+    for (settings, says) in [
+        (bad.as_path(), "unknown key TCPMIG_DEVICE"),
+        (
+            Path::new("/nonexistent/tcpmig.conf"),
+            "/nonexistent/tcpmig.conf",
+        ),
+    ] {
+        let out = Command::new(tcpmig_bin())
+            .args(["criu-hook", "--install", "--dir"])
+            .arg(dir.0.join("hook"))
+            .arg("--settings")
+            .arg(settings)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(says),
+            "install with {}: {stderr}",
+            settings.display()
+        );
+    }
+    ensure!(!dir.0.join("hook").exists(), "nothing installed");
+    Ok(())
+}
+
+/// A dump whose hook `break_it` broke fails naming what `says`, and the server and its
+/// clients carry on.
+fn failed_dump_carries_on(
+    tag: &str,
+    break_it: impl FnOnce(&mut Migration<'_>) -> Result<()>,
+    says: &[&str],
+) -> Result<()> {
     let bed = TestBed::new()?;
-    let mut migration = Migration::new(&bed, Mode::SameNetns, "failing")?;
-    migration.dev = "nosuchdev0";
+    let mut migration = Migration::new(&bed, Mode::SameNetns, tag)?;
+    break_it(&mut migration)?;
     let service = SocketAddr::new(SERVICE_V4.into(), PORT);
     let stream = StreamArgs::new(BYTES);
     let mut server_cmd = bed.source().command(PEER)?;
@@ -543,9 +352,8 @@ fn failing_hook_stops_criu_and_leaves_nothing() -> Result<()> {
         .context("the dump succeeded with a broken hook")?;
     let message = format!("{error:#}");
     ensure!(
-        message.contains("pre-dump: attaching the freeze programs")
-            && message.contains("nosuchdev0"),
-        "the error does not name the step: {message}"
+        says.iter().all(|part| message.contains(part)),
+        "the error does not name {says:?}: {message}"
     );
     command_all(&mut clients, PeerCommand::Send { bytes: ROUND })?;
     let report = command_all(

@@ -1,6 +1,9 @@
 //! `tcpmig criu-hook` (install the action script, run the guard) and the action script itself,
 //! `tcpmig-criu-hook`, which CRIU runs without arguments.
-use std::{io::Write as _, path::PathBuf};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -8,12 +11,21 @@ use tcpmig::criu::{self, Config, GuardSpec, HookEnv};
 
 #[derive(Args)]
 pub struct CriuHookArgs {
-    /// Link `tcpmig-criu-hook` to this binary, for `criu --action-script`.
-    #[arg(long, required_unless_present = "guard")]
+    /// Install `tcpmig-criu-hook`, for `criu --action-script`: a link to this binary, or with
+    /// --settings a script and a CRIU configuration file (`criu.conf`) that selects it.
+    #[arg(long, required_unless_present_any = ["guard", "run"])]
     install: bool,
-    /// Directory of the link [default: this binary's directory].
+    /// Directory of the hook [default: this binary's directory].
     #[arg(long, value_name = "DIR", requires = "install")]
     dir: Option<PathBuf>,
+    /// The hook's settings (KEY=VALUE lines, see README), read by the hook whatever CRIU's
+    /// environment; checked now. Writes DIR/criu.conf too: select it with the container
+    /// annotation org.criu.config=DIR/criu.conf.
+    #[arg(long, value_name = "FILE")]
+    settings: Option<PathBuf>,
+    /// Run as the action script (what the installed script does).
+    #[arg(long, conflicts_with_all = ["install", "guard"])]
+    run: bool,
     /// Internal: the guard process a freezing action leaves behind.
     #[arg(long, value_name = "SPEC", hide = true, conflicts_with = "install")]
     guard: Option<String>,
@@ -26,6 +38,9 @@ pub fn criu_hook(args: CriuHookArgs) -> anyhow::Result<()> {
         tracing::info!(name = spec.name, ?outcome, "guard done");
         return Ok(());
     }
+    if args.run {
+        return run_as_hook(args.settings.as_deref());
+    }
     let exe = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .context("locating the tcpmig binary")?;
@@ -33,8 +48,14 @@ pub fn criu_hook(args: CriuHookArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => exe.parent().context("the binary has no directory")?.into(),
     };
-    let link = criu::install(&dir, &exe)?;
-    println!("{}", link.display());
+    match args.settings {
+        Some(settings) => {
+            let installed = criu::install_with_settings(&dir, &exe, &settings)?;
+            println!("{}", installed.script.display());
+            println!("{}", installed.criu_conf.display());
+        }
+        None => println!("{}", criu::install(&dir, &exe)?.display()),
+    }
     Ok(())
 }
 
@@ -47,10 +68,10 @@ pub fn invoked_as_hook() -> bool {
 
 /// Runs the action CRIU names; a failure exits non-zero, which makes CRIU stop. With
 /// TCPMIG_REPORT=FILE (environment or settings file), appends one JSON line per action to FILE.
-pub fn run_as_hook() -> anyhow::Result<()> {
+pub fn run_as_hook(settings: Option<&Path>) -> anyhow::Result<()> {
     let env = HookEnv::from_env()?;
     let context = || format!("tcpmig-criu-hook {}", env.action.name());
-    let config = Config::from_env().with_context(context)?;
+    let config = Config::from_env_and(settings).with_context(context)?;
     let report = criu::run_hook(&env, &config).with_context(context)?;
     if let Some(path) = &config.report {
         let mut file = std::fs::OpenOptions::new()

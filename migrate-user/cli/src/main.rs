@@ -52,7 +52,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = if criu::invoked_as_hook() {
         init_logging(0);
-        criu::run_as_hook()
+        criu::run_as_hook(None)
     } else {
         let cli = match Cli::try_parse() {
             Ok(cli) => cli,

@@ -79,7 +79,16 @@ pub struct Config {
 impl Config {
     /// The process's environment over the file it names (or [`DEFAULT_CONFIG`] if it exists).
     pub fn from_env() -> Result<Self, CriuError> {
-        let named = std::env::var(CONFIG_ENV).ok();
+        Self::from_env_and(None)
+    }
+
+    /// The process's environment over `settings`, or over the file it names when `settings` is
+    /// None (the script `tcpmig criu-hook --install --settings` writes gives its file here).
+    pub fn from_env_and(settings: Option<&Path>) -> Result<Self, CriuError> {
+        let named = match settings {
+            Some(path) => Some(path.display().to_string()),
+            None => std::env::var(CONFIG_ENV).ok(),
+        };
         let path = named.as_deref().unwrap_or(DEFAULT_CONFIG);
         let file = match std::fs::read_to_string(path) {
             Ok(text) => Some(text),

@@ -22,6 +22,7 @@ mod config;
 mod dump;
 mod env;
 mod guard;
+mod install;
 mod restore;
 mod sidecar;
 
@@ -39,6 +40,7 @@ pub use self::{
     config::{CONFIG_ENV, Config, ConfigError, DEFAULT_CONFIG},
     env::{Action, HookEnv},
     guard::{GuardOutcome, GuardSpec, guard},
+    install::{Installed, install, install_with_settings},
     sidecar::Sidecar,
 };
 use crate::{
@@ -100,8 +102,17 @@ pub enum CriuError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{} exists and is not a link: remove it or choose another --dir", path.display())]
+    #[error(
+        "{} exists and is not tcpmig's (a link or a script it wrote): remove it or choose \
+         another --dir",
+        path.display()
+    )]
     NotALink { path: PathBuf },
+    #[error(
+        "{} holds whitespace or a newline, which CRIU's configuration file cannot carry",
+        path.display()
+    )]
+    UnusablePath { path: PathBuf },
     #[error(
         "checking the dumped connections: {count} were not frozen (first: {first}); they were \
          opened after pre-dump: set TCPMIG_SERVICES to freeze the whole service instead"
@@ -268,25 +279,6 @@ fn same_netns(netns: &Netns) -> Result<bool, CriuError> {
 /// Whether this process was started as the action script (the file name of `argv[0]`).
 pub fn invoked_as_hook(argv0: &Path) -> bool {
     argv0.file_name().is_some_and(|name| name == HOOK_NAME)
-}
-
-/// Makes `dir/tcpmig-criu-hook` a link to `exe` (replacing an older link there); returns its path.
-pub fn install(dir: &Path, exe: &Path) -> Result<PathBuf, CriuError> {
-    let link = dir.join(HOOK_NAME);
-    let io_error = |step| {
-        let path = link.clone();
-        move |source| CriuError::Io { step, path, source }
-    };
-    match fs::symlink_metadata(&link) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            fs::remove_file(&link).map_err(io_error("replacing the old link"))?;
-        }
-        Ok(_) => return Err(CriuError::NotALink { path: link }),
-        Err(_) => {}
-    }
-    fs::create_dir_all(dir).map_err(io_error("creating the directory"))?;
-    std::os::unix::fs::symlink(exe, &link).map_err(io_error("creating the link"))?;
-    Ok(link)
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ mod process;
 mod report;
 mod source;
 mod tls;
+mod token;
 mod transport;
 
 use std::{
@@ -63,9 +64,9 @@ pub use self::{
     report::{AgentReport, Dropped, Phases, Report},
     source::{PRECOPY_QUIET, SourceConfig, migrate},
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
+    token::Token,
     transport::{
         Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
-        Token,
     },
 };
 use crate::{
