@@ -31,24 +31,24 @@ impl Capability {
     }
 }
 
-/// Whether this process has `cap` in its effective set (from /proc/self/status).
+/// Whether the calling thread has `cap` in its effective set.
 pub fn has_capability(cap: Capability) -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << cap as u64) != 0)
+    effective().contains(cap)
 }
 
-/// The first capability of `needed` this process lacks. CAP_BPF is also satisfied by
+/// The first capability of `needed` the calling thread lacks. CAP_BPF is also satisfied by
 /// CAP_SYS_ADMIN, as in the kernel.
 pub fn missing_capability(needed: &[Capability]) -> Option<Capability> {
+    let effective = effective();
     needed.iter().copied().find(|&cap| {
-        !(has_capability(cap) || (cap == Capability::Bpf && has_capability(Capability::SysAdmin)))
+        !(effective.contains(cap)
+            || (cap == Capability::Bpf && effective.contains(Capability::SysAdmin)))
     })
+}
+
+/// The calling thread's effective set; empty if it cannot be read.
+fn effective() -> CapabilitySet {
+    super::ThreadCapabilities::of_this_thread().map_or(CapabilitySet::EMPTY, |sets| sets.effective)
 }
 
 /// A capability this process lacks, found before the first call that would fail with a bare

@@ -51,6 +51,18 @@ impl ThreadCapabilities {
         })
     }
 
+    /// Fails unless `caps` are all in the permitted set (what can still be given away).
+    pub fn require_permitted(&self, caps: CapabilitySet) -> Result<(), CapabilityError> {
+        let missing = caps.difference(self.permitted);
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(CapabilityError::NotHeld {
+                missing,
+                held: self.permitted,
+            }),
+        }
+    }
+
     /// The first set that differs from `expected`'s, as an error.
     fn check(&self, expected: &Self) -> Result<(), CapabilityError> {
         let pairs = [
@@ -98,13 +110,7 @@ pub fn drop_all_but(
     pass_on: CapabilitySet,
 ) -> Result<ThreadCapabilities, CapabilityError> {
     let before = ThreadCapabilities::of_this_thread()?;
-    let missing = pass_on.difference(before.permitted);
-    if !missing.is_empty() {
-        return Err(CapabilityError::NotHeld {
-            missing,
-            held: before.permitted,
-        });
-    }
+    before.require_permitted(pass_on)?;
     let bounding = keep.union(pass_on);
     let wanted = ThreadCapabilities {
         effective: keep.intersection(before.permitted),
@@ -128,13 +134,7 @@ pub fn drop_all_but(
 #[doc(alias = "PR_CAP_AMBIENT_RAISE")]
 pub fn confine_for_exec(caps: CapabilitySet) -> Result<ThreadCapabilities, CapabilityError> {
     let before = ThreadCapabilities::of_this_thread()?;
-    let missing = caps.difference(before.permitted);
-    if !missing.is_empty() {
-        return Err(CapabilityError::NotHeld {
-            missing,
-            held: before.permitted,
-        });
-    }
+    before.require_permitted(caps)?;
     let wanted = ThreadCapabilities {
         effective: caps,
         permitted: caps,
