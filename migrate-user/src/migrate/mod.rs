@@ -312,6 +312,15 @@ impl Privileged {
     }
 }
 
+/// A plaintext link has no check but the token: without one, both commands refuse before
+/// anything is touched.
+fn require_token_in_plaintext(plaintext: bool, token: Option<&Token>) -> Result<(), MigrateError> {
+    match plaintext && token.is_none() {
+        true => Err(MigrateError::InsecureWithoutToken),
+        false => Ok(()),
+    }
+}
+
 /// Fails before anything is touched, naming the first capability `command` needs and lacks,
 /// instead of with an EPERM halfway through.
 pub fn check_privileges(command: Privileged) -> Result<(), crate::sys::MissingCapability> {

@@ -6,23 +6,17 @@
 //! A frame is one tag byte and a body: [`TAG_MESSAGE`] carries a [`Message`] as JSON,
 //! [`TAG_IMAGE`] a piece of the image (see `image`), streamed as the agent decodes it.
 //! [`FrameCodec`] is the whole wire format, public so that it can be fuzzed on its own.
-use std::{
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, time::Duration};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
-use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
+use tokio_util::{
+    codec::{Decoder, Encoder, Framed, LengthDelimitedCodec},
+    either::Either,
+};
 
 use super::{
     AgentReport, MigrateError,
@@ -203,51 +197,13 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
-/// The bytes under the frames: TCP, with TLS on it unless the operator said `--insecure`.
-pub(super) enum LinkStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// The bytes under the frames: TCP, with TLS on it unless the operator said `--insecure`
+/// (left: plaintext).
+type LinkStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-impl AsyncRead for LinkStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for LinkStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// What both ends log on each plaintext link.
+const PLAINTEXT_WARNING: &str =
+    "plaintext link (--insecure): the image and the token travel in clear";
 
 /// One end of the link.
 pub(super) struct Link {
@@ -282,8 +238,8 @@ impl Link {
         let tcp = connect_tcp(to, timeout).await?;
         let stream = match security {
             ClientSecurity::Insecure => {
-                tracing::warn!(agent = %to, "plaintext link (--insecure): the image and the token travel in clear");
-                LinkStream::Plain(tcp)
+                tracing::warn!(agent = %to, "{PLAINTEXT_WARNING}");
+                Either::Left(tcp)
             }
             ClientSecurity::Tls { config, name } => {
                 let connecting = TlsConnector::from(config.clone()).connect(name.clone(), tcp);
@@ -291,7 +247,7 @@ impl Link {
                     .await
                     .map_err(|_| timed_out(to, "the TLS handshake", timeout))?
                     .map_err(|source| handshake_failed(to, source))?;
-                LinkStream::Tls(Box::new(tls.into()))
+                Either::Right(Box::new(tls.into()))
             }
         };
         Ok(Self::new(stream, to, timeout))
@@ -324,12 +280,12 @@ impl Link {
                 return Err(TlsError::TlsPeer { peer }.into());
             }
             (ServerSecurity::Insecure, FirstBytes::Other) => {
-                tracing::warn!(source = %peer, "plaintext link (--insecure): the image and the token travel in clear");
-                LinkStream::Plain(tcp)
+                tracing::warn!(source = %peer, "{PLAINTEXT_WARNING}");
+                Either::Left(tcp)
             }
             (ServerSecurity::Tls(_), FirstBytes::Other) => {
                 // Told in clear, so that the source says why rather than "corrupt message".
-                let mut link = Self::new(LinkStream::Plain(tcp), peer, timeout);
+                let mut link = Self::new(Either::Left(tcp), peer, timeout);
                 let reason = TlsError::PlaintextPeer { peer };
                 let refused = Message::Refused {
                     reason: "this agent speaks TLS only: give tcpmig migrate --tls-cert, \
@@ -345,7 +301,7 @@ impl Link {
                     .await
                     .map_err(|_| timed_out(peer, "the TLS handshake", timeout))?
                     .map_err(|source| TlsError::Handshake { peer, source })?;
-                LinkStream::Tls(Box::new(tls.into()))
+                Either::Right(Box::new(tls.into()))
             }
         };
         Ok(Some(Self::new(stream, peer, timeout)))

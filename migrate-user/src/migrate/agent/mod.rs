@@ -20,7 +20,7 @@ pub use self::live::LiveConnections;
 use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, ServerSecurity, Token,
-    check_privileges, resident_memory, test_pause,
+    check_privileges, require_token_in_plaintext, resident_memory, test_pause,
     transport::{Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -126,9 +126,8 @@ pub struct AgentOutcome {
 /// ```
 pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
     check_privileges(Privileged::Agent)?;
-    if matches!(config.security, ServerSecurity::Insecure) && config.token.is_none() {
-        return Err(MigrateError::InsecureWithoutToken);
-    }
+    let plaintext = matches!(config.security, ServerSecurity::Insecure);
+    require_token_in_plaintext(plaintext, config.token.as_ref())?;
     check_app_capabilities(config)?;
     let netns = Netns::open(&config.netns)?;
     remove_stale_freezes();
@@ -409,16 +408,9 @@ fn names_another_process(netns: &str) -> bool {
 /// Fails before anything is done when the application is to get a capability this process
 /// does not hold.
 fn check_app_capabilities(config: &AgentConfig) -> Result<(), MigrateError> {
-    let held = sys::ThreadCapabilities::of_this_thread()
-        .map_err(MigrateError::AppCapabilities)?
-        .permitted;
-    let missing = config.app_capabilities.difference(held);
-    match missing.is_empty() {
-        true => Ok(()),
-        false => Err(MigrateError::AppCapabilities(
-            sys::CapabilityError::NotHeld { missing, held },
-        )),
-    }
+    sys::ThreadCapabilities::of_this_thread()
+        .and_then(|sets| sets.require_permitted(config.app_capabilities))
+        .map_err(MigrateError::AppCapabilities)
 }
 
 /// Keeps [`kept_capabilities`], and the application's for it, and drops the rest.

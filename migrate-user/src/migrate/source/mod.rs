@@ -17,7 +17,7 @@ use self::phases::Run;
 use super::{
     ClientSecurity, MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
     guard::{Guardian, Note, Plan},
-    millis, resident_memory, test_pause,
+    millis, require_token_in_plaintext, resident_memory, test_pause,
     transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
@@ -112,9 +112,8 @@ pub struct SourceConfig {
 /// ```
 pub fn migrate(config: &SourceConfig) -> Result<Report, MigrateError> {
     check_privileges(Privileged::Migrate)?;
-    if matches!(config.security, ClientSecurity::Insecure) && config.token.is_none() {
-        return Err(MigrateError::InsecureWithoutToken);
-    }
+    let plaintext = matches!(config.security, ClientSecurity::Insecure);
+    require_token_in_plaintext(plaintext, config.token.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
