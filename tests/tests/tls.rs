@@ -322,25 +322,18 @@ fn commands_need_tls_or_insecure_and_usable_files() -> Result<()> {
     let service = support::service(PORT).to_string();
     let agent = ["agent", "--listen", &listen, "--dev", IFACE];
     let migrate = support::migrate_args(&server_pid, &service, &listen);
-    let path = |p: &std::path::Path| p.display().to_string();
     let (agent_files, source_files) = (pki.agent(), pki.source());
     // The source's key with the agent's certificate; a CA file that does not exist.
-    let mismatched = [
-        "--tls-cert".to_owned(),
-        path(&agent_files.cert),
-        "--tls-key".into(),
-        path(&source_files.key),
-        "--tls-ca".into(),
-        path(&agent_files.ca),
-    ];
-    let no_ca = [
-        "--tls-cert".to_owned(),
-        path(&source_files.cert),
-        "--tls-key".into(),
-        path(&source_files.key),
-        "--tls-ca".into(),
-        "/nonexistent/ca.pem".into(),
-    ];
+    let mismatched = Identity {
+        key: source_files.key.clone(),
+        ..agent_files.clone()
+    }
+    .args();
+    let no_ca = Identity {
+        ca: "/nonexistent/ca.pem".into(),
+        ..source_files.clone()
+    }
+    .args();
     let cases: [(&tcpmig_testbed::Host, &[&str], &[String], &str); 4] = [
         (
             destination,
