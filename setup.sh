@@ -21,6 +21,9 @@ APT_PACKAGES=(
   llvm-22-dev build-essential pkg-config
   # test bed and tools the tests drive
   iproute2 nftables iptables tcpdump wrk nginx-light iputils-arping python3 procps psmisc
+  # container runtimes the tests drive CRIU through (podman runs containers with runc here:
+  # crun fails on hybrid cgroups); without recommends, apt would also bring Debian's criu 3.17
+  runc podman
   # CRIU build dependencies
   libbsd-dev libcap-dev libnet1-dev libnl-3-dev libnl-route-3-dev libprotobuf-c-dev
   libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnftables-dev
@@ -98,6 +101,17 @@ else
   criu_ok || { echo "setup.sh: installed criu does not report >= 4.2" >&2; exit 1; }
   ok "installed /usr/local/sbin/criu $CRIU_VERSION"
 fi
+
+step "no Debian criu beside CRIU $CRIU_VERSION"
+# Debian's criu 3.17 (/usr/sbin/criu) fails on kernels >= 6.13; runc recommends it.
+if dpkg-query -W -f='${Status}' criu 2>/dev/null | grep -q 'install ok installed'; then
+  apt-get remove -y -qq criu >/dev/null
+  ok "removed Debian's criu package"
+else
+  ok "absent"
+fi
+criu_ok || { echo "setup.sh: criu on PATH is not >= 4.2: $(command -v criu)" >&2; exit 1; }
+ok "runc $(runc --version | awk 'NR==1{print $3}'), podman $(podman --version | awk '{print $3}'), criu $(criu --version | awk '/^Version:/{print $2}') ($(command -v criu))"
 
 step "bpffs at /sys/fs/bpf"
 if mount | grep -q ' /sys/fs/bpf type bpf'; then

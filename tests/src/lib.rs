@@ -50,6 +50,7 @@
 
 pub mod bed;
 mod capture;
+pub mod containers;
 pub mod echo;
 pub mod line_process;
 pub mod load;

@@ -14,11 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
-use tcpmig::{freeze, net::Netns};
+use anyhow::{Context as _, Result, ensure};
+use tcpmig::net::Netns;
 use tcpmig_testbed::{
-    ChildGuard, IFACE, KillGroupOnDrop, Peer, PeerArgs, PeerCommand, Report, SERVICE_V4,
-    StreamArgs, TestBed, command_all, tcpmig_bin,
+    ChildGuard, KillGroupOnDrop, Peer, PeerArgs, PeerCommand, Report, SERVICE_V4, StreamArgs,
+    TestBed, command_all, tcpmig_bin,
 };
 
 mod criu_bed;
@@ -30,24 +30,6 @@ const BYTES: u64 = 1024;
 /// Bytes each client sends (and gets back) per round of traffic.
 const ROUND: u64 = 512;
 const PORT: u16 = 8080;
-
-/// Runs `cmd` to completion within `timeout` (killed by pid after it).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Duration> {
-    let started = Instant::now();
-    let mut child = cmd.spawn().context("starting criu")?;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            ensure!(status.success(), "exited with {status}");
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Client traffic in rounds (send ROUND, read it back) until `stop`, then two more rounds.
 fn traffic_rounds(clients: &mut [Peer<'_>], stop: &AtomicBool) -> Result<(Report, u64)> {
@@ -84,45 +66,6 @@ fn traffic_rounds(clients: &mut [Peer<'_>], stop: &AtomicBool) -> Result<(Report
     Ok((report, rounds))
 }
 
-/// The namespaces' view of what is left: pins, programs, CRIU's rules.
-fn leftovers(bed: &TestBed) -> Result<Vec<String>> {
-    let mut left = Vec::new();
-    for host in [bed.source(), bed.destination()] {
-        let netns = Netns::open(host.name())?;
-        let pin = Path::new(freeze::PIN_ROOT).join(format!("criu-{}", netns.inode()));
-        if pin.exists() {
-            left.push(format!("pin {}", pin.display()));
-        }
-        for program in freeze::attached_programs(&netns, IFACE)? {
-            left.push(format!("{program} on {IFACE} in {host}"));
-        }
-        for (tool, args) in [
-            ("nft", &["list", "ruleset"][..]),
-            ("iptables-save", &[][..]),
-        ] {
-            let out = host.command(tool)?.args(args).output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("CRIU") || text.contains("0xc114") {
-                left.push(format!("{tool} rules in {host}: {text}"));
-            }
-        }
-    }
-    Ok(left)
-}
-
-/// Waits (bounded) for the guards to finish, then checks nothing is left.
-fn nothing_left(bed: &TestBed) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = leftovers(bed)?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "left behind: {left:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// CRIU killed the dumped tree (`pids`, root first): reap the root, our child, and wait for the
 /// rest to be reaped by init, so that their pids are free for the restore.
 fn reap(task: &mut ChildGuard<'_>, pids: &[u32]) -> Result<()> {
@@ -132,11 +75,6 @@ fn reap(task: &mut ChildGuard<'_>, pids: &[u32]) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     wait_gone(pids)
-}
-
-fn netns_inode_of(pid: u32) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    Ok(fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
 }
 
 /// The acceptance scenario with the mirror server: N connections, traffic running through the

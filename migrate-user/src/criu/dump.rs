@@ -19,11 +19,35 @@ use crate::{
     tuple::Tuple,
 };
 
-/// Freezes the dumped tree's connections (or the configured services) and starts the guard.
+/// Before CRIU stops the tasks of a task in its own netns (pre-dump there; its lock comes at
+/// network-lock, after CRIU has stopped them): stops new connections to the configured services,
+/// so that none completes into a listener's accept queue that the stopped server cannot empty
+/// (CRIU refuses to dump such "in-flight" connections). Starts the guard.
+pub(super) fn hold_new_connections(
+    env: &HookEnv,
+    config: &Config,
+    netns: &Netns,
+    report: &mut HookReport,
+) -> Result<(), CriuError> {
+    let (name, mut freeze) = attach_freeze(netns, config)?;
+    freeze
+        .freeze_new_connections(&config.services, config.deadline)
+        .step("stopping new connections to the services")?;
+    let addresses = config.services.iter().map(SocketAddr::ip).collect();
+    start_guard(env, config, netns, &name, addresses)?;
+    freeze.keep();
+    report.services = config.services.len();
+    report.freeze = Some(name);
+    Ok(())
+}
+
+/// Freezes the dumped tree's connections (or the configured services) and starts the guard
+/// unless the pre-dump has ([`hold_new_connections`]).
 pub(super) fn lock_source(
     env: &HookEnv,
     config: &Config,
     netns: &Netns,
+    guarded: bool,
     report: &mut HookReport,
 ) -> Result<(), CriuError> {
     let (name, mut freeze) = attach_freeze(netns, config)?;
@@ -41,17 +65,30 @@ pub(super) fn lock_source(
         report.services = config.services.len();
         config.services.iter().map(SocketAddr::ip).collect()
     };
+    if !guarded {
+        start_guard(env, config, netns, &name, addresses)?;
+    }
+    freeze.keep();
+    report.freeze = Some(name);
+    Ok(())
+}
+
+/// The guard of the freeze `name`, holding it while `addresses` are local to the source.
+fn start_guard(
+    env: &HookEnv,
+    config: &Config,
+    netns: &Netns,
+    name: &str,
+    addresses: BTreeSet<IpAddr>,
+) -> Result<(), CriuError> {
     let spec = GuardSpec {
-        name: name.clone(),
+        name: name.to_owned(),
         criu_pid: env.criu_pid,
         task_pid: env.init_pid,
         addresses: addresses.into_iter().collect(),
         deadline_s: config.deadline.as_secs_f64(),
     };
-    guard::spawn(netns, &spec)?;
-    freeze.keep();
-    report.freeze = Some(name);
-    Ok(())
+    guard::spawn(netns, &spec)
 }
 
 /// Checks that every dumped connection was frozen, records them for the restore, and moves the

@@ -21,7 +21,7 @@ const CRIU_CONF: &str = "criu.conf";
 pub struct Installed {
     /// The action script.
     pub script: PathBuf,
-    /// CRIU's options selecting it (`action-script`, `network-lock skip`).
+    /// CRIU's options selecting it (`action-script`, `network-lock skip`, `tcp-established`).
     pub criu_conf: PathBuf,
 }
 
@@ -64,7 +64,8 @@ pub fn install_with_settings(
     let criu_conf = dir.join(CRIU_CONF);
     let conf = format!(
         "{SCRIPT_MARK}. Select it with the annotation\n# org.criu.config={}, or copy it to \
-         /etc/criu/runc.conf for every container.\naction-script {}\nnetwork-lock skip\n",
+         /etc/criu/runc.conf for every container. tcp-established: the Kubernetes runtimes do \
+         not pass it.\naction-script {}\nnetwork-lock skip\ntcp-established\n",
         criu_conf.display(),
         script.display(),
     );

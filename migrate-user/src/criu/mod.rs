@@ -11,7 +11,7 @@
 //! | CRIU mode | freeze on dump | after the dump | freeze on restore | lift on restore |
 //! |---|---|---|---|---|
 //! | task in CRIU's netns, `--network-lock skip` | pre-dump | post-dump | pre-restore | post-restore |
-//! | task in its own netns (`--external net[...]`) | network-lock | post-dump | setup-namespaces | network-unlock |
+//! | task in its own netns (`--external net[...]`) | network-lock (new connections at pre-dump) | post-dump | setup-namespaces | network-unlock |
 //!
 //! The source freeze after a successful dump: it holds until the service address has left the
 //! source (the hook deletes it itself at post-dump when [`Config::address`] is set; otherwise the
@@ -181,9 +181,13 @@ pub fn run_hook(env: &HookEnv, config: &Config) -> Result<HookReport, CriuError>
         Action::PreDump | Action::NetworkLock => {
             let task = task_netns(env)?;
             let external = !same_netns(&task)?;
-            // pre-dump locks a task in CRIU's netns; network-lock comes only for an external one.
+            // pre-dump locks a task in CRIU's netns; network-lock comes only for an external
+            // one, after CRIU stopped its tasks: new connections stop at pre-dump there.
+            let hold_first = external && !config.services.is_empty();
             if (env.action == Action::NetworkLock) == external {
-                dump::lock_source(env, config, &task, &mut report)?;
+                dump::lock_source(env, config, &task, hold_first, &mut report)?;
+            } else if hold_first {
+                dump::hold_new_connections(env, config, &task, &mut report)?;
             }
         }
         Action::PostDump => {

@@ -1,5 +1,6 @@
 //! The CRIU tests' bed: a migration's directory, hook and CRIU runs, and the processes CRIU
 //! dumps and restores.
+#![allow(dead_code)] // The CRIU and the container tests each use their own part.
 use std::{
     fs,
     os::unix::process::CommandExt as _,
@@ -8,11 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
-use tcpmig::net::Netns;
+use anyhow::{Context as _, Result, bail, ensure};
+use tcpmig::{freeze, net::Netns};
 use tcpmig_testbed::{ChildGuard, Host, IFACE, PREFIX_V4, SERVICE_V4, TestBed, tcpmig_bin};
-
-use super::run_bounded;
 
 pub const CRIU_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a freeze may last; the guard removes what is left by then.
@@ -95,6 +94,92 @@ pub fn wait_gone(pids: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Installs the hook in `dir/hook` with `settings` as its settings file (`dir/settings.conf`);
+/// returns the path of the CRIU configuration file that selects it.
+pub fn install_hook(dir: &TempDir, settings: &str) -> Result<PathBuf> {
+    let path = dir.0.join("settings.conf");
+    fs::write(&path, settings)?;
+    let out = Command::new(tcpmig_bin())
+        .args(["criu-hook", "--install", "--dir"])
+        .arg(dir.0.join("hook"))
+        .arg("--settings")
+        .arg(&path)
+        .output()
+        .context("running tcpmig criu-hook --install (build tcpmig first)")?;
+    ensure!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(PathBuf::from(
+        stdout.lines().nth(1).context("criu.conf's path")?,
+    ))
+}
+
+/// Runs `cmd` to completion within `timeout` (killed by pid after it).
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting criu")?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            ensure!(status.success(), "exited with {status}");
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The namespaces' view of what is left: pins, programs, CRIU's rules.
+pub fn leftovers(bed: &TestBed) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    for host in [bed.source(), bed.destination()] {
+        let netns = Netns::open(host.name())?;
+        let pin = Path::new(freeze::PIN_ROOT).join(format!("criu-{}", netns.inode()));
+        if pin.exists() {
+            left.push(format!("pin {}", pin.display()));
+        }
+        for program in freeze::attached_programs(&netns, IFACE)? {
+            left.push(format!("{program} on {IFACE} in {host}"));
+        }
+        for (tool, args) in [
+            ("nft", &["list", "ruleset"][..]),
+            ("iptables-save", &[][..]),
+        ] {
+            let out = host.command(tool)?.args(args).output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("CRIU") || text.contains("0xc114") {
+                left.push(format!("{tool} rules in {host}: {text}"));
+            }
+        }
+    }
+    Ok(left)
+}
+
+/// Waits (bounded) for the guards to finish, then checks nothing is left.
+pub fn nothing_left(bed: &TestBed) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = leftovers(bed)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The inode of `pid`'s network namespace.
+pub fn netns_inode_of(pid: u32) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
+}
+
 /// One migration's hosts, hook and files.
 pub struct Migration<'bed> {
     pub bed: &'bed TestBed,
@@ -110,23 +195,8 @@ impl<'bed> Migration<'bed> {
     pub fn new(bed: &'bed TestBed, mode: Mode, tag: &str) -> Result<Self> {
         let dir = TempDir::new(tag)?;
         // The report through the settings file, as under podman (which passes no environment).
-        let settings = dir.0.join("settings.conf");
         let report = dir.0.join("hooks.jsonl");
-        fs::write(&settings, format!("TCPMIG_REPORT={}\n", report.display()))?;
-        let out = Command::new(tcpmig_bin())
-            .args(["criu-hook", "--install", "--dir"])
-            .arg(dir.0.join("hook"))
-            .arg("--settings")
-            .arg(&settings)
-            .output()
-            .context("running tcpmig criu-hook --install (build tcpmig first)")?;
-        ensure!(
-            out.status.success(),
-            "install: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout)?;
-        let criu_conf = PathBuf::from(stdout.lines().nth(1).context("criu.conf's path")?);
+        let criu_conf = install_hook(&dir, &format!("TCPMIG_REPORT={}\n", report.display()))?;
         Ok(Self {
             bed,
             mode,
