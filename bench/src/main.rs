@@ -5,6 +5,7 @@
 //! CRIU references for the same connection counts in the same run; the other subcommands run
 //! one part alone. Every byte of traffic comes from the test bed's `tcpmig-peer` (built beside
 //! this benchmark): this crate only orchestrates, measures and reports.
+mod containers;
 mod criu;
 mod freeze;
 mod gap;
@@ -35,6 +36,8 @@ enum Which {
     Repair,
     /// Real CRIU dump + restore with its iptables lock, its nftables lock and the tcpmig hook.
     Criu,
+    /// runc checkpoint + restore of a container under load, CRIU's lock against the tcpmig hook.
+    Containers,
     /// Dry run of the scaling benchmark's clients: open-loop echo traffic through a service
     /// freeze, no migration (gaps, catch-up after the thaw, nothing lost).
     Gap(gap::GapArgs),
@@ -72,6 +75,11 @@ fn main() -> anyhow::Result<()> {
             };
             let results = criu::run(ns)?;
             out.write("criu", &results, &criu::markdown(&results))?;
+        }
+        Some(Which::Containers) => {
+            let ns: &[usize] = if quick { &[100] } else { &[100, 1_000, 10_000] };
+            let results = containers::run(ns)?;
+            out.write("containers", &results, &containers::markdown(&results))?;
         }
         Some(Which::Gap(args)) => {
             let results = gap::run(&args, quick)?;

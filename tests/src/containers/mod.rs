@@ -25,6 +25,8 @@ use serde_json::{Value, json};
 
 use crate::Namespace;
 
+pub mod scenario;
+
 /// Bound on one runtime command: a checkpoint or restore of 10,000 connections takes seconds.
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(180);
 /// The image podman runs, imported from the same root filesystem.
