@@ -134,12 +134,16 @@ pub enum RepairError {
         op: &'static str,
         error: io::Error,
     },
+    // `error` is in the message, mid-sentence: see NotConnected.
     #[error(
-        "connection {tuple}: {left} never-sent bytes did not fit in its send buffer within \
-         {secs} s of leaving repair mode: the peer does not read; the connection was dropped \
-         silently", secs = UNSENT_TIMEOUT.as_secs()
+        "connection {tuple}: {left} never-sent bytes do not fit even in an enlarged send buffer \
+         ({error}); {}", Phase::Commit.outcome()
     )]
-    UnsentStuck { tuple: Tuple, left: usize },
+    UnsentTooLarge {
+        tuple: Tuple,
+        left: usize,
+        error: io::Error,
+    },
     #[error("{failed} of {total} connections could not leave repair mode; first: {first}")]
     Rollback {
         failed: usize,
@@ -192,9 +196,6 @@ impl fmt::Display for Phase {
         })
     }
 }
-
-/// How long [`RestoredSockets::commit`] waits for the send buffer to take the never-sent tail.
-pub const UNSENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A TCP state, by its kernel number (include/net/tcp_states.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -320,15 +320,3 @@ pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     Ok(flags & libc::O_NONBLOCK != 0)
 }
-
-/// Waits until `fd` can take more data, for at most `timeout_ms`.
-pub fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let ready = check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
-    Ok(ready > 0)
-}
