@@ -244,3 +244,115 @@ fn full_queues_move_v6() -> Result<()> {
 fn full_queues_move_past_notsent_lowat() -> Result<()> {
     full_queues(false, 7920, &[("net.ipv4.tcp_notsent_lowat", "16384")])
 }
+
+/// How a half-closed case closes its connection before the move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Half {
+    /// The client wrote and shut down its side; the server has not read it.
+    CloseWait,
+    /// The same, and the server filled its send queue (the client does not read) and shut down.
+    LastAck,
+    /// The server filled its send queue (the client does not read) and shut down; the client
+    /// writes on.
+    FinWait1,
+    /// The server shut down and the client read everything (our FIN acknowledged); the client
+    /// writes on.
+    FinWait2,
+}
+
+/// One connection closed on one side or both as `half` says, with bytes in both queues, moved:
+/// the destination's application reads what the client wrote, then the end of the stream where
+/// the client had closed, and writes a final message where its side is open; the client reads
+/// everything the server wrote, then a clean end of stream. No reset anywhere.
+fn half_closed(ipv6: bool, port: u16, half: Half) -> Result<()> {
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(ipv6), port);
+    let mut pairs = connect(&bed, service, 1)?;
+    let pair = &mut pairs[0];
+    let client = pair.client_addr()?;
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    let server_fills = matches!(half, Half::LastAck | Half::FinWait1);
+    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(5 * SMALL))?;
+    let limit = (!server_fills).then_some(5 * SMALL);
+    pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
+    let client_closes = matches!(half, Half::CloseWait | Half::LastAck);
+    if client_closes {
+        pair.client.shutdown(Shutdown::Write)?;
+    }
+    if half != Half::CloseWait {
+        pair.server.shutdown(Shutdown::Write)?;
+    }
+    let mut client_read = 0;
+    if half == Half::FinWait2 {
+        read_stream(&pair.client, client, s2c, (0, pair.to_client), true)?;
+        client_read = pair.to_client;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = resets(&bed)?;
+    let moved = support::move_sockets(&bed, service, &[pair.server.try_clone()?])?;
+    let conn = &moved.connections[0];
+    eprintln!(
+        "{:?}: send queue {} bytes, receive queue {} bytes",
+        conn.state,
+        conn.send_queue.len(),
+        conn.recv_queue.len()
+    );
+    let state = format!("{:?}", conn.state);
+    ensure!(state == format!("{half:?}"), "moved in state {state}");
+    let server = &moved.sockets[0];
+    if !client_closes {
+        let more = write_stream(&pair.client, client, c2s, pair.to_server, Some(3 * SMALL))?;
+        pair.to_server = more;
+        pair.client.shutdown(Shutdown::Write)?;
+    }
+    read_stream(server, client, c2s, (0, pair.to_server), true)?;
+    let mut end = pair.to_client;
+    if half == Half::CloseWait {
+        end = write_stream(server, client, s2c, pair.to_client, Some(FINAL))?;
+        server.shutdown(Shutdown::Write)?;
+    }
+    read_stream(&pair.client, client, s2c, (client_read, end), true)?;
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
+
+#[test]
+fn close_wait_moves_v4() -> Result<()> {
+    half_closed(false, 7930, Half::CloseWait)
+}
+
+#[test]
+fn close_wait_moves_v6() -> Result<()> {
+    half_closed(true, 7931, Half::CloseWait)
+}
+
+#[test]
+fn last_ack_moves_v4() -> Result<()> {
+    half_closed(false, 7932, Half::LastAck)
+}
+
+#[test]
+fn last_ack_moves_v6() -> Result<()> {
+    half_closed(true, 7933, Half::LastAck)
+}
+
+#[test]
+fn fin_wait1_moves_v4() -> Result<()> {
+    half_closed(false, 7934, Half::FinWait1)
+}
+
+#[test]
+fn fin_wait1_moves_v6() -> Result<()> {
+    half_closed(true, 7935, Half::FinWait1)
+}
+
+#[test]
+fn fin_wait2_moves_v4() -> Result<()> {
+    half_closed(false, 7936, Half::FinWait2)
+}
+
+#[test]
+fn fin_wait2_moves_v6() -> Result<()> {
+    half_closed(true, 7937, Half::FinWait2)
+}

@@ -1,5 +1,5 @@
-//! Commit: every restored socket out of repair mode, its never-sent tail sent and its FIN sent
-//! again: the connections are live.
+//! Commit: every restored socket given its peer's FIN if it had one, out of repair mode, its
+//! never-sent tail sent and its FIN sent again: the connections are live.
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 
 use nix::sys::socket::{Shutdown, shutdown};
@@ -27,10 +27,11 @@ pub struct Committed {
 }
 
 impl RestoredSockets {
-    /// Takes every socket out of repair mode (with a window probe where data stays in flight:
+    /// Hands the peer's FIN to the half-closed sockets (the service address must be local by
+    /// now), takes every socket out of repair mode (with a window probe where data stays in flight:
     /// those peers resynchronise at once), sends the tails of the send queues normally (so what
     /// a peer misses goes out at once, not on a retransmission timer), sends our FIN again for
-    /// FIN_WAIT connections, and sets SO_REUSEADDR where the source had it
+    /// connections that had sent it, and sets SO_REUSEADDR where the source had it
     /// (O_NONBLOCK was set at socket()). Sharded over threads.
     pub fn commit(mut self) -> Committed {
         let pending = std::mem::take(&mut self.pending);
@@ -64,6 +65,9 @@ fn go_live(p: &Pending) -> Result<(), RepairError> {
     // with nothing in flight (the usual case: what was sent goes again with the tail) it
     // changes nothing (the window was restored), and costs a round trip of packets per socket
     // (64 ms of the commit at 10,000 connections), so those leave without it (-1).
+    if let Some(fin) = &p.peer_fin {
+        fin.deliver(fd, p.tuple)?;
+    }
     let (value, op) = if p.probe {
         (so::REPAIR_OFF, "TCP_REPAIR=0")
     } else {
@@ -73,7 +77,7 @@ fn go_live(p: &Pending) -> Result<(), RepairError> {
     send_tail(p)?;
     if p.shutdown {
         shutdown(fd.as_raw_fd(), Shutdown::Write)
-            .map_err(|errno| fail("shutdown(SHUT_WR) for FIN_WAIT")(errno.into()))?;
+            .map_err(|errno| fail("shutdown(SHUT_WR): our FIN again")(errno.into()))?;
     }
     if p.options.reuseaddr {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
