@@ -9,10 +9,10 @@ def record(kind, body):
     head = struct.pack(">IB", 4 + 1 + len(body) + 4, kind) + body
     return head + struct.pack(">I", zlib.crc32(head))
 
-def connection(local, lport, remote, rport, send=b"", unsent=0, recv=b"", flags=0b1111):
+def connection(local, lport, remote, rport, send=b"", unsent=0, recv=b"", flags=0b1111, state=1):
     la, ra = ipaddress.ip_address(local), ipaddress.ip_address(remote)
     v6 = la.version == 6
-    body = struct.pack(">HBB", flags | (1 if v6 else 0), 1, 7 | (9 << 4))
+    body = struct.pack(">HBB", flags | (1 if v6 else 0), state, 7 | (9 << 4))
     body += la.packed + struct.pack(">H", lport) + ra.packed + struct.pack(">H", rport)
     body += struct.pack(">II", 0xDEADBEEF, 7) + struct.pack(">5I", 1, 2, 3, 4, 5)
     body += struct.pack(">HI", 1448, 123456) + struct.pack(">HHB", 60, 5, 3)
@@ -20,12 +20,18 @@ def connection(local, lport, remote, rport, send=b"", unsent=0, recv=b"", flags=
     body += struct.pack(">III", len(send), unsent, len(recv)) + send + recv
     return record(1, body)
 
-def image(conns):
-    return b"TCPMIGIM" + struct.pack(">HH", 1, 0) + b"".join(conns) + record(2, struct.pack(">I", len(conns)))
+def image(conns, version=2):
+    return b"TCPMIGIM" + struct.pack(">HH", version, 0) + b"".join(conns) + record(2, struct.pack(">I", len(conns)))
 
 seeds = {
     "empty": image([]),
     "one_v4_idle": image([connection("198.18.0.100", 80, "198.18.0.1", 40000)]),
+    "one_v4_idle_version1": image([connection("198.18.0.100", 80, "198.18.0.1", 40000)], 1),
+    # CLOSE_WAIT (8) and LAST_ACK (9) with queued bytes.
+    "half_closed": image([
+        connection("198.18.0.100", 80, "198.18.0.1", 40001, b"", 0, b"bye", state=8),
+        connection("fd54:636d::100", 80, "fd54:636d::1", 40002, b"last", 4, b"", state=9),
+    ]),
     "one_v6_queues": image([connection("fd54:636d::100", 443, "fd54:636d::1", 50000, b"hello", 2, b"world!")]),
     "three_mixed": image([
         connection("198.18.0.100", 8080, "198.18.0.1", 1024, b"abc", 1, b"x"),

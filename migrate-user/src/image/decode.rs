@@ -7,7 +7,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::{
     FIXED_HEAD, FIXED_TAIL, FLAG_IPV6, FLAG_KEEPALIVE, FLAG_NODELAY, FLAG_NONBLOCKING,
     FLAG_REUSEADDR, FLAG_SACK, FLAG_TIMESTAMPS, FLAG_WSCALE, FRAMING, HEADER_LEN, ImageError,
-    KIND_CONNECTION, KIND_END, KNOWN_FLAGS, MAGIC, MAX_RECORD, Malformation, VERSION,
+    KIND_CONNECTION, KIND_END, KNOWN_FLAGS, MAGIC, MAX_RECORD, Malformation, OLDEST_VERSION,
+    VERSION,
 };
 use crate::{
     repair::{Connection, Keepalive, Negotiated, RepairWindow, SocketOptions, TcpState},
@@ -263,7 +264,7 @@ fn check_header(mut header: BytesMut) -> Result<(), ImageError> {
     }
     header.advance(8);
     let version = header.get_u16();
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(ImageError::Version { found: version });
     }
     let reserved = header.get_u16();

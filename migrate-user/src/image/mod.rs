@@ -5,7 +5,8 @@
 //! - header: magic `TCPMIGIM`, version u16, reserved u16 (0).
 //! - records: length u32 (the whole record, this field and the checksum included), kind u8,
 //!   body, CRC-32 u32 of everything before it in the record.
-//!   - kind 1, a connection: flags u16, state u8, wscales u8 (send shift low nibble), local
+//!   - kind 1, a connection: flags u16, state u8 (the kernel's number; recv_seq is before the
+//!     peer's FIN in the states that received it), wscales u8 (send shift low nibble), local
 //!     and remote address (4 or 16 bytes each, by flag) and port u16, send_seq, recv_seq, window
 //!     (5 x u32), mss u16, timestamp u32, keepalive idle u16, interval u16, count u8,
 //!     user_timeout u32, sndbuf u32, rcvbuf u32, mark u32, tos u8, send queue length u32,
@@ -36,8 +37,12 @@ use crate::repair::Connection;
 
 /// The first bytes of every image.
 pub const MAGIC: &[u8; 8] = b"TCPMIGIM";
-/// The format version this tcpmig writes and reads (both hosts must agree).
-pub const VERSION: u16 = 1;
+/// The format version this tcpmig writes. Version 2 added the half-closed states CLOSE_WAIT,
+/// LAST_ACK and CLOSING, whose recv_seq stops before the peer's FIN (the restore hands that FIN
+/// to the socket again); a version-1 image, which cannot hold them, reads the same.
+pub const VERSION: u16 = 2;
+/// The oldest format version this tcpmig reads.
+pub const OLDEST_VERSION: u16 = 1;
 /// Magic, version and reserved field.
 pub const HEADER_LEN: usize = 12;
 /// A record claiming more than this is corrupt (queues are bounded by socket buffers).
@@ -67,7 +72,7 @@ pub enum ImageError {
     #[error("not a tcpmig image: bad magic at byte 0 (expected {:?})", std::str::from_utf8(MAGIC).unwrap_or_default())]
     BadMagic,
     #[error(
-        "image version {found} is not supported (this tcpmig reads version {VERSION}): use the same tcpmig version on both hosts"
+        "image version {found} is not supported (this tcpmig reads versions {OLDEST_VERSION} to {VERSION}): use the same tcpmig version on both hosts"
     )]
     Version { found: u16 },
     #[error("image header at byte 8: reserved field is {0}, expected 0")]

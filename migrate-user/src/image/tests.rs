@@ -147,10 +147,14 @@ fn wrong_magic_and_version() {
     bad[0] = b'X';
     assert!(matches!(decode(&bad), Err(ImageError::BadMagic)));
     let mut bad = image.to_vec();
-    bad[9] = 2;
+    bad[9] = 3;
     let error = decode(&bad).unwrap_err();
-    assert!(matches!(error, ImageError::Version { found: 2 }), "{error}");
-    assert!(error.to_string().contains("version 2"), "{error}");
+    assert!(matches!(error, ImageError::Version { found: 3 }), "{error}");
+    assert!(error.to_string().contains("version 3"), "{error}");
+    // Version 1 holds the same records, without half-closed states: still read.
+    let mut old = image.to_vec();
+    old[9] = 1;
+    assert_eq!(decode(&old).unwrap(), samples());
 }
 
 #[test]

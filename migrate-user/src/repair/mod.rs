@@ -77,8 +77,9 @@ pub enum RepairError {
     #[error("fd {fd}: not a connected TCP socket ({error}); pass only established connections")]
     NotConnected { fd: i32, error: io::Error },
     #[error(
-        "connection {tuple} is in state {state}: tcpmig moves ESTABLISHED, FIN_WAIT1 and \
-         FIN_WAIT2 connections only; leave it out or retry once it has settled"
+        "connection {tuple} is in state {state}: tcpmig moves ESTABLISHED, FIN_WAIT1, \
+         FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING connections only; leave it out or retry once \
+         it has settled"
     )]
     UnsupportedState { tuple: Tuple, state: TcpState },
     #[error(
@@ -134,12 +135,21 @@ pub enum RepairError {
         op: &'static str,
         error: io::Error,
     },
+    // `error` is in the message, mid-sentence: see NotConnected.
     #[error(
-        "connection {tuple}: {left} never-sent bytes did not fit in its send buffer within \
-         {secs} s of leaving repair mode: the peer does not read; the connection was dropped \
-         silently", secs = UNSENT_TIMEOUT.as_secs()
+        "connection {tuple}: {left} never-sent bytes do not fit even in an enlarged send buffer \
+         ({error}); {}", Phase::Commit.outcome()
     )]
-    UnsentStuck { tuple: Tuple, left: usize },
+    UnsentTooLarge {
+        tuple: Tuple,
+        left: usize,
+        error: io::Error,
+    },
+    #[error(
+        "connection {tuple}: its restored socket did not take the peer's FIN sent to it over \
+         loopback (is the service address on this host yet?); {}", Phase::Commit.outcome()
+    )]
+    PeerFinNotTaken { tuple: Tuple },
     #[error("{failed} of {total} connections could not leave repair mode; first: {first}")]
     Rollback {
         failed: usize,
@@ -193,9 +203,6 @@ impl fmt::Display for Phase {
     }
 }
 
-/// How long [`RestoredSockets::commit`] waits for the send buffer to take the never-sent tail.
-pub const UNSENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A TCP state, by its kernel number (include/net/tcp_states.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TcpState {
@@ -245,19 +252,26 @@ impl TcpState {
         }
     }
 
-    /// States that dump and restore handle. The states where the peer's FIN was received
-    /// (CLOSE_WAIT, LAST_ACK, CLOSING) would need that FIN replayed into the new socket, which
-    /// repair mode cannot do: they are refused.
+    /// States that dump and restore handle: established, and half-closed with the FINs in
+    /// their sequence space (TIME_WAIT and CLOSE hold no connection to move).
     pub fn repairable(self) -> bool {
-        matches!(
-            self,
-            TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
-        )
+        matches!(self, TcpState::Established) || self.fin_sent() || self.fin_received()
     }
 
     /// Our FIN is in the sequence space: the restore sends it again with shutdown().
     pub fn fin_sent(self) -> bool {
-        matches!(self, TcpState::FinWait1 | TcpState::FinWait2)
+        matches!(
+            self,
+            TcpState::FinWait1 | TcpState::FinWait2 | TcpState::LastAck | TcpState::Closing
+        )
+    }
+
+    /// The peer's FIN was received: the restore hands it to the socket again.
+    pub fn fin_received(self) -> bool {
+        matches!(
+            self,
+            TcpState::CloseWait | TcpState::LastAck | TcpState::Closing
+        )
     }
 }
 
@@ -319,7 +333,8 @@ pub struct Connection {
     /// Sequence number after the last data byte of the send queue (write_seq, our FIN not
     /// counted).
     pub send_seq: u32,
-    /// Next sequence number expected from the peer (rcv_nxt).
+    /// Next sequence number expected from the peer (rcv_nxt, the peer's FIN not counted: where
+    /// it is, when [`TcpState::fin_received`]).
     pub recv_seq: u32,
     pub window: RepairWindow,
     pub negotiated: Negotiated,

@@ -136,9 +136,9 @@ pub fn get_int(
     get(fd, level, name)
 }
 
-/// The congestion window (in segments) and the sending MSS of a connected socket, from
-/// TCP_INFO: what its first flight of new data can hold.
-pub fn cwnd_and_mss(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+/// TCP_INFO of a socket: its state, and for a connected one its congestion window and sending
+/// MSS (what its first flight of new data can hold).
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain integers: all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -152,7 +152,43 @@ pub fn cwnd_and_mss(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
             &mut len,
         )
     })?;
-    Ok((info.tcpi_snd_cwnd, info.tcpi_snd_mss))
+    Ok(info)
+}
+
+/// A raw socket of `family` that sends whole IP packets, headers included (IPPROTO_RAW): how a
+/// restore hands a connection a segment from its peer. Needs CAP_NET_RAW.
+pub fn raw_ip_socket(ipv6: bool) -> io::Result<OwnedFd> {
+    let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket() with constant arguments; the fd is owned at once.
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    })?;
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `packet` (a whole IP packet) on a raw socket to `to`, which routes it.
+pub fn send_packet(fd: BorrowedFd<'_>, packet: &[u8], to: &SocketAddr) -> io::Result<()> {
+    let (storage, len) = raw_addr(to);
+    // SAFETY: `packet` is readable for its length; `storage` holds a sockaddr of `len` bytes.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            std::ptr::from_ref(&storage).cast(),
+            len,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A close-on-exec duplicate of `fd` numbered `min` or above (F_DUPFD_CLOEXEC).
@@ -319,16 +355,4 @@ pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: F_GETFL on a valid fd.
     let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     Ok(flags & libc::O_NONBLOCK != 0)
-}
-
-/// Waits until `fd` can take more data, for at most `timeout_ms`.
-pub fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let ready = check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
-    Ok(ready > 0)
 }

@@ -6,11 +6,14 @@
 
 mod agent;
 mod handoff;
+mod moved;
 
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use agent::*;
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use handoff::receive_handoff_on;
+#[allow(unused_imports)] // Each test crate uses its own part.
+pub use moved::{Moved, move_sockets};
 
 use std::{
     io::Read,

@@ -230,7 +230,7 @@ fn dump_one(socket: &PreparedSocket, states: &HashMap<u64, SocketState>) -> Opti
         .filter(|p| (p.rcv_nxt, p.recv_queue.len()) == (state.rcv_nxt, state.inq as usize));
     let recv_queue = match unmoved {
         Some(precopied) => precopied.recv_queue.clone(),
-        None => match peek(fd, tuple, Queue::Recv, state.inq, in_repair) {
+        None => match peek(fd, tuple, Queue::Recv, received_data(state), in_repair) {
             Ok(bytes) => bytes,
             Err(error) => return Some(Outcome::failed(error)),
         },
@@ -288,12 +288,18 @@ pub(super) fn with_send_queue(
     // Our FIN takes one sequence number and counts in the queue lengths, but carries no data.
     let fin = u32::from(state.state.fin_sent());
     let send_queue = peek(fd, tuple, Queue::Send, state.outq.saturating_sub(fin), true)?;
+    // The peer's FIN: rcv_nxt counts it, and so may the window's left edge (rcv_wup). Moved back
+    // one with the right edge kept, or a restore with rcv_nxt before the FIN refuses the window.
+    let peer_fin = u32::from(state.state.fin_received());
+    let mut window = state.window;
+    window.rcv_wup = window.rcv_wup.wrapping_sub(peer_fin);
+    window.rcv_wnd += peer_fin;
     Ok(Connection {
         tuple,
         state: state.state,
         send_seq: state.write_seq.wrapping_sub(fin),
-        recv_seq: state.rcv_nxt,
-        window: state.window,
+        recv_seq: state.rcv_nxt.wrapping_sub(peer_fin),
+        window,
         negotiated: Negotiated {
             timestamps: state.timestamps,
             sack: state.sack,
@@ -307,6 +313,14 @@ pub(super) fn with_send_queue(
         unsent: state.notsent.saturating_sub(fin),
         recv_queue,
     })
+}
+
+/// The bytes of the receive queue. The peer's FIN takes one sequence number and counts in its
+/// length (rcv_nxt - copied_seq) until the application has read the end of the stream.
+fn received_data(state: &SocketState) -> u32 {
+    state
+        .inq
+        .saturating_sub(u32::from(state.state.fin_received()))
 }
 
 /// Reads `queue` without consuming it: in repair mode (always, for the send queue, which only
@@ -361,12 +375,13 @@ mod tests {
     use crate::repair::{TcpState, Workers, prepare_dump};
 
     /// Two loopback connections, one closed by its client after it was prepared (CLOSE_WAIT at
-    /// the server): dump_read moves the other and leaves that one, out of repair mode.
+    /// the server, with bytes unread): dump_read moves both, the closed one with its receive
+    /// queue and its rcv_nxt without the peer's FIN.
     #[test]
-    fn dump_read_leaves_a_connection_its_peer_closed() {
+    fn dump_read_moves_a_connection_its_peer_closed() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let service = listener.local_addr().unwrap();
-        let clients: Vec<TcpStream> = (0..2)
+        let mut clients: Vec<TcpStream> = (0..2)
             .map(|_| TcpStream::connect(service).unwrap())
             .collect();
         let servers: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
@@ -374,21 +389,21 @@ mod tests {
             .map(|s| s.as_fd().try_clone_to_owned().unwrap())
             .collect();
         let prepared = prepare_dump(Workers::One, fds).unwrap();
+        std::io::Write::write_all(&mut clients[1], b"last words").unwrap();
         clients[1].shutdown(Shutdown::Write).unwrap();
         std::thread::sleep(Duration::from_millis(50));
 
         let mut reader = StateReader::load(Some(service.port())).unwrap();
         let states = reader.read(&Netns::current().unwrap()).unwrap();
+        let cookie: u64 = so::get(servers[1].as_fd(), libc::SOL_SOCKET, libc::SO_COOKIE).unwrap();
+        let closed = &states[&cookie];
         let dumped = prepared.dump_read(&states).unwrap();
-        assert_eq!(dumped.len(), 1);
-        assert_eq!(dumped.connections()[0].tuple.local, service);
-        let closed = servers[1].peer_addr().unwrap();
-        assert!(
-            matches!(dumped.skipped(), [(tuple, TcpState::CloseWait)] if tuple.remote == closed),
-            "{:?}",
-            dumped.skipped()
-        );
-        assert!(!so::in_repair(servers[1].as_fd()).unwrap());
+        assert_eq!(dumped.len(), 2);
+        assert!(dumped.skipped().is_empty());
+        let conn = &dumped.connections()[1];
+        assert_eq!(conn.state, TcpState::CloseWait);
+        assert_eq!(&conn.recv_queue[..], b"last words");
+        assert_eq!(conn.recv_seq, closed.rcv_nxt.wrapping_sub(1));
         dumped.rollback().unwrap();
     }
 }

@@ -1,16 +1,12 @@
-//! Commit: every restored socket out of repair mode, its never-sent tail sent and its FIN sent
-//! again: the connections are live.
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
-    time::Instant,
-};
+//! Commit: every restored socket given its peer's FIN if it had one, out of repair mode, its
+//! never-sent tail sent and its FIN sent again: the connections are live.
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 
 use nix::sys::socket::{Shutdown, shutdown};
 
 use super::{Pending, RestoredSockets, queue::send_all};
 use crate::{
-    repair::{self, Phase, RepairError, UNSENT_TIMEOUT},
+    repair::{self, Phase, RepairError},
     sys::tcp_repair as so,
     tuple::Tuple,
 };
@@ -31,19 +27,16 @@ pub struct Committed {
 }
 
 impl RestoredSockets {
-    /// Takes every socket out of repair mode (with a window probe where data stays in flight:
+    /// Hands the peer's FIN to the half-closed sockets (the service address must be local by
+    /// now), takes every socket out of repair mode (with a window probe where data stays in flight:
     /// those peers resynchronise at once), sends the tails of the send queues normally (so what
     /// a peer misses goes out at once, not on a retransmission timer), sends our FIN again for
-    /// FIN_WAIT connections, and sets SO_REUSEADDR where the source had it
+    /// connections that had sent it, and sets SO_REUSEADDR where the source had it
     /// (O_NONBLOCK was set at socket()). Sharded over threads.
     pub fn commit(mut self) -> Committed {
         let pending = std::mem::take(&mut self.pending);
-        let deadline = Instant::now() + UNSENT_TIMEOUT;
         let results = repair::sharded(self.workers, &pending, |batch| {
-            batch
-                .iter()
-                .map(|p| go_live(p, deadline))
-                .collect::<Vec<_>>()
+            batch.iter().map(go_live).collect::<Vec<_>>()
         });
         let mut committed = Committed::default();
         for (p, result) in pending.into_iter().zip(results.into_iter().flatten()) {
@@ -63,7 +56,7 @@ impl RestoredSockets {
     }
 }
 
-fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
+fn go_live(p: &Pending) -> Result<(), RepairError> {
     let fd = p.fd.as_fd();
     let fail = |op| RepairError::socket(p.tuple, Phase::Commit, op);
     // No TCP_REPAIR_QUEUE=NO_QUEUE first: the kernel ignores the selected queue once repair is
@@ -72,16 +65,19 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     // with nothing in flight (the usual case: what was sent goes again with the tail) it
     // changes nothing (the window was restored), and costs a round trip of packets per socket
     // (64 ms of the commit at 10,000 connections), so those leave without it (-1).
+    if let Some(fin) = &p.peer_fin {
+        fin.deliver(fd, p.tuple)?;
+    }
     let (value, op) = if p.probe {
         (so::REPAIR_OFF, "TCP_REPAIR=0")
     } else {
         (so::REPAIR_OFF_NO_WP, "TCP_REPAIR=-1")
     };
     so::set_repair(fd, value).map_err(fail(op))?;
-    send_tail(p, deadline)?;
+    send_tail(p)?;
     if p.shutdown {
         shutdown(fd.as_raw_fd(), Shutdown::Write)
-            .map_err(|errno| fail("shutdown(SHUT_WR) for FIN_WAIT")(errno.into()))?;
+            .map_err(|errno| fail("shutdown(SHUT_WR): our FIN again")(errno.into()))?;
     }
     if p.options.reuseaddr {
         so::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(fail("SO_REUSEADDR"))?;
@@ -89,31 +85,34 @@ fn go_live(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
     Ok(())
 }
 
-/// Sends the tail of the send queue as new data. Nagle stays off meanwhile: it could hold back a
-/// last short segment that ends the part already sent, and a peer that had it already
-/// acknowledges past our snd_nxt until it goes, an ACK the kernel ignores (docs/tcp-repair.md).
-fn send_tail(p: &Pending, deadline: Instant) -> Result<(), RepairError> {
+/// Sends the tail of the send queue as new data, all of it at once: the application writes after
+/// it. Nagle stays off meanwhile: it could hold back a last short segment that ends the part
+/// already sent, and a peer that had it already acknowledges past our snd_nxt until it goes, an
+/// ACK the kernel ignores (docs/tcp-repair.md). TCP_NOTSENT_LOWAT is lifted meanwhile too: with
+/// the peer's window closed, a send stops once the unsent bytes pass it (the namespace's
+/// tcp_notsent_lowat when the socket has none), and nothing would drain them.
+fn send_tail(p: &Pending) -> Result<(), RepairError> {
+    if p.tail.is_empty() {
+        return Ok(());
+    }
     let fd = p.fd.as_fd();
     let fail = |op| RepairError::socket(p.tuple, Phase::Commit, op);
-    let nagle = !p.options.nodelay && !p.tail.is_empty();
-    if nagle {
-        so::set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 1).map_err(fail("TCP_NODELAY"))?;
+    let set = |option, value, op| so::set_int(fd, libc::SOL_TCP, option, value).map_err(fail(op));
+    if !p.options.nodelay {
+        set(libc::TCP_NODELAY, 1, "TCP_NODELAY")?;
     }
-    send_all(
-        fd,
-        &p.tail,
-        (so::SO_SNDBUFFORCE, p.options.sndbuf),
-        Some(deadline),
-    )
-    .map_err(|(left, source)| match source.kind() {
-        io::ErrorKind::TimedOut => RepairError::UnsentStuck {
+    set(libc::TCP_NOTSENT_LOWAT, i32::MAX, "TCP_NOTSENT_LOWAT")?;
+    send_all(fd, &p.tail, (so::SO_SNDBUFFORCE, p.options.sndbuf)).map_err(|(left, error)| {
+        RepairError::UnsentTooLarge {
             tuple: p.tuple,
             left,
-        },
-        _ => fail("sending the tail of the send queue")(source),
+            error,
+        }
     })?;
-    if nagle {
-        so::set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 0).map_err(fail("TCP_NODELAY"))?;
+    // 0: the namespace's default again, as on a fresh socket.
+    set(libc::TCP_NOTSENT_LOWAT, 0, "TCP_NOTSENT_LOWAT")?;
+    if !p.options.nodelay {
+        set(libc::TCP_NODELAY, 0, "TCP_NODELAY")?;
     }
     Ok(())
 }

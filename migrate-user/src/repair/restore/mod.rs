@@ -8,6 +8,7 @@
 //! of a pre-copy.
 mod ahead;
 mod commit;
+mod fin;
 mod queue;
 mod socket;
 mod state;
@@ -51,6 +52,8 @@ struct Pending {
     /// part already sent when one flight holds it ([`state`]).
     tail: Bytes,
     shutdown: bool,
+    /// The peer's FIN, handed to the socket at the commit (CLOSE_WAIT, LAST_ACK, CLOSING).
+    peer_fin: Option<fin::PeerFin>,
     /// Leave repair mode with a window probe: part of the send queue stays in flight.
     probe: bool,
 }

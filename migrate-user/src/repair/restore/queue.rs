@@ -1,6 +1,6 @@
 //! Queue fill: the bytes of the send and receive queues written under TCP_REPAIR_QUEUE, and the
 //! never-sent tail sent once repair mode is off.
-use std::{io, os::fd::BorrowedFd, time::Instant};
+use std::{io, os::fd::BorrowedFd};
 
 use crate::{
     repair::{Phase, RepairError},
@@ -8,52 +8,42 @@ use crate::{
     tuple::Tuple,
 };
 
-/// Sends all of `data` (in repair mode: into the selected queue). When the buffer is full it is
-/// grown once, to the source's size or four times what is left, whichever is larger: the
-/// source's socket held these bytes, a fresh one starts smaller. Then, with a `deadline`, it
-/// waits for room; without one, it gives up. Errors carry the number of bytes left.
+/// Sends all of `data` (in repair mode: into the selected queue) without waiting: nothing
+/// drains a queue in repair mode, nor a send queue whose peer's window is closed, and one
+/// connection must not hold up the others. When the buffer is full it is grown once, to the
+/// source's size or four times what is left, whichever is larger: the source's socket held these
+/// bytes, a fresh one starts smaller. Errors carry the number of bytes left.
 pub(super) fn send_all(
     fd: BorrowedFd<'_>,
     mut data: &[u8],
     (force_option, source_size): (libc::c_int, u32),
-    deadline: Option<Instant>,
 ) -> Result<(), (usize, io::Error)> {
     let mut grown = false;
     while !data.is_empty() {
-        let no_room = match so::send(fd, data, libc::MSG_DONTWAIT) {
-            Ok(0) => true,
+        let full = match so::send(fd, data, libc::MSG_DONTWAIT) {
+            Ok(0) => io::Error::from_raw_os_error(libc::EAGAIN),
             Ok(n) => {
                 data = &data[n..];
-                false
+                continue;
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => true,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => e,
             Err(e) => return Err((data.len(), e)),
         };
-        if !no_room {
-            continue;
+        if grown {
+            return Err((data.len(), full));
         }
-        if !grown {
-            let size = (source_size as usize)
-                .max(4 * data.len())
-                .min(i32::MAX as usize);
-            // The kernel doubles the value it is given.
-            so::set_int(
-                fd,
-                libc::SOL_SOCKET,
-                force_option,
-                (size / 2) as libc::c_int,
-            )
-            .map_err(|e| (data.len(), e))?;
-            grown = true;
-            continue;
-        }
-        let left_ms = deadline.map_or(0, |d| {
-            d.saturating_duration_since(Instant::now()).as_millis()
-        });
-        if left_ms == 0 {
-            return Err((data.len(), io::Error::from(io::ErrorKind::TimedOut)));
-        }
-        so::wait_writable(fd, left_ms.min(1000) as libc::c_int).map_err(|e| (data.len(), e))?;
+        let size = (source_size as usize)
+            .max(4 * data.len())
+            .min(i32::MAX as usize);
+        // The kernel doubles the value it is given.
+        so::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            force_option,
+            (size / 2) as libc::c_int,
+        )
+        .map_err(|e| (data.len(), e))?;
+        grown = true;
     }
     Ok(())
 }
@@ -85,8 +75,7 @@ impl QueueState<'_> {
     }
 }
 
-/// Queues the bytes of `q` under its TCP_REPAIR_QUEUE (selected first unless it still is),
-/// where nothing can drain them: no waiting.
+/// Queues the bytes of `q` under its TCP_REPAIR_QUEUE (selected first unless it still is).
 pub(super) fn fill_queue(
     fd: BorrowedFd<'_>,
     tuple: Tuple,
@@ -103,7 +92,7 @@ pub(super) fn fill_queue(
             q.fill_op(),
         ))?;
     }
-    send_all(fd, q.data, q.grow, None).map_err(|(left, error)| RepairError::QueueTooLarge {
+    send_all(fd, q.data, q.grow).map_err(|(left, error)| RepairError::QueueTooLarge {
         tuple,
         queue: q.name,
         left,

@@ -7,6 +7,7 @@ use std::{
 
 use super::{
     Pending,
+    fin::PeerFin,
     queue::{QueueState, fill_queue},
     socket::{LocalAddresses, repair_socket, set_blocking},
 };
@@ -71,8 +72,24 @@ pub(super) fn restore_one(
         options: conn.options,
         tail: conn.send_queue.slice(in_repair..),
         shutdown: conn.state.fin_sent(),
+        peer_fin: peer_fin(conn)?,
         probe: in_repair > 0,
     })
+}
+
+/// For a connection whose peer's FIN was received, the FIN to hand its socket at the commit, on
+/// a raw socket made here, inside the destination's namespace.
+fn peer_fin(conn: &Connection) -> Result<Option<PeerFin>, RepairError> {
+    if !conn.state.fin_received() {
+        return Ok(None);
+    }
+    let ipv6 = !conn.tuple.local.is_ipv4();
+    let socket = so::raw_ip_socket(ipv6).map_err(RepairError::socket(
+        conn.tuple,
+        Phase::Restore,
+        "raw socket for the peer's FIN (CAP_NET_RAW)",
+    ))?;
+    Ok(Some(PeerFin::new(conn, socket)))
 }
 
 /// The most TCP options a segment carries: each segment holds at least its MSS less these.
@@ -93,8 +110,9 @@ fn resend_sent_part(s: BorrowedFd<'_>, conn: &Connection) -> Result<bool, Repair
     if sent == 0 {
         return Ok(false);
     }
-    let (cwnd, mss) =
-        so::cwnd_and_mss(s).map_err(RepairError::socket(conn.tuple, Phase::Restore, "TCP_INFO"))?;
+    let info =
+        so::tcp_info(s).map_err(RepairError::socket(conn.tuple, Phase::Restore, "TCP_INFO"))?;
+    let (cwnd, mss) = (info.tcpi_snd_cwnd, info.tcpi_snd_mss);
     let flight = cwnd as usize * mss.saturating_sub(MAX_OPTIONS) as usize;
     tracing::trace!(tuple = %conn.tuple, cwnd, mss, sent, flight, "first flight");
     Ok(sent <= flight)
