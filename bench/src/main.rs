@@ -36,7 +36,8 @@ enum Which {
     Repair,
     /// Real CRIU dump + restore with its iptables lock, its nftables lock and the tcpmig hook.
     Criu,
-    /// runc checkpoint + restore of a container under load, CRIU's lock against the tcpmig hook.
+    /// runc and podman checkpoint + restore of a container under load, CRIU's lock against the
+    /// tcpmig hook.
     Containers,
     /// Dry run of the scaling benchmark's clients: open-loop echo traffic through a service
     /// freeze, no migration (gaps, catch-up after the thaw, nothing lost).
@@ -80,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             let ns: &[usize] = if quick { &[100] } else { &[100, 1_000, 10_000] };
             let results = containers::run(ns)?;
             out.write("containers", &results, &containers::markdown(&results))?;
+            containers::plot(&results, out.path())?;
         }
         Some(Which::Gap(args)) => {
             let results = gap::run(&args, quick)?;

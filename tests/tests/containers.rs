@@ -10,15 +10,15 @@
 //! The same scenario runs with CRIU's own lock (the reference: it works for a container's
 //! namespace, locking all of it) and with no lock at all (the clients see resets: the test can
 //! fail).
-use std::path::Path;
+use std::{fs, net::SocketAddr, path::Path, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tcpmig::net::Netns;
 use tcpmig_testbed::{
-    TestBed,
+    IFACE, LoadConfig, LoadRun, SERVICE_V4, TestBed,
     containers::{
-        self, Runtime,
-        scenario::{LockKind, Scenario, Seen},
+        self, Container, Lock, Runtime,
+        scenario::{LockKind, Scenario, Seen, install_hook},
     },
     tcpmig_bin,
 };
@@ -112,4 +112,57 @@ fn runc_without_a_lock_loses_connections() -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The hook's settings file is gone when runc checkpoints (an operator's mistake): the
+/// checkpoint fails naming it, and the container runs on in the source with every connection
+/// intact; nothing of the hook is left.
+#[test]
+fn runc_checkpoint_with_a_broken_hook_fails_and_the_container_runs_on() -> Result<()> {
+    containers::check_installed()?;
+    let bed = TestBed::new()?;
+    let dir = TempDir::new("runc-broken")?;
+    let service = SocketAddr::new(SERVICE_V4.into(), 8080);
+    let settings = format!("TCPMIG_DEV={IFACE}\nTCPMIG_SERVICES={service}\n");
+    let conf = install_hook(&tcpmig_bin(), &dir.0, &settings)?;
+    let args = ["echo-server", "--listen", &service.to_string()].map(str::to_owned);
+    let container = Container::start(
+        Runtime::Runc,
+        &dir.0.join("container"),
+        bed.source(),
+        Path::new(PEER),
+        &args,
+        &Lock::Hook(conf),
+    )?;
+    container.wait_for_line("ready", Duration::from_secs(30))?;
+    let config = LoadConfig {
+        rate: 2_000.0,
+        duration: Duration::from_secs(3),
+        drain: Duration::from_secs(3),
+        ..LoadConfig::default()
+    };
+    let load = LoadRun::start(&bed, Path::new(PEER), service, 100, &config)?;
+    fs::remove_file(dir.0.join("settings.conf"))?;
+    let error = container
+        .checkpoint()
+        .err()
+        .context("runc checkpointed with the hook's settings file gone")?;
+    let message = format!("{error:#}");
+    eprintln!("{message}");
+    ensure!(
+        message.contains("settings.conf"),
+        "the failure does not name the settings file: {message}"
+    );
+    let pid = container.pid()?;
+    ensure!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the container does not run on"
+    );
+    let load = load.finish()?;
+    ensure!(
+        load.lost() == 0 && load.verified == 100 && load.missing == 0,
+        "connections lost after the failed checkpoint: {load:?}"
+    );
+    drop(container);
+    nothing_left(&bed)
 }

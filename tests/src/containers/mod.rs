@@ -377,13 +377,17 @@ impl Container {
         self.dir.join("checkpoint.tar.gz")
     }
 
-    /// The last errors of one of CRIU's logs in the directory, for a failure's message.
+    /// The errors of one of CRIU's logs in the directory, for a failure's message: what the
+    /// action script printed (CRIU logs a script's stderr; runc and podman show neither), and
+    /// CRIU's last errors.
     fn criu_log(&self, log: &str) -> String {
         let text = fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+        let hook = text.lines().filter(|l| l.starts_with("tcpmig"));
         let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
+        let last = errors[errors.len().saturating_sub(3)..].iter().copied();
         format!(
             "CRIU's {log}: {}",
-            errors[errors.len().saturating_sub(3)..].join(" | ")
+            hook.chain(last).collect::<Vec<_>>().join(" | ")
         )
     }
 

@@ -125,32 +125,37 @@ impl Scenario<'_> {
     /// Installs the hook with every setting in its file (podman passes CRIU no environment);
     /// returns the CRIU configuration file that selects it.
     fn install_hook(&self, service: &SocketAddr, address: &str, report: &Path) -> Result<PathBuf> {
-        let settings = self.dir.join("settings.conf");
-        fs::write(
-            &settings,
-            format!(
-                "TCPMIG_DEV={IFACE}\nTCPMIG_ADDRESS={address}\nTCPMIG_SERVICES={service}\n\
-                 TCPMIG_DEADLINE=30\nTCPMIG_REPORT={}\n",
-                report.display()
-            ),
-        )?;
-        let out = Command::new(self.tcpmig)
-            .args(["criu-hook", "--install", "--dir"])
-            .arg(self.dir.join("hook"))
-            .arg("--settings")
-            .arg(&settings)
-            .output()
-            .context("running tcpmig criu-hook --install")?;
-        ensure!(
-            out.status.success(),
-            "tcpmig criu-hook --install: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let settings = format!(
+            "TCPMIG_DEV={IFACE}\nTCPMIG_ADDRESS={address}\nTCPMIG_SERVICES={service}\n\
+             TCPMIG_DEADLINE=30\nTCPMIG_REPORT={}\n",
+            report.display()
         );
-        let stdout = String::from_utf8(out.stdout)?;
-        Ok(PathBuf::from(
-            stdout.lines().nth(1).context("criu.conf's path")?,
-        ))
+        install_hook(self.tcpmig, self.dir, &settings)
     }
+}
+
+/// `tcpmig criu-hook --install` (`tcpmig` the binary) into `dir/hook` with `settings` as its
+/// settings file, written to `dir/settings.conf`; returns the path of the CRIU configuration file
+/// that selects the hook.
+pub fn install_hook(tcpmig: &Path, dir: &Path, settings: &str) -> Result<PathBuf> {
+    let path = dir.join("settings.conf");
+    fs::write(&path, settings)?;
+    let out = Command::new(tcpmig)
+        .args(["criu-hook", "--install", "--dir"])
+        .arg(dir.join("hook"))
+        .arg("--settings")
+        .arg(&path)
+        .output()
+        .context("running tcpmig criu-hook --install")?;
+    ensure!(
+        out.status.success(),
+        "tcpmig criu-hook --install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(PathBuf::from(
+        stdout.lines().nth(1).context("criu.conf's path")?,
+    ))
 }
 
 impl Seen {

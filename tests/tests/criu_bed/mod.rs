@@ -97,24 +97,7 @@ pub fn wait_gone(pids: &[u32]) -> Result<()> {
 /// Installs the hook in `dir/hook` with `settings` as its settings file (`dir/settings.conf`);
 /// returns the path of the CRIU configuration file that selects it.
 pub fn install_hook(dir: &TempDir, settings: &str) -> Result<PathBuf> {
-    let path = dir.0.join("settings.conf");
-    fs::write(&path, settings)?;
-    let out = Command::new(tcpmig_bin())
-        .args(["criu-hook", "--install", "--dir"])
-        .arg(dir.0.join("hook"))
-        .arg("--settings")
-        .arg(&path)
-        .output()
-        .context("running tcpmig criu-hook --install (build tcpmig first)")?;
-    ensure!(
-        out.status.success(),
-        "install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout)?;
-    Ok(PathBuf::from(
-        stdout.lines().nth(1).context("criu.conf's path")?,
-    ))
+    tcpmig_testbed::containers::scenario::install_hook(&tcpmig_bin(), &dir.0, settings)
 }
 
 /// Runs `cmd` to completion within `timeout` (killed by pid after it).
