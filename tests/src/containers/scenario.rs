@@ -77,9 +77,11 @@ impl Scenario<'_> {
             &lock,
         )?;
         container.wait_for_line("ready", READY)?;
+        // The clients send until well after the restore: a checkpoint of 10,000 connections
+        // takes seconds, more on a busy machine.
         let config = LoadConfig {
             rate: 5_000.0,
-            duration: Duration::from_secs(6),
+            duration: Duration::from_secs(6 + 2 * (self.connections as u64 / 1_000)),
             drain: Duration::from_secs(5),
             ..LoadConfig::default()
         };
