@@ -36,7 +36,7 @@ impl Filter {
         }
     }
 
-    fn matches_local(&self, local: SocketAddr) -> bool {
+    pub(super) fn matches_local(&self, local: SocketAddr) -> bool {
         self.port.is_none_or(|port| local.port() == port)
             && self.service.is_none_or(|service| {
                 let service = crate::tuple::canonical(service);
@@ -45,7 +45,7 @@ impl Filter {
             })
     }
 
-    fn matches(&self, tuple: &Tuple) -> bool {
+    pub(super) fn matches(&self, tuple: &Tuple) -> bool {
         self.matches_local(tuple.local) && (self.tuples.is_empty() || self.tuples.contains(tuple))
     }
 }
