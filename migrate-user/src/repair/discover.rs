@@ -68,7 +68,7 @@ pub struct Discovery {
     /// Listening sockets of the process that match the filter's port or service: a migration
     /// usually wants to know that new connections are accepted there.
     pub listening: Vec<SocketAddr>,
-    /// Matching connections left out because of their state (SYN_RECV, TIME_WAIT, CLOSE_WAIT...).
+    /// Matching connections left out because of their state (SYN_SENT, SYN_RECV, CLOSE).
     pub skipped: Vec<(Tuple, TcpState)>,
     /// The inode of every socket in the process's fd table, taken or not: what a later
     /// [`catch_up`] compares the table with.
