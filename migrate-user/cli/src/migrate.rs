@@ -5,7 +5,7 @@ use clap::Args;
 use tcpmig::{
     freeze::hold::HoldBudget,
     handoff::{self, ExecCommand},
-    migrate::{self, AgentConfig, AgentReport, GuardOutcome, Report, SourceConfig},
+    migrate::{self, AgentConfig, AgentReport, GuardOutcome, LeftConnection, Report, SourceConfig},
     sys::{Capability, CapabilitySet},
 };
 
@@ -65,6 +65,12 @@ pub struct MigrateArgs {
     /// Most segments the freeze holds (see --hold-bytes).
     #[arg(long, value_name = "N", default_value_t = HoldBudget::DEFAULT.packets)]
     hold_packets: usize,
+    /// Move the other connections when some of the service cannot move (a connect or an
+    /// accept in progress: SYN_SENT, SYN_RECV; one waiting in the accept queue), and list those
+    /// left behind in the report. Without it such a migration refuses before the freeze,
+    /// naming each one, and the application carries on.
+    #[arg(long)]
+    skip_unmovable: bool,
     /// Seconds to wait for each step of the agent.
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -173,6 +179,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             bytes: args.hold_bytes,
             packets: args.hold_packets,
         },
+        skip_unmovable: args.skip_unmovable,
         step_timeout: timeout(args.timeout)?,
         guard_exe: std::env::current_exe()?,
     };
@@ -332,15 +339,23 @@ fn summary(r: &Report) -> String {
         } else {
             "the source application was resumed: it must close its migrated sockets\n".to_owned()
         },
-        skipped = if r.skipped > 0 {
-            format!(
-                "{} connections left behind (not ESTABLISHED/FIN_WAIT)\n",
-                r.skipped
-            )
-        } else {
-            String::new()
-        },
+        skipped = left_summary(&r.left),
     )
+}
+
+/// One line per connection left behind, with its state and why.
+fn left_summary(left: &[LeftConnection]) -> String {
+    let mut text = String::new();
+    if !left.is_empty() {
+        text.push_str(&format!("{} connections left behind:\n", left.len()));
+    }
+    for l in left {
+        text.push_str(&format!(
+            "  {} <-> {} {} ({})\n",
+            l.local, l.remote, l.state, l.reason
+        ));
+    }
+    text
 }
 
 fn agent_summary(r: &AgentReport, source: SocketAddr, service: SocketAddr) -> String {

@@ -61,7 +61,7 @@ pub use self::{
     },
     guard::{GuardOutcome, guard},
     process::StoppedTree,
-    report::{AgentReport, Dropped, Phases, Report},
+    report::{AgentReport, Dropped, LeftConnection, Phases, Report},
     source::{PRECOPY_QUIET, SourceConfig, migrate},
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     token::Token,
@@ -182,6 +182,15 @@ pub enum MigrateError {
     },
     #[error("process {pid} has no connection on {service} to migrate")]
     NoConnections { pid: u32, service: SocketAddr },
+    #[error(
+        "{count} connection(s) of {service} cannot move:{list}\n(--skip-unmovable moves the \
+         others and leaves these)",
+        count = list.0.len()
+    )]
+    Unmovable {
+        service: SocketAddr,
+        list: crate::repair::Listed,
+    },
     #[error("starting the async runtime (nothing was changed)")]
     Runtime(#[source] io::Error),
     #[error("no process to migrate: give at least one pid (nothing was changed)")]

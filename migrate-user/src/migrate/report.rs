@@ -4,9 +4,12 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::freeze::{
-    Counters,
-    hold::{HoldReport, ReplayReport},
+use crate::{
+    freeze::{
+        Counters,
+        hold::{HoldReport, ReplayReport},
+    },
+    repair,
 };
 
 /// Segments dropped by one side's freeze while it was on (the freeze plane's counters).
@@ -107,8 +110,11 @@ pub struct Report {
     pub connections: usize,
     /// Connections live at the destination.
     pub kept: usize,
-    /// Connections of the service left behind because of their state (SYN_RECV, CLOSE_WAIT...).
+    /// Connections of the service left behind: those `left` lists.
     pub skipped: usize,
+    /// Each connection left behind, and why: closed ones, and with `--skip-unmovable` those
+    /// that cannot move.
+    pub left: Vec<LeftConnection>,
     pub image_bytes: usize,
     /// Bytes queued in the sockets, carried in the image: sent but unacknowledged or never sent
     /// (`send_bytes`, of which `unsent_bytes` never left), received but unread (`recv_bytes`).
@@ -146,6 +152,7 @@ impl Report {
             connections: 0,
             kept: 0,
             skipped: 0,
+            left: Vec::new(),
             image_bytes: 0,
             send_bytes: 0,
             unsent_bytes: 0,
@@ -160,6 +167,29 @@ impl Report {
             source_stopped: false,
             peak_resident_kib: 0,
             destination: AgentReport::default(),
+        }
+    }
+}
+
+/// A connection a migration left behind (see [`repair::Unmovable`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct LeftConnection {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: String,
+    pub reason: String,
+    /// Whether leaving it loses a connection (false for a closed one).
+    pub lost: bool,
+}
+
+impl From<&repair::Unmovable> for LeftConnection {
+    fn from(left: &repair::Unmovable) -> Self {
+        Self {
+            local: left.tuple.local,
+            remote: left.tuple.remote,
+            state: left.state.to_string(),
+            reason: left.reason.to_string(),
+            lost: left.is_loss(),
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct DiagSocket {
     pub tuple: Tuple,
     pub state: TcpState,
     pub inode: u64,
+    /// Bytes in its receive queue; for a listener, the connections waiting in its accept queue.
+    pub queued: u32,
 }
 
 impl From<&InetResponseHeader> for DiagSocket {
@@ -56,26 +58,36 @@ impl From<&InetResponseHeader> for DiagSocket {
             },
             state: TcpState::from_kernel(answer.state),
             inode: u64::from(answer.inode),
+            queued: answer.recv_queue,
         }
     }
 }
 
 /// Every TCP socket (IPv4 and IPv6, all states) of the calling thread's namespace.
 pub fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+    // Every bit, not StateFlags::all(): that one leaves out the request sockets
+    // (TCP_NEW_SYN_RECV, listed as SYN_RECV) and the bound inactive ones.
+    tcp_sockets_in(u32::MAX)
+}
+
+/// The TCP sockets of the calling thread's namespace whose state's bit (1 << state) is in
+/// `states`.
+pub fn tcp_sockets_in(states: u32) -> io::Result<Vec<DiagSocket>> {
     let mut sockets = Vec::new();
     for (family, any) in [
         (AF_INET, SocketId::new_v4()),
         (AF_INET6, SocketId::new_v6()),
     ] {
-        dump_family(family, any, |answer| sockets.push(answer.into()))?;
+        dump_family(family, any, states, |answer| sockets.push(answer.into()))?;
     }
     Ok(sockets)
 }
 
-/// One sock_diag dump of `family`, every state: `each` gets every socket's message.
+/// One sock_diag dump of `family`, the `states` given: `each` gets every socket's message.
 fn dump_family(
     family: u8,
     any: SocketId,
+    states: u32,
     mut each: impl FnMut(&InetResponseHeader),
 ) -> io::Result<()> {
     let socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -94,9 +106,7 @@ fn dump_family(
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            // Every bit, not StateFlags::all(): that one leaves out the request sockets
-            // (TCP_NEW_SYN_RECV, listed as SYN_RECV) and the bound inactive ones.
-            states: StateFlags::from_bits_retain(u32::MAX),
+            states: StateFlags::from_bits_retain(states),
             socket_id: any,
         })
         .into(),
@@ -209,6 +219,7 @@ mod tests {
                 },
                 state: TcpState::Established,
                 inode: 7,
+                queued: 0,
             }
         );
     }

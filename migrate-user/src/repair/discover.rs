@@ -36,7 +36,7 @@ impl Filter {
         }
     }
 
-    fn matches_local(&self, local: SocketAddr) -> bool {
+    pub(super) fn matches_local(&self, local: SocketAddr) -> bool {
         self.port.is_none_or(|port| local.port() == port)
             && self.service.is_none_or(|service| {
                 let service = crate::tuple::canonical(service);
@@ -45,7 +45,7 @@ impl Filter {
             })
     }
 
-    fn matches(&self, tuple: &Tuple) -> bool {
+    pub(super) fn matches(&self, tuple: &Tuple) -> bool {
         self.matches_local(tuple.local) && (self.tuples.is_empty() || self.tuples.contains(tuple))
     }
 }
@@ -68,7 +68,7 @@ pub struct Discovery {
     /// Listening sockets of the process that match the filter's port or service: a migration
     /// usually wants to know that new connections are accepted there.
     pub listening: Vec<SocketAddr>,
-    /// Matching connections left out because of their state (SYN_RECV, TIME_WAIT, CLOSE_WAIT...).
+    /// Matching connections left out because of their state (SYN_SENT, SYN_RECV, CLOSE).
     pub skipped: Vec<(Tuple, TcpState)>,
     /// The inode of every socket in the process's fd table, taken or not: what a later
     /// [`catch_up`] compares the table with.

@@ -23,6 +23,7 @@ mod discover;
 mod dump;
 mod kernel_state;
 mod restore;
+mod unmovable;
 
 use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 
@@ -40,6 +41,7 @@ pub use self::{
         Committed, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, restore,
         restore_ahead, restore_with, restore_with_pool,
     },
+    unmovable::{Listed, Reason, Unmovable, unaccepted},
 };
 /// The kernel's struct tcp_repair_window, part of every dumped connection.
 pub use crate::sys::tcp_repair::RepairWindow;

@@ -7,6 +7,7 @@
 mod agent;
 mod handoff;
 mod moved;
+pub mod pairs;
 
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use agent::*;

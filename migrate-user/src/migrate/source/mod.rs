@@ -63,6 +63,10 @@ pub struct SourceConfig {
     /// How much the freeze holds for the destination instead of dropping it
     /// ([`HoldBudget::NONE`]: nothing, every segment waits for its sender's retransmission).
     pub hold: HoldBudget,
+    /// Move the other connections when some cannot move (a handshake in progress, one waiting
+    /// in an accept queue), and list those in the report; without it such a migration refuses
+    /// before the freeze, naming them.
+    pub skip_unmovable: bool,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
     /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
@@ -101,6 +105,7 @@ pub struct SourceConfig {
 ///     stop_signal: None,
 ///     precopy: false,
 ///     hold: HoldBudget::DEFAULT,
+///     skip_unmovable: false,
 ///     step_timeout: DEFAULT_STEP_TIMEOUT,
 ///     // The tcpmig binary, which runs the guard of the migration.
 ///     guard_exe: "/usr/bin/tcpmig".into(),

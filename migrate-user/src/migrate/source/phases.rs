@@ -22,13 +22,13 @@ use crate::{
     freeze::hold::Segments,
     image::{self, Image},
     migrate::{
-        FREEZE_TTL, MigrateError, Report, StoppedTree,
+        FREEZE_TTL, LeftConnection, MigrateError, Report, StoppedTree,
         guard::{self, Guardian, Note},
         millis, test_pause,
         transport::{IMAGE_PIECE, Link, Message},
     },
     net::{self, Netns},
-    repair::{self, Connection, Filter, SocketsByInode, TakenSocket, Workers},
+    repair::{self, Connection, Filter, Listed, SocketsByInode, TakenSocket, Unmovable, Workers},
     shard::{self, Shard},
 };
 
@@ -43,6 +43,31 @@ pub(super) struct Run<'a> {
     pub(super) service: SocketAddr,
     pub(super) prefix_len: u8,
     pub(super) report: Report,
+}
+
+impl Run<'_> {
+    /// Connections that stay behind, found before the freeze: a refusal naming them if one of
+    /// them is a connection lost (closed ones are not), unless `--skip-unmovable`; then listed in
+    /// the report.
+    fn leave(&mut self, left: Vec<Unmovable>) -> Result<(), MigrateError> {
+        let lost: Vec<Unmovable> = left.iter().filter(|u| u.is_loss()).copied().collect();
+        if !lost.is_empty() && !self.config.skip_unmovable {
+            return Err(MigrateError::Unmovable {
+                service: self.service,
+                list: Listed(lost),
+            });
+        }
+        self.record_left(&left);
+        Ok(())
+    }
+
+    fn record_left(&mut self, left: &[Unmovable]) {
+        if !left.is_empty() {
+            tracing::info!(count = left.len(), list = %Listed(left.to_vec()), "left behind");
+        }
+        self.report.skipped += left.len();
+        (self.report.left).extend(left.iter().map(LeftConnection::from));
+    }
 }
 
 /// Everything up to the agent's GoingLive, the answer to Commit. The report's `blackout_ms`
@@ -88,12 +113,13 @@ impl<'r, 'a> Prepared<'r, 'a> {
         let found = shard::run_all(&run.held.shards, move |k, sockets| {
             prepare_process(pids[k], service, &listed, sockets)
         });
-        let mut noted = Vec::new();
+        let (mut noted, mut left) = (Vec::new(), Vec::new());
         for found in found {
             let found = found?;
-            run.report.skipped += found.skipped;
+            left.extend(found.left);
             noted.extend(found.sockets);
         }
+        run.leave(left)?;
         refuse_shared(noted.iter().map(|&(inode, _)| inode).collect())?;
         run.guardian.note(&Note::Sockets { sockets: noted })?;
         run.report.phases.discover_ms = millis(step.elapsed());
@@ -160,12 +186,17 @@ impl<'r, 'a> Stopped<'r, 'a> {
             catch_up_process(pids[k], service, sockets)
         });
         let (mut noted, mut taken, mut closed) = (Vec::new(), 0, 0);
+        let mut left = Vec::new();
         for caught in caught {
             let caught = caught?;
-            run.report.skipped += caught.skipped;
+            left.extend(caught.left);
             (taken, closed) = (taken + caught.taken, closed + caught.closed);
             noted.extend(caught.noted);
         }
+        // Once the application is stopped and new connections held: what waits in its
+        // listeners' accept queues now stays there (see repair::unaccepted).
+        left.extend(repair::unaccepted(run.netns, &Filter::service(service))?);
+        run.leave(left)?;
         if taken > 0 {
             let all = shard::run_all(&run.held.shards, |_, sockets| {
                 let taken = sockets.known.taken.iter();
@@ -260,10 +291,11 @@ impl<'r, 'a> Frozen<'r, 'a> {
             // What the catch-up compared the fd table with: not needed any more.
             sockets.known = Known::default();
             let dumped = sockets.dumped.insert(prepared.dump_read(&states)?);
-            Ok::<_, MigrateError>(dumped.skipped().len())
+            Ok::<_, MigrateError>(held_unmovable(dumped.skipped()))
         });
-        for skipped in dumped {
-            run.report.skipped += skipped?;
+        for left in dumped {
+            // Closed since the catch-up (the application is stopped: by its peer): no loss.
+            run.record_left(&left?);
         }
         run.report.phases.dump_ms = millis(step.elapsed());
         test_pause("dumped");
@@ -429,7 +461,8 @@ pub(super) struct Known {
 struct Found {
     /// Inode and SO_REUSEADDR of each socket, for the guard.
     sockets: Vec<(u64, bool)>,
-    skipped: usize,
+    /// Its connections on the service that do not move.
+    left: Vec<Unmovable>,
 }
 
 /// In the process's shard: takes its connections on `service` and reads what only it changes.
@@ -445,7 +478,7 @@ fn prepare_process(
         return Err(MigrateError::NoConnections { pid, service });
     }
     let identified = identify(pid, &discovery.sockets)?;
-    let skipped = discovery.skipped.len();
+    let left = held_unmovable(&discovery.skipped);
     sockets.known = Known {
         taken: (identified.iter().map(|&(inode, _)| inode))
             .zip(discovery.sockets.iter().map(|s| s.source_fd))
@@ -455,7 +488,7 @@ fn prepare_process(
     sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
     Ok(Found {
         sockets: identified,
-        skipped,
+        left,
     })
 }
 
@@ -479,7 +512,8 @@ struct Caught {
     noted: Vec<(u64, bool)>,
     taken: usize,
     closed: usize,
-    skipped: usize,
+    /// Connections it opened since that do not move.
+    left: Vec<Unmovable>,
 }
 
 /// In the stopped process's shard: lets go of the sockets it closed since the discovery, reads
@@ -500,6 +534,7 @@ fn catch_up_process(
     };
     // Not needed again: a megabyte of inodes at 50,000 connections.
     known.seen = HashSet::new();
+    let left = held_unmovable(&found.skipped);
     let closed = found.closed.len();
     if closed > 0 {
         let open = |k: usize| found.closed.binary_search(&k).is_err();
@@ -529,6 +564,14 @@ fn catch_up_process(
         noted,
         taken,
         closed,
-        skipped: found.skipped.len(),
+        left,
     })
+}
+
+/// The sockets of a process's fd table left out because of their state, and why.
+fn held_unmovable(skipped: &[(crate::tuple::Tuple, repair::TcpState)]) -> Vec<Unmovable> {
+    skipped
+        .iter()
+        .map(|&(t, s)| Unmovable::held(t, s))
+        .collect()
 }

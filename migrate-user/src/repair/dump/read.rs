@@ -64,7 +64,7 @@ impl PreparedDump {
     /// [`dump`](Self::dump) with the states of one pass of the reader, made after the freeze:
     /// several dumps of one namespace (the shards of a migration) share one pass. A socket not
     /// in `states` fails the dump. A socket in a state repair does not handle (its peer closed it
-    /// since it was taken: CLOSE_WAIT...) is left to its application, as a discovery leaves it,
+    /// since it was taken: CLOSE) is left to its application, as a discovery leaves it,
     /// and listed in [`DumpedSockets::skipped`].
     pub fn dump_read(
         self,

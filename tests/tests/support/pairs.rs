@@ -1,0 +1,216 @@
+//! Connections built by hand between the client host and server sockets on the source, with
+//! their streams' offsets (each byte checked with [`fill`]), the half-closed states made on
+//! them, and the resets counted on every host.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tcpmig_testbed::{
+    TestBed,
+    pattern::{Direction, fill},
+};
+
+/// Bound on every read of these tests.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Written each way by a connection that keeps reading: its queues hold it all.
+pub const SMALL: u64 = 1000;
+/// Written by a destination application after the move, behind what was queued.
+pub const FINAL: u64 = 500;
+
+/// A connection from the client host to a server socket on the source, and how many bytes each
+/// side wrote so far (the stream's offsets, [`fill`]).
+pub struct Pair {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub to_client: u64,
+    pub to_server: u64,
+}
+
+impl Pair {
+    pub fn client_addr(&self) -> Result<SocketAddr> {
+        Ok(self.client.local_addr()?)
+    }
+}
+
+/// `n` connections to `service`, served on the source.
+pub fn connect(bed: &TestBed, service: SocketAddr, n: usize) -> Result<Vec<Pair>> {
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    accept_pairs(bed, &listener, n)
+}
+
+/// `n` connections from the client host to `listener`'s service, accepted.
+pub fn accept_pairs(bed: &TestBed, listener: &TcpListener, n: usize) -> Result<Vec<Pair>> {
+    let service = listener.local_addr()?;
+    (0..n)
+        .map(|_| {
+            let client = bed.client().run(|| TcpStream::connect(service))??;
+            let (server, _) = listener.accept()?;
+            Ok(Pair {
+                client,
+                server,
+                to_client: 0,
+                to_server: 0,
+            })
+        })
+        .collect()
+}
+
+/// Writes the stream of `direction` on `socket` from `offset`: `limit` bytes, or until the
+/// socket takes no more (its send queue and the peer's receive queue full) when `limit` is
+/// None. Returns the new offset.
+pub fn write_stream(
+    socket: &TcpStream,
+    client: SocketAddr,
+    direction: Direction,
+    offset: u64,
+    limit: Option<u64>,
+) -> Result<u64> {
+    let mut socket = socket;
+    socket.set_nonblocking(true)?;
+    let mut offset = offset;
+    let end = limit.map_or(u64::MAX, |l| offset + l);
+    let mut buf = vec![0; 16 << 10];
+    let mut refused = 0;
+    // The peer's window closes once its receive buffer is full: a few refusals in a row, some
+    // time apart, mean the queues are full.
+    while offset < end && refused < 5 {
+        let len = (end - offset).min(buf.len() as u64) as usize;
+        fill(client, direction, offset, &mut buf[..len]);
+        match socket.write(&buf[..len]) {
+            Ok(n) => {
+                offset += n as u64;
+                refused = 0;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                ensure!(limit.is_none(), "{len} bytes did not fit");
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    socket.set_nonblocking(false)?;
+    Ok(offset)
+}
+
+/// Reads the stream of `direction` from `socket`, from `from` to `to`, checking every byte;
+/// with `eof`, the end of the stream must follow. Returns how long it took.
+pub fn read_stream(
+    socket: &TcpStream,
+    client: SocketAddr,
+    direction: Direction,
+    (from, to): (u64, u64),
+    eof: bool,
+) -> Result<Duration> {
+    let mut socket = socket;
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(READ_TIMEOUT))?;
+    let started = Instant::now();
+    let mut got = vec![0; (to - from) as usize];
+    socket
+        .read_exact(&mut got)
+        .with_context(|| format!("{direction:?} bytes {from}..{to}"))?;
+    let mut want = vec![0; got.len()];
+    fill(client, direction, from, &mut want);
+    let first_bad = got.iter().zip(&want).position(|(g, w)| g != w);
+    ensure!(
+        first_bad.is_none(),
+        "{direction:?}: byte {} differs",
+        from + first_bad.unwrap_or_default() as u64
+    );
+    if eof {
+        let mut more = [0; 1];
+        let n = socket
+            .read(&mut more)
+            .context("reading the end of the stream")?;
+        ensure!(
+            n == 0,
+            "{direction:?}: more bytes after {to}, no end of stream"
+        );
+    }
+    Ok(started.elapsed())
+}
+
+/// Resets so far: sent by any host (Tcp OutRsts), or ending a connection of the client or the
+/// destination (EstabResets). The source's EstabResets count its silent disconnects at the
+/// commit, not resets.
+pub fn resets(bed: &TestBed) -> Result<u64> {
+    let mut total = 0;
+    for host in [bed.client(), bed.source(), bed.destination()] {
+        total += host.tcp_counter("OutRsts")?;
+    }
+    for host in [bed.client(), bed.destination()] {
+        total += host.tcp_counter("EstabResets")?;
+    }
+    Ok(total)
+}
+
+/// How a half-closed case closes its connection before the move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    /// The client wrote and shut down its side; the server has not read it.
+    CloseWait,
+    /// The same, and the server filled its send queue (the client does not read) and shut down.
+    LastAck,
+    /// The server filled its send queue (the client does not read) and shut down; the client
+    /// writes on.
+    FinWait1,
+    /// The server shut down and the client read everything (our FIN acknowledged); the client
+    /// writes on.
+    FinWait2,
+}
+
+impl Half {
+    /// Writes on `pair` both ways and closes it as the case says, with bytes in both queues
+    /// (a full send queue on the server where it closes with the client not reading); returns
+    /// how far the client has read (to the end of the stream in FIN_WAIT2).
+    pub fn close(self, pair: &mut Pair) -> Result<u64> {
+        let client = pair.client_addr()?;
+        let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+        let server_fills = matches!(self, Half::LastAck | Half::FinWait1);
+        pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(5 * SMALL))?;
+        let limit = (!server_fills).then_some(5 * SMALL);
+        pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
+        if self.client_closes() {
+            pair.client.shutdown(Shutdown::Write)?;
+        }
+        if self != Half::CloseWait {
+            pair.server.shutdown(Shutdown::Write)?;
+        }
+        if self == Half::FinWait2 {
+            read_stream(&pair.client, client, s2c, (0, pair.to_client), true)?;
+            return Ok(pair.to_client);
+        }
+        Ok(0)
+    }
+
+    fn client_closes(self) -> bool {
+        matches!(self, Half::CloseWait | Half::LastAck)
+    }
+
+    /// After the move, with `server` the destination's socket: the client writes more and
+    /// closes where it was open, the server reads everything and the end of the stream, writes
+    /// a final message and closes where it was open; the client reads everything from
+    /// `client_read`, then the end of the stream.
+    pub fn finish(self, pair: &mut Pair, server: &TcpStream, client_read: u64) -> Result<()> {
+        let client = pair.client_addr()?;
+        let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+        if !self.client_closes() {
+            pair.to_server =
+                write_stream(&pair.client, client, c2s, pair.to_server, Some(3 * SMALL))?;
+            pair.client.shutdown(Shutdown::Write)?;
+        }
+        read_stream(server, client, c2s, (0, pair.to_server), true)?;
+        let mut end = pair.to_client;
+        if self == Half::CloseWait {
+            end = write_stream(server, client, s2c, pair.to_client, Some(FINAL))?;
+            server.shutdown(Shutdown::Write)?;
+        }
+        read_stream(&pair.client, client, s2c, (client_read, end), true)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,297 @@
+//! Connections that cannot move, through `tcpmig migrate` and `tcpmig agent`: one waiting in the
+//! accept queue of the application's listener makes the migration refuse before the freeze,
+//! naming it, and the application carries on; `--skip-unmovable` moves the others and lists it.
+//! And every state that moves, at once in one process: full queues, ESTABLISHED, CLOSE_WAIT,
+//! LAST_ACK, FIN_WAIT1 and FIN_WAIT2, handed by the agent to a new holder, byte-exact with the
+//! ends of stream where due, no reset. The application is a `sleep` holding the server sockets
+//! the test built. Needs root; run with `--test-threads=1`.
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::OwnedFd, unix::net::UnixListener},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use support::pairs::{FINAL, Half, Pair, SMALL, accept_pairs, read_stream, resets, write_stream};
+use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, pattern::Direction};
+
+/// Established connections beside the unmovable one.
+const KEPT: usize = 3;
+
+/// A process of the source host holding `fds` (and nothing else of the service).
+fn holder(bed: &TestBed, fds: Vec<OwnedFd>) -> Result<ChildGuard<'_>> {
+    let mut cmd = bed.source().command_with_listen_fds("/bin/sleep", fds)?;
+    cmd.arg("600");
+    bed.source().spawn(&mut cmd)
+}
+
+/// KEPT connections to `service` with SMALL bytes queued unread each way, and one more left
+/// in the listener's accept queue: the listener, the pairs and that client.
+fn with_one_unaccepted(
+    bed: &TestBed,
+    service: SocketAddr,
+) -> Result<(TcpListener, Vec<Pair>, TcpStream)> {
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(bed, &listener, KEPT)?;
+    for pair in &mut pairs {
+        let client = pair.client_addr()?;
+        pair.to_client = write_stream(
+            &pair.server,
+            client,
+            Direction::ServerToClient,
+            0,
+            Some(SMALL),
+        )?;
+        pair.to_server = write_stream(
+            &pair.client,
+            client,
+            Direction::ClientToServer,
+            0,
+            Some(SMALL),
+        )?;
+    }
+    let waiting = bed.client().run(|| TcpStream::connect(service))??;
+    Ok((listener, pairs, waiting))
+}
+
+/// Every queued byte arrives both ways, then FINAL more each way.
+fn carries_on(pair: &mut Pair) -> Result<()> {
+    let client = pair.client_addr()?;
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    read_stream(&pair.server, client, c2s, (0, pair.to_server), false)?;
+    read_stream(&pair.client, client, s2c, (0, pair.to_client), false)?;
+    let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
+    read_stream(&pair.client, client, s2c, (pair.to_client, end), false)?;
+    let end = write_stream(&pair.client, client, c2s, pair.to_server, Some(FINAL))?;
+    read_stream(&pair.server, client, c2s, (pair.to_server, end), false)?;
+    Ok(())
+}
+
+/// Servers' fds for a holder, the pairs' other halves kept by the test.
+fn split(pairs: Vec<Pair>) -> (Vec<OwnedFd>, Vec<(TcpStream, u64, u64)>) {
+    pairs
+        .into_iter()
+        .map(|p| {
+            (
+                OwnedFd::from(p.server),
+                (p.client, p.to_client, p.to_server),
+            )
+        })
+        .unzip()
+}
+
+/// The connections an agent handed over on `listener` (its listener left out), each joined to
+/// the client whose peer it is.
+fn handed_over(listener: &UnixListener, clients: Vec<(TcpStream, u64, u64)>) -> Result<Vec<Pair>> {
+    let deadline = Instant::now() + support::COMMAND_TIMEOUT;
+    let (_, fds) = support::receive_handoff_on(listener, deadline, || Ok(()))?;
+    let mut servers = Vec::new();
+    for fd in fds {
+        if !socket2::SockRef::from(&fd).is_listener()? {
+            let server = TcpStream::from(fd);
+            servers.push((server.peer_addr()?, server));
+        }
+    }
+    ensure!(
+        servers.len() == clients.len(),
+        "{} handed over",
+        servers.len()
+    );
+    clients
+        .into_iter()
+        .map(|(client, to_client, to_server)| {
+            let at = client.local_addr()?;
+            let k = servers.iter().position(|(peer, _)| *peer == at);
+            let (_, server) = servers.swap_remove(k.context("no socket handed over")?);
+            Ok(Pair {
+                client,
+                server,
+                to_client,
+                to_server,
+            })
+        })
+        .collect()
+}
+
+/// A connection in the accept queue of the application's listener: `migrate` fails naming its
+/// 4-tuple and state, rolled back before the freeze; the application runs on, every connection
+/// carries on byte-exact, the waiting one is still there to accept, nothing is left attached.
+#[test]
+fn a_connection_waiting_in_the_accept_queue_refuses_the_migration() -> Result<()> {
+    const PORT: u16 = 8310;
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let (listener, mut pairs, waiting) = with_one_unaccepted(&bed, service)?;
+    let mut fds = vec![OwnedFd::from(listener.try_clone()?)];
+    for pair in &pairs {
+        fds.push(OwnedFd::from(pair.server.try_clone()?));
+    }
+    let app = holder(&bed, fds)?;
+    let before = resets(&bed)?;
+    let token = TokenFile::new(&bed, "refuse", "refusal token")?;
+    let scratch = support::Scratch::new(&bed)?;
+    let socket = scratch.path("handoff.sock");
+    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut migrate =
+        support::start_unpaused_migrate(source, destination, &[app.pid()], PORT, &token.0, &[])?;
+    let migrate_pid = migrate.child.pid();
+    let stderr = migrate.fails_saying("cannot move")?;
+    eprintln!("{stderr}");
+    let named = format!("{service} <-> {} ESTABLISHED", waiting.local_addr()?);
+    for want in [
+        named.as_str(),
+        "accept queue",
+        "--skip-unmovable",
+        "rolled back",
+    ] {
+        ensure!(stderr.contains(want), "no {want:?} in: {stderr}");
+    }
+    agent.finish()?;
+    ensure!(
+        support::process_state(app.pid()).is_some_and(|s| s != 'T'),
+        "the application is not running"
+    );
+    support::nothing_left(&bed, &[format!("migrate-{migrate_pid}")], bed.source())?;
+    for pair in &mut pairs {
+        carries_on(pair)?;
+    }
+    listener.set_nonblocking(true)?;
+    let (_, peer) = listener.accept().context("the waiting connection")?;
+    ensure!(peer == waiting.local_addr()?, "accepted {peer}");
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
+
+/// The same with `--skip-unmovable`: the established connections move and carry on byte-exact
+/// at the destination, and the report lists the one left in the accept queue.
+#[test]
+fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
+    const PORT: u16 = 8311;
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let (listener, pairs, waiting) = with_one_unaccepted(&bed, service)?;
+    let (mut fds, clients) = split(pairs);
+    fds.push(OwnedFd::from(listener));
+    let app = holder(&bed, fds)?;
+    let token = TokenFile::new(&bed, "skip", "skip token")?;
+    let scratch = support::Scratch::new(&bed)?;
+    let socket = scratch.path("handoff.sock");
+    let unix = UnixListener::bind(&socket)?;
+    unix.set_nonblocking(true)?;
+    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let extra = ["--skip-unmovable", "--json"];
+    let mut migrate =
+        support::start_unpaused_migrate(source, destination, &[app.pid()], PORT, &token.0, &extra)?;
+    let (status, stdout, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let left = &report["left"];
+    ensure!(
+        report["kept"] == KEPT
+            && report["skipped"] == 1
+            && left.as_array().map(Vec::len) == Some(1),
+        "{report}"
+    );
+    let remote = waiting.local_addr()?.to_string();
+    ensure!(
+        left[0]["remote"] == remote.as_str()
+            && left[0]["local"] == service.to_string().as_str()
+            && left[0]["state"] == "ESTABLISHED"
+            && left[0]["lost"] == true,
+        "{left}"
+    );
+    let mut pairs = handed_over(&unix, clients)?;
+    agent.finish()?;
+    for pair in &mut pairs {
+        carries_on(pair)?;
+    }
+    Ok(())
+}
+
+/// One process holding a connection with both queues full, one ESTABLISHED reading, and one
+/// each in CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2, moved by `migrate` and the agent:
+/// all six in the report, none left; at the destination each carries on byte-exact, with the
+/// ends of stream where due, and no host sends or counts a reset.
+#[test]
+fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
+    const PORT: u16 = 8312;
+    const HALVES: [Half; 4] = [
+        Half::CloseWait,
+        Half::LastAck,
+        Half::FinWait1,
+        Half::FinWait2,
+    ];
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(&bed, &listener, 2 + HALVES.len())?;
+    drop(listener);
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+        let client = pair.client_addr()?;
+        let limit = (k > 0).then_some(SMALL);
+        pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
+        pair.to_server = write_stream(&pair.client, client, c2s, 0, limit)?;
+    }
+    let mut client_read = Vec::new();
+    for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
+        client_read.push(half.close(pair)?);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = resets(&bed)?;
+    let (fds, clients) = split(pairs);
+    let app = holder(&bed, fds)?;
+    let token = TokenFile::new(&bed, "states", "states token")?;
+    let scratch = support::Scratch::new(&bed)?;
+    let socket = scratch.path("handoff.sock");
+    let unix = UnixListener::bind(&socket)?;
+    unix.set_nonblocking(true)?;
+    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut migrate = support::start_unpaused_migrate(
+        source,
+        destination,
+        &[app.pid()],
+        PORT,
+        &token.0,
+        &["--json"],
+    )?;
+    let (status, stdout, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let n = 2 + HALVES.len();
+    ensure!(
+        report["connections"] == n && report["kept"] == n && report["skipped"] == 0,
+        "{report}"
+    );
+    eprintln!(
+        "queued: send {} (unsent {}), receive {}; blackout {} ms",
+        report["send_bytes"], report["unsent_bytes"], report["recv_bytes"], report["blackout_ms"]
+    );
+    ensure!(report["send_bytes"].as_u64() > Some(64 << 10), "{report}");
+    let mut pairs = handed_over(&unix, clients)?;
+    agent.finish()?;
+    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+        let client = pair.client_addr()?;
+        read_stream(&pair.server, client, c2s, (0, pair.to_server), false)
+            .with_context(|| format!("connection {k}"))?;
+        read_stream(&pair.client, client, s2c, (0, pair.to_client), false)
+            .with_context(|| format!("connection {k}"))?;
+        let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
+        pair.server.shutdown(std::net::Shutdown::Write)?;
+        read_stream(&pair.client, client, s2c, (pair.to_client, end), true)?;
+    }
+    for ((half, pair), read) in HALVES.iter().zip(&mut pairs[2..]).zip(client_read) {
+        let server = pair.server.try_clone()?;
+        half.finish(pair, &server, read)
+            .with_context(|| format!("{half:?}"))?;
+    }
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
