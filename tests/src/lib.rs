@@ -70,7 +70,9 @@ pub mod sys;
 pub mod traffic;
 
 pub use announcement::{Announcement, NaFlags, announcements};
-pub use bed::{BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed};
+pub use bed::{
+    BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed, prefix_len,
+};
 pub use capture::Capture;
 pub use echo::EchoServers;
 pub use line_process::LineProcess;

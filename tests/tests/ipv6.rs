@@ -2,14 +2,18 @@
 //! the announcement that moves the clients' neighbour entries, checked on the wire: an
 //! unsolicited neighbour advertisement (override set, solicited not) from the destination's MAC.
 //! The IPv4 run of the same scenario checks the gratuitous ARP and gives the numbers to compare.
+//! Then the CRIU hook moving an IPv6 service (TCPMIG_ADDRESS=fd54:636d::100/64), CRIU in the
+//! task's namespace and outside it.
 //!
 //! Run one at a time: `cargo test -p tcpmig-testbed --test ipv6 -- --test-threads=1`.
+mod criu_bed;
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result, ensure};
-use tcpmig_testbed::{Announcement, Capture, IFACE, TestBed, TokenFile, announcements};
+use criu_bed::{Mode, migrate_mirror};
+use tcpmig_testbed::{Announcement, Capture, IFACE, SERVICE_V6, TestBed, TokenFile, announcements};
 
 const N: usize = 1_000;
 const PORT: u16 = 8086;
@@ -103,4 +107,14 @@ fn thousand_ipv6_connections_move() -> Result<()> {
 #[test]
 fn thousand_ipv4_connections_move() -> Result<()> {
     migrate_with_agent(false)
+}
+
+#[test]
+fn criu_hook_ipv6_same_netns() -> Result<()> {
+    migrate_mirror(Mode::SameNetns, N, SERVICE_V6.into())
+}
+
+#[test]
+fn criu_hook_ipv6_external_netns() -> Result<()> {
+    migrate_mirror(Mode::ExternalNetns, N, SERVICE_V6.into())
 }

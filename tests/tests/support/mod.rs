@@ -33,8 +33,8 @@ use tcpmig::{
     tuple::{self, Tuple},
 };
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, PREFIX_V4, PREFIX_V6, Peer, PeerArgs, PeerCommand, SERVICE_V4,
-    StreamArgs, TestBed, Traffic, line_reader, peer::ScriptReport, tcpmig_bin,
+    ChildGuard, Host, IFACE, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs, TestBed, Traffic,
+    line_reader, peer::ScriptReport, tcpmig_bin,
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -455,11 +455,7 @@ pub fn nothing_left_of(
         ensure!(attached.is_empty(), "programs left on {host}: {attached:?}");
         let has = host.name() == holder.name();
         for &ip in services {
-            let prefix = if ip.is_ipv4() { PREFIX_V4 } else { PREFIX_V6 };
-            ensure!(
-                tcpmig::net::has_address(&netns, IFACE, ip, prefix)? == has,
-                "{ip} on {host}: expected {has}"
-            );
+            ensure!(host.holds(ip)? == has, "{ip} on {host}: expected {has}");
         }
     }
     Ok(())
