@@ -30,6 +30,9 @@ fn migrate_with_agent(ipv6: bool) -> Result<()> {
     let destination = bed.destination();
     let agent = support::start_agent(destination, &token.0, support::adopted_stream(), &[])?;
     let agent_pid = agent.pid();
+    if ipv6 {
+        na_defaults(&bed)?;
+    }
     let capture = Capture::start_filtered(bed.client(), "announce", "arp or icmp6")?;
     let server_pid = traffic.server_pids()[0];
     let (migrate_pid, stdout) = support::migrate_service_to(
@@ -71,6 +74,19 @@ fn migrate_with_agent(ipv6: bool) -> Result<()> {
         format!("agent-{agent_pid}"),
     ];
     support::nothing_left_of(&bed, &freezes, destination, &[ip])
+}
+
+/// The client runs with the kernel's defaults for unsolicited neighbour advertisements: they
+/// update an existing entry (drop_unsolicited_na=0) and create none (accept_untracked_na=0), so
+/// the move relies on the entry the client already has and on the override flag.
+fn na_defaults(bed: &TestBed) -> Result<()> {
+    for (setting, default) in [("drop_unsolicited_na", "0"), ("accept_untracked_na", "0")] {
+        let value = bed
+            .client()
+            .sysctl(&format!("net.ipv6.conf.{IFACE}.{setting}"))?;
+        ensure!(value == default, "the client's {setting} is {value}");
+    }
+    Ok(())
 }
 
 /// Among `heard`, `ip` was announced, only from `mac` and as `mac`'s; an NA with the override
