@@ -25,6 +25,11 @@ pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The IPv6 service address, on the source's `eth0` at first.
 pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0xfd54, 0x636d, 0, 0, 0, 0, 0, 0x100);
 
+/// The bed's prefix length for an address of `ip`'s family: [`PREFIX_V4`] or [`PREFIX_V6`].
+pub fn prefix_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { PREFIX_V4 } else { PREFIX_V6 }
+}
+
 /// Links come up within milliseconds; this bounds a broken setup.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -95,6 +100,19 @@ impl Host {
 
     pub fn v6(&self) -> Ipv6Addr {
         self.role.v6()
+    }
+
+    /// Whether its `eth0` holds `ip` with the bed's prefix length of that family.
+    pub fn holds(&self, ip: IpAddr) -> Result<bool> {
+        let out = self.ip(&["-j", "addr", "show", "dev", IFACE])?;
+        let links: Vec<serde_json::Value> =
+            serde_json::from_str(&out).context("parsing ip -j output")?;
+        let (local, prefix) = (ip.to_string(), prefix_len(ip));
+        Ok(links
+            .iter()
+            .filter_map(|link| link["addr_info"].as_array())
+            .flatten()
+            .any(|addr| addr["local"] == local.as_str() && addr["prefixlen"] == prefix))
     }
 
     /// The MAC address of its `eth0`, as `ip link` prints it (`02:54:...`), which its neighbours

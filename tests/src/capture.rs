@@ -1,5 +1,6 @@
 //! Packet captures in a namespace of the bed: `tcpdump` writing to a file, read back as its
-//! one-line summaries, so a test can assert on what crossed an interface.
+//! one-line summaries or as the frames themselves ([`announcements`] reads those), so a test can
+//! assert on what crossed an interface.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use crate::IFACE;
 use crate::namespaces::Namespace;
 use crate::process::ChildGuard;
 
-/// A capture of the TCP segments of one port on [`IFACE`], stopped (SIGINT, so that it flushes)
+/// A capture of the TCP segments of one port (or of what a filter selects) on [`IFACE`], stopped (SIGINT, so that it flushes)
 /// by [`Capture::stop`]; dropping it unstopped kills tcpdump.
 pub struct Capture<'bed> {
     child: ChildGuard<'bed>,
@@ -22,13 +23,19 @@ pub struct Capture<'bed> {
 impl<'bed> Capture<'bed> {
     /// Starts tcpdump on `netns`'s `eth0` for `tcp port PORT`, and returns once it captures.
     pub fn start(netns: &'bed Namespace, port: u16) -> Result<Self> {
-        let file = std::env::temp_dir().join(format!("{}-{port}.pcap", netns.name()));
+        Self::start_filtered(netns, &port.to_string(), &format!("tcp port {port}"))
+    }
+
+    /// Starts tcpdump on `netns`'s `eth0` for what the pcap expression `filter` selects (its
+    /// file named after `tag`), and returns once it captures.
+    pub fn start_filtered(netns: &'bed Namespace, tag: &str, filter: &str) -> Result<Self> {
+        let file = std::env::temp_dir().join(format!("{}-{tag}.pcap", netns.name()));
         let mut cmd = netns.command("tcpdump")?;
         // --immediate-mode: without it libpcap hands packets over a ring block at a time (when
         // full, or after its timeout), and a capture stopped before that loses them all.
         cmd.args(["-i", IFACE, "-n", "-U", "--immediate-mode", "-w"])
             .arg(&file)
-            .arg(format!("tcp port {port}"))
+            .arg(filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = netns.spawn(&mut cmd)?;

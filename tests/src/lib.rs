@@ -29,8 +29,9 @@
 //!   migration of it loses nothing, and it takes over restored sockets as the new server.
 //!
 //! # Capture
-//! [`Capture`] records the segments of one port on a host's `eth0` (tcpdump), for tests that
-//! assert on what crossed the wire.
+//! [`Capture`] records the segments of one port (or what a filter selects) on a host's `eth0`
+//! (tcpdump), for tests that assert on what crossed the wire; [`announcements`] reads the
+//! gratuitous ARPs and neighbour advertisements in such a capture.
 //!
 //! Everything is RAII: dropping a [`Traffic`], a [`Peer`], a [`LoadRun`], [`EchoServers`] or a
 //! [`ChildGuard`] kills its processes, dropping the [`TestBed`] or a [`Namespaces`] group (also
@@ -48,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod announcement;
 pub mod bed;
 mod capture;
 pub mod containers;
@@ -67,7 +69,10 @@ mod process;
 pub mod sys;
 pub mod traffic;
 
-pub use bed::{BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed};
+pub use announcement::{Announcement, NaFlags, announcements};
+pub use bed::{
+    BRIDGE, Host, IFACE, PREFIX_V4, PREFIX_V6, Role, SERVICE_V4, SERVICE_V6, TestBed, prefix_len,
+};
 pub use capture::Capture;
 pub use echo::EchoServers;
 pub use line_process::LineProcess;

@@ -1,8 +1,14 @@
 //! The CRIU tests' bed: a migration's directory, hook and CRIU runs, and the processes CRIU
 //! dumps and restores.
 #![allow(dead_code)] // The CRIU and the container tests each use their own part.
+mod mirror;
+
+#[allow(unused_imports)] // The container tests do not run the mirror scenario.
+pub use mirror::*;
+
 use std::{
     fs,
+    net::IpAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -11,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tcpmig::{freeze, net::Netns};
-use tcpmig_testbed::{ChildGuard, Host, IFACE, PREFIX_V4, SERVICE_V4, TestBed, tcpmig_bin};
+use tcpmig_testbed::{ChildGuard, Host, IFACE, SERVICE_V4, TestBed, prefix_len, tcpmig_bin};
 
 pub const CRIU_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a freeze may last; the guard removes what is left by then.
@@ -172,6 +178,8 @@ pub struct Migration<'bed> {
     pub criu_conf: PathBuf,
     /// TCPMIG_DEV for the hook.
     pub dev: &'static str,
+    /// The address the hook moves (TCPMIG_ADDRESS, with the bed's prefix length of its family).
+    pub service: IpAddr,
 }
 
 impl<'bed> Migration<'bed> {
@@ -186,6 +194,7 @@ impl<'bed> Migration<'bed> {
             dir,
             criu_conf,
             dev: IFACE,
+            service: SERVICE_V4.into(),
         })
     }
 
@@ -256,7 +265,10 @@ impl<'bed> Migration<'bed> {
             .arg("--config")
             .arg(&self.criu_conf)
             .env("TCPMIG_DEV", self.dev)
-            .env("TCPMIG_ADDRESS", format!("{SERVICE_V4}/{PREFIX_V4}"))
+            .env(
+                "TCPMIG_ADDRESS",
+                format!("{}/{}", self.service, prefix_len(self.service)),
+            )
             .env("TCPMIG_DEADLINE", DEADLINE_S)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

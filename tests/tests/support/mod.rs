@@ -34,8 +34,8 @@ use tcpmig::{
     tuple::{self, Tuple},
 };
 use tcpmig_testbed::{
-    ChildGuard, Host, IFACE, PREFIX_V4, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs,
-    TestBed, Traffic, line_reader, peer::ScriptReport, tcpmig_bin,
+    ChildGuard, Host, IFACE, Peer, PeerArgs, PeerCommand, SERVICE_V4, StreamArgs, TestBed, Traffic,
+    line_reader, peer::ScriptReport, tcpmig_bin,
 };
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_tcpmig-peer");
@@ -56,7 +56,16 @@ pub fn service(port: u16) -> SocketAddr {
 
 /// `n` connections to the service on `port`, verified once, then MORE bytes each way left unread.
 pub fn queued_traffic(bed: &TestBed, n: usize, port: u16) -> Result<Traffic<'_>> {
-    queue(Traffic::open(bed, Path::new(PEER), n, BYTES, port)?, n)
+    queued_traffic_at(bed, n, service(port))
+}
+
+/// [`queued_traffic`] to `service`, of either family.
+pub fn queued_traffic_at(bed: &TestBed, n: usize, service: SocketAddr) -> Result<Traffic<'_>> {
+    let stream = StreamArgs::new(BYTES);
+    queue(
+        Traffic::open_at(bed, Path::new(PEER), service, n, stream)?,
+        n,
+    )
 }
 
 /// Like [`queued_traffic`], with `per_server[k]` connections to server process k, all on the
@@ -217,13 +226,25 @@ pub fn migrate_command(
     link: &[String],
     timeout: &str,
 ) -> Result<Command> {
+    migrate_command_for(from, to, pids, service(port), link, timeout)
+}
+
+/// [`migrate_command`] of the connections on `service`, of either family.
+pub fn migrate_command_for(
+    from: &Host,
+    to: &Host,
+    pids: &[u32],
+    service: SocketAddr,
+    link: &[String],
+    timeout: &str,
+) -> Result<Command> {
     let mut cmd = from.command(tcpmig_bin())?;
     cmd.arg("migrate");
     for pid in pids {
         cmd.args(["--pid", &pid.to_string()]);
     }
     cmd.arg("--service")
-        .arg(service(port).to_string())
+        .arg(service.to_string())
         .args([
             "--dev",
             IFACE,
@@ -282,18 +303,45 @@ pub fn start_plain_migrate<'bed>(
 pub fn migrate_to<'bed>(
     bed: &'bed TestBed,
     traffic: &mut Traffic<'bed>,
-    mut agent: Peer<'bed>,
+    agent: Peer<'bed>,
     server_pid: u32,
     port: u16,
     token: &Path,
 ) -> Result<u32> {
-    let mut migrate = start_plain_migrate(bed, server_pid, port, token)?;
+    let (migrate_pid, _) =
+        migrate_service_to(bed, traffic, agent, server_pid, service(port), token, &[])?;
+    Ok(migrate_pid)
+}
+
+/// [`migrate_to`] of the connections on `service`, of either family, with `extra` arguments;
+/// returns migrate's pid and its stdout (its report, with `--json`).
+pub fn migrate_service_to<'bed>(
+    bed: &'bed TestBed,
+    traffic: &mut Traffic<'bed>,
+    mut agent: Peer<'bed>,
+    server_pid: u32,
+    service: SocketAddr,
+    token: &Path,
+    extra: &[&str],
+) -> Result<(u32, String)> {
+    let (source, destination) = (bed.source(), bed.destination());
+    let link = insecure(token);
+    let mut cmd = migrate_command_for(
+        source,
+        destination,
+        &[server_pid],
+        service,
+        &link,
+        STEP_TIMEOUT_SECS,
+    )?;
+    cmd.args(extra);
+    let mut migrate = Running::spawn(source, cmd)?;
     let migrate_pid = migrate.child.pid();
     agent.expect_line("ready")?;
-    let (status, _, stderr) = migrate.finish()?;
+    let (status, stdout, stderr) = migrate.finish()?;
     ensure!(status.success(), "the migration failed: {stderr}");
     traffic.servers = vec![agent];
-    Ok(migrate_pid)
+    Ok((migrate_pid, stdout))
 }
 
 impl Running<'_> {
@@ -387,21 +435,29 @@ pub fn new_connection_reaches(bed: &TestBed, host: &Host, service: SocketAddr) -
 /// No freeze named in `freezes`, no tcpmig program on either host's interface, and the service
 /// address on `holder` only.
 pub fn nothing_left(bed: &TestBed, freezes: &[String], holder: &Host) -> Result<()> {
+    nothing_left_of(bed, freezes, holder, &[SERVICE_V4.into()])
+}
+
+/// [`nothing_left`] with each of `services` (the bed's, of either family) on `holder` only.
+pub fn nothing_left_of(
+    bed: &TestBed,
+    freezes: &[String],
+    holder: &Host,
+    services: &[IpAddr],
+) -> Result<()> {
     let names = freeze::Freeze::list()?;
     ensure!(
         !names.iter().any(|n| freezes.contains(n)),
         "freezes left: {names:?}"
     );
-    let ip = IpAddr::from(SERVICE_V4);
     for host in [bed.source(), bed.destination()] {
         let netns = Netns::open(host.name())?;
         let attached = freeze::attached_programs(&netns, IFACE)?;
         ensure!(attached.is_empty(), "programs left on {host}: {attached:?}");
         let has = host.name() == holder.name();
-        ensure!(
-            tcpmig::net::has_address(&netns, IFACE, ip, PREFIX_V4)? == has,
-            "service address on {host}: expected {has}"
-        );
+        for &ip in services {
+            ensure!(host.holds(ip)? == has, "{ip} on {host}: expected {has}");
+        }
     }
     Ok(())
 }

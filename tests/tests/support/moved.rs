@@ -14,7 +14,7 @@ use tcpmig::{
     net::{self, Netns},
     repair,
 };
-use tcpmig_testbed::{IFACE, PREFIX_V4, PREFIX_V6, TestBed};
+use tcpmig_testbed::{IFACE, TestBed, prefix_len};
 
 /// Bound on the freezes of a library migration.
 const FREEZE_TTL: Duration = Duration::from_secs(120);
@@ -46,11 +46,7 @@ pub fn move_sockets(bed: &TestBed, service: SocketAddr, servers: &[TcpStream]) -
     let dumped = repair::dump(fds)?;
     let dest_freeze = freeze(&dst, "dst")?;
     let restored = repair::restore(&dst, dumped.connections())?;
-    let prefix = if service.is_ipv4() {
-        PREFIX_V4
-    } else {
-        PREFIX_V6
-    };
+    let prefix = prefix_len(service.ip());
     net::move_address(&src, IFACE, &dst, IFACE, service.ip(), prefix)?;
     drop(dest_freeze);
     let committed = restored.commit();
