@@ -1,6 +1,8 @@
 //! The restore side of the hook: freeze the connections to restore before their address
 //! arrives (pre-restore or setup-namespaces), then announce the address and lift the freeze
 //! (post-restore or network-unlock), just before CRIU switches repair off.
+use std::time::Duration;
+
 use super::{
     Config, CriuError, GuardSpec, HookEnv, HookReport, Sidecar, Step as _, attach_freeze,
     freeze_name, guard, remove_freeze,
@@ -64,12 +66,14 @@ pub(super) fn unlock(
     let mut addresses = sidecar.local_addresses();
     addresses.extend(config.address.map(|(addr, _)| addr));
     for addr in addresses {
+        // Back to back, as the agent does: the freeze holds until they are out, so spacing
+        // them (30 ms) lengthened every connection's blackout by 60 ms per address.
         match net::announce(
             netns,
             &config.dev,
             addr,
             net::ANNOUNCE_COUNT,
-            net::ANNOUNCE_INTERVAL,
+            Duration::ZERO,
         ) {
             // Not ours to announce (a failed dump's unlock, an address on another interface).
             Ok(()) | Err(NetError::NotOnInterface { .. }) => {}
