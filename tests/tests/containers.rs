@@ -114,20 +114,29 @@ fn runc_without_a_lock_loses_connections() -> Result<()> {
     Ok(())
 }
 
-/// The hook's settings file is gone when runc checkpoints (an operator's mistake): the
+/// The hook's settings file is gone when the runtime checkpoints (an operator's mistake): the
 /// checkpoint fails naming it, and the container runs on in the source with every connection
 /// intact; nothing of the hook is left.
 #[test]
 fn runc_checkpoint_with_a_broken_hook_fails_and_the_container_runs_on() -> Result<()> {
+    broken_hook(Runtime::Runc)
+}
+
+#[test]
+fn podman_checkpoint_with_a_broken_hook_fails_and_the_container_runs_on() -> Result<()> {
+    broken_hook(Runtime::Podman)
+}
+
+fn broken_hook(runtime: Runtime) -> Result<()> {
     containers::check_installed()?;
     let bed = TestBed::new()?;
-    let dir = TempDir::new("runc-broken")?;
+    let dir = TempDir::new(&format!("{}-broken", runtime.name()))?;
     let service = SocketAddr::new(SERVICE_V4.into(), 8080);
     let settings = format!("TCPMIG_DEV={IFACE}\nTCPMIG_SERVICES={service}\n");
     let conf = install_hook(&tcpmig_bin(), &dir.0, &settings)?;
     let args = ["echo-server", "--listen", &service.to_string()].map(str::to_owned);
     let container = Container::start(
-        Runtime::Runc,
+        runtime,
         &dir.0.join("container"),
         bed.source(),
         Path::new(PEER),
@@ -146,7 +155,7 @@ fn runc_checkpoint_with_a_broken_hook_fails_and_the_container_runs_on() -> Resul
     let error = container
         .checkpoint()
         .err()
-        .context("runc checkpointed with the hook's settings file gone")?;
+        .context("the container was checkpointed with the hook's settings file gone")?;
     let message = format!("{error:#}");
     eprintln!("{message}");
     ensure!(

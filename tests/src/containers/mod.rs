@@ -321,7 +321,7 @@ impl Container {
                         .arg(&self.id),
                     "runc checkpoint",
                 )
-                .map_err(|e| e.context(self.criu_log("checkpoint/dump.log")))?;
+                .map_err(|e| e.context(self.criu_log(&self.dir.join("checkpoint/dump.log"))))?;
             }
             Runtime::Podman => {
                 self.run(
@@ -330,7 +330,8 @@ impl Container {
                         .arg(self.archive())
                         .arg(&self.id),
                     "podman container checkpoint",
-                )?;
+                )
+                .map_err(|e| e.context(self.criu_log(&self.podman_dir().join("dump.log"))))?;
             }
         }
         let took = started.elapsed();
@@ -359,7 +360,7 @@ impl Container {
                         .arg(&self.id),
                     "runc restore",
                 )
-                .map_err(|e| e.context(self.criu_log("restore/restore.log")))?;
+                .map_err(|e| e.context(self.criu_log(&self.dir.join("restore/restore.log"))))?;
             }
             Runtime::Podman => {
                 self.run(
@@ -377,16 +378,26 @@ impl Container {
         self.dir.join("checkpoint.tar.gz")
     }
 
-    /// The errors of one of CRIU's logs in the directory, for a failure's message: what the
-    /// action script printed (CRIU logs a script's stderr; runc and podman show neither), and
-    /// CRIU's last errors.
-    fn criu_log(&self, log: &str) -> String {
-        let text = fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+    /// Where podman keeps the container's files, CRIU's logs among them.
+    fn podman_dir(&self) -> PathBuf {
+        let out = self.run(
+            Command::new("podman").args(["inspect", "--format", "{{.StaticDir}}", &self.id]),
+            "podman inspect",
+        );
+        PathBuf::from(out.unwrap_or_default().trim())
+    }
+
+    /// The errors of one of CRIU's logs, for a failure's message: what the action script
+    /// printed (CRIU logs a script's stderr; runc and podman show neither), and CRIU's last
+    /// errors.
+    fn criu_log(&self, log: &Path) -> String {
+        let text = fs::read_to_string(log).unwrap_or_default();
         let hook = text.lines().filter(|l| l.starts_with("tcpmig"));
         let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
         let last = errors[errors.len().saturating_sub(3)..].iter().copied();
         format!(
-            "CRIU's {log}: {}",
+            "CRIU's {}: {}",
+            log.display(),
             hook.chain(last).collect::<Vec<_>>().join(" | ")
         )
     }
