@@ -1,29 +1,30 @@
 //! Every state that moves, at once in one process, through real CRIU with tcpmig's hook as its
 //! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2 held
 //! by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
-//! every connection; the restored sockets (taken from the restored process) carry on
-//! byte-exact, with the ends of stream where due, and no host sends or counts a reset but
-//! CRIU's own probe: at each start CRIU checks the kernel with a connection on 127.0.0.1 that
-//! it ends with a reset, one OutRsts and one EstabResets in the netns it runs in (the source's
-//! and the destination's in the same-netns mode, the test's own in the external mode). Those
-//! are captured on `lo` and told apart. Needs root and CRIU; run with `--test-threads=1`.
+//! every connection; the restored sockets (taken from the restored process) are in the states
+//! they were dumped in and carry on byte-exact, with the ends of stream where due, and no host
+//! sends or counts a reset but CRIU's own probe: at each start CRIU checks the kernel with a
+//! connection on 127.0.0.1 that it ends with a reset, one OutRsts and one EstabResets in the
+//! netns it runs in (the source's and the destination's in the same-netns mode, the test's own
+//! in the external mode). Those are captured on `lo` and told apart. Needs root and CRIU; run
+//! with `--test-threads=1`.
 mod criu_bed;
 mod support;
 
 use std::{
     fs,
     net::TcpStream,
-    os::fd::{OwnedFd, RawFd},
+    os::fd::{AsFd as _, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
-use support::pairs::{check_every_state, every_state, join, resets, split};
-use tcpmig::net::Netns;
+use support::pairs::{Pair, check_every_state, every_state, join, resets, split};
+use tcpmig::{net::Netns, repair::TcpState, sys::tcp_repair::tcp_info};
 use tcpmig_testbed::{Capture, ChildGuard, TestBed, sys};
 
-/// The fd the holder gets its first socket on (socket activation's first, `command_with_listen_fds`).
+/// The fd the holder gets its first socket on (`command_with_listen_fds` starts at 3).
 const FIRST_FD: RawFd = 3;
 
 /// A `sleep` of the source holding `fds` at FIRST_FD on: in its own session, stdio on files, as
@@ -81,6 +82,18 @@ fn restored_servers(pid: u32, n: usize) -> Result<Vec<TcpStream>> {
         .collect()
 }
 
+/// The TCP state of each server socket of `pairs`.
+fn server_states(pairs: &[Pair]) -> Result<Vec<TcpState>> {
+    pairs
+        .iter()
+        .map(|p| {
+            Ok(TcpState::from_kernel(
+                tcp_info(p.server.as_fd())?.tcpi_state,
+            ))
+        })
+        .collect()
+}
+
 /// Resets that hosts send themselves on `lo` (CRIU's probe, see the module doc), captured on
 /// the source and the destination, the hosts CRIU may run in.
 struct LoopbackResets<'bed>([Capture<'bed>; 2]);
@@ -103,12 +116,13 @@ impl<'bed> LoopbackResets<'bed> {
 }
 
 /// [`every_state`]'s connections held by a `sleep`, dumped through the hook in `mode` and
-/// restored on the destination: all in the hook's report, each carrying on byte-exact at the
-/// destination with the ends of stream where due, no reset, nothing left.
+/// restored on the destination: all in the hook's report, each in its dumped state and carrying
+/// on byte-exact at the destination with the ends of stream where due, no reset, nothing left.
 fn every_state_through_criu(mode: Mode, port: u16) -> Result<()> {
     let bed = TestBed::new()?;
     let migration = Migration::new(&bed, mode, &format!("states-{port}"))?;
     let (pairs, client_read) = every_state(&bed, support::service(port))?;
+    let dumped_states = server_states(&pairs)?;
     let before = resets(&bed)?;
     let probes = LoopbackResets::start(&bed)?;
     let (fds, clients) = split(pairs);
@@ -127,6 +141,12 @@ fn every_state_through_criu(mode: Mode, port: u16) -> Result<()> {
     );
     every_connection_reported(&migration, n)?;
     let mut pairs = join(clients, restored_servers(pid, n)?)?;
+    let restored_states = server_states(&pairs)?;
+    eprintln!("states dumped {dumped_states:?}, restored {restored_states:?}");
+    ensure!(
+        restored_states == dumped_states,
+        "dumped in {dumped_states:?}, restored in {restored_states:?}"
+    );
     check_every_state(&mut pairs, client_read)?;
     let (after, probes) = (resets(&bed)?, probes.stop()?);
     ensure!(

@@ -284,6 +284,13 @@ pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec
         pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
         pair.to_server = write_stream(&pair.client, client, c2s, 0, limit)?;
     }
+    let full = &pairs[0];
+    ensure!(
+        full.to_client > 64 << 10 && full.to_server > 64 << 10,
+        "queues not full: {} bytes to the client, {} to the server",
+        full.to_client,
+        full.to_server
+    );
     let mut client_read = Vec::new();
     for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
         client_read.push(half.close(pair)?);
