@@ -26,14 +26,20 @@ impl<'bed> Capture<'bed> {
         Self::start_filtered(netns, &port.to_string(), &format!("tcp port {port}"))
     }
 
-    /// Starts tcpdump on `netns`'s `eth0` for what the pcap expression `filter` selects (its
+    /// Starts tcpdump on `netns`'s [`IFACE`] for what the pcap expression `filter` selects (its
     /// file named after `tag`), and returns once it captures.
     pub fn start_filtered(netns: &'bed Namespace, tag: &str, filter: &str) -> Result<Self> {
-        let file = std::env::temp_dir().join(format!("{}-{tag}.pcap", netns.name()));
+        Self::start_on(netns, IFACE, tag, filter)
+    }
+
+    /// Like [`Capture::start_filtered`], on `netns`'s interface `iface` (`lo` sees what a host
+    /// sends itself).
+    pub fn start_on(netns: &'bed Namespace, iface: &str, tag: &str, filter: &str) -> Result<Self> {
+        let file = std::env::temp_dir().join(format!("{}-{iface}-{tag}.pcap", netns.name()));
         let mut cmd = netns.command("tcpdump")?;
         // --immediate-mode: without it libpcap hands packets over a ring block at a time (when
         // full, or after its timeout), and a capture stopped before that loses them all.
-        cmd.args(["-i", IFACE, "-n", "-U", "--immediate-mode", "-w"])
+        cmd.args(["-i", iface, "-n", "-U", "--immediate-mode", "-w"])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())

@@ -10,11 +10,14 @@ mod support;
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::OwnedFd, unix::net::UnixListener},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, ensure};
-use support::pairs::{FINAL, Half, Pair, SMALL, accept_pairs, read_stream, resets, write_stream};
+use support::pairs::{
+    ClientHalf, FINAL, HALVES, Pair, SMALL, accept_pairs, check_every_state, every_state, join,
+    read_stream, resets, split, write_stream,
+};
 use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, pattern::Direction};
 
 /// Established connections beside the unmovable one.
@@ -69,50 +72,18 @@ fn carries_on(pair: &mut Pair) -> Result<()> {
     Ok(())
 }
 
-/// Servers' fds for a holder, the pairs' other halves kept by the test.
-fn split(pairs: Vec<Pair>) -> (Vec<OwnedFd>, Vec<(TcpStream, u64, u64)>) {
-    pairs
-        .into_iter()
-        .map(|p| {
-            (
-                OwnedFd::from(p.server),
-                (p.client, p.to_client, p.to_server),
-            )
-        })
-        .unzip()
-}
-
 /// The connections an agent handed over on `listener` (its listener left out), each joined to
 /// the client whose peer it is.
-fn handed_over(listener: &UnixListener, clients: Vec<(TcpStream, u64, u64)>) -> Result<Vec<Pair>> {
+fn handed_over(listener: &UnixListener, clients: Vec<ClientHalf>) -> Result<Vec<Pair>> {
     let deadline = Instant::now() + support::COMMAND_TIMEOUT;
     let (_, fds) = support::receive_handoff_on(listener, deadline, || Ok(()))?;
     let mut servers = Vec::new();
     for fd in fds {
         if !socket2::SockRef::from(&fd).is_listener()? {
-            let server = TcpStream::from(fd);
-            servers.push((server.peer_addr()?, server));
+            servers.push(TcpStream::from(fd));
         }
     }
-    ensure!(
-        servers.len() == clients.len(),
-        "{} handed over",
-        servers.len()
-    );
-    clients
-        .into_iter()
-        .map(|(client, to_client, to_server)| {
-            let at = client.local_addr()?;
-            let k = servers.iter().position(|(peer, _)| *peer == at);
-            let (_, server) = servers.swap_remove(k.context("no socket handed over")?);
-            Ok(Pair {
-                client,
-                server,
-                to_client,
-                to_server,
-            })
-        })
-        .collect()
+    join(clients, servers)
 }
 
 /// A connection in the accept queue of the application's listener: `migrate` fails naming its
@@ -220,29 +191,8 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
 #[test]
 fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
     const PORT: u16 = 8312;
-    const HALVES: [Half; 4] = [
-        Half::CloseWait,
-        Half::LastAck,
-        Half::FinWait1,
-        Half::FinWait2,
-    ];
     let bed = TestBed::new()?;
-    let service = support::service(PORT);
-    let listener = bed.source().run(|| TcpListener::bind(service))??;
-    let mut pairs = accept_pairs(&bed, &listener, 2 + HALVES.len())?;
-    drop(listener);
-    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
-        let client = pair.client_addr()?;
-        let limit = (k > 0).then_some(SMALL);
-        pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
-        pair.to_server = write_stream(&pair.client, client, c2s, 0, limit)?;
-    }
-    let mut client_read = Vec::new();
-    for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
-        client_read.push(half.close(pair)?);
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    let (pairs, client_read) = every_state(&bed, support::service(PORT))?;
     let before = resets(&bed)?;
     let (fds, clients) = split(pairs);
     let app = holder(&bed, fds)?;
@@ -276,21 +226,7 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
     ensure!(report["send_bytes"].as_u64() > Some(64 << 10), "{report}");
     let mut pairs = handed_over(&unix, clients)?;
     agent.finish()?;
-    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
-        let client = pair.client_addr()?;
-        read_stream(&pair.server, client, c2s, (0, pair.to_server), false)
-            .with_context(|| format!("connection {k}"))?;
-        read_stream(&pair.client, client, s2c, (0, pair.to_client), false)
-            .with_context(|| format!("connection {k}"))?;
-        let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
-        pair.server.shutdown(std::net::Shutdown::Write)?;
-        read_stream(&pair.client, client, s2c, (pair.to_client, end), true)?;
-    }
-    for ((half, pair), read) in HALVES.iter().zip(&mut pairs[2..]).zip(client_read) {
-        let server = pair.server.try_clone()?;
-        half.finish(pair, &server, read)
-            .with_context(|| format!("{half:?}"))?;
-    }
+    check_every_state(&mut pairs, client_read)?;
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
     Ok(())

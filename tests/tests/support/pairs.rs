@@ -1,10 +1,11 @@
 //! Connections built by hand between the client host and server sockets on the source, with
 //! their streams' offsets (each byte checked with [`fill`]), the half-closed states made on
-//! them, and the resets counted on every host.
+//! them, every state that moves at once, and the resets counted on every host.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
@@ -34,6 +35,52 @@ impl Pair {
     pub fn client_addr(&self) -> Result<SocketAddr> {
         Ok(self.client.local_addr()?)
     }
+}
+
+/// A pair's client half with its stream offsets, kept by the test while the server socket moves.
+pub type ClientHalf = (TcpStream, u64, u64);
+
+/// Servers' fds for the application, the pairs' other halves kept by the test.
+pub fn split(pairs: Vec<Pair>) -> (Vec<OwnedFd>, Vec<ClientHalf>) {
+    pairs
+        .into_iter()
+        .map(|p| {
+            (
+                OwnedFd::from(p.server),
+                (p.client, p.to_client, p.to_server),
+            )
+        })
+        .unzip()
+}
+
+/// The moved `servers` each joined to the client whose peer it is, in the clients' order; one
+/// server per client, no more.
+pub fn join(clients: Vec<ClientHalf>, servers: Vec<TcpStream>) -> Result<Vec<Pair>> {
+    ensure!(
+        servers.len() == clients.len(),
+        "{} servers for {} clients",
+        servers.len(),
+        clients.len()
+    );
+    let mut servers = servers
+        .into_iter()
+        .map(|server| Ok((server.peer_addr()?, server)))
+        .collect::<Result<Vec<_>>>()?;
+    clients
+        .into_iter()
+        .map(|(client, to_client, to_server)| {
+            let at = client.local_addr()?;
+            let k = servers.iter().position(|(peer, _)| *peer == at);
+            let (_, server) =
+                servers.swap_remove(k.with_context(|| format!("no server for {at}"))?);
+            Ok(Pair {
+                client,
+                server,
+                to_client,
+                to_server,
+            })
+        })
+        .collect()
 }
 
 /// `n` connections to `service`, served on the source.
@@ -213,4 +260,66 @@ impl Half {
         read_stream(&pair.client, client, s2c, (client_read, end), true)?;
         Ok(())
     }
+}
+
+/// The half-closed cases [`every_state`] builds after its two open connections.
+pub const HALVES: [Half; 4] = [
+    Half::CloseWait,
+    Half::LastAck,
+    Half::FinWait1,
+    Half::FinWait2,
+];
+
+/// One connection to `service` (served on the source) in every state that moves: both queues
+/// full, ESTABLISHED with SMALL bytes queued each way, then one per [`HALVES`]. Returns the
+/// pairs, and how far each half-closed client has read.
+pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec<u64>)> {
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(bed, &listener, 2 + HALVES.len())?;
+    drop(listener);
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+        let client = pair.client_addr()?;
+        let limit = (k > 0).then_some(SMALL);
+        pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
+        pair.to_server = write_stream(&pair.client, client, c2s, 0, limit)?;
+    }
+    let full = &pairs[0];
+    ensure!(
+        full.to_client > 64 << 10 && full.to_server > 64 << 10,
+        "queues not full: {} bytes to the client, {} to the server",
+        full.to_client,
+        full.to_server
+    );
+    let mut client_read = Vec::new();
+    for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
+        client_read.push(half.close(pair)?);
+    }
+    // Lets the FINs and their acknowledgements settle into the states.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok((pairs, client_read))
+}
+
+/// After the move of [`every_state`]'s connections (`pairs` now with the moved servers): every
+/// queued byte arrives both ways, the open ones carry FINAL bytes and our FIN to the client,
+/// the half-closed ones end as [`Half::finish`] says.
+pub fn check_every_state(pairs: &mut [Pair], client_read: Vec<u64>) -> Result<()> {
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+        let client = pair.client_addr()?;
+        read_stream(&pair.server, client, c2s, (0, pair.to_server), false)
+            .with_context(|| format!("connection {k}"))?;
+        read_stream(&pair.client, client, s2c, (0, pair.to_client), false)
+            .with_context(|| format!("connection {k}"))?;
+        let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
+        pair.server.shutdown(Shutdown::Write)?;
+        read_stream(&pair.client, client, s2c, (pair.to_client, end), true)
+            .with_context(|| format!("connection {k}"))?;
+    }
+    for ((half, pair), read) in HALVES.iter().zip(&mut pairs[2..]).zip(client_read) {
+        let server = pair.server.try_clone()?;
+        half.finish(pair, &server, read)
+            .with_context(|| format!("{half:?}"))?;
+    }
+    Ok(())
 }
