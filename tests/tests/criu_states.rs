@@ -13,7 +13,7 @@ mod support;
 
 use std::{
     fs,
-    net::TcpStream,
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::{AsFd as _, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, ensure};
 use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
 use support::pairs::{Pair, check_every_state, every_state, join, resets, split};
 use tcpmig::{net::Netns, repair::TcpState, sys::tcp_repair::tcp_info};
-use tcpmig_testbed::{Capture, ChildGuard, TestBed, sys};
+use tcpmig_testbed::{Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, sys};
 
 /// The fd the holder gets its first socket on (`command_with_listen_fds` starts at 3).
 const FIRST_FD: RawFd = 3;
@@ -118,10 +118,11 @@ impl<'bed> LoopbackResets<'bed> {
 /// [`every_state`]'s connections held by a `sleep`, dumped through the hook in `mode` and
 /// restored on the destination: all in the hook's report, each in its dumped state and carrying
 /// on byte-exact at the destination with the ends of stream where due, no reset, nothing left.
-fn every_state_through_criu(mode: Mode, port: u16) -> Result<()> {
+fn every_state_through_criu(mode: Mode, ip: IpAddr, port: u16) -> Result<()> {
     let bed = TestBed::new()?;
-    let migration = Migration::new(&bed, mode, &format!("states-{port}"))?;
-    let (pairs, client_read) = every_state(&bed, support::service(port))?;
+    let mut migration = Migration::new(&bed, mode, &format!("states-{port}"))?;
+    migration.service = ip;
+    let (pairs, client_read) = every_state(&bed, SocketAddr::new(ip, port))?;
     let dumped_states = server_states(&pairs)?;
     let before = resets(&bed)?;
     let probes = LoopbackResets::start(&bed)?;
@@ -159,10 +160,20 @@ fn every_state_through_criu(mode: Mode, port: u16) -> Result<()> {
 
 #[test]
 fn every_state_through_criu_same_netns() -> Result<()> {
-    every_state_through_criu(Mode::SameNetns, 8313)
+    every_state_through_criu(Mode::SameNetns, SERVICE_V4.into(), 8313)
 }
 
 #[test]
 fn every_state_through_criu_external_netns() -> Result<()> {
-    every_state_through_criu(Mode::ExternalNetns, 8314)
+    every_state_through_criu(Mode::ExternalNetns, SERVICE_V4.into(), 8314)
+}
+
+#[test]
+fn every_state_through_criu_same_netns_ipv6() -> Result<()> {
+    every_state_through_criu(Mode::SameNetns, SERVICE_V6.into(), 8315)
+}
+
+#[test]
+fn every_state_through_criu_external_netns_ipv6() -> Result<()> {
+    every_state_through_criu(Mode::ExternalNetns, SERVICE_V6.into(), 8316)
 }
