@@ -15,14 +15,9 @@ use tcpmig_testbed::{
 };
 
 use crate::{
-    criu::binaries,
+    criu::{HookLine, binaries},
     plot::{self, Point},
 };
-
-#[derive(serde::Deserialize)]
-struct HookLine {
-    took_us: f64,
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ContainerRun {
@@ -109,7 +104,7 @@ fn one(runtime: Runtime, n: usize, lock: LockKind) -> anyhow::Result<ContainerRu
 /// per runtime and lock (one run each: the range is the point itself).
 pub fn plot(runs: &[ContainerRun], dir: &Path) -> anyhow::Result<()> {
     let point = |run: &ContainerRun, what: &str, ms: f64| Point {
-        method: format!("{} {}, {what}", run.runtime, lock_name(run.lock)),
+        method: format!("{} {}, {what}", run.runtime, run.lock.name()),
         connections: run.connections,
         median_ms: ms,
         min_ms: ms,
@@ -137,14 +132,6 @@ pub fn plot(runs: &[ContainerRun], dir: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn lock_name(lock: LockKind) -> &'static str {
-    match lock {
-        LockKind::TcpmigHook => "tcpmig hook",
-        LockKind::CriuLock => "CRIU lock",
-        LockKind::NoLock => "no lock",
-    }
-}
-
 pub fn markdown(runs: &[ContainerRun]) -> String {
     let mut md = String::from(
         "## Container checkpoint + restore under load (seconds; the clients' view in ms)\n\n\
@@ -158,7 +145,7 @@ pub fn markdown(runs: &[ContainerRun]) -> String {
             "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.1} | {:.1} | {} | {} of {} |",
             run.runtime,
             run.connections,
-            lock_name(run.lock),
+            run.lock.name(),
             run.checkpoint_s,
             run.restore_s,
             run.checkpoint_s + run.restore_s,

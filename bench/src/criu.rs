@@ -81,10 +81,11 @@ pub struct CriuRun {
     pub hook_restore_s: Option<f64>,
 }
 
+/// One line of the hook's report (TCPMIG_REPORT).
 #[derive(Deserialize)]
-struct HookLine {
-    action: String,
-    took_us: f64,
+pub(crate) struct HookLine {
+    pub(crate) action: String,
+    pub(crate) took_us: f64,
 }
 
 pub fn run(ns: &[usize]) -> anyhow::Result<Vec<CriuRun>> {

@@ -74,6 +74,34 @@ fn carries_on(pair: &mut Pair) -> Result<()> {
 
 /// The connections an agent handed over on `listener` (its listener left out), each joined to
 /// the client whose peer it is.
+/// `tcpmig migrate --json EXTRA` of `pid`'s connections to the service on `port`, to an agent
+/// that hands them over on a Unix socket: the migration's report, and the handed-over server
+/// ends joined to `clients`.
+fn migrate_handing_over(
+    bed: &TestBed,
+    pid: u32,
+    port: u16,
+    extra: &[&str],
+    clients: Vec<ClientHalf>,
+) -> Result<(serde_json::Value, Vec<Pair>)> {
+    let token = TokenFile::new(bed, &format!("unmovable-{port}"), "unmovable token")?;
+    let scratch = support::Scratch::new(bed)?;
+    let socket = scratch.path("handoff.sock");
+    let unix = UnixListener::bind(&socket)?;
+    unix.set_nonblocking(true)?;
+    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
+    let args: Vec<&str> = extra.iter().copied().chain(["--json"]).collect();
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut migrate =
+        support::start_unpaused_migrate(source, destination, &[pid], port, &token.0, &args)?;
+    let (status, stdout, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let report = serde_json::from_str(&stdout)?;
+    let pairs = handed_over(&unix, clients)?;
+    agent.finish()?;
+    Ok((report, pairs))
+}
+
 fn handed_over(listener: &UnixListener, clients: Vec<ClientHalf>) -> Result<Vec<Pair>> {
     let deadline = Instant::now() + support::COMMAND_TIMEOUT;
     let (_, fds) = support::receive_handoff_on(listener, deadline, || Ok(()))?;
@@ -148,19 +176,8 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
     let (mut fds, clients) = split(pairs);
     fds.push(OwnedFd::from(listener));
     let app = holder(&bed, fds)?;
-    let token = TokenFile::new(&bed, "skip", "skip token")?;
-    let scratch = support::Scratch::new(&bed)?;
-    let socket = scratch.path("handoff.sock");
-    let unix = UnixListener::bind(&socket)?;
-    unix.set_nonblocking(true)?;
-    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
-    let (source, destination) = (bed.source(), bed.destination());
-    let extra = ["--skip-unmovable", "--json"];
-    let mut migrate =
-        support::start_unpaused_migrate(source, destination, &[app.pid()], PORT, &token.0, &extra)?;
-    let (status, stdout, stderr) = migrate.finish()?;
-    ensure!(status.success(), "the migration failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let (report, mut pairs) =
+        migrate_handing_over(&bed, app.pid(), PORT, &["--skip-unmovable"], clients)?;
     let left = &report["left"];
     ensure!(
         report["kept"] == KEPT
@@ -176,8 +193,6 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
             && left[0]["lost"] == true,
         "{left}"
     );
-    let mut pairs = handed_over(&unix, clients)?;
-    agent.finish()?;
     for pair in &mut pairs {
         carries_on(pair)?;
     }
@@ -196,24 +211,7 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
     let before = resets(&bed)?;
     let (fds, clients) = split(pairs);
     let app = holder(&bed, fds)?;
-    let token = TokenFile::new(&bed, "states", "states token")?;
-    let scratch = support::Scratch::new(&bed)?;
-    let socket = scratch.path("handoff.sock");
-    let unix = UnixListener::bind(&socket)?;
-    unix.set_nonblocking(true)?;
-    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
-    let (source, destination) = (bed.source(), bed.destination());
-    let mut migrate = support::start_unpaused_migrate(
-        source,
-        destination,
-        &[app.pid()],
-        PORT,
-        &token.0,
-        &["--json"],
-    )?;
-    let (status, stdout, stderr) = migrate.finish()?;
-    ensure!(status.success(), "the migration failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let (report, mut pairs) = migrate_handing_over(&bed, app.pid(), PORT, &[], clients)?;
     let n = 2 + HALVES.len();
     ensure!(
         report["connections"] == n && report["kept"] == n && report["skipped"] == 0,
@@ -224,8 +222,6 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
         report["send_bytes"], report["unsent_bytes"], report["recv_bytes"], report["blackout_ms"]
     );
     ensure!(report["send_bytes"].as_u64() > Some(64 << 10), "{report}");
-    let mut pairs = handed_over(&unix, clients)?;
-    agent.finish()?;
     check_every_state(&mut pairs, client_read)?;
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);

@@ -75,16 +75,6 @@ pub enum Lock {
     Nothing,
 }
 
-impl Lock {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Lock::Hook(_) => "tcpmig hook",
-            Lock::Criu => "CRIU lock",
-            Lock::Nothing => "no lock",
-        }
-    }
-}
-
 /// A running (or checkpointed) container; dropping it removes the container and the mount that
 /// names its network namespace.
 pub struct Container {
@@ -150,7 +140,6 @@ impl Container {
         let bundle = self.dir.join("bundle");
         let rootfs = bundle.join("rootfs");
         make_rootfs(&rootfs)?;
-        fs::write(program_mount(&rootfs), "")?;
         self.run(
             Command::new("runc").args(["spec", "--bundle"]).arg(&bundle),
             "runc spec",
@@ -243,7 +232,6 @@ impl Container {
         }
         let rootfs = self.dir.join("rootfs");
         make_rootfs(&rootfs)?;
-        fs::write(program_mount(&rootfs), "")?;
         let tar = self.dir.join("rootfs.tar");
         self.run(
             Command::new("tar")
@@ -444,11 +432,13 @@ impl Drop for Container {
     }
 }
 
-/// Empty mount points, /usr for the host's, and the host's links into /usr.
+/// Empty mount points (the program's a file), /usr for the host's, and the host's links into
+/// /usr.
 fn make_rootfs(rootfs: &Path) -> Result<()> {
     for dir in ["usr", "proc", "dev", "sys", "tmp", "etc", &SHARED[1..]] {
         fs::create_dir_all(rootfs.join(dir))?;
     }
+    fs::write(rootfs.join(&PROGRAM[1..]), "")?;
     for link in ["bin", "lib", "lib64", "sbin"] {
         let host = Path::new("/").join(link);
         let target = fs::read_link(&host).with_context(|| {
@@ -460,11 +450,6 @@ fn make_rootfs(rootfs: &Path) -> Result<()> {
         std::os::unix::fs::symlink(target, rootfs.join(link))?;
     }
     Ok(())
-}
-
-/// The file the program is bind-mounted on.
-fn program_mount(rootfs: &Path) -> PathBuf {
-    rootfs.join(&PROGRAM[1..])
 }
 
 fn mount_bind(source: &Path, target: &Path) -> Result<()> {
@@ -529,17 +514,14 @@ impl Drop for DropRule<'_> {
     }
 }
 
-/// A runtime's version line, for reports.
-pub fn version(runtime: Runtime) -> Result<String> {
-    let out = Command::new(runtime.name()).arg("--version").output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().next().unwrap_or_default().to_owned())
-}
-
 /// Fails unless `runc` and `podman` are installed (setup.sh installs them).
 pub fn check_installed() -> Result<()> {
     for runtime in Runtime::ALL {
-        if version(runtime).is_err() {
+        if Command::new(runtime.name())
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             bail!("{} is not installed: run ./setup.sh", runtime.name());
         }
     }

@@ -31,6 +31,17 @@ pub enum LockKind {
     NoLock,
 }
 
+impl LockKind {
+    /// How reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LockKind::TcpmigHook => "tcpmig hook",
+            LockKind::CriuLock => "CRIU lock",
+            LockKind::NoLock => "no lock",
+        }
+    }
+}
+
 /// What to run, and with which programs.
 pub struct Scenario<'a> {
     pub runtime: Runtime,
