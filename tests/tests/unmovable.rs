@@ -1,10 +1,12 @@
-//! Connections that cannot move, through `tcpmig migrate` and `tcpmig agent`: one waiting in the
-//! accept queue of the application's listener makes the migration refuse before the freeze,
-//! naming it, and the application carries on; `--skip-unmovable` moves the others and lists it.
-//! And every state that moves, at once in one process: full queues, ESTABLISHED, CLOSE_WAIT,
-//! LAST_ACK, FIN_WAIT1 and FIN_WAIT2, handed by the agent to a new holder, byte-exact with the
-//! ends of stream where due, no reset. The application is a `sleep` holding the server sockets
-//! the test built. Needs root; run with `--test-threads=1`.
+//! Connections that cannot move, and those that can only with help, through `tcpmig migrate` and
+//! `tcpmig agent`. One waiting in the accept queue of a listener the application does not hold
+//! makes the migration refuse before the freeze, naming it, and the application carries on;
+//! `--skip-unmovable` moves the others and lists it. Those waiting in the application's own
+//! listener's queue are taken from it and move, and the listener the agent hands over takes new
+//! connections. And every state that moves, at once in one process: full queues, ESTABLISHED,
+//! CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2, handed by the agent to a new holder, byte-exact
+//! with the ends of stream where due, no reset. The application is a `sleep` holding the server
+//! sockets the test built. Needs root; run with `--test-threads=1`.
 mod support;
 
 use std::{
@@ -72,58 +74,75 @@ fn carries_on(pair: &mut Pair) -> Result<()> {
     Ok(())
 }
 
-/// The connections an agent handed over on `listener` (its listener left out), each joined to
-/// the client whose peer it is.
-/// `tcpmig migrate --json EXTRA` of `pid`'s connections to the service on `port`, to an agent
-/// that hands them over on a Unix socket: the migration's report, and the handed-over server
-/// ends joined to `clients`.
+/// What an agent handed over: the server ends joined to the clients, and the listeners.
+struct HandedOver {
+    pairs: Vec<Pair>,
+    listeners: Vec<TcpListener>,
+}
+
+/// `tcpmig migrate --json EXTRA` of `pid`'s connections to `service`, to an agent that hands
+/// them over on a Unix socket: the migration's report, and what the agent handed over, the
+/// server ends joined to `clients`.
 fn migrate_handing_over(
     bed: &TestBed,
     pid: u32,
-    port: u16,
+    service: SocketAddr,
     extra: &[&str],
     clients: Vec<ClientHalf>,
-) -> Result<(serde_json::Value, Vec<Pair>)> {
+) -> Result<(serde_json::Value, HandedOver)> {
+    let port = service.port();
     let token = TokenFile::new(bed, &format!("unmovable-{port}"), "unmovable token")?;
     let scratch = support::Scratch::new(bed)?;
     let socket = scratch.path("handoff.sock");
     let unix = UnixListener::bind(&socket)?;
     unix.set_nonblocking(true)?;
     let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
-    let args: Vec<&str> = extra.iter().copied().chain(["--json"]).collect();
     let (source, destination) = (bed.source(), bed.destination());
-    let mut migrate =
-        support::start_unpaused_migrate(source, destination, &[pid], port, &token.0, &args)?;
+    let link = support::insecure(&token.0);
+    let mut cmd = support::migrate_command_for(
+        source,
+        destination,
+        &[pid],
+        service,
+        &link,
+        support::STEP_TIMEOUT_SECS,
+    )?;
+    cmd.args(extra).arg("--json");
+    let mut migrate = support::Running::spawn(source, cmd)?;
     let (status, stdout, stderr) = migrate.finish()?;
     ensure!(status.success(), "the migration failed: {stderr}");
     let report = serde_json::from_str(&stdout)?;
-    let pairs = handed_over(&unix, clients)?;
+    let handed = handed_over(&unix, clients)?;
     agent.finish()?;
-    Ok((report, pairs))
+    Ok((report, handed))
 }
 
-fn handed_over(listener: &UnixListener, clients: Vec<ClientHalf>) -> Result<Vec<Pair>> {
+fn handed_over(listener: &UnixListener, clients: Vec<ClientHalf>) -> Result<HandedOver> {
     let deadline = Instant::now() + support::COMMAND_TIMEOUT;
     let (_, fds) = support::receive_handoff_on(listener, deadline, || Ok(()))?;
-    let mut servers = Vec::new();
+    let (mut servers, mut listeners) = (Vec::new(), Vec::new());
     for fd in fds {
-        if !socket2::SockRef::from(&fd).is_listener()? {
+        if socket2::SockRef::from(&fd).is_listener()? {
+            listeners.push(TcpListener::from(fd));
+        } else {
             servers.push(TcpStream::from(fd));
         }
     }
-    join(clients, servers)
+    let pairs = join(clients, servers)?;
+    Ok(HandedOver { pairs, listeners })
 }
 
-/// A connection in the accept queue of the application's listener: `migrate` fails naming its
-/// 4-tuple and state, rolled back before the freeze; the application runs on, every connection
-/// carries on byte-exact, the waiting one is still there to accept, nothing is left attached.
+/// A connection in the accept queue of a listener the application does not hold (the test
+/// does): nothing can take it, so `migrate` fails naming its 4-tuple and state, rolled back
+/// before the freeze; the application runs on, every connection carries on byte-exact, the
+/// waiting one is still there to accept, nothing is left attached.
 #[test]
 fn a_connection_waiting_in_the_accept_queue_refuses_the_migration() -> Result<()> {
     const PORT: u16 = 8310;
     let bed = TestBed::new()?;
     let service = support::service(PORT);
     let (listener, mut pairs, waiting) = with_one_unaccepted(&bed, service)?;
-    let mut fds = vec![OwnedFd::from(listener.try_clone()?)];
+    let mut fds = Vec::new();
     for pair in &pairs {
         fds.push(OwnedFd::from(pair.server.try_clone()?));
     }
@@ -172,12 +191,12 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
     const PORT: u16 = 8311;
     let bed = TestBed::new()?;
     let service = support::service(PORT);
-    let (listener, pairs, waiting) = with_one_unaccepted(&bed, service)?;
-    let (mut fds, clients) = split(pairs);
-    fds.push(OwnedFd::from(listener));
+    // The test holds the listener, not the application.
+    let (_listener, pairs, waiting) = with_one_unaccepted(&bed, service)?;
+    let (fds, clients) = split(pairs);
     let app = holder(&bed, fds)?;
-    let (report, mut pairs) =
-        migrate_handing_over(&bed, app.pid(), PORT, &["--skip-unmovable"], clients)?;
+    let (report, HandedOver { mut pairs, .. }) =
+        migrate_handing_over(&bed, app.pid(), service, &["--skip-unmovable"], clients)?;
     let left = &report["left"];
     ensure!(
         report["kept"] == KEPT
@@ -211,7 +230,9 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
     let before = resets(&bed)?;
     let (fds, clients) = split(pairs);
     let app = holder(&bed, fds)?;
-    let (report, mut pairs) = migrate_handing_over(&bed, app.pid(), PORT, &[], clients)?;
+    let service = support::service(PORT);
+    let (report, HandedOver { mut pairs, .. }) =
+        migrate_handing_over(&bed, app.pid(), service, &[], clients)?;
     let n = 2 + HALVES.len();
     ensure!(
         report["connections"] == n && report["kept"] == n && report["skipped"] == 0,
@@ -226,4 +247,85 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
     Ok(())
+}
+
+/// Connections waiting, unaccepted, in the application's listener's queue.
+const QUEUED: usize = 8;
+
+/// The application's listener holds QUEUED connections it never accepted, each with SMALL bytes
+/// from its client, beside KEPT accepted ones: `migrate` takes them from the queue and moves
+/// them all (reported as `accepted`); the destination serves every one byte-exact both ways, a
+/// new connection after the move is accepted on the listener the agent handed over, and no
+/// host sends or counts a reset.
+fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(ipv6), port);
+    let (listener, pairs, waiting) = with_one_unaccepted(&bed, service)?;
+    let mut queued = vec![(waiting, 0, 0)];
+    for _ in 1..QUEUED {
+        queued.push((bed.client().run(|| TcpStream::connect(service))??, 0, 0));
+    }
+    for (client, _, to_server) in &mut queued {
+        let at = client.local_addr()?;
+        *to_server = write_stream(client, at, Direction::ClientToServer, 0, Some(SMALL))?;
+    }
+    // Lets the last handshakes and bytes land in the queue.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = resets(&bed)?;
+    let (mut fds, mut clients) = split(pairs);
+    fds.push(OwnedFd::from(listener));
+    clients.extend(queued);
+    let app = holder(&bed, fds)?;
+    let (report, handed) = migrate_handing_over(&bed, app.pid(), service, &[], clients)?;
+    ensure!(
+        report["connections"] == KEPT + QUEUED
+            && report["kept"] == KEPT + QUEUED
+            && report["accepted"] == QUEUED
+            && report["skipped"] == 0,
+        "{report}"
+    );
+    let HandedOver {
+        mut pairs,
+        listeners,
+    } = handed;
+    for pair in &mut pairs {
+        carries_on(pair)?;
+    }
+    ensure!(
+        listeners.len() == 1,
+        "{} listeners handed over",
+        listeners.len()
+    );
+    let client = bed.client().run(|| TcpStream::connect(service))??;
+    let deadline = Instant::now() + support::COMMAND_TIMEOUT;
+    let server = loop {
+        match listeners[0].accept() {
+            Ok((server, _)) => break server,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("accepting a new connection after the move"),
+        }
+    };
+    server.set_nonblocking(false)?;
+    let mut new = Pair {
+        client,
+        server,
+        to_client: 0,
+        to_server: 0,
+    };
+    carries_on(&mut new)?;
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
+
+#[test]
+fn the_accept_queue_moves_v4() -> Result<()> {
+    the_accept_queue_moves(false, 8313)
+}
+
+#[test]
+fn the_accept_queue_moves_v6() -> Result<()> {
+    the_accept_queue_moves(true, 8314)
 }

@@ -264,7 +264,7 @@ fn summary(r: &Report) -> String {
     let p = &r.phases;
     let d = &r.destination;
     format!(
-        "migrated {kept}/{n} connections of {service} (pid {pids}) to {agent}\n\
+        "migrated {kept}/{n} connections of {service} (pid {pids}) to {agent}{accepted}\n\
          blackout {blackout:.1} ms, total {total:.1} ms, image {image} bytes \
          (queued: {send} sent/unsent, {recv} unread)\n\
          phases (ms): prepare {prepare:.1}, stop {stop:.1}, discover {discover:.1}, pre-copy \
@@ -281,6 +281,10 @@ fn summary(r: &Report) -> String {
          budget, {queue_full} queue full, {too_long} too long; {listener}\n{stopped}{skipped}",
         kept = r.kept,
         n = r.connections,
+        accepted = match r.accepted {
+            0 => String::new(),
+            k => format!(", {k} of them taken from the application's accept queue"),
+        },
         service = r.service,
         pids = r
             .pids

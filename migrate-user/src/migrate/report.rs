@@ -110,6 +110,9 @@ pub struct Report {
     pub connections: usize,
     /// Connections live at the destination.
     pub kept: usize,
+    /// Of `connections`, those taken from the application's accept queues: completed by the
+    /// source's kernel, never accepted by the application; handed over like the others.
+    pub accepted: usize,
     /// Connections of the service left behind: those `left` lists.
     pub skipped: usize,
     /// Each connection left behind, and why: closed ones, and with `--skip-unmovable` those
@@ -151,6 +154,7 @@ impl Report {
             processes_stopped: 0,
             connections: 0,
             kept: 0,
+            accepted: 0,
             skipped: 0,
             left: Vec::new(),
             image_bytes: 0,

@@ -68,6 +68,9 @@ pub struct Discovery {
     /// Listening sockets of the process that match the filter's port or service: a migration
     /// usually wants to know that new connections are accepted there.
     pub listening: Vec<SocketAddr>,
+    /// Those listeners' fd numbers in the process and socket inodes: what a migration accepts
+    /// the waiting connections from ([`super::AcceptPlan`]).
+    pub listeners: Vec<(i32, u64)>,
     /// Matching connections left out because of their state (SYN_SENT, SYN_RECV, CLOSE).
     pub skipped: Vec<(Tuple, TcpState)>,
     /// The inode of every socket in the process's fd table, taken or not: what a later
@@ -143,6 +146,7 @@ pub fn discover_among(
         if socket.state == TcpState::Listen {
             if filter.matches_local(socket.tuple.local) {
                 discovery.listening.push(socket.tuple.local);
+                discovery.listeners.push((fd, inode));
             }
         } else if filter.matches(&socket.tuple) {
             if socket.state.repairable() {
@@ -342,7 +346,7 @@ fn process_error(pid: u32, what: String, source: io::Error) -> RepairError {
 
 /// The tuple and state of a connected TCP socket (IPv4 or IPv6); `None` for any other socket, a
 /// listener or one not connected. Gives the fd back.
-fn tcp_identity(fd: OwnedFd) -> io::Result<(OwnedFd, Option<(Tuple, TcpState)>)> {
+pub(super) fn tcp_identity(fd: OwnedFd) -> io::Result<(OwnedFd, Option<(Tuple, TcpState)>)> {
     let option = |name| so::get_int(fd.as_fd(), libc::SOL_SOCKET, name);
     let domain = option(libc::SO_DOMAIN)?;
     if option(libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
@@ -402,7 +406,7 @@ fn socket_fds(pid: u32) -> Result<Vec<(i32, u64)>, RepairError> {
     Ok(fds)
 }
 
-fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
+pub(super) fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
     crate::sys::pidfd_open(pid).map_err(|source| RepairError::Process {
         pid,
         what: "pidfd_open".to_owned(),
@@ -410,7 +414,7 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd, RepairError> {
     })
 }
 
-fn pidfd_getfd(pidfd: &OwnedFd, pid: u32, fd: i32) -> Result<OwnedFd, RepairError> {
+pub(super) fn pidfd_getfd(pidfd: &OwnedFd, pid: u32, fd: i32) -> Result<OwnedFd, RepairError> {
     crate::sys::pidfd_getfd(pidfd, fd).map_err(|source| RepairError::Process {
         pid,
         what: format!("pidfd_getfd of its fd {fd}"),

@@ -17,6 +17,7 @@
 //! freeze, [`restore_ahead`] restores them on the destination in repair mode, and after the
 //! freeze [`RestoredAhead::restore`] keeps every socket whose connection the dump finds
 //! unchanged; the dump itself skips the peeks of receive queues that did not move.
+mod accept_queue;
 mod btf;
 mod diag;
 mod discover;
@@ -30,6 +31,7 @@ use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 use bytes::Bytes;
 
 pub use self::{
+    accept_queue::{AcceptPlan, HANDSHAKE_BOUND, settle_handshakes},
     diag::DiagSocket,
     discover::{
         CatchUp, Discovery, Filter, SocketsByInode, Taken, TakenSocket, catch_up,

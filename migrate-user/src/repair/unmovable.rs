@@ -1,8 +1,9 @@
 //! The connections of a service that a migration would leave behind, and why: a migration names
 //! them before the freeze and refuses unless told to leave them. Repair moves synchronized
 //! connections (ESTABLISHED and the half-closed states); what it cannot move is a handshake not
-//! complete (SYN_SENT, SYN_RECV) and a connection no process holds yet (a listener's accept
-//! queue). Closed ones (CLOSE, TIME_WAIT) hold nothing to move.
+//! complete (SYN_SENT, SYN_RECV) and a connection no process holds yet in an accept queue it
+//! cannot take connections from (see [`super::AcceptPlan`]). Closed ones (CLOSE, TIME_WAIT) hold
+//! nothing to move.
 use std::fmt;
 
 use super::{RepairError, TcpState, diag, discover::Filter};
@@ -13,8 +14,9 @@ use crate::{net::Netns, tuple::Tuple};
 pub enum Reason {
     /// SYN_SENT or SYN_RECV: repair restores only synchronized connections.
     Handshake,
-    /// In a listener's accept queue: in no process's fd table, so nothing takes it; once the
-    /// address moves, its client's segments draw resets.
+    /// In an accept queue that the migration does not take connections from (see
+    /// [`super::AcceptPlan`]): in no fd table, so nothing moves it; once the address moves, its
+    /// client's segments draw resets.
     Unaccepted,
     /// Closed both ways (CLOSE, TIME_WAIT): nothing left to move, the application sees it closed.
     Closed,
@@ -25,9 +27,12 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Reason::Handshake => "its handshake is not complete: repair moves synchronized connections only",
+            Reason::Handshake => {
+                "its handshake is not complete: repair moves synchronized connections only"
+            }
             Reason::Unaccepted => {
-                "waiting in a listener's accept queue, held by no process: its client would be reset"
+                "waiting in the accept queue of a listener the migrated processes do not hold, \
+                 or that also queues connections to another address: its client would be reset"
             }
             Reason::Closed => "closed: nothing to move",
             Reason::Unknown => "a state repair does not handle",

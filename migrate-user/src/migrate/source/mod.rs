@@ -426,8 +426,18 @@ fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
         mut held,
         service,
         prefix_len,
+        report,
         ..
     } = run;
+    if report.accepted > 0 {
+        // They were in no fd table of the application, and no call puts a connection back
+        // into an accept queue.
+        tracing::warn!(
+            connections = report.accepted,
+            "the connections taken from the accept queues end here: their clients see the \
+             connection closed"
+        );
+    }
     let mut result: Result<(), MigrateError> = Ok(());
     if held.address_deleted {
         result = net::add_address(netns, &config.dev, service.ip(), prefix_len).map_err(Into::into);

@@ -28,7 +28,10 @@ use crate::{
         transport::{IMAGE_PIECE, Link, Message},
     },
     net::{self, Netns},
-    repair::{self, Connection, Filter, Listed, SocketsByInode, TakenSocket, Unmovable, Workers},
+    repair::{
+        self, AcceptPlan, Connection, Filter, Listed, SocketsByInode, TakenSocket, Unmovable,
+        Workers,
+    },
     shard::{self, Shard},
 };
 
@@ -182,8 +185,13 @@ impl<'r, 'a> Stopped<'r, 'a> {
         let Self { run, at } = self;
         let step = Instant::now();
         let (pids, service) = (run.config.pids.clone(), run.service);
+        let filter = Filter::service(service);
+        // New SYNs are held: the handshakes in progress end within a round trip, in an accept
+        // queue (taken below) or in the fd table.
+        repair::settle_handshakes(run.netns, &filter, repair::HANDSHAKE_BOUND)?;
+        let plan = Arc::new(AcceptPlan::list(run.netns, &filter)?);
         let caught = shard::run_all(&run.held.shards, move |k, sockets| {
-            catch_up_process(pids[k], service, sockets)
+            catch_up_process(pids[k], service, &plan, sockets)
         });
         let (mut noted, mut taken, mut closed) = (Vec::new(), 0, 0);
         let mut left = Vec::new();
@@ -191,11 +199,12 @@ impl<'r, 'a> Stopped<'r, 'a> {
             let caught = caught?;
             left.extend(caught.left);
             (taken, closed) = (taken + caught.taken, closed + caught.closed);
+            run.report.accepted += caught.accepted;
             noted.extend(caught.noted);
         }
-        // Once the application is stopped and new connections held: what waits in its
-        // listeners' accept queues now stays there (see repair::unaccepted).
-        left.extend(repair::unaccepted(run.netns, &Filter::service(service))?);
+        // What still waits in an accept queue (of a listener these processes do not hold) or
+        // in a handshake stays there (see repair::unaccepted).
+        left.extend(repair::unaccepted(run.netns, &filter)?);
         run.leave(left)?;
         if taken > 0 {
             let all = shard::run_all(&run.held.shards, |_, sockets| {
@@ -211,6 +220,7 @@ impl<'r, 'a> Stopped<'r, 'a> {
         tracing::info!(
             taken,
             closed,
+            accepted = run.report.accepted,
             took_ms,
             "caught up with the stopped application"
         );
@@ -455,6 +465,8 @@ pub(super) struct Known {
     taken: Vec<(u64, i32)>,
     /// Every socket inode the discovery saw in the process's fd table, taken or not.
     seen: HashSet<u64>,
+    /// Its listeners on the service: fd number and inode.
+    listeners: Vec<(i32, u64)>,
 }
 
 /// What discovery found in one process.
@@ -484,6 +496,7 @@ fn prepare_process(
             .zip(discovery.sockets.iter().map(|s| s.source_fd))
             .collect(),
         seen: std::mem::take(&mut discovery.seen),
+        listeners: std::mem::take(&mut discovery.listeners),
     };
     sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
     Ok(Found {
@@ -512,15 +525,19 @@ struct Caught {
     noted: Vec<(u64, bool)>,
     taken: usize,
     closed: usize,
+    /// Connections taken from its listeners' accept queues (counted in `taken` too).
+    accepted: usize,
     /// Connections it opened since that do not move.
     left: Vec<Unmovable>,
 }
 
 /// In the stopped process's shard: lets go of the sockets it closed since the discovery, reads
-/// the options of the others again, and takes and prepares those it opened.
+/// the options of the others again, and takes and prepares those it opened, and those `plan`
+/// says wait in its listeners' accept queues.
 fn catch_up_process(
     pid: u32,
     service: SocketAddr,
+    plan: &AcceptPlan,
     sockets: &mut ProcessSockets,
 ) -> Result<Caught, MigrateError> {
     let prepared = sockets.prepared.as_mut().expect("prepared at discovery");
@@ -550,20 +567,29 @@ fn catch_up_process(
         .map(|(k, reuse)| (known.taken[k].0, reuse))
         .collect();
     let identified = identify(pid, &found.sockets)?;
-    let taken = identified.len();
+    let accepted = plan.take(pid, &known.listeners, &Filter::service(service))?;
+    let accepted_count = accepted.len();
+    // The accepted ones are not noted: the guard finds sockets in the process, never theirs.
+    let inodes = identified.iter().map(|&(inode, _)| inode).chain(
+        identify(pid, &accepted)?
+            .into_iter()
+            .map(|(inode, _)| inode),
+    );
+    let new: Vec<TakenSocket> = found.sockets.into_iter().chain(accepted).collect();
+    known
+        .taken
+        .extend(inodes.zip(new.iter().map(|s| s.source_fd)));
+    let taken = new.len();
     if taken > 0 {
-        let fds = found.sockets.iter().map(|s| s.source_fd);
-        known
-            .taken
-            .extend(identified.iter().map(|&(inode, _)| inode).zip(fds));
-        let fds: Vec<OwnedFd> = found.sockets.into_iter().map(|s| s.fd).collect();
+        let fds: Vec<OwnedFd> = new.into_iter().map(|s| s.fd).collect();
         prepared.append(repair::prepare_dump(Workers::PerCpu, fds)?);
-        noted.extend(identified);
     }
+    noted.extend(identified);
     Ok(Caught {
         noted,
         taken,
         closed,
+        accepted: accepted_count,
         left,
     })
 }

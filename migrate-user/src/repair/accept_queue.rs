@@ -1,0 +1,149 @@
+//! Connections a stopped application's kernel completed but the application did not accept:
+//! they wait in its listeners' accept queues, in no fd table, so a dump that reads fd tables
+//! misses them and their clients are reset once the address moves. Repair cannot restore a
+//! socket into a listener's queue, but it can take one out: the migration accept()s them itself,
+//! from its own copy of the application's listener, and moves them as ready connections.
+//!
+//! Handshakes are let finish first. Once new SYNs are held, a handshake the source answered
+//! before (a request socket waiting for the client's ACK) or an outgoing connect waiting for its
+//! SYN-ACK ends within a round trip: it then lands in the accept queue, or as ESTABLISHED in the
+//! fd table, where it moves.
+use std::{
+    collections::HashMap,
+    net::TcpListener,
+    os::fd::OwnedFd,
+    time::{Duration, Instant},
+};
+
+use super::{DiagSocket, RepairError, TakenSocket, TcpState, diag, discover, discover::Filter};
+use crate::net::Netns;
+
+/// sock_diag state bits of handshakes in progress: SYN_SENT, SYN_RECV (a Fast Open child) and
+/// the request sockets a listener answered (TCP_NEW_SYN_RECV, 12; listed as SYN_RECV).
+const HANDSHAKE_STATES: u32 = 1 << 2 | 1 << 3 | 1 << 12;
+
+/// How long handshakes get to finish: a round trip, with room. One whose client lost its ACK
+/// waits a SYN-ACK retransmission (a second): not worth holding the application that long; it
+/// is named as unmovable instead.
+pub const HANDSHAKE_BOUND: Duration = Duration::from_millis(100);
+
+/// Listeners (LISTEN).
+const LISTENING: u32 = 1 << 10;
+
+/// Between two checks of the handshakes.
+const HANDSHAKE_POLL: Duration = Duration::from_millis(1);
+
+/// Waits, up to `bound`, until no handshake of `filter`'s service is in progress in `netns`;
+/// returns how many still are (they stay unmovable: see [`super::unaccepted`]). Call it once new
+/// SYNs to the service are held, or new handshakes keep starting.
+pub fn settle_handshakes(
+    netns: &Netns,
+    filter: &Filter,
+    bound: Duration,
+) -> Result<usize, RepairError> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let pending = listed(netns, HANDSHAKE_STATES)?
+            .iter()
+            .filter(|s| s.state != TcpState::Listen && filter.matches(&s.tuple))
+            .count();
+        if pending == 0 || Instant::now() >= deadline {
+            return Ok(pending);
+        }
+        std::thread::sleep(HANDSHAKE_POLL);
+    }
+}
+
+/// How many connections to accept from each listener (by socket inode) of a service: those
+/// waiting in its queue when listed. An accept queue is first in, first out, so accepting that
+/// many takes exactly them, even if more arrive meanwhile.
+#[derive(Debug, Default)]
+pub struct AcceptPlan(HashMap<u64, usize>);
+
+impl AcceptPlan {
+    /// The listeners of `filter`'s service in `netns` with connections queued. A listener is
+    /// left out (its connections stay unmovable) when a queued connection on its port is not on
+    /// the service (a wildcard listener also serving another address): taking it would end a
+    /// connection that is not ours. A filter naming 4-tuples plans nothing, for the same reason.
+    pub fn list(netns: &Netns, filter: &Filter) -> Result<Self, RepairError> {
+        let ours = |local| filter.tuples.is_empty() && filter.matches_local(local);
+        let listeners: Vec<DiagSocket> = listed(netns, LISTENING)?
+            .into_iter()
+            .filter(|s| s.state == TcpState::Listen && s.queued > 0 && ours(s.tuple.local))
+            .collect();
+        if listeners.is_empty() {
+            return Ok(Self::default());
+        }
+        let queued: Vec<DiagSocket> = super::list_tcp_sockets(netns)?
+            .into_iter()
+            .filter(|s| s.inode == 0 && s.state.repairable())
+            .collect();
+        let plan = listeners
+            .into_iter()
+            .filter(|listener| {
+                let port = listener.tuple.local.port();
+                (queued.iter())
+                    .filter(|s| s.tuple.local.port() == port)
+                    .all(|s| filter.matches(&s.tuple))
+            })
+            .map(|listener| (listener.inode, listener.queued as usize))
+            .collect();
+        Ok(Self(plan))
+    }
+
+    /// Accepts the planned connections of `pid`'s listeners (fd number and inode each) into
+    /// this process, from our copies of the listeners: `pid` must be stopped, so that nothing
+    /// else accepts meanwhile. They come with `source_fd` -1: the process never held them.
+    pub fn take(
+        &self,
+        pid: u32,
+        listeners: &[(i32, u64)],
+        filter: &Filter,
+    ) -> Result<Vec<TakenSocket>, RepairError> {
+        let planned: Vec<(i32, usize)> = (listeners.iter())
+            .filter_map(|(fd, inode)| Some((*fd, *self.0.get(inode)?)))
+            .collect();
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pidfd = discover::pidfd_open(pid)?;
+        let mut taken = Vec::new();
+        for (fd, count) in planned {
+            let listener = TcpListener::from(discover::pidfd_getfd(&pidfd, pid, fd)?);
+            let error = |source| RepairError::Process {
+                pid,
+                what: format!("accepting a queued connection from its listener at fd {fd}"),
+                source,
+            };
+            for _ in 0..count {
+                // Readable while a connection waits: accept() never blocks, even on a blocking
+                // listener. A connection reset while queued has left the queue.
+                if !crate::sys::wait_readable(&listener, Instant::now()) {
+                    break;
+                }
+                let (socket, _) = listener.accept().map_err(error)?;
+                let (file, identity) =
+                    discover::tcp_identity(OwnedFd::from(socket)).map_err(error)?;
+                if let Some((tuple, state)) = identity.filter(|(t, _)| filter.matches(t)) {
+                    taken.push(TakenSocket {
+                        tuple,
+                        state,
+                        source_fd: -1,
+                        fd: file,
+                    });
+                }
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// The TCP sockets of `netns` in `states` (bits of 1 << state).
+fn listed(netns: &Netns, states: u32) -> Result<Vec<DiagSocket>, RepairError> {
+    netns
+        .run(|| diag::tcp_sockets_in(states))?
+        .map_err(|source| RepairError::Diag {
+            netns: netns.spec().to_owned(),
+            source,
+        })
+}
