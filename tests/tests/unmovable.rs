@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::pairs::{
-    ClientHalf, FINAL, HALVES, Pair, SMALL, accept_pairs, check_every_state, every_state, join,
+    ClientHalf, FINAL, Pair, SMALL, accept_pairs, check_every_state, every_state, join,
     read_stream, resets, split, write_stream,
 };
 use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, pattern::Direction};
@@ -32,6 +32,30 @@ fn holder(bed: &TestBed, fds: Vec<OwnedFd>) -> Result<ChildGuard<'_>> {
     bed.source().spawn(&mut cmd)
 }
 
+/// SMALL bytes written each way on `pair`, left unread.
+fn queue_both_ways(pair: &mut Pair) -> Result<()> {
+    let client = pair.client_addr()?;
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    pair.to_client = write_stream(&pair.server, client, s2c, 0, Some(SMALL))?;
+    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(SMALL))?;
+    Ok(())
+}
+
+/// `n` connections to `service` (whose listener is there) left in its accept queue, SMALL bytes
+/// written by each client: the clients.
+fn queue_unaccepted(bed: &TestBed, service: SocketAddr, n: usize) -> Result<Vec<ClientHalf>> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let client = bed.client().run(|| TcpStream::connect(service))??;
+        let at = client.local_addr()?;
+        let to_server = write_stream(&client, at, Direction::ClientToServer, 0, Some(SMALL))?;
+        clients.push((client, 0, to_server));
+    }
+    // Lets the last handshakes and bytes land in the queue.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    Ok(clients)
+}
+
 /// KEPT connections to `service` with SMALL bytes queued unread each way, and one more left
 /// in the listener's accept queue: the listener, the pairs and that client.
 fn with_one_unaccepted(
@@ -41,21 +65,7 @@ fn with_one_unaccepted(
     let listener = bed.source().run(|| TcpListener::bind(service))??;
     let mut pairs = accept_pairs(bed, &listener, KEPT)?;
     for pair in &mut pairs {
-        let client = pair.client_addr()?;
-        pair.to_client = write_stream(
-            &pair.server,
-            client,
-            Direction::ServerToClient,
-            0,
-            Some(SMALL),
-        )?;
-        pair.to_server = write_stream(
-            &pair.client,
-            client,
-            Direction::ClientToServer,
-            0,
-            Some(SMALL),
-        )?;
+        queue_both_ways(pair)?;
     }
     let waiting = bed.client().run(|| TcpStream::connect(service))??;
     Ok((listener, pairs, waiting))
@@ -218,24 +228,41 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
     Ok(())
 }
 
-/// One process holding a connection with both queues full, one ESTABLISHED reading, and one
-/// each in CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2, moved by `migrate` and the agent:
-/// all six in the report, none left; at the destination each carries on byte-exact, with the
-/// ends of stream where due, and no host sends or counts a reset.
+/// Connections in all in the every-state migration.
+const ALL: usize = 1000;
+
+/// One process holding, 1,000 connections in all: one with both queues full, one each in
+/// CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2 ([`every_state`]), QUEUED waiting in its
+/// listener's accept queue, and ESTABLISHED ones with SMALL bytes queued each way. `migrate` and
+/// the agent move them all: every one in the report, none left; at the destination each carries
+/// on byte-exact, with the ends of stream where due, and no host sends or counts a reset.
 #[test]
-fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
+fn every_state_at_once_moves_through_migrate_and_the_agent() -> Result<()> {
     const PORT: u16 = 8312;
     let bed = TestBed::new()?;
-    let (pairs, client_read) = every_state(&bed, support::service(PORT))?;
-    let before = resets(&bed)?;
-    let (fds, clients) = split(pairs);
-    let app = holder(&bed, fds)?;
     let service = support::service(PORT);
+    let (pairs, client_read) = every_state(&bed, service)?;
+    let states = pairs.len();
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut established = accept_pairs(&bed, &listener, ALL - states - QUEUED)?;
+    for pair in &mut established {
+        queue_both_ways(pair)?;
+    }
+    let queued = queue_unaccepted(&bed, service, QUEUED)?;
+    let before = resets(&bed)?;
+    let (mut fds, mut clients) = split(pairs);
+    let (more, more_clients) = split(established);
+    fds.extend(more);
+    fds.push(OwnedFd::from(listener));
+    clients.extend(more_clients.into_iter().chain(queued));
+    let app = holder(&bed, fds)?;
     let (report, HandedOver { mut pairs, .. }) =
         migrate_handing_over(&bed, app.pid(), service, &[], clients)?;
-    let n = 2 + HALVES.len();
     ensure!(
-        report["connections"] == n && report["kept"] == n && report["skipped"] == 0,
+        report["connections"] == ALL
+            && report["kept"] == ALL
+            && report["accepted"] == QUEUED
+            && report["skipped"] == 0,
         "{report}"
     );
     eprintln!(
@@ -243,7 +270,11 @@ fn every_state_that_moves_moves_through_migrate_and_the_agent() -> Result<()> {
         report["send_bytes"], report["unsent_bytes"], report["recv_bytes"], report["blackout_ms"]
     );
     ensure!(report["send_bytes"].as_u64() > Some(64 << 10), "{report}");
+    let mut others = pairs.split_off(states);
     check_every_state(&mut pairs, client_read)?;
+    for pair in &mut others {
+        carries_on(pair)?;
+    }
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
     Ok(())
@@ -260,17 +291,12 @@ const QUEUED: usize = 8;
 fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
     let bed = TestBed::new()?;
     let service = SocketAddr::new(TestBed::service(ipv6), port);
-    let (listener, pairs, waiting) = with_one_unaccepted(&bed, service)?;
-    let mut queued = vec![(waiting, 0, 0)];
-    for _ in 1..QUEUED {
-        queued.push((bed.client().run(|| TcpStream::connect(service))??, 0, 0));
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(&bed, &listener, KEPT)?;
+    for pair in &mut pairs {
+        queue_both_ways(pair)?;
     }
-    for (client, _, to_server) in &mut queued {
-        let at = client.local_addr()?;
-        *to_server = write_stream(client, at, Direction::ClientToServer, 0, Some(SMALL))?;
-    }
-    // Lets the last handshakes and bytes land in the queue.
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    let queued = queue_unaccepted(&bed, service, QUEUED)?;
     let before = resets(&bed)?;
     let (mut fds, mut clients) = split(pairs);
     fds.push(OwnedFd::from(listener));

@@ -33,11 +33,35 @@ pub(super) fn hold_new_connections(
     freeze
         .freeze_new_connections(&config.services, config.deadline)
         .step("stopping new connections to the services")?;
+    settle_accept_queues(netns, &config.services)?;
     let addresses = config.services.iter().map(SocketAddr::ip).collect();
     start_guard(env, config, netns, &name, addresses)?;
     freeze.keep();
     report.services = config.services.len();
     report.freeze = Some(name);
+    Ok(())
+}
+
+/// While the application still runs (CRIU stops it after the pre-dump): lets the handshakes in
+/// progress finish and the application accept what they put in its queues, each up to
+/// [`repair::HANDSHAKE_BOUND`]. What still waits then fails CRIU's dump ("in-flight"), named in
+/// the hook's log first.
+fn settle_accept_queues(netns: &Netns, services: &[SocketAddr]) -> Result<(), CriuError> {
+    for &service in services {
+        let filter = Filter::service(service);
+        let step = "waiting for the handshakes and accept queues of the services";
+        let pending =
+            repair::settle_handshakes(netns, &filter, repair::HANDSHAKE_BOUND).step(step)?;
+        let waiting = repair::wait_accepted(netns, &filter, repair::HANDSHAKE_BOUND).step(step)?;
+        if pending + waiting > 0 {
+            tracing::warn!(
+                %service,
+                handshakes = pending,
+                queued = waiting,
+                "connections still in a handshake or an accept queue: CRIU refuses to dump them"
+            );
+        }
+    }
     Ok(())
 }
 

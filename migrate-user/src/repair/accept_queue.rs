@@ -30,7 +30,7 @@ pub const HANDSHAKE_BOUND: Duration = Duration::from_millis(100);
 /// Listeners (LISTEN).
 const LISTENING: u32 = 1 << 10;
 
-/// Between two checks of the handshakes.
+/// Between two checks of the handshakes or the queues.
 const HANDSHAKE_POLL: Duration = Duration::from_millis(1);
 
 /// Waits, up to `bound`, until no handshake of `filter`'s service is in progress in `netns`;
@@ -49,6 +49,27 @@ pub fn settle_handshakes(
             .count();
         if pending == 0 || Instant::now() >= deadline {
             return Ok(pending);
+        }
+        std::thread::sleep(HANDSHAKE_POLL);
+    }
+}
+
+/// Waits, up to `bound`, until no listener of `filter`'s service in `netns` has connections
+/// waiting: for a running application to accept them. Returns how many still wait.
+pub fn wait_accepted(
+    netns: &Netns,
+    filter: &Filter,
+    bound: Duration,
+) -> Result<usize, RepairError> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let waiting: usize = listed(netns, LISTENING)?
+            .iter()
+            .filter(|s| s.state == TcpState::Listen && filter.matches_local(s.tuple.local))
+            .map(|s| s.queued as usize)
+            .sum();
+        if waiting == 0 || Instant::now() >= deadline {
+            return Ok(waiting);
         }
         std::thread::sleep(HANDSHAKE_POLL);
     }
