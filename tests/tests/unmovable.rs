@@ -355,3 +355,97 @@ fn the_accept_queue_moves_v4() -> Result<()> {
 fn the_accept_queue_moves_v6() -> Result<()> {
     the_accept_queue_moves(true, 8314)
 }
+
+/// Where the application's outgoing connection from the service's address waits for its peer.
+const PEER_PORT: u16 = 9300;
+
+/// A connection of the application's, from the service's address, in SYN_SENT when `migrate`
+/// discovers the sockets (its peer's host drops the SYN): not refused then. The drop ends while
+/// `migrate` pauses after the discovery; the kernel's SYN retransmission completes the
+/// handshake, and the catch-up, once the application is stopped, takes the now ESTABLISHED
+/// connection: it moves beside an accepted one, both carry on byte-exact at the destination,
+/// nothing left, no reset.
+#[test]
+fn a_handshake_in_progress_at_the_discovery_moves_once_complete() -> Result<()> {
+    const PORT: u16 = 8315;
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(&bed, &listener, KEPT)?;
+    for pair in &mut pairs {
+        queue_both_ways(pair)?;
+    }
+    // A listener would keep the service's port from the outgoing socket.
+    drop(listener);
+    let peer = SocketAddr::new(bed.client().v4().into(), PEER_PORT);
+    let peer_listener = bed.client().run(|| TcpListener::bind(peer))??;
+    let dropping = tcpmig_testbed::containers::DropRule::insert(bed.client(), peer.ip())?;
+    let outgoing = bed.source().run(|| -> Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&service.into())?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&peer.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+            other => anyhow::bail!("connect: {other:?}"),
+        }
+    })??;
+    let ours = outgoing.try_clone()?;
+    let (mut fds, mut clients) = split(pairs);
+    fds.push(OwnedFd::from(outgoing));
+    let app = holder(&bed, fds)?;
+    let before = resets(&bed)?;
+    let token = TokenFile::new(&bed, "handshake", "handshake token")?;
+    let scratch = support::Scratch::new(&bed)?;
+    let socket = scratch.path("handoff.sock");
+    let unix = UnixListener::bind(&socket)?;
+    unix.set_nonblocking(true)?;
+    let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut migrate = support::start_migrate(
+        source,
+        destination,
+        &[app.pid()],
+        PORT,
+        &token.0,
+        support::STEP_TIMEOUT_SECS,
+        &["--json"],
+        Some("discovered"),
+    )?;
+    let pause = "test pause at discovered";
+    migrate.stderr.wait_for(pause, support::COMMAND_TIMEOUT)?;
+    ensure!(
+        ours.peer_addr().is_err(),
+        "connected before the discovery: nothing tested"
+    );
+    drop(dropping);
+    // The SYN goes again after the kernel's 1 s retransmission timeout.
+    let deadline = Instant::now() + support::COMMAND_TIMEOUT;
+    while ours.peer_addr().is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "the outgoing handshake never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (answered, _) = peer_listener.accept()?;
+    let to_server = write_stream(&answered, peer, Direction::ClientToServer, 0, Some(SMALL))?;
+    answered.set_nonblocking(false)?;
+    clients.push((answered, 0, to_server));
+    migrate.resume()?;
+    let (status, stdout, stderr) = migrate.finish()?;
+    ensure!(status.success(), "the migration failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    ensure!(
+        report["connections"] == KEPT + 1 && report["skipped"] == 0,
+        "{report}"
+    );
+    let HandedOver { mut pairs, .. } = handed_over(&unix, clients)?;
+    agent.finish()?;
+    for pair in &mut pairs {
+        carries_on(pair)?;
+    }
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}

@@ -73,6 +73,9 @@ pub struct Discovery {
     pub listeners: Vec<(i32, u64)>,
     /// Matching connections left out because of their state (SYN_SENT, SYN_RECV, CLOSE).
     pub skipped: Vec<(Tuple, TcpState)>,
+    /// The socket inodes of those in a handshake (SYN_SENT, SYN_RECV): a migration looks at
+    /// them again once they had a round trip to finish ([`catch_up`] takes them then).
+    pub handshakes: Vec<u64>,
     /// The inode of every socket in the process's fd table, taken or not: what a later
     /// [`catch_up`] compares the table with.
     pub seen: HashSet<u64>,
@@ -158,6 +161,9 @@ pub fn discover_among(
                 });
             } else {
                 discovery.skipped.push((socket.tuple, socket.state));
+                if matches!(socket.state, TcpState::SynSent | TcpState::SynRecv) {
+                    discovery.handshakes.push(inode);
+                }
             }
         }
     }

@@ -29,8 +29,8 @@ use crate::{
     },
     net::{self, Netns},
     repair::{
-        self, AcceptPlan, Connection, Filter, Listed, SocketsByInode, TakenSocket, Unmovable,
-        Workers,
+        self, AcceptPlan, Connection, Filter, Listed, SocketsByInode, TakenSocket, TcpState,
+        Unmovable, Workers,
     },
     shard::{self, Shard},
 };
@@ -490,6 +490,14 @@ fn prepare_process(
         return Err(MigrateError::NoConnections { pid, service });
     }
     let identified = identify(pid, &discovery.sockets)?;
+    // A handshake now may be done by the catch-up (the stop gives it a round trip), which sees
+    // any socket the discovery did not: left for it to judge.
+    for inode in &discovery.handshakes {
+        discovery.seen.remove(inode);
+    }
+    discovery
+        .skipped
+        .retain(|(_, state)| !matches!(state, TcpState::SynSent | TcpState::SynRecv));
     let left = held_unmovable(&discovery.skipped);
     sockets.known = Known {
         taken: (identified.iter().map(|&(inode, _)| inode))
