@@ -20,7 +20,7 @@ use support::pairs::{
     ClientHalf, FINAL, Pair, SMALL, accept_pairs, check_every_state, every_state, join,
     read_stream, resets, split, write_stream,
 };
-use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, pattern::Direction};
+use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, containers::DropRule, pattern::Direction};
 
 /// Established connections beside the unmovable one.
 const KEPT: usize = 3;
@@ -359,6 +359,80 @@ fn the_accept_queue_moves_v6() -> Result<()> {
 /// Where the application's outgoing connection from the service's address waits for its peer.
 const PEER_PORT: u16 = 9300;
 
+/// A socket on the source bound to `service` connecting to `peer` on the client host, kept in
+/// SYN_SENT by the rule that drops its SYN there (until the rule is dropped).
+fn syn_sent<'bed>(
+    bed: &'bed TestBed,
+    service: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(socket2::Socket, DropRule<'bed>)> {
+    let dropping = DropRule::insert(bed.client(), peer.ip())?;
+    let outgoing = bed.source().run(|| -> Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&service.into())?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&peer.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+            other => anyhow::bail!("connect: {other:?}"),
+        }
+    })??;
+    Ok((outgoing, dropping))
+}
+
+/// `tcpmig dump` of an application holding an accepted connection and one in SYN_SENT (its SYN
+/// dropped): one connection in the image, and the one it left named with its 4-tuple, state
+/// and reason, in the JSON report and in the text.
+#[test]
+fn tcpmig_dump_names_what_it_leaves() -> Result<()> {
+    const PORT: u16 = 8316;
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let listener = bed.source().run(|| TcpListener::bind(service))??;
+    let pairs = accept_pairs(&bed, &listener, 1)?;
+    drop(listener);
+    let peer = SocketAddr::new(bed.client().v4().into(), PEER_PORT);
+    let (outgoing, _dropping) = syn_sent(&bed, service, peer)?;
+    let (mut fds, _clients) = split(pairs);
+    fds.push(OwnedFd::from(outgoing));
+    let app = holder(&bed, fds)?;
+    let scratch = support::Scratch::new(&bed)?;
+    let image = scratch.path("dump.img");
+    let dump = |json: bool| -> Result<String> {
+        let mut cmd = bed.source().command(tcpmig_testbed::tcpmig_bin())?;
+        cmd.arg("dump").arg("--pid").arg(app.pid().to_string());
+        cmd.arg("--service").arg(service.to_string());
+        cmd.arg("--out").arg(&image);
+        cmd.args(["--freeze-dev", tcpmig_testbed::IFACE]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let report: serde_json::Value = serde_json::from_str(&dump(true)?)?;
+    let left = &report["left"];
+    ensure!(
+        report["connections"] == 1
+            && report["skipped"] == 1
+            && left[0]["remote"] == peer.to_string().as_str()
+            && left[0]["state"] == "SYN_SENT"
+            && left[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("handshake")),
+        "{report}"
+    );
+    let text = dump(false)?;
+    let named = format!("{service} <-> {peer} SYN_SENT (its handshake");
+    ensure!(text.contains(&named), "no {named:?} in: {text}");
+    Ok(())
+}
+
 /// A connection of the application's, from the service's address, in SYN_SENT when `migrate`
 /// discovers the sockets (its peer's host drops the SYN): not refused then. The drop ends while
 /// `migrate` pauses after the discovery; the kernel's SYN retransmission completes the
@@ -379,17 +453,7 @@ fn a_handshake_in_progress_at_the_discovery_moves_once_complete() -> Result<()> 
     drop(listener);
     let peer = SocketAddr::new(bed.client().v4().into(), PEER_PORT);
     let peer_listener = bed.client().run(|| TcpListener::bind(peer))??;
-    let dropping = tcpmig_testbed::containers::DropRule::insert(bed.client(), peer.ip())?;
-    let outgoing = bed.source().run(|| -> Result<socket2::Socket> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&service.into())?;
-        socket.set_nonblocking(true)?;
-        match socket.connect(&peer.into()) {
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
-            other => anyhow::bail!("connect: {other:?}"),
-        }
-    })??;
+    let (outgoing, dropping) = syn_sent(&bed, service, peer)?;
     let ours = outgoing.try_clone()?;
     let (mut fds, mut clients) = split(pairs);
     fds.push(OwnedFd::from(outgoing));

@@ -130,9 +130,12 @@ pub fn dump(args: DumpArgs) -> anyhow::Result<()> {
         }
     );
     if report.skipped > 0 {
+        println!("left out {} connections:", report.skipped);
+    }
+    for left in &report.left {
         println!(
-            "left out {} connections in states tcpmig does not move",
-            report.skipped
+            "  {} <-> {} {} ({})",
+            left.local, left.remote, left.state, left.reason
         );
     }
     Ok(())

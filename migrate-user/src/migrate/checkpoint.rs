@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::{
     freeze::{self, Freeze, FreezeError, RemoveOnDrop},
     image::{self, ImageError},
+    migrate::LeftConnection,
     net::{Netns, NetnsError},
     repair::{self, Connection, Filter, RepairError, Workers},
     tuple::Tuple,
@@ -107,8 +108,9 @@ pub struct CheckpointReport {
     pub netns: String,
     pub image: PathBuf,
     pub connections: usize,
-    /// Matching connections left out because of their state.
+    /// Matching connections left out because of their state: `left` lists them.
     pub skipped: usize,
+    pub left: Vec<LeftConnection>,
     /// Listening sockets of the process on the filter's port or service.
     pub listening: Vec<SocketAddr>,
     #[serde(flatten)]
@@ -182,6 +184,9 @@ impl Checkpoint {
         }
         let tuples: Vec<Tuple> = discovery.sockets.iter().map(|s| s.tuple).collect();
         let (skipped, listening) = (discovery.skipped.len(), discovery.listening.clone());
+        let left = (discovery.skipped.iter())
+            .map(|&(tuple, state)| LeftConnection::from(&repair::Unmovable::held(tuple, state)))
+            .collect();
 
         // What needs no freeze is done before it: loading the socket reader, reading the options.
         let port = self.service.map(|service| service.port()).or(self.port);
@@ -218,6 +223,7 @@ impl Checkpoint {
             image: self.out.clone(),
             connections,
             skipped,
+            left,
             listening,
             queued,
             image_bytes: encoded.len(),
