@@ -6,10 +6,7 @@
 //! `--test-threads=1`.
 mod support;
 
-use std::{
-    net::{Shutdown, SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 
 use anyhow::{Result, ensure};
 use support::pairs::{FINAL, Half, SMALL, connect, read_stream, resets, write_stream};
@@ -123,7 +120,6 @@ fn half_closed(ipv6: bool, port: u16, half: Half) -> Result<()> {
     let mut pairs = connect(&bed, service, 1)?;
     let pair = &mut pairs[0];
     let client_read = half.close(pair)?;
-    std::thread::sleep(Duration::from_millis(100));
     let before = resets(&bed)?;
     let moved = support::move_sockets(&bed, service, &[pair.server.try_clone()?])?;
     let conn = &moved.connections[0];
@@ -179,4 +175,14 @@ fn fin_wait2_moves_v4() -> Result<()> {
 #[test]
 fn fin_wait2_moves_v6() -> Result<()> {
     half_closed(true, 7937, Half::FinWait2)
+}
+
+#[test]
+fn closing_moves_v4() -> Result<()> {
+    half_closed(false, 7938, Half::Closing)
+}
+
+#[test]
+fn closing_moves_v6() -> Result<()> {
+    half_closed(true, 7939, Half::Closing)
 }
