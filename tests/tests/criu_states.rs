@@ -1,6 +1,6 @@
 //! Every state that moves, at once in one process, through real CRIU with tcpmig's hook as its
-//! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2 held
-//! by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
+//! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1, FIN_WAIT2 and
+//! CLOSING held by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
 //! every connection; the restored sockets (taken from the restored process) are in the states
 //! they were dumped in and carry on byte-exact, with the ends of stream where due, and no host
 //! sends or counts a reset but CRIU's own probe: at each start CRIU checks the kernel with a

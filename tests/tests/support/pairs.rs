@@ -308,11 +308,12 @@ impl Half {
 }
 
 /// The half-closed cases [`every_state`] builds after its two open connections.
-pub const HALVES: [Half; 4] = [
+pub const HALVES: [Half; 5] = [
     Half::CloseWait,
     Half::LastAck,
     Half::FinWait1,
     Half::FinWait2,
+    Half::Closing,
 ];
 
 /// One connection to `service` (served on the source) in every state that moves: both queues
