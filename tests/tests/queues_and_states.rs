@@ -6,15 +6,13 @@
 //! `--test-threads=1`.
 mod support;
 
-use std::{
-    net::{Shutdown, SocketAddr, TcpStream},
-    os::fd::AsFd as _,
-    time::{Duration, Instant},
-};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 
 use anyhow::{Result, ensure};
-use support::pairs::{FINAL, Half, SMALL, connect, read_stream, resets, write_stream};
-use tcpmig::{repair::TcpState, sys::tcp_repair::tcp_info};
+use support::pairs::{
+    FINAL, Half, SMALL, connect, read_stream, resets, state_of, wait_for_state, write_stream,
+};
+use tcpmig::repair::TcpState;
 use tcpmig_testbed::{Host, TestBed, pattern::Direction};
 
 /// One connection with both queues full (its client stopped reading, its server too) beside
@@ -192,24 +190,6 @@ fn closing_moves_v6() -> Result<()> {
     half_closed(true, 7939, Half::Closing)
 }
 
-/// A socket's TCP state, as TCP_INFO tells it.
-fn state_of(socket: &TcpStream) -> Result<TcpState> {
-    Ok(TcpState::from_kernel(tcp_info(socket.as_fd())?.tcpi_state))
-}
-
-/// Waits (bounded) until `socket` is in `state`.
-fn wait_for(socket: &TcpStream, state: TcpState) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = state_of(socket)?;
-        if now == state {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "in {now}, not {state}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A rule of the client host dropping every segment from the service that carries a FIN:
 /// the server's FIN never arrives, while its data and ACKs do. Removed on drop.
 struct FinsDropped<'bed> {
@@ -267,8 +247,8 @@ fn closing_fin_lost(ipv6: bool, port: u16) -> Result<()> {
     let dropped = FinsDropped::insert(bed.client(), service)?;
     pair.server.shutdown(Shutdown::Write)?;
     pair.client.shutdown(Shutdown::Write)?;
-    wait_for(&pair.server, TcpState::Closing)?;
-    wait_for(&pair.client, TcpState::FinWait2)?;
+    wait_for_state(&pair.server, TcpState::Closing)?;
+    wait_for_state(&pair.client, TcpState::FinWait2)?;
     let before = resets(&bed)?;
     let moved = support::move_sockets(&bed, service, &[pair.server.try_clone()?])?;
     let conn = &moved.connections[0];

@@ -18,7 +18,7 @@ use tcpmig_testbed::{
 
 /// Bound on every read of these tests.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on a half-closed connection's wait for its state (the FINs and ACKs on the bridge).
+/// Bound on a connection's wait for its state (the FINs and ACKs on the bridge).
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Written each way by a connection that keeps reading: its queues hold it all.
 pub const SMALL: u64 = 1000;
@@ -234,7 +234,7 @@ impl Half {
         let client_first = matches!(self, Half::CloseWait | Half::LastAck);
         if client_first {
             pair.client.shutdown(Shutdown::Write)?;
-            Half::CloseWait.reached(&pair.server)?;
+            wait_for_state(&pair.server, TcpState::CloseWait)?;
         }
         if self != Half::CloseWait {
             pair.server.shutdown(Shutdown::Write)?;
@@ -248,7 +248,7 @@ impl Half {
         } else {
             0
         };
-        self.reached(&pair.server)?;
+        wait_for_state(&pair.server, self.state())?;
         Ok(read)
     }
 
@@ -264,23 +264,6 @@ impl Half {
             Half::FinWait1 => TcpState::FinWait1,
             Half::FinWait2 => TcpState::FinWait2,
             Half::Closing => TcpState::Closing,
-        }
-    }
-
-    /// Waits (bounded) until `server` is in this case's state, as TCP_INFO tells it: the FINs
-    /// and acknowledgements settled.
-    fn reached(self, server: &TcpStream) -> Result<()> {
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        loop {
-            let state = TcpState::from_kernel(tcp_info(server.as_fd())?.tcpi_state);
-            if state == self.state() {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{self:?}: the server is in {state}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -304,6 +287,24 @@ impl Half {
         }
         read_stream(&pair.client, client, s2c, (client_read, end), true)?;
         Ok(())
+    }
+}
+
+/// A socket's TCP state, as TCP_INFO tells it.
+pub fn state_of(socket: &TcpStream) -> Result<TcpState> {
+    Ok(TcpState::from_kernel(tcp_info(socket.as_fd())?.tcpi_state))
+}
+
+/// Waits (bounded) until `socket` is in `state`: the FINs and acknowledgements settled.
+pub fn wait_for_state(socket: &TcpStream, state: TcpState) -> Result<()> {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let now = state_of(socket)?;
+        if now == state {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "in {now}, not {state}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
