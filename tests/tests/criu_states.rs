@@ -1,6 +1,6 @@
 //! Every state that moves, at once in one process, through real CRIU with tcpmig's hook as its
-//! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2 held
-//! by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
+//! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1, FIN_WAIT2 and
+//! CLOSING held by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
 //! every connection; the restored sockets (taken from the restored process) are in the states
 //! they were dumped in and carry on byte-exact, with the ends of stream where due, and no host
 //! sends or counts a reset but CRIU's own probe: at each start CRIU checks the kernel with a
@@ -14,14 +14,14 @@ mod support;
 use std::{
     fs,
     net::{IpAddr, SocketAddr, TcpStream},
-    os::fd::{AsFd as _, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
-use support::pairs::{Pair, check_every_state, every_state, join, resets, split};
-use tcpmig::{net::Netns, repair::TcpState, sys::tcp_repair::tcp_info};
+use support::pairs::{Pair, check_every_state, every_state, join, resets, split, state_of};
+use tcpmig::{net::Netns, repair::TcpState};
 use tcpmig_testbed::{Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, sys};
 
 /// The fd the holder gets its first socket on (`command_with_listen_fds` starts at 3).
@@ -84,14 +84,7 @@ fn restored_servers(pid: u32, n: usize) -> Result<Vec<TcpStream>> {
 
 /// The TCP state of each server socket of `pairs`.
 fn server_states(pairs: &[Pair]) -> Result<Vec<TcpState>> {
-    pairs
-        .iter()
-        .map(|p| {
-            Ok(TcpState::from_kernel(
-                tcp_info(p.server.as_fd())?.tcpi_state,
-            ))
-        })
-        .collect()
+    pairs.iter().map(|p| state_of(&p.server)).collect()
 }
 
 /// Resets that hosts send themselves on `lo` (CRIU's probe, see the module doc), captured on

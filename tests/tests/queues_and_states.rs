@@ -6,14 +6,14 @@
 //! `--test-threads=1`.
 mod support;
 
-use std::{
-    net::{Shutdown, SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 
 use anyhow::{Result, ensure};
-use support::pairs::{FINAL, Half, SMALL, connect, read_stream, resets, write_stream};
-use tcpmig_testbed::{TestBed, pattern::Direction};
+use support::pairs::{
+    FINAL, Half, SMALL, connect, read_stream, resets, state_of, wait_for_state, write_stream,
+};
+use tcpmig::repair::TcpState;
+use tcpmig_testbed::{Host, TestBed, pattern::Direction};
 
 /// One connection with both queues full (its client stopped reading, its server too) beside
 /// two that keep reading: all three move, the full one's bytes all arrive once the client and
@@ -123,7 +123,6 @@ fn half_closed(ipv6: bool, port: u16, half: Half) -> Result<()> {
     let mut pairs = connect(&bed, service, 1)?;
     let pair = &mut pairs[0];
     let client_read = half.close(pair)?;
-    std::thread::sleep(Duration::from_millis(100));
     let before = resets(&bed)?;
     let moved = support::move_sockets(&bed, service, &[pair.server.try_clone()?])?;
     let conn = &moved.connections[0];
@@ -133,8 +132,8 @@ fn half_closed(ipv6: bool, port: u16, half: Half) -> Result<()> {
         conn.send_queue.len(),
         conn.recv_queue.len()
     );
-    let state = format!("{:?}", conn.state);
-    ensure!(state == format!("{half:?}"), "moved in state {state}");
+    ensure!(conn.state == half.state(), "moved in {}", conn.state);
+    eprintln!("restored in {}", state_of(&moved.sockets[0])?);
     half.finish(pair, &moved.sockets[0], client_read)?;
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
@@ -179,4 +178,103 @@ fn fin_wait2_moves_v4() -> Result<()> {
 #[test]
 fn fin_wait2_moves_v6() -> Result<()> {
     half_closed(true, 7937, Half::FinWait2)
+}
+
+#[test]
+fn closing_moves_v4() -> Result<()> {
+    half_closed(false, 7938, Half::Closing)
+}
+
+#[test]
+fn closing_moves_v6() -> Result<()> {
+    half_closed(true, 7939, Half::Closing)
+}
+
+/// A rule of the client host dropping every segment from the service that carries a FIN:
+/// the server's FIN never arrives, while its data and ACKs do. Removed on drop.
+struct FinsDropped<'bed> {
+    client: &'bed Host,
+    program: &'static str,
+    rule: Vec<String>,
+}
+
+impl<'bed> FinsDropped<'bed> {
+    fn insert(client: &'bed Host, service: SocketAddr) -> Result<Self> {
+        let program = if service.is_ipv4() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        let (ip, port) = (service.ip().to_string(), service.port().to_string());
+        let rule = ["INPUT", "-p", "tcp", "-s", &ip, "--sport", &port]
+            .into_iter()
+            .chain(["--tcp-flags", "FIN", "FIN", "-j", "DROP"])
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        let status = client.command(program)?.arg("-I").args(&rule).status()?;
+        ensure!(status.success(), "{program} -I {rule:?} in {client}");
+        Ok(Self {
+            client,
+            program,
+            rule,
+        })
+    }
+}
+
+impl Drop for FinsDropped<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut cmd) = self.client.command(self.program) {
+            let _ = cmd.arg("-D").args(&self.rule).status();
+        }
+    }
+}
+
+/// CLOSING with our FIN sent and lost (the other CLOSING cases hold it back behind a full
+/// queue): the client host drops the server's FIN, the server shuts down, then the client, whose
+/// FIN the server takes in FIN_WAIT1. The client sits in FIN_WAIT2 (its FIN acknowledged, ours
+/// never seen), the server in CLOSING with everything sent. Moved, then the rule lifted: the
+/// destination's FIN goes again and the client reads every byte, then the end of the stream; the
+/// destination reads the client's bytes and its end of stream. No reset anywhere.
+fn closing_fin_lost(ipv6: bool, port: u16) -> Result<()> {
+    let bed = TestBed::new()?;
+    let service = SocketAddr::new(TestBed::service(ipv6), port);
+    let mut pairs = connect(&bed, service, 1)?;
+    let pair = &mut pairs[0];
+    let client = pair.client_addr()?;
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(5 * SMALL))?;
+    pair.to_client = write_stream(&pair.server, client, s2c, 0, Some(5 * SMALL))?;
+    let dropped = FinsDropped::insert(bed.client(), service)?;
+    pair.server.shutdown(Shutdown::Write)?;
+    pair.client.shutdown(Shutdown::Write)?;
+    wait_for_state(&pair.server, TcpState::Closing)?;
+    wait_for_state(&pair.client, TcpState::FinWait2)?;
+    let before = resets(&bed)?;
+    let moved = support::move_sockets(&bed, service, &[pair.server.try_clone()?])?;
+    let conn = &moved.connections[0];
+    eprintln!(
+        "{}: send queue {} bytes ({} never sent), receive queue {} bytes; restored in {}",
+        conn.state,
+        conn.send_queue.len(),
+        conn.unsent,
+        conn.recv_queue.len(),
+        state_of(&moved.sockets[0])?
+    );
+    ensure!(conn.state == TcpState::Closing, "moved in {}", conn.state);
+    ensure!(conn.unsent == 0, "{} bytes never sent", conn.unsent);
+    drop(dropped);
+    Half::Closing.finish(pair, &moved.sockets[0], 0)?;
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
+
+#[test]
+fn closing_fin_lost_moves_v4() -> Result<()> {
+    closing_fin_lost(false, 7940)
+}
+
+#[test]
+fn closing_fin_lost_moves_v6() -> Result<()> {
+    closing_fin_lost(true, 7941)
 }

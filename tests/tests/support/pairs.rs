@@ -5,11 +5,12 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
+use tcpmig::{repair::TcpState, sys::tcp_repair::tcp_info};
 use tcpmig_testbed::{
     TestBed,
     pattern::{Direction, fill},
@@ -17,6 +18,8 @@ use tcpmig_testbed::{
 
 /// Bound on every read of these tests.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a connection's wait for its state (the FINs and ACKs on the bridge).
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Written each way by a connection that keeps reading: its queues hold it all.
 pub const SMALL: u64 = 1000;
 /// Written by a destination application after the move, behind what was queued.
@@ -209,6 +212,10 @@ pub enum Half {
     /// The server shut down and the client read everything (our FIN acknowledged); the client
     /// writes on.
     FinWait2,
+    /// The server filled its send queue (the client does not read) and shut down, then the
+    /// client wrote and shut down: the server took the client's FIN in FIN_WAIT1, its own FIN
+    /// queued behind bytes the closed window holds back, never acknowledged.
+    Closing,
 }
 
 impl Half {
@@ -218,25 +225,46 @@ impl Half {
     pub fn close(self, pair: &mut Pair) -> Result<u64> {
         let client = pair.client_addr()?;
         let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-        let server_fills = matches!(self, Half::LastAck | Half::FinWait1);
+        let server_fills = matches!(self, Half::LastAck | Half::FinWait1 | Half::Closing);
         pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(5 * SMALL))?;
         let limit = (!server_fills).then_some(5 * SMALL);
         pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
-        if self.client_closes() {
+        // The first FIN sent decides the state: the client's first makes CLOSE_WAIT then
+        // LAST_ACK, ours first (held back by the full queue) makes FIN_WAIT1 then CLOSING.
+        let client_first = matches!(self, Half::CloseWait | Half::LastAck);
+        if client_first {
             pair.client.shutdown(Shutdown::Write)?;
+            wait_for_state(&pair.server, TcpState::CloseWait)?;
         }
         if self != Half::CloseWait {
             pair.server.shutdown(Shutdown::Write)?;
         }
-        if self == Half::FinWait2 {
-            read_stream(&pair.client, client, s2c, (0, pair.to_client), true)?;
-            return Ok(pair.to_client);
+        if self == Half::Closing {
+            pair.client.shutdown(Shutdown::Write)?;
         }
-        Ok(0)
+        let read = if self == Half::FinWait2 {
+            read_stream(&pair.client, client, s2c, (0, pair.to_client), true)?;
+            pair.to_client
+        } else {
+            0
+        };
+        wait_for_state(&pair.server, self.state())?;
+        Ok(read)
     }
 
     fn client_closes(self) -> bool {
-        matches!(self, Half::CloseWait | Half::LastAck)
+        matches!(self, Half::CloseWait | Half::LastAck | Half::Closing)
+    }
+
+    /// The server's state in this case.
+    pub fn state(self) -> TcpState {
+        match self {
+            Half::CloseWait => TcpState::CloseWait,
+            Half::LastAck => TcpState::LastAck,
+            Half::FinWait1 => TcpState::FinWait1,
+            Half::FinWait2 => TcpState::FinWait2,
+            Half::Closing => TcpState::Closing,
+        }
     }
 
     /// After the move, with `server` the destination's socket: the client writes more and
@@ -262,12 +290,31 @@ impl Half {
     }
 }
 
+/// A socket's TCP state, as TCP_INFO tells it.
+pub fn state_of(socket: &TcpStream) -> Result<TcpState> {
+    Ok(TcpState::from_kernel(tcp_info(socket.as_fd())?.tcpi_state))
+}
+
+/// Waits (bounded) until `socket` is in `state`: the FINs and acknowledgements settled.
+pub fn wait_for_state(socket: &TcpStream, state: TcpState) -> Result<()> {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let now = state_of(socket)?;
+        if now == state {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "in {now}, not {state}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The half-closed cases [`every_state`] builds after its two open connections.
-pub const HALVES: [Half; 4] = [
+pub const HALVES: [Half; 5] = [
     Half::CloseWait,
     Half::LastAck,
     Half::FinWait1,
     Half::FinWait2,
+    Half::Closing,
 ];
 
 /// One connection to `service` (served on the source) in every state that moves: both queues
@@ -295,8 +342,6 @@ pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec
     for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
         client_read.push(half.close(pair)?);
     }
-    // Lets the FINs and their acknowledgements settle into the states.
-    std::thread::sleep(Duration::from_millis(100));
     Ok((pairs, client_read))
 }
 
