@@ -3,10 +3,12 @@
 //! makes the migration refuse before the freeze, naming it, and the application carries on;
 //! `--skip-unmovable` moves the others and lists it. Those waiting in the application's own
 //! listener's queue are taken from it and move, and the listener the agent hands over takes new
-//! connections. And every state that moves, at once in one process: full queues, ESTABLISHED,
-//! CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2, handed by the agent to a new holder, byte-exact
-//! with the ends of stream where due, no reset. The application is a `sleep` holding the server
-//! sockets the test built. Needs root; run with `--test-threads=1`.
+//! connections; a handshake in progress at the discovery moves once complete. And every state
+//! that moves, at once in one process, 1,000 connections: full queues, ESTABLISHED, CLOSE_WAIT,
+//! LAST_ACK, CLOSING, FIN_WAIT1, FIN_WAIT2 and the accept queue, handed by the agent to a new
+//! holder, byte-exact with the ends of stream where due, no reset. `tcpmig dump` names what it
+//! leaves. The application is a `sleep` holding the server sockets the test built. Needs root;
+//! run with `--test-threads=1`.
 mod support;
 
 use std::{
@@ -231,10 +233,10 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
 /// Connections in all in the every-state migration.
 const ALL: usize = 1000;
 
-/// One process holding, 1,000 connections in all: one with both queues full, one each in
-/// CLOSE_WAIT, LAST_ACK, FIN_WAIT1 and FIN_WAIT2 ([`every_state`]), QUEUED waiting in its
-/// listener's accept queue, and ESTABLISHED ones with SMALL bytes queued each way. `migrate` and
-/// the agent move them all: every one in the report, none left; at the destination each carries
+/// One process holding, 1,000 connections in all: one with both queues full, one in each of
+/// the half-closed states ([`every_state`]: CLOSE_WAIT, LAST_ACK, CLOSING, FIN_WAIT1,
+/// FIN_WAIT2), QUEUED waiting in its listener's accept queue, and ESTABLISHED ones with SMALL
+/// bytes queued each way. `migrate` and the agent move them all: every one in the report, none left; at the destination each carries
 /// on byte-exact, with the ends of stream where due, and no host sends or counts a reset.
 #[test]
 fn every_state_at_once_moves_through_migrate_and_the_agent() -> Result<()> {
