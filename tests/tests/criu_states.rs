@@ -1,12 +1,14 @@
 //! Every state that moves, at once in one process, through real CRIU with tcpmig's hook as its
-//! network lock: full queues, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT1, FIN_WAIT2 and
-//! CLOSING held by a `sleep` on the source, dumped and restored on the destination. The hook's report counts
-//! every connection; the restored sockets (taken from the restored process) are in the states
-//! they were dumped in and carry on byte-exact, with the ends of stream where due, and no host
-//! sends or counts a reset but CRIU's own probe: at each start CRIU checks the kernel with a
-//! connection on 127.0.0.1 that it ends with a reset, one OutRsts and one EstabResets in the
-//! netns it runs in (the source's and the destination's in the same-netns mode, the test's own
-//! in the external mode). Those are captured on `lo` and told apart. Needs root and CRIU; run
+//! network lock: 1,000 connections held by a `sleep` on the source, with full queues, CLOSE_WAIT,
+//! LAST_ACK, FIN_WAIT1, FIN_WAIT2 and CLOSING among the ESTABLISHED ones, dumped and restored
+//! on the destination. The hook's report counts every connection; the restored sockets (taken
+//! from the restored process) are in the states they were dumped in and carry on byte-exact,
+//! with the ends of stream where due, and no host sends or counts a reset but CRIU's own probe:
+//! at each start CRIU checks the kernel with a connection on 127.0.0.1 that it ends with a
+//! reset, one OutRsts and one EstabResets in the netns it runs in (the source's and the
+//! destination's in the same-netns mode, the test's own in the external mode). Those are
+//! captured on `lo` and told apart. (A connection still in an accept queue cannot go through
+//! CRIU: it dumps fd tables, and refuses a listener with one waiting.) Needs root and CRIU; run
 //! with `--test-threads=1`.
 mod criu_bed;
 mod support;
@@ -23,6 +25,9 @@ use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
 use support::pairs::{Pair, check_every_state, every_state, join, resets, split, state_of};
 use tcpmig::{net::Netns, repair::TcpState};
 use tcpmig_testbed::{Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, sys};
+
+/// Connections in each migration.
+const ALL: usize = 1000;
 
 /// The fd the holder gets its first socket on (`command_with_listen_fds` starts at 3).
 const FIRST_FD: RawFd = 3;
@@ -115,7 +120,7 @@ fn every_state_through_criu(mode: Mode, ip: IpAddr, port: u16) -> Result<()> {
     let bed = TestBed::new()?;
     let mut migration = Migration::new(&bed, mode, &format!("states-{port}"))?;
     migration.service = ip;
-    let (pairs, client_read) = every_state(&bed, SocketAddr::new(ip, port))?;
+    let (pairs, client_read) = every_state(&bed, SocketAddr::new(ip, port), ALL)?;
     let dumped_states = server_states(&pairs)?;
     let before = resets(&bed)?;
     let probes = LoopbackResets::start(&bed)?;

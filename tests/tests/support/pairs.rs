@@ -317,15 +317,28 @@ pub const HALVES: [Half; 5] = [
     Half::Closing,
 ];
 
-/// One connection to `service` (served on the source) in every state that moves: both queues
-/// full, ESTABLISHED with SMALL bytes queued each way, then one per [`HALVES`]. Returns the
-/// pairs, and how far each half-closed client has read.
-pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec<u64>)> {
+/// The fewest connections [`every_state`] makes: one per state.
+pub const EVERY_STATE: usize = 2 + HALVES.len();
+
+/// `total` connections to `service` (served on the source, at least [`EVERY_STATE`]), every
+/// state that moves among them: both queues full first, then ESTABLISHED ones with SMALL bytes
+/// queued each way, then one per [`HALVES`]. Returns the pairs, and how far each half-closed
+/// client has read.
+pub fn every_state(
+    bed: &TestBed,
+    service: SocketAddr,
+    total: usize,
+) -> Result<(Vec<Pair>, Vec<u64>)> {
+    ensure!(
+        total >= EVERY_STATE,
+        "{total} connections cannot hold every state"
+    );
     let listener = bed.source().run(|| TcpListener::bind(service))??;
-    let mut pairs = accept_pairs(bed, &listener, 2 + HALVES.len())?;
+    let mut pairs = accept_pairs(bed, &listener, total)?;
     drop(listener);
     let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+    let open = total - HALVES.len();
+    for (k, pair) in pairs.iter_mut().take(open).enumerate() {
         let client = pair.client_addr()?;
         let limit = (k > 0).then_some(SMALL);
         pair.to_client = write_stream(&pair.server, client, s2c, 0, limit)?;
@@ -339,7 +352,7 @@ pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec
         full.to_server
     );
     let mut client_read = Vec::new();
-    for (half, pair) in HALVES.iter().zip(&mut pairs[2..]) {
+    for (half, pair) in HALVES.iter().zip(&mut pairs[open..]) {
         client_read.push(half.close(pair)?);
     }
     Ok((pairs, client_read))
@@ -350,7 +363,8 @@ pub fn every_state(bed: &TestBed, service: SocketAddr) -> Result<(Vec<Pair>, Vec
 /// the half-closed ones end as [`Half::finish`] says.
 pub fn check_every_state(pairs: &mut [Pair], client_read: Vec<u64>) -> Result<()> {
     let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    for (k, pair) in pairs.iter_mut().take(2).enumerate() {
+    let open = pairs.len() - HALVES.len();
+    for (k, pair) in pairs.iter_mut().take(open).enumerate() {
         let client = pair.client_addr()?;
         read_stream(&pair.server, client, c2s, (0, pair.to_server), false)
             .with_context(|| format!("connection {k}"))?;
@@ -361,7 +375,7 @@ pub fn check_every_state(pairs: &mut [Pair], client_read: Vec<u64>) -> Result<()
         read_stream(&pair.client, client, s2c, (pair.to_client, end), true)
             .with_context(|| format!("connection {k}"))?;
     }
-    for ((half, pair), read) in HALVES.iter().zip(&mut pairs[2..]).zip(client_read) {
+    for ((half, pair), read) in HALVES.iter().zip(&mut pairs[open..]).zip(client_read) {
         let server = pair.server.try_clone()?;
         half.finish(pair, &server, read)
             .with_context(|| format!("{half:?}"))?;
