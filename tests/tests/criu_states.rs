@@ -22,9 +22,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
-use support::pairs::{Pair, check_every_state, every_state, join, resets, split, state_of};
+use support::pairs::{
+    FINAL, Pair, SMALL, accept_pairs, check_every_state, every_state, join, read_stream, resets,
+    split, state_of, write_stream,
+};
 use tcpmig::{net::Netns, repair::TcpState};
-use tcpmig_testbed::{Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, sys};
+use tcpmig_testbed::{
+    Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, pattern::Direction, sys,
+};
 
 /// Connections in each migration.
 const ALL: usize = 1000;
@@ -174,4 +179,60 @@ fn every_state_through_criu_same_netns_ipv6() -> Result<()> {
 #[test]
 fn every_state_through_criu_external_netns_ipv6() -> Result<()> {
     every_state_through_criu(Mode::ExternalNetns, SERVICE_V6.into(), 8316)
+}
+
+/// A connection waiting in the accept queue of the `sleep`'s listener cannot go through CRIU,
+/// which dumps fd tables: CRIU refuses the dump ("in-flight"), the hook's freeze is lifted, and
+/// the `sleep` runs on; an accepted connection carries on byte-exact, the waiting one is still
+/// there to accept, and no host resets anything but CRIU's probe.
+#[test]
+fn a_connection_in_the_accept_queue_fails_the_dump_and_nothing_is_lost() -> Result<()> {
+    const PORT: u16 = 8317;
+    let bed = TestBed::new()?;
+    let migration = Migration::new(&bed, Mode::SameNetns, "queued")?;
+    let service = SocketAddr::new(SERVICE_V4.into(), PORT);
+    let listener = bed
+        .source()
+        .run(|| std::net::TcpListener::bind(service))??;
+    let mut pairs = accept_pairs(&bed, &listener, 1)?;
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    let pair = &mut pairs[0];
+    let client = pair.client_addr()?;
+    pair.to_client = write_stream(&pair.server, client, s2c, 0, Some(SMALL))?;
+    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(SMALL))?;
+    let waiting = bed.client().run(|| TcpStream::connect(service))??;
+    let before = resets(&bed)?;
+    let probes = LoopbackResets::start(&bed)?;
+    let fds = vec![
+        OwnedFd::from(listener.try_clone()?),
+        OwnedFd::from(pair.server.try_clone()?),
+    ];
+    let app = holder(&migration, fds)?;
+    ensure!(
+        migration.dump(app.pid()).is_err(),
+        "CRIU dumped an in-flight connection"
+    );
+    let log = fs::read_to_string(migration.dir.images().join("dump.log"))?;
+    let said = log.lines().find(|l| l.contains("Error") && l.contains("flight"));
+    eprintln!("CRIU: {said:?}");
+    ensure!(said.is_some(), "no in-flight connection in CRIU's log");
+    ensure!(
+        support::process_state(app.pid()).is_some_and(|s| s != 'T'),
+        "the holder does not run on"
+    );
+    nothing_left(&bed)?;
+    let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
+    read_stream(&pair.client, client, s2c, (0, end), false)?;
+    let end = write_stream(&pair.client, client, c2s, pair.to_server, Some(FINAL))?;
+    read_stream(&pair.server, client, c2s, (0, end), false)?;
+    listener.set_nonblocking(true)?;
+    let (_, peer) = listener.accept().context("the waiting connection")?;
+    ensure!(peer == waiting.local_addr()?, "accepted {peer}");
+    let (after, probes) = (resets(&bed)?, probes.stop()?);
+    ensure!(
+        after == before + probes,
+        "{} resets, {probes} of them CRIU's probe",
+        after - before
+    );
+    Ok(())
 }
