@@ -8,6 +8,7 @@
 //! `TcpInjector::open`, acts in the caller's: the restore already runs inside the destination's.
 mod addr;
 mod announce;
+mod checksum;
 mod inject;
 mod listener;
 mod netns;
