@@ -17,12 +17,12 @@ use std::{
 use netlink_packet_route::link::LinkLayerType;
 use tracing::debug;
 
-use crate::sys::PacketSocket;
-
 use super::{
     NetError, Netns,
+    checksum::{fold, sum},
     rtnl::{Session, with_link},
 };
+use crate::sys::PacketSocket;
 
 /// How many announcements [`super::move_address`] sends: one lost frame must not matter.
 pub const ANNOUNCE_COUNT: u32 = 3;
@@ -191,15 +191,7 @@ fn icmpv6_checksum(source: Ipv6Addr, destination: Ipv6Addr, message: &[u8]) -> u
         &[0, 0, 0, IPPROTO_ICMPV6],
     ]
     .concat();
-    let sum = pseudo_header
-        .chunks(2)
-        .chain(message.chunks(2))
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .fold(0u32, |sum, word| {
-            let sum = sum + word;
-            (sum & 0xffff) + (sum >> 16)
-        });
-    !u16::try_from(sum).expect("folded to 16 bits")
+    !fold(sum(&pseudo_header) + sum(message))
 }
 
 #[cfg(test)]

@@ -1,10 +1,15 @@
 //! Network plane: network namespaces, the service address (rtnetlink) and the announcements that
-//! make peers send to its new owner at once (gratuitous ARP, unsolicited neighbour advertisement).
+//! make peers send to its new owner at once (gratuitous ARP, unsolicited neighbour advertisement),
+//! and, for the freeze and repair planes both, the raw IP socket that hands TCP segments to the
+//! local stack (`inject`).
 //!
 //! Every call takes the [`Netns`] it acts in and does its work on a thread inside it, so the
-//! caller's own namespace is never touched by accident.
+//! caller's own namespace is never touched by accident; the one exception, the crate-internal
+//! `TcpInjector::open`, acts in the caller's: the restore already runs inside the destination's.
 mod addr;
 mod announce;
+mod checksum;
+mod inject;
 mod listener;
 mod netns;
 mod rtnl;
@@ -16,6 +21,7 @@ pub use addr::{add_address, delete_address, has_address, move_address};
 pub use announce::{
     ANNOUNCE_COUNT, ANNOUNCE_INTERVAL, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL, announce,
 };
+pub(crate) use inject::{InjectError, TcpInjector};
 pub use listener::listen_ahead;
 pub use netns::{Netns, NetnsError};
 pub use takeover::Takeover;

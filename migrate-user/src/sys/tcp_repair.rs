@@ -155,42 +155,6 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     Ok(info)
 }
 
-/// A raw socket of `family` that sends whole IP packets, headers included (IPPROTO_RAW): how a
-/// restore hands a connection a segment from its peer. Needs CAP_NET_RAW.
-pub fn raw_ip_socket(ipv6: bool) -> io::Result<OwnedFd> {
-    let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: socket() with constant arguments; the fd is owned at once.
-    let fd = check(unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_RAW,
-        )
-    })?;
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Sends `packet` (a whole IP packet) on a raw socket to `to`, which routes it.
-pub fn send_packet(fd: BorrowedFd<'_>, packet: &[u8], to: &SocketAddr) -> io::Result<()> {
-    let (storage, len) = raw_addr(to);
-    // SAFETY: `packet` is readable for its length; `storage` holds a sockaddr of `len` bytes.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            std::ptr::from_ref(&storage).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A close-on-exec duplicate of `fd` numbered `min` or above (F_DUPFD_CLOEXEC).
 pub fn dup_at_least(fd: BorrowedFd<'_>, min: usize) -> io::Result<OwnedFd> {
     let min = libc::c_int::try_from(min).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

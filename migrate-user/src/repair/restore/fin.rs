@@ -1,17 +1,15 @@
 //! The peer's FIN of a half-closed connection, given back to its restored socket. Repair mode
 //! has no way to queue a FIN on the receive side (TCP_REPAIR_QUEUE takes data only), so, as CRIU
 //! does, the restore sends the socket the segment the peer sent: FIN|ACK at the FIN's sequence
-//! number, from the peer's address, on a raw socket. Sent once the service address is local
+//! number, from the peer's address, on a raw socket ([`TcpInjector`], the one the hold's replay
+//! uses, which also computes the segment's checksums). Sent once the service address is local
 //! (the commit), it goes through loopback and never reaches the wire; the socket, still in repair
 //! mode, takes it like any segment: the FIN ends its receive queue (the application reads the
 //! queued bytes, then the end of the stream) and the state becomes CLOSE_WAIT.
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
-    time::Duration,
-};
+use std::{io, net::IpAddr, os::fd::BorrowedFd, time::Duration};
 
 use crate::{
+    net::TcpInjector,
     repair::{Connection, Phase, RepairError, TcpState},
     sys::tcp_repair as so,
     tuple::Tuple,
@@ -25,33 +23,38 @@ const PROTO_TCP: u8 = 6;
 /// the send returns, as a rule.
 const CHECKS: u32 = 50;
 
-/// The segment and the raw socket (made in the destination's namespace) that sends it.
+/// The segment and the raw socket (made in the destination's namespace, for the connection's
+/// local address) that sends it.
 pub(super) struct PeerFin {
-    socket: OwnedFd,
+    injector: TcpInjector,
+    /// Checksums left zero: the injector computes them.
     packet: Vec<u8>,
-    to: SocketAddr,
 }
 
 impl std::fmt::Debug for PeerFin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerFin").field("to", &self.to).finish()
+        f.debug_struct("PeerFin")
+            .field("to", &self.injector.to())
+            .finish()
     }
 }
 
 impl PeerFin {
-    pub(super) fn new(conn: &Connection, socket: OwnedFd) -> Self {
+    /// `injector` is opened for `conn`'s local address: it sends nothing else.
+    pub(super) fn new(conn: &Connection, injector: TcpInjector) -> Self {
         Self {
-            socket,
+            injector,
             packet: fin_packet(conn),
-            to: SocketAddr::new(conn.tuple.local.ip(), 0),
         }
     }
 
     /// Sends the FIN to `fd` (in repair mode) and checks that it took it: CLOSE_WAIT.
     pub(super) fn deliver(&self, fd: BorrowedFd<'_>, tuple: Tuple) -> Result<(), RepairError> {
         let fail = |op| RepairError::socket(tuple, Phase::Commit, op);
-        so::send_packet(self.socket.as_fd(), &self.packet, &self.to)
-            .map_err(fail("sending the peer's FIN (raw socket)"))?;
+        let mut packet = self.packet.clone();
+        self.injector
+            .send(&mut packet)
+            .map_err(|error| fail("sending the peer's FIN (raw socket)")(io::Error::from(error)))?;
         for _ in 0..CHECKS {
             let state = so::tcp_info(fd).map_err(fail("TCP_INFO"))?.tcpi_state;
             if TcpState::from_kernel(state) == TcpState::CloseWait {
@@ -64,7 +67,8 @@ impl PeerFin {
 }
 
 /// The peer's FIN|ACK as an IP packet: sequence number the FIN's, acknowledging our snd_una,
-/// with the peer's window (scaled as it sends it, so that taking it changes nothing), no options.
+/// with the peer's window (scaled as it sends it, so that taking it changes nothing), no options;
+/// checksums zero.
 fn fin_packet(conn: &Connection) -> Vec<u8> {
     let (from, to) = (conn.tuple.remote, conn.tuple.local);
     let snd_una = conn.send_seq.wrapping_sub(conn.send_queue.len() as u32);
@@ -79,8 +83,6 @@ fn fin_packet(conn: &Connection) -> Vec<u8> {
     tcp[13] = FIN | ACK;
     tcp[14..16].copy_from_slice(&window.to_be_bytes());
     let mut packet = ip_header(from.ip(), to.ip());
-    let sum = checksum(&pseudo_header(from.ip(), to.ip()), &tcp);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     packet.extend_from_slice(&tcp);
     packet
 }
@@ -112,49 +114,58 @@ fn v6_octets(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-/// The pseudo-header of the TCP checksum: addresses, protocol, TCP length.
-fn pseudo_header(from: IpAddr, to: IpAddr) -> Vec<u8> {
-    let mut p = Vec::with_capacity(40);
-    match (from, to) {
-        (IpAddr::V4(from), IpAddr::V4(to)) => {
-            p.extend_from_slice(&from.octets());
-            p.extend_from_slice(&to.octets());
-            p.extend_from_slice(&[0, PROTO_TCP]);
-            p.extend_from_slice(&(TCP_HEADER as u16).to_be_bytes());
-        }
-        (from, to) => {
-            p.extend_from_slice(&v6_octets(from));
-            p.extend_from_slice(&v6_octets(to));
-            p.extend_from_slice(&(TCP_HEADER as u32).to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0, PROTO_TCP]);
-        }
-    }
-    p
-}
-
-/// The Internet checksum (RFC 1071) of `a` then `b`, each of even length.
-fn checksum(a: &[u8], b: &[u8]) -> u16 {
-    let mut sum: u32 = a
-        .chunks(2)
-        .chain(b.chunks(2))
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::checksum;
+    use bytes::Bytes;
 
-    /// RFC 1071's example: the sum of 0001 f203 f4f5 f6f7 is ddf2, its complement 220d.
+    use super::*;
+    use crate::repair::{Negotiated, RepairWindow, SocketOptions};
+
+    fn half_closed(local: &str, remote: &str) -> Connection {
+        Connection {
+            tuple: Tuple {
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+            },
+            state: TcpState::CloseWait,
+            send_seq: 1000,
+            recv_seq: 77,
+            window: RepairWindow {
+                snd_wnd: 1 << 16,
+                ..RepairWindow::default()
+            },
+            negotiated: Negotiated {
+                wscale: Some((2, 7)),
+                ..Negotiated::default()
+            },
+            timestamp: 0,
+            options: SocketOptions::default(),
+            send_queue: Bytes::from_static(b"abc"),
+            unsent: 0,
+            recv_queue: Bytes::new(),
+        }
+    }
+
+    /// The FIN comes from the peer at the FIN's sequence number, acknowledges our snd_una, and
+    /// carries the window as the peer scales it; checksums are left to the injector.
     #[test]
-    fn checksum_is_rfc_1071s() {
-        assert_eq!(
-            checksum(&[0x00, 0x01, 0xf2, 0x03], &[0xf4, 0xf5, 0xf6, 0xf7]),
-            0x220d
-        );
+    fn fin_is_the_peers() {
+        let pairs = [
+            ("10.0.0.1:80", "10.0.0.2:40000", 20),
+            ("[fd00::1]:443", "[fd00::2]:5", 40),
+        ];
+        for (local, remote, ip_len) in pairs {
+            let conn = half_closed(local, remote);
+            let packet = fin_packet(&conn);
+            assert_eq!(packet.len(), ip_len + TCP_HEADER, "{local}");
+            let tcp = &packet[ip_len..];
+            let word = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().unwrap());
+            assert_eq!(tcp[0..2], conn.tuple.remote.port().to_be_bytes());
+            assert_eq!(tcp[2..4], conn.tuple.local.port().to_be_bytes());
+            assert_eq!((word(4), word(8)), (77, 997), "seq, ack");
+            assert_eq!(tcp[13], FIN | ACK);
+            assert_eq!(tcp[14..16], (1u16 << 14).to_be_bytes(), "window >> wscale");
+            assert_eq!(tcp[16..18], [0, 0], "checksum");
+        }
     }
 }

@@ -12,7 +12,7 @@ use super::{
     socket::{LocalAddresses, repair_socket, set_blocking},
 };
 use crate::{
-    net::Netns,
+    net::{Netns, TcpInjector},
     repair::{Connection, Phase, RepairError, SocketOptions, dump::tos_option},
     sys::tcp_repair::{self as so, Queue, RepairOpt},
 };
@@ -83,13 +83,12 @@ fn peer_fin(conn: &Connection) -> Result<Option<PeerFin>, RepairError> {
     if !conn.state.fin_received() {
         return Ok(None);
     }
-    let ipv6 = !conn.tuple.local.is_ipv4();
-    let socket = so::raw_ip_socket(ipv6).map_err(RepairError::socket(
+    let injector = TcpInjector::open(conn.tuple.local).map_err(RepairError::socket(
         conn.tuple,
         Phase::Restore,
         "raw socket for the peer's FIN (CAP_NET_RAW)",
     ))?;
-    Ok(Some(PeerFin::new(conn, socket)))
+    Ok(Some(PeerFin::new(conn, injector)))
 }
 
 /// The most TCP options a segment carries: each segment holds at least its MSS less these.
