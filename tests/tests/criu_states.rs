@@ -213,7 +213,9 @@ fn a_connection_in_the_accept_queue_fails_the_dump_and_nothing_is_lost() -> Resu
         "CRIU dumped an in-flight connection"
     );
     let log = fs::read_to_string(migration.dir.images().join("dump.log"))?;
-    let said = log.lines().find(|l| l.contains("Error") && l.contains("flight"));
+    let said = log
+        .lines()
+        .find(|l| l.contains("Error") && l.contains("flight"));
     eprintln!("CRIU: {said:?}");
     ensure!(said.is_some(), "no in-flight connection in CRIU's log");
     ensure!(

@@ -297,31 +297,27 @@ impl Container {
     /// directory; podman: exported to an archive, and the stopped container removed, as it would
     /// not exist on another machine); returns the runtime command's wall time.
     pub fn checkpoint(&self) -> Result<Duration> {
-        let started = Instant::now();
-        match self.runtime {
+        // Where CRIU's log will be, found before the clock starts (podman inspect takes time).
+        let (mut cmd, log) = match self.runtime {
             Runtime::Runc => {
-                self.run(
-                    self.runc()
-                        .args(["checkpoint", "--tcp-established", "--image-path"])
-                        .arg(self.dir.join("images"))
-                        .arg("--work-path")
-                        .arg(self.dir.join("checkpoint"))
-                        .arg(&self.id),
-                    "runc checkpoint",
-                )
-                .map_err(|e| e.context(self.criu_log(&self.dir.join("checkpoint/dump.log"))))?;
+                let mut cmd = self.runc();
+                cmd.args(["checkpoint", "--tcp-established", "--image-path"])
+                    .arg(self.dir.join("images"))
+                    .arg("--work-path")
+                    .arg(self.dir.join("checkpoint"))
+                    .arg(&self.id);
+                (cmd, Some(self.dir.join("checkpoint/dump.log")))
             }
             Runtime::Podman => {
-                self.run(
-                    Command::new("podman")
-                        .args(["container", "checkpoint", "--tcp-established", "--export"])
-                        .arg(self.archive())
-                        .arg(&self.id),
-                    "podman container checkpoint",
-                )
-                .map_err(|e| e.context(self.criu_log(&self.podman_dir().join("dump.log"))))?;
+                let mut cmd = Command::new("podman");
+                cmd.args(["container", "checkpoint", "--tcp-established", "--export"])
+                    .arg(self.archive())
+                    .arg(&self.id);
+                (cmd, Some(self.podman_dir().join("dump.log")))
             }
-        }
+        };
+        let started = Instant::now();
+        self.run_runtime(&mut cmd, "checkpoint", log)?;
         let took = started.elapsed();
         if self.runtime == Runtime::Podman {
             self.run(Command::new("podman").args(["rm", &self.id]), "podman rm")?;
@@ -334,32 +330,38 @@ impl Container {
     pub fn restore(&self, host: &Namespace) -> Result<Duration> {
         unmount(&self.netns)?;
         mount_bind(&host.path(), &self.netns)?;
-        let started = Instant::now();
-        match self.runtime {
+        let (mut cmd, log) = match self.runtime {
             Runtime::Runc => {
-                self.run(
-                    self.runc()
-                        .args(["restore", "--detach", "--tcp-established", "--image-path"])
-                        .arg(self.dir.join("images"))
-                        .arg("--work-path")
-                        .arg(self.dir.join("restore"))
-                        .arg("--bundle")
-                        .arg(self.dir.join("bundle"))
-                        .arg(&self.id),
-                    "runc restore",
-                )
-                .map_err(|e| e.context(self.criu_log(&self.dir.join("restore/restore.log"))))?;
+                let mut cmd = self.runc();
+                cmd.args(["restore", "--detach", "--tcp-established", "--image-path"])
+                    .arg(self.dir.join("images"))
+                    .arg("--work-path")
+                    .arg(self.dir.join("restore"))
+                    .arg("--bundle")
+                    .arg(self.dir.join("bundle"))
+                    .arg(&self.id);
+                (cmd, Some(self.dir.join("restore/restore.log")))
             }
             Runtime::Podman => {
-                self.run(
-                    Command::new("podman")
-                        .args(["container", "restore", "--tcp-established", "--import"])
-                        .arg(self.archive()),
-                    "podman container restore",
-                )?;
+                let mut cmd = Command::new("podman");
+                cmd.args(["container", "restore", "--tcp-established", "--import"])
+                    .arg(self.archive());
+                (cmd, None)
             }
-        }
+        };
+        let started = Instant::now();
+        self.run_runtime(&mut cmd, "restore", log)?;
         Ok(started.elapsed())
+    }
+
+    /// Runs the runtime's `action` command; on failure the error carries the errors of CRIU's
+    /// `log` when the runtime keeps one.
+    fn run_runtime(&self, cmd: &mut Command, action: &str, log: Option<PathBuf>) -> Result<()> {
+        let what = format!("{} {action}", self.runtime.name());
+        self.run(cmd, &what).map(drop).map_err(|e| match &log {
+            Some(log) => e.context(self.criu_log(log)),
+            None => e,
+        })
     }
 
     fn archive(&self) -> PathBuf {
