@@ -64,6 +64,32 @@ pub const SCOPE_ALL: u32 = 0;
 /// application stops, so that no handshake completes into an accept queue it will never read.
 pub const SCOPE_NEW_CONNECTIONS: u32 = 1;
 
+/// Capacity of the steering map: connections moved away whose segments the source forwards.
+pub const MAX_STEERED: u32 = 262_144;
+/// Pinned map name of the steering program, under `/sys/fs/bpf/tcpmig/<steering name>/`.
+pub const STEER_MAP: &str = "STEER";
+
+/// Where the steering program sends a moved connection's segments, and what it saw of them.
+/// User space writes the first three fields; the program updates the rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerValue {
+    /// The destination host's MAC: the frame's new destination.
+    pub dst_mac: [u8; 6],
+    /// This host's MAC on `ifindex`: the frame's new source (the client's MAC must not be seen
+    /// coming from this port, or a bridge would learn it here).
+    pub src_mac: [u8; 6],
+    /// The interface the frame leaves by (redirected to its egress).
+    pub ifindex: u32,
+    /// Segments forwarded.
+    pub packets: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last one; user space sets it at the steering.
+    pub last_ns: u64,
+    /// TCP flags seen from the client so far (FIN 0x01, RST 0x04): an ending connection.
+    pub flags_seen: u32,
+    pub _pad: u32,
+}
+
 /// Indexes into the per-CPU counters array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,4 +157,6 @@ mod user {
     unsafe impl aya::Pod for super::FreezeValue {}
     // SAFETY: as above; one byte array.
     unsafe impl aya::Pod for super::StateRecord {}
+    // SAFETY: as above; two MACs, then u32, u64, u64, u32 and an explicit pad u32.
+    unsafe impl aya::Pod for super::SteerValue {}
 }

@@ -13,7 +13,7 @@ use super::{
     remove_freeze, same_netns,
 };
 use crate::{
-    freeze,
+    freeze::{self, RemoveOnDrop},
     net::{self, NetError, Netns},
     repair::{self, Filter, RepairError},
     tuple::Tuple,
@@ -34,10 +34,26 @@ pub(super) fn hold_new_connections(
         .freeze_new_connections(&config.services, config.deadline)
         .step("stopping new connections to the services")?;
     settle_accept_queues(netns, &config.services)?;
-    let addresses = config.services.iter().map(SocketAddr::ip).collect();
-    start_guard(env, config, netns, &name, addresses)?;
-    freeze.keep();
     report.services = config.services.len();
+    let addresses = config.services.iter().map(SocketAddr::ip).collect();
+    keep_freeze(env, config, netns, (name, freeze), Some(addresses), report)
+}
+
+/// How a lock ends: the guard started for the freeze `name` (holding it while `guard`'s
+/// addresses are local) unless one runs already (`None`), then the freeze kept past this
+/// process and named in the report.
+fn keep_freeze(
+    env: &HookEnv,
+    config: &Config,
+    netns: &Netns,
+    (name, freeze): (String, RemoveOnDrop),
+    guard: Option<BTreeSet<IpAddr>>,
+    report: &mut HookReport,
+) -> Result<(), CriuError> {
+    if let Some(addresses) = guard {
+        start_guard(env, config, netns, &name, addresses)?;
+    }
+    freeze.keep();
     report.freeze = Some(name);
     Ok(())
 }
@@ -89,12 +105,8 @@ pub(super) fn lock_source(
         report.services = config.services.len();
         config.services.iter().map(SocketAddr::ip).collect()
     };
-    if !guarded {
-        start_guard(env, config, netns, &name, addresses)?;
-    }
-    freeze.keep();
-    report.freeze = Some(name);
-    Ok(())
+    let guard = (!guarded).then_some(addresses);
+    keep_freeze(env, config, netns, (name, freeze), guard, report)
 }
 
 /// The guard of the freeze `name`, holding it while `addresses` are local to the source.

@@ -29,6 +29,7 @@ mod entries;
 pub mod hold;
 mod pins;
 mod status;
+mod steer;
 
 use std::{
     os::fd::{AsFd as _, OwnedFd},
@@ -48,6 +49,7 @@ pub use self::{
     entries::{service_key, tuple_key, unfrozen},
     pins::{PIN_ROOT, ensure_bpffs},
     status::{Counters, FreezeStatus, FrozenEntry, statuses},
+    steer::{NextHop, STEER_ROOT, Steered, Steering},
 };
 use crate::{
     net::{Netns, NetnsError},

@@ -77,22 +77,34 @@ pub(super) struct Announcer {
     addr: IpAddr,
 }
 
+/// The index and MAC of Ethernet interface `dev` in `netns`: where a frame for another host
+/// on its segment leaves, and its source address.
+pub fn ethernet_link(netns: &Netns, dev: &str) -> Result<(u32, [u8; 6]), NetError> {
+    with_link(netns, dev, |session| {
+        Ok((session.link.index, ethernet_mac(session)?))
+    })
+}
+
+/// The session's interface's MAC; an error if it is not Ethernet.
+fn ethernet_mac(session: &Session<'_>) -> Result<[u8; 6], NetError> {
+    let link = &session.link;
+    match link.mac {
+        Some(mac) if link.link_type == LinkLayerType::Ether => Ok(mac),
+        _ => Err(NetError::NotEthernet {
+            netns: session.netns.to_string(),
+            dev: session.dev.to_owned(),
+            link_type: link.link_type,
+        }),
+    }
+}
+
 impl Announcer {
     /// Builds the frame from the interface's MAC and binds the socket; the calling thread must
     /// be in the session's namespace (a packet socket belongs to the one it was made in).
     pub(super) fn open_here(session: &Session<'_>, addr: IpAddr) -> Result<Self, NetError> {
         let (netns, dev) = (session.netns.to_string(), session.dev.to_owned());
         let link = &session.link;
-        let mac = match link.mac {
-            Some(mac) if link.link_type == LinkLayerType::Ether => mac,
-            _ => {
-                return Err(NetError::NotEthernet {
-                    netns,
-                    dev,
-                    link_type: link.link_type,
-                });
-            }
-        };
+        let mac = ethernet_mac(session)?;
         let (frame, ethertype, destination) = match addr {
             IpAddr::V4(ip) => (gratuitous_arp(mac, ip), ETH_P_ARP, BROADCAST),
             IpAddr::V6(ip) => (neighbour_advertisement(mac, ip), ETH_P_IPV6, ALL_NODES_MAC),

@@ -20,6 +20,7 @@ use std::{io, net::IpAddr, time::Duration};
 pub use addr::{add_address, delete_address, has_address, move_address};
 pub use announce::{
     ANNOUNCE_COUNT, ANNOUNCE_INTERVAL, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL, announce,
+    ethernet_link,
 };
 pub(crate) use inject::{InjectError, TcpInjector};
 pub use listener::listen_ahead;

@@ -1,0 +1,241 @@
+//! Steering: the source host forwards the segments of connections it moved to another host
+//! while keeping their service address (a rebalance). Clients keep sending to this host (the
+//! address and its ARP/ND answers stay here); the steering program, first on the interface's
+//! ingress, gives each frame of a moved connection the destination host's MAC and sends it out
+//! again, before the freeze or the stack sees it. The destination answers the clients directly
+//! (the service address on a device there that does not answer ARP), so only the client-to-server
+//! direction crosses this host. docs/rebalance.md draws the path.
+//!
+//! Steerings are pinned under `/sys/fs/bpf/tcpmig-steer/<name>/` (the program's tcx link and its
+//! map), apart from the freezes, so they outlive the process that set them (a moved connection
+//! lives on long after its migration) and any process can list, sweep or remove them. tcx only
+//! (Linux 6.6 or later): the program must run before a freeze on the same interface.
+use std::{
+    fs, io,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder},
+        tc::TcAttach,
+    },
+};
+use migrate_common::{STEER_MAP, SteerValue, TupleKey};
+
+use super::{
+    FreezeError, check_privileges, ensure_bpffs,
+    entries::{socket_addr, tuple_key},
+    validate_name,
+};
+use crate::{net::Netns, sys, tuple::Tuple};
+
+/// The compiled steering program, built from migrate-ebpf by build.rs.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer"));
+
+const PROGRAM_NAME: &str = "tcpmig_steer";
+pub const STEER_ROOT: &str = "/sys/fs/bpf/tcpmig-steer";
+
+/// TCP flags the program notes from the client: a connection ending.
+const FIN: u32 = 0x01;
+const RST: u32 = 0x04;
+
+/// Where a moved connection's frames go: the destination host's MAC, through this host's
+/// interface (`ifindex`, whose own MAC becomes the frames' source).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// One steered connection and what the program saw of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steered {
+    pub tuple: Tuple,
+    pub dst_mac: [u8; 6],
+    pub packets: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last forwarded segment, or of the steering if none.
+    pub last_ns: u64,
+    /// The client sent a FIN, or a RST.
+    pub fin: bool,
+    pub rst: bool,
+}
+
+/// A steering program attached to an interface, and its map of moved connections.
+pub struct Steering {
+    name: String,
+    map: HashMap<MapData, TupleKey, SteerValue>,
+}
+
+impl Steering {
+    /// Attaches the steering program to the ingress of `dev` in `netns`, first among the tcx
+    /// programs there, pinned under `name`; or opens the steering of that name if it exists.
+    pub fn attach(netns: &Netns, dev: &str, name: &str) -> Result<Self, FreezeError> {
+        check_privileges()?;
+        validate_name(name)?;
+        ensure_bpffs().map_err(FreezeError::Bpffs)?;
+        let dir = dir(name);
+        if dir.join(PROGRAM_NAME).exists() {
+            return Self::open(name);
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_error(name, "creating the pin directory"))?;
+        let attached = netns.run(|| attach_here(dev, &dir))?;
+        if let Err(error) = attached {
+            // Nothing half-made stays pinned.
+            let _ = fs::remove_dir_all(&dir);
+            return Err(match error {
+                FreezeError::Program(_) if nix::net::if_::if_nametoindex(dev).is_err() => {
+                    FreezeError::UnknownInterface {
+                        dev: dev.to_owned(),
+                        netns: netns.spec().to_owned(),
+                    }
+                }
+                error => error,
+            });
+        }
+        Self::open(name)
+    }
+
+    /// Opens the steering `name`, from any process.
+    pub fn open(name: &str) -> Result<Self, FreezeError> {
+        check_privileges()?;
+        validate_name(name)?;
+        let path = dir(name).join(STEER_MAP);
+        if !path.exists() {
+            return Err(FreezeError::NotFound(name.to_owned()));
+        }
+        let map = Map::from_map_data(MapData::from_pin(path)?)?;
+        Ok(Self {
+            name: name.to_owned(),
+            map: HashMap::try_from(map)?,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Forwards the client-to-server segments of `tuples` (connections of this host, local =
+    /// the service) to `next`, from the next segment on.
+    pub fn steer(&mut self, tuples: &[Tuple], next: NextHop) -> Result<(), FreezeError> {
+        let value = SteerValue {
+            dst_mac: next.dst_mac,
+            src_mac: next.src_mac,
+            ifindex: next.ifindex,
+            // Quiet from now: an idle connection's entry lives `idle` from its steering on.
+            last_ns: sys::monotonic_now().as_nanos() as u64,
+            ..SteerValue::default()
+        };
+        for tuple in tuples {
+            self.map.insert(&tuple_key(tuple), &value, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Stops forwarding `tuples`; one that is not steered is no error.
+    pub fn unsteer(&mut self, tuples: &[Tuple]) -> Result<(), FreezeError> {
+        for tuple in tuples {
+            match self.map.remove(&tuple_key(tuple)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every steered connection.
+    pub fn entries(&self) -> Result<Vec<Steered>, FreezeError> {
+        self.map
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok(Steered {
+                    tuple: Tuple {
+                        local: socket_addr(key.family, key.local_addr, key.local_port),
+                        remote: socket_addr(key.family, key.remote_addr, key.remote_port),
+                    },
+                    dst_mac: value.dst_mac,
+                    packets: value.packets,
+                    last_ns: value.last_ns,
+                    fin: value.flags_seen & FIN != 0,
+                    rst: value.flags_seen & RST != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes the entries of connections that ended: reset by the client, or closed by it and
+    /// quiet for `grace` (its last ACK forwarded), or quiet for `idle` whatever their state (a
+    /// client that vanished). Returns the connections removed.
+    pub fn sweep(&mut self, grace: Duration, idle: Duration) -> Result<Vec<Tuple>, FreezeError> {
+        let now = sys::monotonic_now();
+        let quiet = |steered: &Steered| now.saturating_sub(Duration::from_nanos(steered.last_ns));
+        let ended: Vec<Tuple> = (self.entries()?.into_iter())
+            .filter(|s| s.rst || (s.fin && quiet(s) >= grace) || quiet(s) >= idle)
+            .map(|s| s.tuple)
+            .collect();
+        self.unsteer(&ended)?;
+        Ok(ended)
+    }
+
+    /// Detaches the steering `name` and removes its pins.
+    pub fn remove(name: &str) -> Result<(), FreezeError> {
+        validate_name(name)?;
+        let dir = dir(name);
+        match sys::detach_pinned_link(&dir.join(PROGRAM_NAME)) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
+            Err(source) => return Err(io_error(name, "detaching the steering program")(source)),
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(name, "removing the steering's pins")(e)),
+        }
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(STEER_ROOT).join(name)
+}
+
+fn io_error(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> FreezeError {
+    let name = name.to_owned();
+    move |source| FreezeError::Io { name, what, source }
+}
+
+/// Loads the program (its map pinned in `dir`) and attaches it first on `dev`'s ingress, its
+/// tcx link pinned in `dir`; runs in the interface's namespace.
+fn attach_here(dev: &str, dir: &Path) -> Result<(), FreezeError> {
+    let ifindex = nix::net::if_::if_nametoindex(dev).map_err(|errno| FreezeError::Io {
+        name: dev.to_owned(),
+        what: "looking up the interface",
+        source: errno.into(),
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(PROGRAM)?;
+    let classifier: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+        .try_into()?;
+    classifier.load()?;
+    let attach = TcAttach::Tcx {
+        attach_type: TcAttachType::Ingress,
+        order: LinkOrder::first(),
+    };
+    let link_id = classifier.attach(ifindex, attach)?;
+    let link: FdLink = classifier.take_link(link_id)?.try_into()?;
+    link.pin(dir.join(PROGRAM_NAME))?;
+    Ok(())
+}
