@@ -120,8 +120,17 @@ fn steered_connections_are_served_by_the_destination(ipv6: bool, port: u16) -> R
     ensure!(committed.failures.is_empty(), "{:?}", committed.failures);
     dumped.commit();
     drop(freeze);
-    // The source's own copies go (closed in repair mode: silently), and each moved pair gets
-    // the destination's socket.
+    // The source's own copies (the application's, in a rebalance) end for it alone: their
+    // reads fail with ECONNABORTED (disconnected in repair mode, which sends nothing), and
+    // they close silently. Each moved pair gets the destination's socket.
+    for pair in &pairs[..MOVED] {
+        let mut byte = [0u8; 1];
+        let read = std::io::Read::read(&mut &pair.server, &mut byte);
+        ensure!(
+            read.as_ref().err().and_then(std::io::Error::raw_os_error) == Some(libc::ECONNABORTED),
+            "the source's copy read {read:?}"
+        );
+    }
     let mut moved: Vec<TcpStream> = (committed.sockets.into_iter())
         .map(|s| TcpStream::from(s.fd))
         .collect();
