@@ -42,6 +42,7 @@ pub mod checkpoint;
 mod guard;
 mod process;
 mod report;
+mod select;
 mod source;
 mod tls;
 mod token;
@@ -62,6 +63,7 @@ pub use self::{
     guard::{GuardOutcome, guard},
     process::StoppedTree,
     report::{AgentReport, Dropped, LeftConnection, Phases, Report},
+    select::{SelectError, Selector},
     source::{PRECOPY_QUIET, SourceConfig, migrate},
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     token::Token,
