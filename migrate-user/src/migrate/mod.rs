@@ -49,7 +49,7 @@ mod transport;
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -75,7 +75,17 @@ use crate::{
     net::{NetError, NetnsError},
     repair::RepairError,
     sys::Capability,
+    tuple::Addresses,
 };
+
+/// An address a migration moves: deleted from the source's interface and added to the
+/// destination's with the prefix length it had on the source. A dual-stack service moves two, one
+/// per family; services on several ports of one address move it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MovedAddress {
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
 
 /// How long either side waits for each step of the other by default.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,21 +190,27 @@ pub enum MigrateError {
         dev: String,
         pid: u32,
     },
-    #[error("process {pid} has no connection on {service} to migrate")]
-    NoConnections { pid: u32, service: SocketAddr },
     #[error(
-        "{count} connection(s) of {service} cannot move:{list}\n(--skip-unmovable moves the \
+        "process {pid} has no connection on {} to migrate",
+        Addresses(services)
+    )]
+    NoConnections { pid: u32, services: Vec<SocketAddr> },
+    #[error(
+        "{count} connection(s) of {} cannot move:{list}\n(--skip-unmovable moves the \
          others and leaves these)",
+        Addresses(services),
         count = list.0.len()
     )]
     Unmovable {
-        service: SocketAddr,
+        services: Vec<SocketAddr>,
         list: crate::repair::Listed,
     },
     #[error("starting the async runtime (nothing was changed)")]
     Runtime(#[source] io::Error),
     #[error("no process to migrate: give at least one pid (nothing was changed)")]
     NoProcess,
+    #[error("no service to migrate: give at least one --service (nothing was changed)")]
+    NoService,
     #[error("process {pid} is given twice (nothing was changed)")]
     DuplicatePid { pid: u32 },
     #[error(

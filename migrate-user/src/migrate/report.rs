@@ -102,7 +102,8 @@ pub struct AgentReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub pids: Vec<u32>,
-    pub service: SocketAddr,
+    /// The services whose connections moved (one per family for a dual-stack service).
+    pub services: Vec<SocketAddr>,
     pub agent: SocketAddr,
     /// Processes stopped (the application and its descendants).
     pub processes_stopped: usize,
@@ -146,10 +147,10 @@ pub struct Report {
 
 impl Report {
     /// The report of a migration that has just begun: every count and time zero.
-    pub(super) fn started(pids: Vec<u32>, service: SocketAddr, agent: SocketAddr) -> Self {
+    pub(super) fn started(pids: Vec<u32>, services: Vec<SocketAddr>, agent: SocketAddr) -> Self {
         Self {
             pids,
-            service,
+            services,
             agent,
             processes_stopped: 0,
             connections: 0,

@@ -8,7 +8,7 @@
 //! checksum of offload, which the loopback path would then check and reject.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use nix::sys::socket::{
@@ -18,7 +18,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 
 use super::HoldError;
-use crate::net::Netns;
+use crate::{net::Netns, tuple::Addresses};
 
 const IPPROTO_TCP: u8 = 6;
 
@@ -44,35 +44,33 @@ impl ReplayReport {
     }
 }
 
-/// A raw socket in the destination's namespace, opened before the blackout.
+/// Raw sockets in the destination's namespace, one per family of the services, opened before the
+/// blackout.
 pub struct Replayer {
-    socket: OwnedFd,
-    /// The only destination it sends to: the held packets come from the source over the link,
-    /// and an authenticated source must still not make this raw socket send anything else.
-    service: SocketAddr,
+    v4: Option<OwnedFd>,
+    v6: Option<OwnedFd>,
+    /// The only destinations it sends to: the held packets come from the source over the link,
+    /// and an authenticated source must still not make these raw sockets send anything else.
+    services: Vec<SocketAddr>,
 }
 
 impl Replayer {
-    /// Opens the socket for `service`'s family in `netns`.
-    pub fn open(netns: &Netns, service: SocketAddr) -> Result<Self, HoldError> {
-        let family = if service.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
+    /// Opens a socket for each family of `services` in `netns` (both, for a dual-stack service).
+    pub fn open(netns: &Netns, services: &[SocketAddr]) -> Result<Self, HoldError> {
+        let open = |family| -> Result<OwnedFd, HoldError> {
+            let flags = SockFlag::SOCK_CLOEXEC;
+            let socket = netns.run(|| socket(family, SockType::Raw, flags, SockProtocol::Raw))?;
+            socket.map_err(|errno| HoldError::ReplaySocket {
+                netns: netns.to_string(),
+                source: errno.into(),
+            })
         };
-        let socket = netns.run(|| {
-            socket(
-                family,
-                SockType::Raw,
-                SockFlag::SOCK_CLOEXEC,
-                SockProtocol::Raw,
-            )
-        })?;
-        let socket = socket.map_err(|errno| HoldError::ReplaySocket {
-            netns: netns.to_string(),
-            source: errno.into(),
-        })?;
-        Ok(Self { socket, service })
+        let any = |ipv4: bool| services.iter().any(|s| s.is_ipv4() == ipv4);
+        Ok(Self {
+            v4: any(true).then(|| open(AddressFamily::Inet)).transpose()?,
+            v6: any(false).then(|| open(AddressFamily::Inet6)).transpose()?,
+            services: services.to_vec(),
+        })
     }
 
     /// Hands `packets` to the stack in their order.
@@ -94,15 +92,17 @@ impl Replayer {
     }
 
     fn send_one(&self, packet: &mut [u8]) -> Result<(), String> {
-        let destination = for_service(packet, self.service)?;
+        let destination = for_services(packet, &self.services)?;
+        // A service's family has its socket: opened for each.
+        let socket = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         let sent = match destination.ip() {
             IpAddr::V4(ip) => {
                 let to = SockaddrIn::from(SocketAddrV4::new(ip, 0));
-                sendto(self.socket.as_raw_fd(), packet, &to, MsgFlags::empty())
+                sendto(socket(&self.v4), packet, &to, MsgFlags::empty())
             }
             IpAddr::V6(ip) => {
                 let to = SockaddrIn6::from(SocketAddrV6::new(ip, 0, 0, 0));
-                sendto(self.socket.as_raw_fd(), packet, &to, MsgFlags::empty())
+                sendto(socket(&self.v6), packet, &to, MsgFlags::empty())
             }
         };
         sent.map(drop)
@@ -110,13 +110,16 @@ impl Replayer {
     }
 }
 
-/// Makes `packet` ready to send (see [`fix_checksums`]) if it is a TCP packet to `service`.
-fn for_service(packet: &mut [u8], service: SocketAddr) -> Result<SocketAddr, String> {
-    let destination = fix_checksums(packet, service.is_ipv4())
+/// Makes `packet` ready to send (see [`fix_checksums`]) if it is a TCP packet to one of
+/// `services`, of its family (the IP version in its first byte).
+fn for_services(packet: &mut [u8], services: &[SocketAddr]) -> Result<SocketAddr, String> {
+    let ipv4 = packet.first().is_some_and(|b| b >> 4 == 4);
+    let destination = fix_checksums(packet, ipv4)
         .ok_or_else(|| format!("a held packet of {} bytes is not TCP", packet.len()))?;
-    if destination != service {
+    if !services.contains(&destination) {
         return Err(format!(
-            "a held packet to {destination} is not for the service {service}: not replayed"
+            "a held packet to {destination} is not for the service {}: not replayed",
+            Addresses(services)
         ));
     }
     Ok(destination)
@@ -217,13 +220,16 @@ mod tests {
     #[test]
     fn only_packets_to_the_service_are_replayed() {
         let service: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        assert_eq!(for_service(&mut SYN_V4.clone(), service), Ok(service));
+        assert_eq!(for_services(&mut SYN_V4.clone(), &[service]), Ok(service));
         let other_port = "10.0.0.2:22".parse().unwrap();
-        let error = for_service(&mut SYN_V4.clone(), other_port).unwrap_err();
+        let error = for_services(&mut SYN_V4.clone(), &[other_port]).unwrap_err();
         assert!(error.contains("not for the service 10.0.0.2:22"), "{error}");
         let mut elsewhere = SYN_V4;
         elsewhere[16..20].copy_from_slice(&[192, 0, 2, 1]);
-        assert!(for_service(&mut elsewhere, service).is_err());
+        assert!(for_services(&mut elsewhere, &[service]).is_err());
+        // A dual-stack service: either address.
+        let dual = [other_port, "[fd00::2]:80".parse().unwrap(), service];
+        assert_eq!(for_services(&mut SYN_V4.clone(), &dual), Ok(service));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Groups of connections, each in a shard of its own: at most one application process's worth
 //! of fds each. The image is cut into one part per group and each group works on its part on its
 //! own thread.
-use std::{collections::HashMap, net::SocketAddr};
+use std::collections::HashMap;
 
 use crate::{
     migrate::MigrateError,
     net::Netns,
-    repair::{Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, Workers},
+    repair::{Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool},
     shard::{self, Shard},
     tuple::Tuple,
 };
@@ -44,7 +44,6 @@ pub(super) fn group_sizes(total: usize, max: usize) -> Vec<usize> {
 /// group order.
 pub(super) fn on_each_group<R: Send + 'static>(
     config: &AgentConfig,
-    service: SocketAddr,
     groups: &[Shard<Group>],
     parts: Vec<Vec<Connection>>,
     work: impl Fn(&mut Group, &Netns, SocketPool, Vec<Connection>) -> Result<R, MigrateError>
@@ -59,10 +58,7 @@ pub(super) fn on_each_group<R: Send + 'static>(
             let (spec, work) = (config.netns.clone(), work.clone());
             group.start(move |group| {
                 let netns = Netns::open(&spec)?;
-                let pool = match group.pool.take() {
-                    Some(pool) => pool,
-                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
-                };
+                let pool = group.pool.take().unwrap_or_else(SocketPool::none);
                 work(group, &netns, pool, part)
             })
         })

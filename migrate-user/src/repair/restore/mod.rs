@@ -15,7 +15,6 @@ mod state;
 
 use std::{
     borrow::Borrow,
-    net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{
         Mutex, PoisonError,
@@ -127,9 +126,7 @@ pub fn restore_with(
     netns: &Netns,
     connections: &[Connection],
 ) -> Result<RestoredSockets, RepairError> {
-    // Any address: an empty pool fits no connection.
-    let none = SocketPool::empty(SocketAddr::from(([0, 0, 0, 0], 0)));
-    restore_with_pool(workers, netns, connections, none)
+    restore_with_pool(workers, netns, connections, SocketPool::none())
 }
 
 /// [`restore_with`] on the sockets of `pool` (made in `netns`) for the connections on its local

@@ -67,6 +67,12 @@ impl SocketPool {
         Ok(pool)
     }
 
+    /// A pool with no sockets: every connection restored with it gets a fresh one.
+    pub fn none() -> Self {
+        // Any address: an empty pool fits no connection.
+        Self::empty(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     pub(super) fn empty(local: SocketAddr) -> Self {
         Self {
             local,
