@@ -1,0 +1,130 @@
+//! A dual-stack service in one migration (issue 17, item 7): one server process per family
+//! (a peer serves one address), 500 connections each with bytes queued both ways, and one
+//! `tcpmig migrate` with `--service` for the bed's IPv4 and IPv6 addresses (on different ports:
+//! allowed) and both pids. The agent adopts all of them in one process: every byte arrives, none
+//! is reset, both addresses end up on the destination only, the clients heard a gratuitous ARP
+//! and an unsolicited NA for them, and a new connection to each address is served there. Then a
+//! migration that fails after the source deleted both addresses puts both back.
+//!
+//! Run one at a time: `cargo test -p tcpmig-testbed --test dual_stack -- --test-threads=1`.
+mod support;
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, Result, ensure};
+use tcpmig_testbed::{Capture, TestBed, TokenFile, Traffic, announcements};
+
+/// Connections per family.
+const N: usize = 500;
+const PORT_V4: u16 = 8097;
+const PORT_V6: u16 = 8098;
+
+/// The bed's IPv4 and IPv6 service addresses, on their ports.
+fn services() -> [SocketAddr; 2] {
+    [
+        SocketAddr::new(TestBed::service(false), PORT_V4),
+        SocketAddr::new(TestBed::service(true), PORT_V6),
+    ]
+}
+
+/// N queued connections to each service, from one server process per family, as one traffic:
+/// verified and carried on together.
+fn dual_traffic(bed: &TestBed) -> Result<Traffic<'_>> {
+    let [v4, v6] = services();
+    let mut ipv4 = support::queued_traffic_at(bed, N, v4)?;
+    let ipv6 = support::queued_traffic_at(bed, N, v6)?;
+    ipv4.servers.extend(ipv6.servers);
+    ipv4.clients.extend(ipv6.clients);
+    Ok(ipv4)
+}
+
+#[test]
+fn both_families_move_in_one_migration() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = dual_traffic(&bed)?;
+    let token = TokenFile::new(&bed, "dual", "dual token")?;
+    let destination = bed.destination();
+    let agent = support::start_agent(destination, &token.0, support::adopted_stream(), &[])?;
+    let agent_pid = agent.pid();
+    support::na_defaults(&bed)?;
+    let capture = Capture::start_filtered(bed.client(), "announce", "arp or icmp6")?;
+    let pids = traffic.server_pids();
+    let services = services();
+    let (migrate_pid, stdout) = support::migrate_services_to(
+        &bed,
+        &mut traffic,
+        agent,
+        &pids,
+        &services,
+        &token.0,
+        &["--json"],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("tcpmig migrate --json printed {stdout:?}"))?;
+    for field in ["connections", "kept"] {
+        ensure!(report[field].as_u64() == Some(2 * N as u64), "{report}");
+    }
+    let listed: Vec<String> = services.iter().map(ToString::to_string).collect();
+    ensure!(report["services"] == serde_json::json!(listed), "{report}");
+    eprintln!(
+        "both families, {} connections: blackout {} ms, total {} ms; destination {}",
+        2 * N,
+        report["blackout_ms"],
+        report["total_ms"],
+        report["destination"],
+    );
+    support::carries_on(&mut traffic, 2 * N).context("after the move")?;
+    let heard = announcements(&capture.stop_raw()?)?;
+    let mac = destination.mac()?;
+    for service in services {
+        support::announced_by(&heard, service.ip(), &mac)?;
+        support::new_connection_reaches(&bed, destination, service)?;
+    }
+    let freezes = [
+        format!("migrate-{migrate_pid}"),
+        format!("agent-{agent_pid}"),
+    ];
+    let ips = services.map(|s| s.ip());
+    support::nothing_left_of(&bed, &freezes, destination, &ips)
+}
+
+/// The agent dies once the source has deleted both addresses (its pause `address-deleted`):
+/// the source rolls back, both addresses are back on it and every connection carries on there.
+#[test]
+fn a_failure_after_the_addresses_moved_puts_both_back() -> Result<()> {
+    let bed = TestBed::new()?;
+    let mut traffic = dual_traffic(&bed)?;
+    let token = TokenFile::new(&bed, "dual", "dual token")?;
+    let (source, destination) = (bed.source(), bed.destination());
+    let mut agent = support::start_plain_agent(destination, &token.0, &[], None)?;
+    let agent_pid = agent.child.pid();
+    let services = services();
+    let link = support::insecure(&token.0);
+    let timeout = support::STEP_TIMEOUT_SECS;
+    let pids = traffic.server_pids();
+    let mut cmd =
+        support::migrate_command_of(source, destination, &pids, &services, &link, timeout)?;
+    cmd.env("TCPMIG_TEST_PAUSE_AT", "address-deleted");
+    let mut migrate = support::Running::spawn(source, cmd)?;
+    let migrate_pid = migrate.child.pid();
+    let pause = "test pause at address-deleted";
+    migrate.stderr.wait_for(pause, support::COMMAND_TIMEOUT)?;
+    for service in services {
+        ensure!(
+            !source.holds(service.ip())?,
+            "{service} still on the source"
+        );
+    }
+    agent.kill()?;
+    migrate.resume()?;
+    migrate
+        .fails_saying("rolled back: the connections carry on at the source")
+        .context("the migration")?;
+    support::carries_on(&mut traffic, 2 * N).context("after the rollback")?;
+    let freezes = [
+        format!("migrate-{migrate_pid}"),
+        format!("agent-{agent_pid}"),
+    ];
+    let ips = services.map(|s| s.ip());
+    support::nothing_left_of(&bed, &freezes, source, &ips)
+}
