@@ -6,7 +6,9 @@
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
 //!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
-//!    makes a pool of sockets bound to the service, one per connection the source counted.
+//!    makes a pool of sockets bound to the (first) service, one per connection the source
+//!    counted. A dual-stack service moves in one migration: every step covers each of its
+//!    services (`--service` once per address).
 //! 2. the source stops the application's process tree (SIGSTOP), finds its connections and reads
 //!    the options only the application sets, freezes the service (one map update: the blackout
 //!    starts) and dumps the sockets (one pass of a BPF iterator, then repair mode on each), which
@@ -16,9 +18,9 @@
 //! 3. the image streams to the agent, which restores the sockets in repair mode on its pool and
 //!    freezes the service (before the address exists there, so nothing is answered with an RST);
 //!    it answers Restored.
-//! 4. the source has deleted the service address while the agent restored, and sends Commit
-//!    once it has Restored; the agent adds the address (netlink session opened on Prepare),
-//!    announces it (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
+//! 4. the source has deleted the service addresses while the agent restored, and sends Commit
+//!    once it has Restored; the agent adds the addresses (netlink session opened on Prepare),
+//!    announces each (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
 //!    repair mode (the blackout ends), and answers Committed.
 //! 5. the source closes its repair-mode sockets silently, ends the application if asked, and
 //!    removes its freeze.
