@@ -5,7 +5,8 @@
 //! is reset, what the clients sent into the freeze is held and replayed (both families), both
 //! addresses end up on the destination only, the clients heard a gratuitous ARP and an
 //! unsolicited NA for them, and a new connection to each address is served there. Then a
-//! migration that fails after the source deleted both addresses puts both back.
+//! migration that fails after the source deleted both addresses puts both back: the agent
+//! killed (`migrate` rolls back) or `migrate` killed (its guard does).
 //!
 //! Run one at a time: `cargo test -p tcpmig-testbed --test dual_stack -- --test-threads=1`.
 mod support;
@@ -125,10 +126,18 @@ fn check_report(report: &serde_json::Value, services: &[SocketAddr]) -> Result<(
     Ok(())
 }
 
-/// The agent dies once the source has deleted both addresses (its pause `address-deleted`):
-/// the source rolls back, both addresses are back on it and every connection carries on there.
-#[test]
-fn a_failure_after_the_addresses_moved_puts_both_back() -> Result<()> {
+/// Who dies once the source has deleted both addresses (its pause `address-deleted`).
+#[derive(Clone, Copy)]
+enum Dying {
+    /// The agent: `migrate` rolls back.
+    Agent,
+    /// `migrate` itself: its guard rolls back.
+    Migrate,
+}
+
+/// `dying` is killed once the source deleted both addresses: the source rolls back, both
+/// addresses are back on it, and every connection carries on there.
+fn failure_after_the_addresses_moved(dying: Dying) -> Result<()> {
     let bed = TestBed::new()?;
     let mut traffic = dual_traffic(&bed)?;
     let token = TokenFile::new(&bed, "dual", "dual token")?;
@@ -136,8 +145,7 @@ fn a_failure_after_the_addresses_moved_puts_both_back() -> Result<()> {
     let mut agent = support::start_plain_agent(destination, &token.0, &[], None)?;
     let agent_pid = agent.child.pid();
     let services = services();
-    let link = support::insecure(&token.0);
-    let timeout = support::STEP_TIMEOUT_SECS;
+    let (link, timeout) = (support::insecure(&token.0), support::STEP_TIMEOUT_SECS);
     let pids = traffic.server_pids();
     let mut cmd =
         support::migrate_command_of(source, destination, &pids, &services, &link, timeout)?;
@@ -152,11 +160,23 @@ fn a_failure_after_the_addresses_moved_puts_both_back() -> Result<()> {
             "{service} still on the source"
         );
     }
-    agent.kill()?;
-    migrate.resume()?;
-    migrate
-        .fails_saying("rolled back: the connections carry on at the source")
-        .context("the migration")?;
+    match dying {
+        Dying::Agent => {
+            agent.kill()?;
+            migrate.resume()?;
+            let rolled_back = "rolled back: the connections carry on at the source";
+            migrate.fails_saying(rolled_back).context("the migration")?;
+        }
+        Dying::Migrate => {
+            let said = migrate.kill()?;
+            ensure!(
+                said.contains("died before the commit: rolled back"),
+                "{said}"
+            );
+            // It noticed, dropped what it restored (silently) and removed its freeze.
+            support::wait_exited(agent_pid, support::COMMAND_TIMEOUT)?;
+        }
+    }
     support::carries_on(&mut traffic, 2 * N).context("after the rollback")?;
     let freezes = [
         format!("migrate-{migrate_pid}"),
@@ -164,4 +184,15 @@ fn a_failure_after_the_addresses_moved_puts_both_back() -> Result<()> {
     ];
     let ips = services.map(|s| s.ip());
     support::nothing_left_of(&bed, &freezes, source, &ips)
+}
+
+#[test]
+fn an_agent_dying_after_the_addresses_moved_puts_both_back() -> Result<()> {
+    failure_after_the_addresses_moved(Dying::Agent)
+}
+
+/// The guard knows both addresses.
+#[test]
+fn migrate_dying_after_the_addresses_moved_has_its_guard_put_both_back() -> Result<()> {
+    failure_after_the_addresses_moved(Dying::Migrate)
 }
