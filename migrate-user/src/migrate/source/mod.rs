@@ -80,7 +80,7 @@ pub struct SourceConfig {
 /// commit everything is rolled back and the error says so.
 ///
 /// # Examples
-/// Moves the connections of process 1234 on 192.0.2.1:80 and [2001:db8::1]:80, and both
+/// Moves the connections of process 1234 on `192.0.2.1:80` and `[2001:db8::1]:80`, and both
 /// addresses, to the agent at 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other
 /// side):
 /// ```no_run
