@@ -6,8 +6,8 @@
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
 //!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
-//!    makes a pool of sockets bound to the (first) service, one per connection the source
-//!    counted. A dual-stack service moves in one migration: every step covers each of its
+//!    makes a pool of sockets bound to each service, one per connection the source counted
+//!    there. A dual-stack service moves in one migration: every step covers each of its
 //!    services (`--service` once per address).
 //! 2. the source stops the application's process tree (SIGSTOP), finds its connections and reads
 //!    the options only the application sets, freezes the service (one map update: the blackout
@@ -68,7 +68,8 @@ pub use self::{
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     token::Token,
     transport::{
-        Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
+        ExpectedService, Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message,
+        PROTOCOL_VERSION,
     },
 };
 use crate::{

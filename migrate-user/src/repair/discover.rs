@@ -101,13 +101,24 @@ pub fn list_tcp_sockets(netns: &Netns) -> Result<Vec<DiagSocket>, RepairError> {
         })
 }
 
-/// How many repairable connections `filter` selects in `netns`, whoever holds them: announced
-/// by a migration before it stops the application, so that the destination gets ready for them.
-pub fn count_connections(netns: &Netns, filter: &Filter) -> Result<usize, RepairError> {
-    Ok(list_tcp_sockets(netns)?
+/// How many repairable connections each of `services` has in `netns`, whoever holds them, from
+/// one listing: announced by a migration before it stops the application, so that the
+/// destination gets sockets of each address ready for them.
+pub fn count_connections(
+    netns: &Netns,
+    services: &[SocketAddr],
+) -> Result<Vec<usize>, RepairError> {
+    let filters: Vec<Filter> = services.iter().map(|&s| Filter::service(s)).collect();
+    let mut counts = vec![0; services.len()];
+    for socket in list_tcp_sockets(netns)?
         .iter()
-        .filter(|s| s.state.repairable() && filter.matches(&s.tuple))
-        .count())
+        .filter(|s| s.state.repairable())
+    {
+        if let Some(k) = filters.iter().position(|f| f.matches(&socket.tuple)) {
+            counts[k] += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// The TCP sockets of a namespace whose local end `filter` selects, by inode: one listing

@@ -1,10 +1,10 @@
 //! Groups of connections, each in a shard of its own: at most one application process's worth
 //! of fds each. The image is cut into one part per group and each group works on its part on its
 //! own thread.
-use std::collections::HashMap;
+use std::{collections::HashMap, net::SocketAddr};
 
 use crate::{
-    migrate::MigrateError,
+    migrate::{ExpectedService, MigrateError},
     net::Netns,
     repair::{Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool},
     shard::{self, Shard},
@@ -36,6 +36,26 @@ pub(super) fn group_sizes(total: usize, max: usize) -> Vec<usize> {
     let groups = total.div_ceil(max.max(1)).max(1);
     (0..groups)
         .map(|k| total / groups + usize::from(k < total % groups))
+        .collect()
+}
+
+/// How many sockets of a group of `size` (of `total` connections) each service gets: its share
+/// of the source's count, the first service the rest. The image is cut into groups in its own
+/// order, so a group's mix of services is known only then: a connection without a socket of its
+/// address in its group's pool gets a fresh one.
+pub(super) fn pool_shares(
+    size: usize,
+    total: usize,
+    services: &[ExpectedService],
+) -> Vec<(SocketAddr, usize)> {
+    let share = |s: &ExpectedService| {
+        (size * s.connections as usize)
+            .checked_div(total)
+            .unwrap_or(0)
+    };
+    let others: usize = services.iter().skip(1).map(share).sum();
+    (services.iter().enumerate())
+        .map(|(k, s)| (s.service, if k == 0 { size - others } else { share(s) }))
         .collect()
 }
 
@@ -119,4 +139,48 @@ pub(super) fn split_by_precopy(
         }
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dual-stack service of 600 IPv4 and 300 IPv6 connections in groups of at most 400: each
+    /// group's pool in proportion, every expected connection with a socket.
+    #[test]
+    fn each_group_pools_each_service_in_proportion() {
+        let v4: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        let services = [
+            ExpectedService {
+                service: v4,
+                connections: 600,
+            },
+            ExpectedService {
+                service: v6,
+                connections: 300,
+            },
+        ];
+        let sizes = group_sizes(900, 400);
+        assert_eq!(sizes, vec![300, 300, 300]);
+        for size in sizes {
+            assert_eq!(
+                pool_shares(size, 900, &services),
+                vec![(v4, 200), (v6, 100)]
+            );
+        }
+        // Odd counts: the first service takes what rounding leaves.
+        let odd = [
+            ExpectedService {
+                service: v4,
+                connections: 7,
+            },
+            ExpectedService {
+                service: v6,
+                connections: 3,
+            },
+        ];
+        assert_eq!(pool_shares(5, 10, &odd), vec![(v4, 4), (v6, 1)]);
+        assert_eq!(pool_shares(0, 0, &services), vec![(v4, 0), (v6, 0)]);
+    }
 }

@@ -21,7 +21,7 @@ use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, r
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, MovedAddress, Privileged, Refusal, ServerSecurity,
     Token, check_privileges, require_token_in_plaintext, resident_memory, test_pause,
-    transport::{Link, Message, PROTOCOL_VERSION},
+    transport::{ExpectedService, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
     freeze::{self, Freeze},
@@ -141,16 +141,15 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
 
 /// What the source asks for in Prepare.
 struct Request {
-    services: Vec<SocketAddr>,
+    services: Vec<ExpectedService>,
     addresses: Vec<MovedAddress>,
-    expected: u32,
     precopy: bool,
 }
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
     let (mut link, source) = accept_source(config).await?;
     let request = receive_prepare(&mut link).await?;
-    let services = request.services.clone();
+    let services: Vec<SocketAddr> = request.services.iter().map(|s| s.service).collect();
     let mut report = AgentReport::default();
     let ready = prepare(config, netns, &request, &mut report);
     let Ready {
@@ -216,12 +215,10 @@ async fn receive_prepare(link: &mut Link) -> Result<Request, MigrateError> {
         Message::Prepare {
             services,
             addresses,
-            expected_connections,
             precopy,
-        } => Ok(Request {
+        } if !services.is_empty() => Ok(Request {
             services,
             addresses,
-            expected: expected_connections,
             precopy,
         }),
         other => Err(link.unexpected(waiting, &other)),

@@ -7,7 +7,10 @@ use nix::sys::signal::{Signal, raise};
 
 use super::{
     AgentConfig, FREEZE_PREFIX, Request,
-    groups::{Group, group_sizes, on_each_group, spawn_groups, split_by_precopy, split_evenly},
+    groups::{
+        Group, group_sizes, on_each_group, pool_shares, spawn_groups, split_by_precopy,
+        split_evenly,
+    },
 };
 use crate::{
     freeze::{
@@ -38,10 +41,9 @@ pub(super) struct Ready<'a> {
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
-/// application: pools of `request.expected` sockets in all bound to the first service, one per
-/// group, on the groups' threads (socket() and bind are the costliest restore calls; the
-/// connections of a dual-stack service's other family get theirs in the restore, as those beyond
-/// the count do); beside them, the freeze programs (10-40 ms of CPU that would compete with the
+/// application: pools of as many sockets as the source counted connections, bound to each
+/// service's address in proportion to its count, one pool per group, on the groups' threads
+/// (socket() and bind are the costliest restore calls); beside them, the freeze programs (10-40 ms of CPU that would compete with the
 /// restore for the CPUs); then the netlink session and packet socket that add and announce each
 /// address, each service's listener and the raw sockets that replay what the source's freeze
 /// held. The freeze is unpinned: an agent killed at any point leaves nothing attached.
@@ -51,28 +53,43 @@ pub(super) fn prepare<'a>(
     request: &Request,
     report: &mut AgentReport,
 ) -> Result<Ready<'a>, MigrateError> {
-    let services = &request.services;
-    let pooled_service = *services.first().ok_or(MigrateError::NoService)?;
+    let services: Vec<SocketAddr> = request.services.iter().map(|s| s.service).collect();
     let name = format!("{FREEZE_PREFIX}{}", std::process::id());
     let started = Instant::now();
     // Before the pools: their sockets bind with repair mode's forced reuse, which a listener
     // bound after them would not be granted.
     let mut listeners = Vec::new();
-    for &service in services {
+    for &service in &services {
         if let Some(listener) = net::listen_ahead(netns, service)? {
             listeners.push((service, listener));
         }
     }
-    let sizes = group_sizes(request.expected as usize, config.max_per_process);
+    let total: usize = request
+        .services
+        .iter()
+        .map(|s| s.connections as usize)
+        .sum();
+    let sizes = group_sizes(total, config.max_per_process);
     let groups = spawn_groups(sizes.len())?;
     let pooling: Vec<_> = groups
         .iter()
         .zip(sizes)
         .map(|(group, size)| {
-            let spec = config.netns.clone();
+            let (spec, shares) = (
+                config.netns.clone(),
+                pool_shares(size, total, &request.services),
+            );
             group.start(move |group| {
                 let netns = Netns::open(&spec)?;
-                let pool = SocketPool::prepare(Workers::PerCpu, &netns, pooled_service, size)?;
+                let mut pool = SocketPool::none();
+                for (service, count) in shares {
+                    pool.absorb(SocketPool::prepare(
+                        Workers::PerCpu,
+                        &netns,
+                        service,
+                        count,
+                    )?);
+                }
                 group.pool = Some(pool);
                 Ok::<_, MigrateError>(size)
             })
@@ -95,7 +112,7 @@ pub(super) fn prepare<'a>(
         freeze: freeze?,
         takeovers,
         listeners,
-        replayer: Replayer::open(netns, services)?,
+        replayer: Replayer::open(netns, &services)?,
     })
 }
 
@@ -113,7 +130,7 @@ pub(super) async fn restore_precopy(
     let started = Instant::now();
     let parts = split_evenly(connections, groups, config.max_per_process)?;
     let restoring = on_each_group(config, groups, parts, |group, netns, mut pool, part| {
-        let mine = pool.split_off(part.len());
+        let mine = pool.split_for(&part);
         // The rest is for the connections the dump brings beside the pre-copy's.
         group.pool = Some(pool);
         let ahead = repair::restore_ahead(Workers::PerCpu, netns, part, mine)?;

@@ -20,7 +20,7 @@ use super::{
     check_privileges,
     guard::{Guardian, Note, Plan},
     millis, require_token_in_plaintext, resident_memory, test_pause,
-    transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
+    transport::{ExpectedService, IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
     freeze::{
@@ -28,7 +28,7 @@ use crate::{
         hold::{HeldPackets, Hold, HoldBudget},
     },
     net::{self, Netns},
-    repair::{self, DumpedSockets, Filter, PreparedDump, StateReader},
+    repair::{self, DumpedSockets, PreparedDump, StateReader},
     shard::{self, Shard},
 };
 
@@ -168,12 +168,17 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
             Ok(MovedAddress { ip, prefix_len })
         })
         .collect::<Result<Vec<_>, MigrateError>>()?;
-    let expected = repair::count_connections(&netns, &Filter::services(&services))?;
+    let counted = repair::count_connections(&netns, &services)?;
+    let expected = (services.iter().zip(counted))
+        .map(|(&service, connections)| ExpectedService {
+            service,
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+        })
+        .collect();
     let (mut link, one_way) = connect(config).await?;
     link.send(&Message::Prepare {
-        services: services.clone(),
+        services: expected,
         addresses: addresses.clone(),
-        expected_connections: u32::try_from(expected).unwrap_or(u32::MAX),
         precopy: config.precopy,
     })
     .await?;
