@@ -19,3 +19,19 @@ impl fmt::Display for Tuple {
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
+
+/// Addresses shown as a list, comma-separated: the service addresses of a migration in its
+/// messages (one address shows as itself).
+pub struct Addresses<'a>(pub &'a [SocketAddr]);
+
+impl fmt::Display for Addresses<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (k, addr) in self.0.iter().enumerate() {
+            if k > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}

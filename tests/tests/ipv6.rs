@@ -9,11 +9,11 @@
 mod criu_bed;
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result, ensure};
 use criu_bed::{Mode, migrate_mirror};
-use tcpmig_testbed::{Announcement, Capture, IFACE, SERVICE_V6, TestBed, TokenFile, announcements};
+use tcpmig_testbed::{Capture, IFACE, SERVICE_V6, TestBed, TokenFile, announcements};
 
 const N: usize = 1_000;
 const PORT: u16 = 8086;
@@ -31,7 +31,7 @@ fn migrate_with_agent(ipv6: bool) -> Result<()> {
     let agent = support::start_agent(destination, &token.0, support::adopted_stream(), &[])?;
     let agent_pid = agent.pid();
     if ipv6 {
-        na_defaults(&bed)?;
+        support::na_defaults(&bed)?;
     }
     let capture = Capture::start_filtered(bed.client(), "announce", "arp or icmp6")?;
     let server_pid = traffic.server_pids()[0];
@@ -60,7 +60,7 @@ fn migrate_with_agent(ipv6: bool) -> Result<()> {
     );
     support::carries_on(&mut traffic, N).context("after the move")?;
     let heard = announcements(&capture.stop_raw()?)?;
-    announced_by(&heard, ip, &destination.mac()?)?;
+    support::announced_by(&heard, ip, &destination.mac()?)?;
     let entry = bed
         .client()
         .ip(&["neigh", "show", "to", &ip.to_string(), "dev", IFACE])?;
@@ -74,44 +74,6 @@ fn migrate_with_agent(ipv6: bool) -> Result<()> {
         format!("agent-{agent_pid}"),
     ];
     support::nothing_left_of(&bed, &freezes, destination, &[ip])
-}
-
-/// The client runs with the kernel's defaults for unsolicited neighbour advertisements: they
-/// update an existing entry (drop_unsolicited_na=0) and create none (accept_untracked_na=0), so
-/// the move relies on the entry the client already has and on the override flag.
-fn na_defaults(bed: &TestBed) -> Result<()> {
-    for (setting, default) in [("drop_unsolicited_na", "0"), ("accept_untracked_na", "0")] {
-        let value = bed
-            .client()
-            .sysctl(&format!("net.ipv6.conf.{IFACE}.{setting}"))?;
-        ensure!(value == default, "the client's {setting} is {value}");
-    }
-    Ok(())
-}
-
-/// Among `heard`, `ip` was announced, only from `mac` and as `mac`'s; an NA with the override
-/// flag (so that the clients' entries take it) and not the solicited one (nobody asked).
-fn announced_by(heard: &[Announcement], ip: IpAddr, mac: &str) -> Result<()> {
-    let of_ip: Vec<&Announcement> = heard.iter().filter(|a| a.address == ip).collect();
-    ensure!(!of_ip.is_empty(), "no announcement of {ip}: {heard:?}");
-    for announcement in &of_ip {
-        ensure!(
-            announcement.from == mac && announcement.mac.as_deref() == Some(mac),
-            "{ip} announced for another MAC than {mac}: {announcement:?}"
-        );
-        if let Some(flags) = announcement.flags {
-            ensure!(
-                flags.overriding && !flags.solicited && !flags.router,
-                "{announcement:?}"
-            );
-        }
-    }
-    ensure!(
-        of_ip.iter().all(|a| a.flags.is_some() == ip.is_ipv6()),
-        "{ip} announced with the other family's message: {of_ip:?}"
-    );
-    eprintln!("{} announcements of {ip} from {mac}", of_ip.len());
-    Ok(())
 }
 
 #[test]

@@ -7,6 +7,7 @@ use tcpmig::{
     handoff::{self, ExecCommand},
     migrate::{self, AgentConfig, AgentReport, GuardOutcome, LeftConnection, Report, SourceConfig},
     sys::{Capability, CapabilitySet},
+    tuple::Addresses,
 };
 
 use super::{handto::HandTo, link::LinkArgs, print_json};
@@ -24,9 +25,12 @@ pub struct MigrateArgs {
         value_delimiter = ','
     )]
     pids: Vec<u32>,
-    /// Local address and port of the connections; the address moves with them.
-    #[arg(long, value_name = "ADDR:PORT")]
-    service: SocketAddr,
+    /// Local address and port of the connections; the address moves with them. Repeat it for
+    /// a dual-stack service (`--service 192.0.2.1:80 --service [2001:db8::1]:80`): the
+    /// connections of every address move in one migration, in one freeze, and every address
+    /// moves.
+    #[arg(long = "service", value_name = "ADDR:PORT", required = true)]
+    services: Vec<SocketAddr>,
     /// Interface holding the service address, in the application's network namespace.
     #[arg(long, value_name = "IFACE")]
     dev: String,
@@ -167,7 +171,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     tcpmig::sys::limit_heap_arenas();
     let config = SourceConfig {
         pids: args.pids,
-        service: args.service,
+        services: args.services,
         dev: args.dev,
         agent: args.to,
         security: args.link.client(args.to, args.tls_name.as_deref())?,
@@ -221,7 +225,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // stdout belongs to the application with --exec: the summary goes to stderr.
     eprint!(
         "{}",
-        agent_summary(&outcome.report, outcome.source, outcome.service)
+        agent_summary(&outcome.report, outcome.source, &outcome.services)
     );
     if args.json {
         print_json(&outcome.report)?;
@@ -285,7 +289,7 @@ fn summary(r: &Report) -> String {
             0 => String::new(),
             k => format!(", {k} of them taken from the application's accept queue"),
         },
-        service = r.service,
+        service = Addresses(&r.services),
         pids = r
             .pids
             .iter()
@@ -362,13 +366,14 @@ fn left_summary(left: &[LeftConnection]) -> String {
     text
 }
 
-fn agent_summary(r: &AgentReport, source: SocketAddr, service: SocketAddr) -> String {
+fn agent_summary(r: &AgentReport, source: SocketAddr, services: &[SocketAddr]) -> String {
     let failed = match &r.first_failure {
         Some(first) => format!(", {} failed (first: {first})", r.failed),
         None => String::new(),
     };
     format!(
-        "tcpmig agent: {live}/{restored} connections of {service} from {source} are live here{failed}\n",
+        "tcpmig agent: {live}/{restored} connections of {services} from {source} are live here{failed}\n",
+        services = Addresses(services),
         live = r.live,
         restored = r.restored,
     )

@@ -173,7 +173,7 @@ impl Checkpoint {
         let netns = Netns::open(&netns_spec)?;
         let filter = Filter {
             port: self.port,
-            service: self.service,
+            services: self.service.into_iter().collect(),
             tuples: Vec::new(),
         };
         let started = Instant::now();

@@ -31,7 +31,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{MigrateError, StoppedTree};
+use super::{MigrateError, MovedAddress, StoppedTree};
 use crate::{
     freeze::{self, FreezeError},
     net::{self, Netns},
@@ -158,9 +158,10 @@ pub enum GuardOutcome {
 pub(super) struct Plan {
     pub(super) migrate_pid: u32,
     pub(super) pids: Vec<u32>,
-    pub(super) service: SocketAddr,
+    pub(super) services: Vec<SocketAddr>,
     pub(super) dev: String,
-    pub(super) prefix_len: u8,
+    /// Each deleted while the agent restores, and put back by a rollback.
+    pub(super) addresses: Vec<MovedAddress>,
     pub(super) freeze: String,
     pub(super) stop_source: bool,
 }
@@ -335,10 +336,11 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
         "tcpmig migrate died before the commit: rolling back"
     );
     let mut first_error = None;
-    let ip = start.plan.service.ip();
     // Deleted while the agent restores; adding an address that is there is a no-op.
-    if let Err(error) = net::add_address(&start.netns, &start.plan.dev, ip, start.plan.prefix_len) {
-        first_error.get_or_insert(error.into());
+    for &MovedAddress { ip, prefix_len } in &start.plan.addresses {
+        if let Err(error) = net::add_address(&start.netns, &start.plan.dev, ip, prefix_len) {
+            first_error.get_or_insert(error.into());
+        }
     }
     let mut sockets = 0;
     let mut resumed = 0;
@@ -414,7 +416,7 @@ fn release_sockets(
     pid: u32,
     noted: &HashMap<u64, bool>,
 ) -> Result<usize, MigrateError> {
-    let discovery = repair::discover(&start.netns, pid, &Filter::service(start.plan.service))?;
+    let discovery = repair::discover(&start.netns, pid, &Filter::services(&start.plan.services))?;
     let mut released = 0;
     for taken in &discovery.sockets {
         let fd = taken.fd.as_fd();

@@ -6,7 +6,9 @@
 //!
 //! 1. connect and handshake (protocol version, shared token); the source attaches its freeze
 //!    programs; on Prepare the agent attaches its own (unpinned: they go with the agent) and
-//!    makes a pool of sockets bound to the service, one per connection the source counted.
+//!    makes a pool of sockets bound to each service, one per connection the source counted
+//!    there. A dual-stack service moves in one migration: every step covers each of its
+//!    services (`--service` once per address).
 //! 2. the source stops the application's process tree (SIGSTOP), finds its connections and reads
 //!    the options only the application sets, freezes the service (one map update: the blackout
 //!    starts) and dumps the sockets (one pass of a BPF iterator, then repair mode on each), which
@@ -16,9 +18,9 @@
 //! 3. the image streams to the agent, which restores the sockets in repair mode on its pool and
 //!    freezes the service (before the address exists there, so nothing is answered with an RST);
 //!    it answers Restored.
-//! 4. the source has deleted the service address while the agent restored, and sends Commit
-//!    once it has Restored; the agent adds the address (netlink session opened on Prepare),
-//!    announces it (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
+//! 4. the source has deleted the service addresses while the agent restored, and sends Commit
+//!    once it has Restored; the agent adds the addresses (netlink session opened on Prepare),
+//!    announces each (gratuitous ARP / unsolicited NA), unfreezes and takes the sockets out of
 //!    repair mode (the blackout ends), and answers Committed.
 //! 5. the source closes its repair-mode sockets silently, ends the application if asked, and
 //!    removes its freeze.
@@ -50,7 +52,7 @@ mod transport;
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -68,7 +70,8 @@ pub use self::{
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     token::Token,
     transport::{
-        Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message, PROTOCOL_VERSION,
+        ExpectedService, Frame, FrameCodec, FrameError, MAX_FRAME, MAX_HANDSHAKE_FRAME, Message,
+        PROTOCOL_VERSION,
     },
 };
 use crate::{
@@ -77,7 +80,17 @@ use crate::{
     net::{NetError, NetnsError},
     repair::RepairError,
     sys::Capability,
+    tuple::Addresses,
 };
+
+/// An address a migration moves: deleted from the source's interface and added to the
+/// destination's with the prefix length it had on the source. A dual-stack service moves two, one
+/// per family; services on several ports of one address move it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MovedAddress {
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
 
 /// How long either side waits for each step of the other by default.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,21 +195,27 @@ pub enum MigrateError {
         dev: String,
         pid: u32,
     },
-    #[error("process {pid} has no connection on {service} to migrate")]
-    NoConnections { pid: u32, service: SocketAddr },
     #[error(
-        "{count} connection(s) of {service} cannot move:{list}\n(--skip-unmovable moves the \
+        "process {pid} has no connection on {} to migrate",
+        Addresses(services)
+    )]
+    NoConnections { pid: u32, services: Vec<SocketAddr> },
+    #[error(
+        "{count} connection(s) of {} cannot move:{list}\n(--skip-unmovable moves the \
          others and leaves these)",
+        Addresses(services),
         count = list.0.len()
     )]
     Unmovable {
-        service: SocketAddr,
+        services: Vec<SocketAddr>,
         list: crate::repair::Listed,
     },
     #[error("starting the async runtime (nothing was changed)")]
     Runtime(#[source] io::Error),
     #[error("no process to migrate: give at least one pid (nothing was changed)")]
     NoProcess,
+    #[error("no service to migrate: give at least one --service (nothing was changed)")]
+    NoService,
     #[error("process {pid} is given twice (nothing was changed)")]
     DuplicatePid { pid: u32 },
     #[error(

@@ -71,7 +71,7 @@ pub struct AgentReport {
     /// (`tcpmig agent --max-per-process`).
     #[serde(default)]
     pub shards: usize,
-    /// From Commit received to the address added and announced.
+    /// From Commit received to the addresses added and announced.
     pub address_ms: f64,
     /// From Commit received to the first socket leaving repair mode: the end of the blackout.
     pub live_after_commit_ms: f64,
@@ -80,12 +80,13 @@ pub struct AgentReport {
     /// When the blackout ended, in milliseconds since the Unix epoch on the agent's clock: to
     /// line up measurements taken elsewhere (clients catching up) on a shared clock.
     pub live_at_unix_ms: f64,
-    /// Gratuitous ARPs or unsolicited NAs sent.
+    /// Gratuitous ARPs or unsolicited NAs sent for each address.
     pub announcements: u32,
     /// What the destination's freeze dropped before it was lifted.
     pub dropped: Dropped,
-    /// Whether a listener of the agent took new connections from the address move on (false when
-    /// something there listened on the service already), handed to the application.
+    /// Whether a listener of the agent took new connections from the address move on, handed to
+    /// the application (false when something there listened on every service already; a
+    /// dual-stack service may have one listener of the agent and one of its own).
     #[serde(default)]
     pub listener: bool,
     /// The source's held segments replayed into this host's stack, and how long that took.
@@ -102,7 +103,8 @@ pub struct AgentReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub pids: Vec<u32>,
-    pub service: SocketAddr,
+    /// The services whose connections moved (one per family for a dual-stack service).
+    pub services: Vec<SocketAddr>,
     pub agent: SocketAddr,
     /// Processes stopped (the application and its descendants).
     pub processes_stopped: usize,
@@ -146,10 +148,10 @@ pub struct Report {
 
 impl Report {
     /// The report of a migration that has just begun: every count and time zero.
-    pub(super) fn started(pids: Vec<u32>, service: SocketAddr, agent: SocketAddr) -> Self {
+    pub(super) fn started(pids: Vec<u32>, services: Vec<SocketAddr>, agent: SocketAddr) -> Self {
         Self {
             pids,
-            service,
+            services,
             agent,
             processes_stopped: 0,
             connections: 0,
@@ -217,7 +219,7 @@ pub struct Phases {
     pub dump_ms: f64,
     /// Encoding the image and sending it.
     pub transfer_ms: f64,
-    /// Deleting the service address on the source, while the agent restores.
+    /// Deleting the service addresses on the source, while the agent restores.
     pub address_ms: f64,
     /// From the address deleted to the agent's Restored.
     pub restore_ms: f64,

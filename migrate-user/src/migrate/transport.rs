@@ -19,7 +19,7 @@ use tokio_util::{
 };
 
 use super::{
-    AgentReport, MigrateError,
+    AgentReport, MigrateError, MovedAddress,
     tls::{ClientSecurity, FirstBytes, ServerSecurity, TlsError, classify, rustls_cause},
 };
 
@@ -29,7 +29,9 @@ use super::{
 /// 4: Prepare may announce a pre-copy, which Precopied answers.
 /// 5: the source sends what its freeze held after GoingLive and, the rest, after the agent's
 /// Live (Held and their pieces); the agent replays them before Committed.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: Prepare carries a list of services, each with its count of connections, and of the
+/// addresses they move (a dual-stack service in one migration), each with its prefix length.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
 pub const MAX_FRAME: usize = 8 << 20;
@@ -58,15 +60,15 @@ pub enum Message {
     Refused {
         reason: String,
     },
-    /// Get ready for the connections of `service`, whose address has `prefix_len` on the source.
-    /// `expected_connections` is the source's count before it stopped the application: the
-    /// agent makes that many sockets ahead, outside the blackout (more may come, or fewer).
-    /// With `precopy`, the image of a pre-copy follows Prepared, before the source freezes: the
-    /// agent restores it ahead and answers Precopied.
+    /// Get ready for the connections of `services` (address and port each: one per family for
+    /// a dual-stack service), whose `addresses` move with them. Each service comes with the
+    /// source's count of its connections before it stopped the application: the agent makes
+    /// that many sockets ahead, outside the blackout (more may come, or fewer). With `precopy`,
+    /// the image of a pre-copy follows Prepared, before the source freezes: the agent restores
+    /// it ahead and answers Precopied.
     Prepare {
-        service: SocketAddr,
-        prefix_len: u8,
-        expected_connections: u32,
+        services: Vec<ExpectedService>,
+        addresses: Vec<MovedAddress>,
         precopy: bool,
     },
     Prepared,
@@ -110,6 +112,13 @@ pub enum Message {
     Failed {
         error: String,
     },
+}
+
+/// A service of a migration, and how many connections the source counted on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedService {
+    pub service: SocketAddr,
+    pub connections: u32,
 }
 
 /// One frame.

@@ -21,8 +21,9 @@ use crate::{
 pub struct Filter {
     /// Local port of the connections (the service's port).
     pub port: Option<u16>,
-    /// Local address and port of the connections.
-    pub service: Option<SocketAddr>,
+    /// Local addresses and ports of the connections: those on any of them (a dual-stack
+    /// service has one of each family).
+    pub services: Vec<SocketAddr>,
     /// Exactly these connections: each must exist and be in a state repair handles.
     pub tuples: Vec<Tuple>,
 }
@@ -30,19 +31,25 @@ pub struct Filter {
 impl Filter {
     /// The connections on `service` (address and port).
     pub fn service(service: SocketAddr) -> Self {
+        Self::services(&[service])
+    }
+
+    /// The connections on any of `services`.
+    pub fn services(services: &[SocketAddr]) -> Self {
         Self {
-            service: Some(service),
+            services: services.to_vec(),
             ..Self::default()
         }
     }
 
     pub(super) fn matches_local(&self, local: SocketAddr) -> bool {
+        let on = |service: &SocketAddr| {
+            let service = crate::tuple::canonical(*service);
+            service.port() == local.port()
+                && (service.ip() == local.ip() || local.ip().is_unspecified())
+        };
         self.port.is_none_or(|port| local.port() == port)
-            && self.service.is_none_or(|service| {
-                let service = crate::tuple::canonical(service);
-                service.port() == local.port()
-                    && (service.ip() == local.ip() || local.ip().is_unspecified())
-            })
+            && (self.services.is_empty() || self.services.iter().any(on))
     }
 
     pub(super) fn matches(&self, tuple: &Tuple) -> bool {
@@ -97,13 +104,24 @@ pub fn list_tcp_sockets(netns: &Netns) -> Result<Vec<DiagSocket>, RepairError> {
         })
 }
 
-/// How many repairable connections `filter` selects in `netns`, whoever holds them: announced
-/// by a migration before it stops the application, so that the destination gets ready for them.
-pub fn count_connections(netns: &Netns, filter: &Filter) -> Result<usize, RepairError> {
-    Ok(list_tcp_sockets(netns)?
+/// How many repairable connections each of `services` has in `netns`, whoever holds them, from
+/// one listing: announced by a migration before it stops the application, so that the
+/// destination gets sockets of each address ready for them.
+pub fn count_connections(
+    netns: &Netns,
+    services: &[SocketAddr],
+) -> Result<Vec<usize>, RepairError> {
+    let filters: Vec<Filter> = services.iter().map(|&s| Filter::service(s)).collect();
+    let mut counts = vec![0; services.len()];
+    for socket in list_tcp_sockets(netns)?
         .iter()
-        .filter(|s| s.state.repairable() && filter.matches(&s.tuple))
-        .count())
+        .filter(|s| s.state.repairable())
+    {
+        if let Some(k) = filters.iter().position(|f| f.matches(&socket.tuple)) {
+            counts[k] += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// The TCP sockets of a namespace whose local end `filter` selects, by inode: one listing
@@ -442,6 +460,22 @@ mod tests {
 
     fn inode(fd: BorrowedFd<'_>) -> u64 {
         nix::sys::stat::fstat(fd).unwrap().st_ino
+    }
+
+    /// A dual-stack service: connections on either address, a wildcard listener of its port;
+    /// nothing else.
+    #[test]
+    fn a_filter_of_several_services_takes_each() {
+        let services: Vec<SocketAddr> = ["10.0.0.1:80", "[fd00::1]:443"]
+            .map(|s| s.parse().unwrap())
+            .to_vec();
+        let filter = Filter::services(&services);
+        for local in ["10.0.0.1:80", "[fd00::1]:443", "[::]:80", "0.0.0.0:443"] {
+            assert!(filter.matches_local(local.parse().unwrap()), "{local}");
+        }
+        for local in ["10.0.0.1:443", "[fd00::1]:80", "10.0.0.2:80", "0.0.0.0:22"] {
+            assert!(!filter.matches_local(local.parse().unwrap()), "{local}");
+        }
     }
 
     fn taken(discovery: &Discovery) -> Vec<Taken<'_>> {

@@ -5,12 +5,15 @@
 #![allow(dead_code)] // Each test crate uses its own part.
 
 mod agent;
+mod announce;
 mod handoff;
 mod moved;
 pub mod pairs;
 
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use agent::*;
+#[allow(unused_imports)] // Each test crate uses its own part.
+pub use announce::{announced_by, na_defaults};
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use handoff::receive_handoff_on;
 #[allow(unused_imports)] // Each test crate uses its own part.
@@ -238,23 +241,37 @@ pub fn migrate_command_for(
     link: &[String],
     timeout: &str,
 ) -> Result<Command> {
+    migrate_command_of(from, to, pids, &[service], link, timeout)
+}
+
+/// [`migrate_command`] of the connections on every one of `services` (`--service` each: a
+/// dual-stack service), in one migration.
+pub fn migrate_command_of(
+    from: &Host,
+    to: &Host,
+    pids: &[u32],
+    services: &[SocketAddr],
+    link: &[String],
+    timeout: &str,
+) -> Result<Command> {
     let mut cmd = from.command(tcpmig_bin())?;
     cmd.arg("migrate");
     for pid in pids {
         cmd.args(["--pid", &pid.to_string()]);
     }
-    cmd.arg("--service")
-        .arg(service.to_string())
-        .args([
-            "--dev",
-            IFACE,
-            "--timeout",
-            timeout,
-            "--stop-source",
-            "--to",
-        ])
-        .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
-        .args(link);
+    for service in services {
+        cmd.args(["--service", &service.to_string()]);
+    }
+    cmd.args([
+        "--dev",
+        IFACE,
+        "--timeout",
+        timeout,
+        "--stop-source",
+        "--to",
+    ])
+    .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
+    .args(link);
     Ok(cmd)
 }
 
@@ -318,19 +335,34 @@ pub fn migrate_to<'bed>(
 pub fn migrate_service_to<'bed>(
     bed: &'bed TestBed,
     traffic: &mut Traffic<'bed>,
-    mut agent: Peer<'bed>,
+    agent: Peer<'bed>,
     server_pid: u32,
     service: SocketAddr,
     token: &Path,
     extra: &[&str],
 ) -> Result<(u32, String)> {
+    let pids = [server_pid];
+    migrate_services_to(bed, traffic, agent, &pids, &[service], token, extra)
+}
+
+/// [`migrate_service_to`] of the connections of `pids` on every one of `services`, in one
+/// migration.
+pub fn migrate_services_to<'bed>(
+    bed: &'bed TestBed,
+    traffic: &mut Traffic<'bed>,
+    mut agent: Peer<'bed>,
+    pids: &[u32],
+    services: &[SocketAddr],
+    token: &Path,
+    extra: &[&str],
+) -> Result<(u32, String)> {
     let (source, destination) = (bed.source(), bed.destination());
     let link = insecure(token);
-    let mut cmd = migrate_command_for(
+    let mut cmd = migrate_command_of(
         source,
         destination,
-        &[server_pid],
-        service,
+        pids,
+        services,
         &link,
         STEP_TIMEOUT_SECS,
     )?;

@@ -1,5 +1,5 @@
 //! The source's side of a hold: a capture socket on the service's interface that takes nothing
-//! until the freeze begins, then keeps the segments to the service the freeze drops, in the
+//! until the freeze begins, then keeps the segments to the service's addresses the freeze drops, in the
 //! kernel's queue, until the destination is live.
 use std::net::SocketAddr;
 
@@ -7,7 +7,7 @@ use nix::net::if_::if_nametoindex;
 
 use super::{
     HoldBudget, HoldError, HoldReport,
-    filter::{Segments, service_filter},
+    filter::{Segments, services_filter},
     held::{HeldPackets, MAX_PACKET},
 };
 use crate::{net::Netns, sys::CaptureSocket};
@@ -19,7 +19,7 @@ const ETH_P_ALL: u16 = 0x0003;
 /// A hold, opened before the freeze (its socket takes nothing yet).
 pub struct Hold {
     socket: CaptureSocket,
-    service: SocketAddr,
+    services: Vec<SocketAddr>,
     dev: String,
     /// What was taken so far, against the budget.
     report: HoldReport,
@@ -28,17 +28,18 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// Opens the capture socket on `dev` in `netns` for the segments to `service`.
+    /// Opens the capture socket on `dev` in `netns` for the segments to `services` (both
+    /// families of a dual-stack service: one socket of every protocol sees them all).
     pub fn open(
         netns: &Netns,
         dev: &str,
-        service: SocketAddr,
+        services: &[SocketAddr],
         budget: HoldBudget,
     ) -> Result<Self, HoldError> {
         let capture = |what| {
-            let dev = dev.to_owned();
+            let (dev, services) = (dev.to_owned(), services.to_vec());
             move |source| HoldError::Capture {
-                service,
+                services,
                 dev,
                 what,
                 source,
@@ -52,7 +53,7 @@ impl Hold {
         })??;
         Ok(Self {
             socket,
-            service,
+            services: services.to_vec(),
             dev: dev.to_owned(),
             begun: false,
             report: HoldReport {
@@ -69,7 +70,7 @@ impl Hold {
     /// replayed there, where TCP discards it as a duplicate.
     pub fn begin(&mut self, segments: Segments) -> Result<(), HoldError> {
         self.socket
-            .set_filter(&service_filter(self.service, segments))
+            .set_filter(&services_filter(&self.services, segments))
             .map_err(self.error("setting the capture filter"))?;
         if !self.begun {
             // Resets the statistics: drops from here on are the hold's.
@@ -123,9 +124,9 @@ impl Hold {
     }
 
     fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + use<> {
-        let (service, dev) = (self.service, self.dev.clone());
+        let (services, dev) = (self.services.clone(), self.dev.clone());
         move |source| HoldError::Capture {
-            service,
+            services,
             dev,
             what,
             source,

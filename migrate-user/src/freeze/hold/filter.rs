@@ -1,5 +1,6 @@
-//! The classic BPF filter of a hold: TCP segments to the service's address and port, read from
-//! the network header on (the capture socket is SOCK_DGRAM). The socket takes every protocol
+//! The classic BPF filter of a hold: TCP segments to the service's addresses and ports (one
+//! alternative each: a dual-stack service has an IPv4 and an IPv6 one), read from the network
+//! header on (the capture socket is SOCK_DGRAM). The socket takes every protocol
 //! (ETH_P_ALL): only those sockets see a frame before tc ingress, so the filter checks the
 //! frame's protocol itself, in the kernel's ancillary data. Non-first IPv4 fragments carry no
 //! TCP header and are not taken; IPv6 extension headers before TCP are not followed (the freeze
@@ -16,6 +17,7 @@ const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
 const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
 const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const IPPROTO_TCP: u32 = 6;
 const TCP_SYN: u32 = 0x02;
@@ -47,8 +49,20 @@ pub enum Segments {
     Syns,
 }
 
-/// The filter program for `segments` to `service`.
-pub(super) fn service_filter(service: SocketAddr, segments: Segments) -> Vec<libc::sock_filter> {
+/// The filter program for `segments` to any of `services`: one block of checks per service, a
+/// failed check trying the next block (the last one's, dropping the frame).
+pub(super) fn services_filter(
+    services: &[SocketAddr],
+    segments: Segments,
+) -> Vec<libc::sock_filter> {
+    let blocks: Vec<Vec<Step>> = (services.iter())
+        .map(|&service| service_steps(service, segments))
+        .collect();
+    assemble(&blocks)
+}
+
+/// The checks that a frame is one of `segments` to `service`.
+fn service_steps(service: SocketAddr, segments: Segments) -> Vec<Step> {
     let port = u32::from(service.port());
     let mut steps = match service.ip() {
         IpAddr::V4(ip) => vec![
@@ -90,26 +104,46 @@ pub(super) fn service_filter(service: SocketAddr, segments: Segments) -> Vec<lib
         steps.push(Step::Mask(TCP_SYN | TCP_ACK));
         steps.push(Step::Equal(TCP_SYN));
     }
-    assemble(&steps)
+    steps
 }
 
-/// The steps, then "accept" and "drop": every failed check jumps to the last instruction.
-fn assemble(steps: &[Step]) -> Vec<libc::sock_filter> {
+/// The blocks, each but the last followed by a jump to "accept", then "accept" and "drop": a
+/// failed check jumps to the next block, or from the last block to "drop". No block: a program
+/// that takes nothing.
+fn assemble(blocks: &[Vec<Step>]) -> Vec<libc::sock_filter> {
     let instruction = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let count = steps.len();
+    let drop = instruction(RET, 0, 0, 0);
+    if blocks.is_empty() {
+        return vec![drop];
+    }
+    let count: usize = blocks.iter().map(Vec::len).sum::<usize>() + blocks.len() - 1;
+    let (accept_at, drop_at) = (count, count + 1);
     let mut program = Vec::with_capacity(count + 2);
-    for (at, step) in steps.iter().enumerate() {
-        // From the instruction after this one to the drop at `count + 1`.
-        let to_drop = u8::try_from(count - at).expect("filters are short");
-        program.push(match *step {
-            Step::Load(code, k) => instruction(code, 0, 0, k),
-            Step::Equal(k) => instruction(JEQ, 0, to_drop, k),
-            Step::NoBits(k) => instruction(JSET, to_drop, 0, k),
-            Step::Mask(k) => instruction(AND, 0, 0, k),
-        });
+    for (b, steps) in blocks.iter().enumerate() {
+        let last = b + 1 == blocks.len();
+        // Where a failed check goes: past this block and its jump.
+        let next = if last {
+            drop_at
+        } else {
+            program.len() + steps.len() + 1
+        };
+        for step in steps {
+            // Jumps count from the instruction after this one.
+            let to_next = u8::try_from(next - program.len() - 1).expect("filters are short");
+            program.push(match *step {
+                Step::Load(code, k) => instruction(code, 0, 0, k),
+                Step::Equal(k) => instruction(JEQ, 0, to_next, k),
+                Step::NoBits(k) => instruction(JSET, to_next, 0, k),
+                Step::Mask(k) => instruction(AND, 0, 0, k),
+            });
+        }
+        if !last {
+            let to_accept = (accept_at - program.len() - 1) as u32;
+            program.push(instruction(JA, 0, 0, to_accept));
+        }
     }
     program.push(instruction(RET, 0, 0, ACCEPT_BYTES));
-    program.push(instruction(RET, 0, 0, 0));
+    program.push(drop);
     program
 }
 
@@ -141,6 +175,7 @@ mod tests {
                 LDX_MSH => x = 4 * (load(i.k as usize, 1).unwrap_or_default() & 0xf),
                 JEQ => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
                 JSET => pc += usize::from(if a & i.k != 0 { i.jt } else { i.jf }),
+                JA => pc += i.k as usize,
                 RET => return i.k,
                 other => panic!("instruction {other:#x}"),
             }
@@ -161,7 +196,7 @@ mod tests {
 
     #[test]
     fn ipv4_takes_only_segments_to_the_service() {
-        let filter = service_filter("10.0.0.2:80".parse().unwrap(), Segments::All);
+        let filter = services_filter(&["10.0.0.2:80".parse().unwrap()], Segments::All);
         assert_eq!(
             run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], 80, 0, 6)),
             ACCEPT_BYTES
@@ -198,7 +233,7 @@ mod tests {
 
     #[test]
     fn ipv6_takes_only_segments_to_the_service() {
-        let filter = service_filter("[fd00::2]:443".parse().unwrap(), Segments::All);
+        let filter = services_filter(&["[fd00::2]:443".parse().unwrap()], Segments::All);
         let packet = |dst: &str, next: u8, dport: u16| {
             let mut p = vec![0u8; 60];
             p[0] = 0x60;
@@ -227,7 +262,7 @@ mod tests {
                 p[0] = 0x46;
                 p.splice(20..20, [1, 1, 1, 0]);
             }
-            let filter = service_filter("10.0.0.2:80".parse().unwrap(), Segments::Syns);
+            let filter = services_filter(&["10.0.0.2:80".parse().unwrap()], Segments::Syns);
             run(&filter, ETH_P_IP, &p)
         };
         assert_eq!(syn_only(0x02, false), ACCEPT_BYTES);
@@ -236,7 +271,7 @@ mod tests {
         for flags in [0x12, 0x10, 0x18, 0x11] {
             assert_eq!(syn_only(flags, false), 0, "flags {flags:#x}");
         }
-        let filter = service_filter("[fd00::2]:443".parse().unwrap(), Segments::Syns);
+        let filter = services_filter(&["[fd00::2]:443".parse().unwrap()], Segments::Syns);
         let mut p = vec![0u8; 60];
         p[0] = 0x60;
         p[6] = 6;
@@ -246,5 +281,30 @@ mod tests {
         assert_eq!(run(&filter, ETH_P_IPV6, &p), ACCEPT_BYTES);
         p[53] = 0x10;
         assert_eq!(run(&filter, ETH_P_IPV6, &p), 0);
+    }
+
+    /// A dual-stack service: segments to either address and port are taken, each only on its
+    /// own port, in both orders of the blocks.
+    #[test]
+    fn several_services_take_the_segments_of_each() {
+        let v4: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let v6: SocketAddr = "[fd00::2]:443".parse().unwrap();
+        let mut p6 = vec![0u8; 60];
+        p6[0] = 0x60;
+        p6[6] = 6;
+        p6[24..40].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        p6[42..44].copy_from_slice(&443u16.to_be_bytes());
+        for services in [[v4, v6], [v6, v4]] {
+            let filter = services_filter(&services, Segments::All);
+            let v4_to = |port| run(&filter, ETH_P_IP, &ipv4_tcp([10, 0, 0, 2], port, 0, 6));
+            assert_eq!(v4_to(80), ACCEPT_BYTES);
+            assert_eq!(v4_to(443), 0);
+            assert_eq!(run(&filter, ETH_P_IPV6, &p6), ACCEPT_BYTES);
+            let mut other = p6.clone();
+            other[42..44].copy_from_slice(&80u16.to_be_bytes());
+            assert_eq!(run(&filter, ETH_P_IPV6, &other), 0);
+            assert_eq!(run(&filter, 0x0806, &p6), 0);
+        }
+        assert_eq!(run(&services_filter(&[], Segments::All), ETH_P_IP, &p6), 0);
     }
 }

@@ -25,14 +25,14 @@ pub use self::{
     held::{HeldPackets, HoldBudget, HoldReport, MAX_PACKET},
     replay::{ReplayReport, Replayer},
 };
-use crate::net::NetnsError;
+use crate::{net::NetnsError, tuple::Addresses};
 
 /// What can fail while holding or replaying.
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
-    #[error("holding the segments to {service} on {dev}: {what}")]
+    #[error("holding the segments to {} on {dev}: {what}", Addresses(services))]
     Capture {
-        service: SocketAddr,
+        services: Vec<SocketAddr>,
         dev: String,
         what: &'static str,
         source: std::io::Error,

@@ -7,14 +7,17 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::HoldError;
-use crate::net::{InjectError, Netns, TcpInjector};
+use crate::{
+    net::{InjectError, Netns, TcpInjector},
+    tuple::Addresses,
+};
 
 /// What a replay did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayReport {
     /// Packets handed to the stack.
     pub replayed: u64,
-    /// Packets that were not IP/TCP of the service's family, or that the socket refused, and the
+    /// Packets that were not IP/TCP to one of the services, or that the socket refused, and the
     /// first reason.
     pub failed: u64,
     pub first_failure: Option<String>,
@@ -31,22 +34,28 @@ impl ReplayReport {
     }
 }
 
-/// A raw socket in the destination's namespace, opened before the blackout. It sends to the
-/// service only: the held packets come from the source over the link, and an authenticated
-/// source must still not make this raw socket send anything else.
+/// Raw sockets in the destination's namespace, one per service (both families for a dual-stack
+/// service), opened before the blackout. Each sends to its service only: the held packets come
+/// from the source over the link, and an authenticated source must still not make them send
+/// anything else.
 pub struct Replayer {
-    injector: TcpInjector,
+    injectors: Vec<TcpInjector>,
+    services: Vec<SocketAddr>,
 }
 
 impl Replayer {
-    /// Opens the socket for `service`'s family in `netns`.
-    pub fn open(netns: &Netns, service: SocketAddr) -> Result<Self, HoldError> {
-        let injector = netns.run(|| TcpInjector::open(service))?;
-        let injector = injector.map_err(|source| HoldError::ReplaySocket {
+    /// Opens a socket for each of `services` in `netns`.
+    pub fn open(netns: &Netns, services: &[SocketAddr]) -> Result<Self, HoldError> {
+        let opened: std::io::Result<Vec<TcpInjector>> =
+            netns.run(|| services.iter().map(|&s| TcpInjector::open(s)).collect())?;
+        let injectors = opened.map_err(|source| HoldError::ReplaySocket {
             netns: netns.to_string(),
             source,
         })?;
-        Ok(Self { injector })
+        Ok(Self {
+            injectors,
+            services: services.to_vec(),
+        })
     }
 
     /// Hands `packets` to the stack in their order.
@@ -56,28 +65,45 @@ impl Replayer {
         for packet in packets {
             scratch.clear();
             scratch.extend_from_slice(packet);
-            match self.injector.send(&mut scratch) {
+            match self.send(&mut scratch) {
                 Ok(()) => report.replayed += 1,
                 Err(error) => {
                     report.failed += 1;
-                    report.first_failure.get_or_insert_with(|| failure(&error));
+                    report
+                        .first_failure
+                        .get_or_insert_with(|| failure(&error, &self.services));
                 }
             }
         }
         report
     }
+
+    /// Sends `packet` by the socket of the service it is for.
+    fn send(&self, packet: &mut [u8]) -> Result<(), InjectError> {
+        let mut refused = InjectError::NotTcp { len: packet.len() };
+        for injector in &self.injectors {
+            match injector.send(packet) {
+                // Not this service's (or not its family's): the next one may take it.
+                Err(error @ (InjectError::Elsewhere { .. } | InjectError::NotTcp { .. })) => {
+                    if matches!(error, InjectError::Elsewhere { .. }) {
+                        refused = error;
+                    }
+                }
+                sent => return sent,
+            }
+        }
+        Err(refused)
+    }
 }
 
 /// A failure as the report tells it.
-fn failure(error: &InjectError) -> String {
+fn failure(error: &InjectError, services: &[SocketAddr]) -> String {
     match error {
         InjectError::NotTcp { len } => format!("a held packet of {len} bytes is not TCP"),
-        InjectError::Elsewhere {
-            destination,
-            allowed,
-        } => {
-            format!("a held packet to {destination} is not for the service {allowed}: not replayed")
-        }
+        InjectError::Elsewhere { destination, .. } => format!(
+            "a held packet to {destination} is not for the service {}: not replayed",
+            Addresses(services)
+        ),
         InjectError::Send {
             destination,
             source,
@@ -90,14 +116,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_name_the_service() {
+    fn failures_name_the_services() {
         let error = InjectError::Elsewhere {
             destination: "10.0.0.2:80".parse().unwrap(),
             allowed: "10.0.0.2:22".parse().unwrap(),
         };
-        let failure = failure(&error);
+        let services = [
+            "10.0.0.2:22".parse().unwrap(),
+            "[fd00::2]:22".parse().unwrap(),
+        ];
+        let failure = failure(&error, &services);
         assert!(
-            failure.contains("not for the service 10.0.0.2:22"),
+            failure.contains("not for the service 10.0.0.2:22, [fd00::2]:22"),
             "{failure}"
         );
         assert!(failure.contains("held packet to 10.0.0.2:80"), "{failure}");

@@ -4,9 +4,9 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use crate::{
-    migrate::MigrateError,
+    migrate::{ExpectedService, MigrateError},
     net::Netns,
-    repair::{Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, Workers},
+    repair::{Connection, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool},
     shard::{self, Shard},
     tuple::Tuple,
 };
@@ -39,12 +39,31 @@ pub(super) fn group_sizes(total: usize, max: usize) -> Vec<usize> {
         .collect()
 }
 
+/// How many sockets of a group of `size` (of `total` connections) each service gets: its share
+/// of the source's count, the first service the rest. The image is cut into groups in its own
+/// order, so a group's mix of services is known only then: a connection without a socket of its
+/// address in its group's pool gets a fresh one.
+pub(super) fn pool_shares(
+    size: usize,
+    total: usize,
+    services: &[ExpectedService],
+) -> Vec<(SocketAddr, usize)> {
+    let share = |s: &ExpectedService| {
+        (size * s.connections as usize)
+            .checked_div(total)
+            .unwrap_or(0)
+    };
+    let others: usize = services.iter().skip(1).map(share).sum();
+    (services.iter().enumerate())
+        .map(|(k, s)| (s.service, if k == 0 { size - others } else { share(s) }))
+        .collect()
+}
+
 /// Runs `work` on every group's thread, side by side, inside the agent's namespace, with the
 /// group's part and its pool (an empty one when it has none left); returns each outcome, in
 /// group order.
 pub(super) fn on_each_group<R: Send + 'static>(
     config: &AgentConfig,
-    service: SocketAddr,
     groups: &[Shard<Group>],
     parts: Vec<Vec<Connection>>,
     work: impl Fn(&mut Group, &Netns, SocketPool, Vec<Connection>) -> Result<R, MigrateError>
@@ -59,10 +78,7 @@ pub(super) fn on_each_group<R: Send + 'static>(
             let (spec, work) = (config.netns.clone(), work.clone());
             group.start(move |group| {
                 let netns = Netns::open(&spec)?;
-                let pool = match group.pool.take() {
-                    Some(pool) => pool,
-                    None => SocketPool::prepare(Workers::PerCpu, &netns, service, 0)?,
-                };
+                let pool = group.pool.take().unwrap_or_else(SocketPool::none);
                 work(group, &netns, pool, part)
             })
         })
@@ -123,4 +139,48 @@ pub(super) fn split_by_precopy(
         }
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dual-stack service of 600 IPv4 and 300 IPv6 connections in groups of at most 400: each
+    /// group's pool in proportion, every expected connection with a socket.
+    #[test]
+    fn each_group_pools_each_service_in_proportion() {
+        let v4: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        let services = [
+            ExpectedService {
+                service: v4,
+                connections: 600,
+            },
+            ExpectedService {
+                service: v6,
+                connections: 300,
+            },
+        ];
+        let sizes = group_sizes(900, 400);
+        assert_eq!(sizes, vec![300, 300, 300]);
+        for size in sizes {
+            assert_eq!(
+                pool_shares(size, 900, &services),
+                vec![(v4, 200), (v6, 100)]
+            );
+        }
+        // Odd counts: the first service takes what rounding leaves.
+        let odd = [
+            ExpectedService {
+                service: v4,
+                connections: 7,
+            },
+            ExpectedService {
+                service: v6,
+                connections: 3,
+            },
+        ];
+        assert_eq!(pool_shares(5, 10, &odd), vec![(v4, 4), (v6, 1)]);
+        assert_eq!(pool_shares(0, 0, &services), vec![(v4, 0), (v6, 0)]);
+    }
 }

@@ -25,22 +25,24 @@ pub struct LiveConnections {
 }
 
 impl LiveConnections {
-    /// The `listener` of `service`, if any, goes with the first group, after its connections:
-    /// its process accepts the new connections (an application finds it among the fds it is
-    /// handed with SO_ACCEPTCONN; its name says `0.0.0.0.0` for the remote end).
+    /// The `listeners` made ahead, one per service (both families of a dual-stack service), go
+    /// with the first group, after its connections: its process accepts the new connections (an
+    /// application finds them among the fds it is handed with SO_ACCEPTCONN; their names say
+    /// `0.0.0.0:0` or `[::]:0` for the remote end).
     pub(super) fn new(
         groups: Vec<Shard<Group>>,
         config: &AgentConfig,
-        service: SocketAddr,
-        listener: Option<OwnedFd>,
+        listeners: Vec<(SocketAddr, OwnedFd)>,
     ) -> Self {
-        if let (Some(fd), Some(first)) = (listener, groups.first()) {
-            let unspecified = SocketAddr::new(unspecified_like(service.ip()), 0);
-            let tuple = Tuple {
-                local: service,
-                remote: unspecified,
-            };
-            first.run(move |group| group.live.push(RestoredSocket { tuple, fd }));
+        if let Some(first) = groups.first() {
+            for (service, fd) in listeners {
+                let unspecified = SocketAddr::new(unspecified_like(service.ip()), 0);
+                let tuple = Tuple {
+                    local: service,
+                    remote: unspecified,
+                };
+                first.run(move |group| group.live.push(RestoredSocket { tuple, fd }));
+            }
         }
         Self {
             groups,

@@ -19,9 +19,9 @@ use std::{
 pub use self::live::LiveConnections;
 use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
 use super::{
-    AgentReport, FREEZE_TTL, MigrateError, Privileged, Refusal, ServerSecurity, Token,
-    check_privileges, require_token_in_plaintext, resident_memory, test_pause,
-    transport::{Link, Message, PROTOCOL_VERSION},
+    AgentReport, FREEZE_TTL, MigrateError, MovedAddress, Privileged, Refusal, ServerSecurity,
+    Token, check_privileges, require_token_in_plaintext, resident_memory, test_pause,
+    transport::{ExpectedService, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
     freeze::{self, Freeze},
@@ -74,7 +74,8 @@ pub struct AgentConfig {
 /// A completed migration on the destination: the live sockets, to hand to the application.
 pub struct AgentOutcome {
     pub source: SocketAddr,
-    pub service: SocketAddr,
+    /// The services whose connections are live here.
+    pub services: Vec<SocketAddr>,
     pub live: LiveConnections,
     pub report: AgentReport,
 }
@@ -85,8 +86,8 @@ pub struct AgentOutcome {
 /// [`AgentConfig::app_capabilities`], from its bounding set too.
 ///
 /// # Examples
-/// Takes the connections [`migrate`](crate::migrate::migrate) sends, adds the service address
-/// to eth0, and hands the live sockets to the application over a Unix socket:
+/// Takes the connections [`migrate`](crate::migrate::migrate) sends, adds the service's
+/// addresses to eth0, and hands the live sockets to the application over a Unix socket:
 /// ```no_run
 /// use std::path::Path;
 ///
@@ -140,40 +141,38 @@ pub fn agent(config: &AgentConfig) -> Result<AgentOutcome, MigrateError> {
 
 /// What the source asks for in Prepare.
 struct Request {
-    service: SocketAddr,
-    prefix_len: u8,
-    expected: u32,
+    services: Vec<ExpectedService>,
+    addresses: Vec<MovedAddress>,
     precopy: bool,
 }
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
     let (mut link, source) = accept_source(config).await?;
     let request = receive_prepare(&mut link).await?;
-    let service = request.service;
+    let services: Vec<SocketAddr> = request.services.iter().map(|s| s.service).collect();
     let mut report = AgentReport::default();
     let ready = prepare(config, netns, &request, &mut report);
     let Ready {
         mut groups,
         mut freeze,
-        takeover,
-        listener,
+        takeovers,
+        listeners,
         replayer,
     } = or_fail(&mut link, ready).await?;
-    report.listener = listener.is_some();
+    report.listener = !listeners.is_empty();
     link.send(&Message::Prepared).await?;
     test_pause("agent-prepared");
     let mut ahead = HashMap::new();
     if request.precopy {
-        let restored = restore_precopy(config, &mut link, service, &mut groups, &mut report).await;
+        let restored = restore_precopy(config, &mut link, &mut groups, &mut report).await;
         ahead = or_fail(&mut link, restored).await?;
         let connections = ahead.len();
         link.send(&Message::Precopied { connections }).await?;
     }
-    let restoring =
-        receive_and_restore(config, &mut link, service, &mut groups, &ahead, &mut report).await;
+    let restoring = receive_and_restore(config, &mut link, &mut groups, &ahead, &mut report).await;
     let restoring = restoring.and_then(|restored| {
         // The deadline counts from here, not from Prepare: one map update.
-        freeze.freeze_services(&[service], FREEZE_TTL)?;
+        freeze.freeze_services(&services, FREEZE_TTL)?;
         Ok(restored)
     });
     let connections = or_fail(&mut link, restoring).await?;
@@ -192,7 +191,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    let thawed = go_live(&takeover, &groups, freeze, service, &mut report)?;
+    let thawed = go_live(&takeovers, &groups, freeze, &services, &mut report)?;
     replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
@@ -201,10 +200,10 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&committed).await {
         tracing::warn!(%error, "confirming the commit to the source");
     }
-    let live = LiveConnections::new(groups, config, service, listener);
+    let live = LiveConnections::new(groups, config, listeners);
     Ok(AgentOutcome {
         source,
-        service,
+        services,
         live,
         report,
     })
@@ -214,14 +213,12 @@ async fn receive_prepare(link: &mut Link) -> Result<Request, MigrateError> {
     let waiting = "waiting for Prepare";
     match link.recv_message(waiting, None).await? {
         Message::Prepare {
-            service,
-            prefix_len,
-            expected_connections,
+            services,
+            addresses,
             precopy,
-        } => Ok(Request {
-            service,
-            prefix_len,
-            expected: expected_connections,
+        } if !services.is_empty() => Ok(Request {
+            services,
+            addresses,
             precopy,
         }),
         other => Err(link.unexpected(waiting, &other)),

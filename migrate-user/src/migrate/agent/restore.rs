@@ -7,7 +7,10 @@ use nix::sys::signal::{Signal, raise};
 
 use super::{
     AgentConfig, FREEZE_PREFIX, Request,
-    groups::{Group, group_sizes, on_each_group, spawn_groups, split_by_precopy, split_evenly},
+    groups::{
+        Group, group_sizes, on_each_group, pool_shares, spawn_groups, split_by_precopy,
+        split_evenly,
+    },
 };
 use crate::{
     freeze::{
@@ -29,41 +32,64 @@ use crate::{
 pub(super) struct Ready<'a> {
     pub(super) groups: Vec<Shard<Group>>,
     pub(super) freeze: Freeze,
-    pub(super) takeover: Takeover<'a>,
-    /// Takes new connections from the address move on (None: something listens there already).
-    pub(super) listener: Option<OwnedFd>,
+    /// One per address.
+    pub(super) takeovers: Vec<Takeover<'a>>,
+    /// Take new connections from the address move on, one per service (none for a service
+    /// something listens on already).
+    pub(super) listeners: Vec<(SocketAddr, OwnedFd)>,
     pub(super) replayer: Replayer,
 }
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
-/// application: pools of `request.expected` sockets in all bound to the service, one per group, on
-/// the groups' threads (socket() and bind are the costliest restore calls); beside them, the freeze
-/// programs (10-40 ms of CPU that would compete with the restore for the CPUs); then the netlink
-/// session and packet socket that add and announce the address, the service's listener and the
-/// raw socket that replays what the source's freeze held. The freeze is unpinned: an agent killed
-/// at any point leaves nothing attached.
+/// application: pools of as many sockets as the source counted connections, bound to each
+/// service's address in proportion to its count, one pool per group, on the groups' threads
+/// (socket() and bind are the costliest restore calls); beside them, the freeze programs (10-40 ms of CPU that would compete with the
+/// restore for the CPUs); then the netlink session and packet socket that add and announce each
+/// address, each service's listener and the raw sockets that replay what the source's freeze
+/// held. The freeze is unpinned: an agent killed at any point leaves nothing attached.
 pub(super) fn prepare<'a>(
     config: &'a AgentConfig,
     netns: &'a Netns,
     request: &Request,
     report: &mut AgentReport,
 ) -> Result<Ready<'a>, MigrateError> {
-    let service = request.service;
+    let services: Vec<SocketAddr> = request.services.iter().map(|s| s.service).collect();
     let name = format!("{FREEZE_PREFIX}{}", std::process::id());
     let started = Instant::now();
     // Before the pools: their sockets bind with repair mode's forced reuse, which a listener
     // bound after them would not be granted.
-    let listener = net::listen_ahead(netns, service)?;
-    let sizes = group_sizes(request.expected as usize, config.max_per_process);
+    let mut listeners = Vec::new();
+    for &service in &services {
+        if let Some(listener) = net::listen_ahead(netns, service)? {
+            listeners.push((service, listener));
+        }
+    }
+    let total: usize = request
+        .services
+        .iter()
+        .map(|s| s.connections as usize)
+        .sum();
+    let sizes = group_sizes(total, config.max_per_process);
     let groups = spawn_groups(sizes.len())?;
     let pooling: Vec<_> = groups
         .iter()
         .zip(sizes)
         .map(|(group, size)| {
-            let spec = config.netns.clone();
+            let (spec, shares) = (
+                config.netns.clone(),
+                pool_shares(size, total, &request.services),
+            );
             group.start(move |group| {
                 let netns = Netns::open(&spec)?;
-                let pool = SocketPool::prepare(Workers::PerCpu, &netns, service, size)?;
+                let mut pool = SocketPool::none();
+                for (service, count) in shares {
+                    pool.absorb(SocketPool::prepare(
+                        Workers::PerCpu,
+                        &netns,
+                        service,
+                        count,
+                    )?);
+                }
                 group.pool = Some(pool);
                 Ok::<_, MigrateError>(size)
             })
@@ -78,12 +104,15 @@ pub(super) fn prepare<'a>(
     }
     report.pool_ms = millis(started.elapsed());
     report.pooled = pooled;
+    let takeovers = (request.addresses.iter())
+        .map(|address| Takeover::prepare(netns, &config.dev, address.ip, address.prefix_len))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Ready {
         groups,
         freeze: freeze?,
-        takeover: Takeover::prepare(netns, &config.dev, service.ip(), request.prefix_len)?,
-        listener,
-        replayer: Replayer::open(netns, service)?,
+        takeovers,
+        listeners,
+        replayer: Replayer::open(netns, &services)?,
     })
 }
 
@@ -94,26 +123,19 @@ pub(super) fn prepare<'a>(
 pub(super) async fn restore_precopy(
     config: &AgentConfig,
     link: &mut Link,
-    service: SocketAddr,
     groups: &mut Vec<Shard<Group>>,
     report: &mut AgentReport,
 ) -> Result<HashMap<Tuple, usize>, MigrateError> {
     let connections = receive_image(config, link).await?;
     let started = Instant::now();
     let parts = split_evenly(connections, groups, config.max_per_process)?;
-    let restoring = on_each_group(
-        config,
-        service,
-        groups,
-        parts,
-        |group, netns, mut pool, part| {
-            let mine = pool.split_off(part.len());
-            // The rest is for the connections the dump brings beside the pre-copy's.
-            group.pool = Some(pool);
-            let ahead = repair::restore_ahead(Workers::PerCpu, netns, part, mine)?;
-            Ok(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
-        },
-    );
+    let restoring = on_each_group(config, groups, parts, |group, netns, mut pool, part| {
+        let mine = pool.split_for(&part);
+        // The rest is for the connections the dump brings beside the pre-copy's.
+        group.pool = Some(pool);
+        let ahead = repair::restore_ahead(Workers::PerCpu, netns, part, mine)?;
+        Ok(group.ahead.insert(ahead).tuples().collect::<Vec<_>>())
+    });
     let mut ahead = HashMap::new();
     let mut failure = None;
     for (k, restored) in restoring.into_iter().enumerate() {
@@ -142,7 +164,6 @@ pub(super) async fn restore_precopy(
 pub(super) async fn receive_and_restore(
     config: &AgentConfig,
     link: &mut Link,
-    service: SocketAddr,
     groups: &mut Vec<Shard<Group>>,
     ahead: &HashMap<Tuple, usize>,
     report: &mut AgentReport,
@@ -154,20 +175,14 @@ pub(super) async fn receive_and_restore(
     } else {
         split_by_precopy(connections, groups, ahead, config.max_per_process)?
     };
-    let restoring = on_each_group(
-        config,
-        service,
-        groups,
-        parts,
-        |group, netns, pool, part| {
-            let restored = match group.ahead.take() {
-                Some(ahead) => ahead.restore(Workers::PerCpu, netns, &part, pool)?,
-                None => repair::restore_with_pool(Workers::PerCpu, netns, &part, pool)?,
-            };
-            let restored = group.restored.insert(restored);
-            Ok((restored.len(), restored.precopied()))
-        },
-    );
+    let restoring = on_each_group(config, groups, parts, |group, netns, pool, part| {
+        let restored = match group.ahead.take() {
+            Some(ahead) => ahead.restore(Workers::PerCpu, netns, &part, pool)?,
+            None => repair::restore_with_pool(Workers::PerCpu, netns, &part, pool)?,
+        };
+        let restored = group.restored.insert(restored);
+        Ok((restored.len(), restored.precopied()))
+    });
     let mut restored = 0;
     let mut first_error = None;
     for outcome in restoring {
@@ -231,7 +246,7 @@ async fn receive_image(
     }
 }
 
-/// Address and its announcements, unfreeze, repair off: the blackout ends. Returns the thawed
+/// Addresses and their announcements, unfreeze, repair off: the blackout ends. Returns the thawed
 /// freeze, removed later (detaching its programs takes milliseconds, see [`replay_held`]).
 ///
 /// The announcements go out together, right after the address, as keepalived sends its
@@ -239,17 +254,19 @@ async fn receive_image(
 /// lost does not mean all are. Spaced 30 ms apart after the commit they delayed the hand-over to
 /// the application by 60 ms, which every client's catch-up showed.
 pub(super) fn go_live(
-    takeover: &Takeover<'_>,
+    takeovers: &[Takeover<'_>],
     groups: &[Shard<Group>],
     mut freeze: Freeze,
-    service: SocketAddr,
+    services: &[SocketAddr],
     report: &mut AgentReport,
 ) -> Result<Freeze, MigrateError> {
     let committed_at = Instant::now();
-    takeover.claim(net::ANNOUNCE_COUNT)?;
+    for takeover in takeovers {
+        takeover.claim(net::ANNOUNCE_COUNT)?;
+    }
     report.announcements = net::ANNOUNCE_COUNT;
     report.address_ms = millis(committed_at.elapsed());
-    freeze.thaw_services(&[service])?;
+    freeze.thaw_services(services)?;
     report.live_after_commit_ms = millis(committed_at.elapsed());
     report.live_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -5,6 +5,7 @@
 //! Each application process's sockets are held in a shard of their own ([`crate::shard`]): one
 //! fd table holds at most one process's worth (the fd limit), and several processes, 50,000
 //! connections in all, move in one migration.
+mod image;
 mod phases;
 
 use std::{
@@ -15,10 +16,11 @@ use std::{
 
 use self::phases::Run;
 use super::{
-    ClientSecurity, MigrateError, Privileged, Report, StoppedTree, Token, chain, check_privileges,
+    ClientSecurity, MigrateError, MovedAddress, Privileged, Report, StoppedTree, Token, chain,
+    check_privileges,
     guard::{Guardian, Note, Plan},
     millis, require_token_in_plaintext, resident_memory, test_pause,
-    transport::{IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
+    transport::{ExpectedService, IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
     freeze::{
@@ -26,7 +28,7 @@ use crate::{
         hold::{HeldPackets, Hold, HoldBudget},
     },
     net::{self, Netns},
-    repair::{self, DumpedSockets, Filter, PreparedDump, StateReader},
+    repair::{self, DumpedSockets, PreparedDump, StateReader},
     shard::{self, Shard},
 };
 
@@ -41,8 +43,9 @@ pub struct SourceConfig {
     /// The application's processes whose connections move, together, all in one network
     /// namespace.
     pub pids: Vec<u32>,
-    /// Local address and port of those connections; the address moves with them.
-    pub service: SocketAddr,
+    /// Local addresses and ports of those connections (one per family for a dual-stack
+    /// service); the addresses move with them.
+    pub services: Vec<SocketAddr>,
     /// The interface holding the address, in the application's network namespace.
     pub dev: String,
     /// Where `tcpmig agent` listens.
@@ -77,8 +80,9 @@ pub struct SourceConfig {
 /// commit everything is rolled back and the error says so.
 ///
 /// # Examples
-/// Moves the connections of process 1234 on 192.0.2.1:80, and the address, to the agent at
-/// 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other side):
+/// Moves the connections of process 1234 on `192.0.2.1:80` and `[2001:db8::1]:80`, and both
+/// addresses, to the agent at 192.0.2.2:7070 (see [`agent`](crate::migrate::agent()) for the other
+/// side):
 /// ```no_run
 /// use tcpmig::{
 ///     freeze::hold::HoldBudget,
@@ -88,7 +92,7 @@ pub struct SourceConfig {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = SourceConfig {
 ///     pids: vec![1234],
-///     service: "192.0.2.1:80".parse()?,
+///     services: vec!["192.0.2.1:80".parse()?, "[2001:db8::1]:80".parse()?],
 ///     dev: "eth0".into(),
 ///     agent: "192.0.2.2:7070".parse()?,
 ///     // Mutual TLS: the agent's certificate must name 192.0.2.2 and chain to ca.pem.
@@ -136,7 +140,7 @@ struct Held {
     stopped: Vec<StoppedTree>,
     /// One per application process, holding its sockets.
     shards: Vec<Shard<ProcessSockets>>,
-    /// The address was deleted and must come back on rollback.
+    /// The addresses were deleted and must come back on rollback.
     address_deleted: bool,
 }
 
@@ -152,15 +156,29 @@ struct ProcessSockets {
 
 async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let started = Instant::now();
-    let service = crate::tuple::canonical(config.service);
+    let services = distinct(config.services.iter().map(|&s| crate::tuple::canonical(s)));
+    if services.is_empty() {
+        return Err(MigrateError::NoService);
+    }
     let netns = netns_of(&config.pids)?;
-    let prefix_len = prefix_of(&netns, config, service.ip())?;
-    let expected = repair::count_connections(&netns, &Filter::service(service))?;
+    let addresses = distinct(services.iter().map(SocketAddr::ip))
+        .into_iter()
+        .map(|ip| {
+            let prefix_len = prefix_of(&netns, config, ip)?;
+            Ok(MovedAddress { ip, prefix_len })
+        })
+        .collect::<Result<Vec<_>, MigrateError>>()?;
+    let counted = repair::count_connections(&netns, &services)?;
+    let expected = (services.iter().zip(counted))
+        .map(|(&service, connections)| ExpectedService {
+            service,
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+        })
+        .collect();
     let (mut link, one_way) = connect(config).await?;
     link.send(&Message::Prepare {
-        service,
-        prefix_len,
-        expected_connections: u32::try_from(expected).unwrap_or(u32::MAX),
+        services: expected,
+        addresses: addresses.clone(),
         precopy: config.precopy,
     })
     .await?;
@@ -171,9 +189,9 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         &Note::Start(Plan {
             migrate_pid: std::process::id(),
             pids: config.pids.clone(),
-            service,
+            services: services.clone(),
             dev: config.dev.clone(),
-            prefix_len,
+            addresses: addresses.clone(),
             freeze: name.clone(),
             stop_source: config.stop_source,
         }),
@@ -185,8 +203,8 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         &mut link,
         &mut guardian,
         &name,
-        service,
-        prefix_len,
+        services,
+        addresses,
     )
     .await
     .map(|mut report| {
@@ -232,27 +250,34 @@ async fn guarded(
     link: &mut Link,
     guardian: &mut Guardian,
     name: &str,
-    service: SocketAddr,
-    prefix_len: u8,
+    services: Vec<SocketAddr>,
+    addresses: Vec<MovedAddress>,
 ) -> Result<Report, MigrateError> {
     let started = Instant::now();
+    // One port for every service (the usual dual-stack one): the reader reports only its
+    // sockets; otherwise every socket, and the dump picks.
+    let port = distinct(services.iter().map(SocketAddr::port));
     let held = Held {
         freeze: RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?),
-        hold: open_hold(config, netns, service)?,
-        reader: StateReader::load(Some(service.port()))?,
+        hold: open_hold(config, netns, &services)?,
+        reader: StateReader::load(if port.len() == 1 {
+            port.first().copied()
+        } else {
+            None
+        })?,
         stopped: Vec::new(),
         shards: Vec::new(),
         address_deleted: false,
     };
-    let report = Report::started(config.pids.clone(), service, link.peer());
+    let report = Report::started(config.pids.clone(), services.clone(), link.peer());
     let mut run = Run {
         config,
         netns,
         link,
         guardian,
         held,
-        service,
-        prefix_len,
+        services,
+        addresses,
         report,
     };
     run.report.phases.prepare_ms = millis(started.elapsed());
@@ -358,16 +383,28 @@ async fn send_held_batch(
     Ok(())
 }
 
-/// The hold of `config`, opened on the service's interface (None with a budget of nothing).
+/// The hold of `config`, opened on the services' interface (None with a budget of nothing).
 fn open_hold(
     config: &SourceConfig,
     netns: &Netns,
-    service: SocketAddr,
+    services: &[SocketAddr],
 ) -> Result<Option<Hold>, MigrateError> {
     if config.hold.is_none() {
         return Ok(None);
     }
-    Ok(Some(Hold::open(netns, &config.dev, service, config.hold)?))
+    Ok(Some(Hold::open(netns, &config.dev, services, config.hold)?))
+}
+
+/// The values of `items` in their first order, each once: `--service` given twice moves it once,
+/// and services on two ports of one address move that address once.
+fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut seen = Vec::new();
+    for item in items {
+        if !seen.contains(&item) {
+            seen.push(item);
+        }
+    }
+    seen
 }
 
 fn in_doubt(cause: MigrateError) -> MigrateError {
@@ -416,7 +453,7 @@ async fn abort(run: Run<'_>, cause: MigrateError) -> MigrateError {
     rollback(run, cause)
 }
 
-/// Undoes what the source did, in reverse: address back, sockets out of repair mode, freeze
+/// Undoes what the source did, in reverse: addresses back, sockets out of repair mode, freeze
 /// removed, application resumed.
 fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
     tracing::warn!(%cause, "rolling back");
@@ -424,8 +461,7 @@ fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
         config,
         netns,
         mut held,
-        service,
-        prefix_len,
+        addresses,
         report,
         ..
     } = run;
@@ -440,7 +476,11 @@ fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
     }
     let mut result: Result<(), MigrateError> = Ok(());
     if held.address_deleted {
-        result = net::add_address(netns, &config.dev, service.ip(), prefix_len).map_err(Into::into);
+        // All of them, even after a failure; adding one that is still there is a no-op.
+        for MovedAddress { ip, prefix_len } in addresses {
+            let added = net::add_address(netns, &config.dev, ip, prefix_len);
+            result = result.and(added.map_err(Into::into));
+        }
     }
     let rolled_back = shard::run_all(&held.shards, |_, sockets| {
         sockets.prepared = None;
@@ -483,8 +523,8 @@ fn prefix_of(netns: &Netns, config: &SourceConfig, ip: IpAddr) -> Result<u8, Mig
     })
 }
 
-/// The network namespace of the processes, which must share it: one migration moves one
-/// service address.
+/// The network namespace of the processes, which must share it: one migration moves the
+/// service's addresses of one namespace.
 fn netns_of(pids: &[u32]) -> Result<Netns, MigrateError> {
     let open = |pid: u32| Netns::open(&format!("/proc/{pid}/ns/net"));
     let (&first, others) = pids.split_first().ok_or(MigrateError::NoProcess)?;

@@ -15,22 +15,21 @@ use std::{
     time::Instant,
 };
 
-use bytes::Bytes;
-
-use super::{Held, PRECOPY_QUIET, ProcessSockets, SourceConfig};
+use super::{
+    Held, PRECOPY_QUIET, ProcessSockets, SourceConfig,
+    image::{Part, send_image},
+};
 use crate::{
     freeze::hold::Segments,
-    image::{self, Image},
     migrate::{
-        FREEZE_TTL, LeftConnection, MigrateError, Report, StoppedTree,
+        FREEZE_TTL, LeftConnection, MigrateError, MovedAddress, Report, StoppedTree,
         guard::{self, Guardian, Note},
         millis, test_pause,
-        transport::{IMAGE_PIECE, Link, Message},
+        transport::{Link, Message},
     },
     net::{self, Netns},
     repair::{
-        self, AcceptPlan, Connection, Filter, Listed, SocketsByInode, TakenSocket, TcpState,
-        Unmovable, Workers,
+        self, AcceptPlan, Filter, Listed, SocketsByInode, TakenSocket, TcpState, Unmovable, Workers,
     },
     shard::{self, Shard},
 };
@@ -43,8 +42,9 @@ pub(super) struct Run<'a> {
     pub(super) link: &'a mut Link,
     pub(super) guardian: &'a mut Guardian,
     pub(super) held: Held,
-    pub(super) service: SocketAddr,
-    pub(super) prefix_len: u8,
+    /// The services whose connections move, and the addresses that move with them.
+    pub(super) services: Vec<SocketAddr>,
+    pub(super) addresses: Vec<MovedAddress>,
     pub(super) report: Report,
 }
 
@@ -56,7 +56,7 @@ impl Run<'_> {
         let lost: Vec<Unmovable> = left.iter().filter(|u| u.is_loss()).copied().collect();
         if !lost.is_empty() && !self.config.skip_unmovable {
             return Err(MigrateError::Unmovable {
-                service: self.service,
+                services: self.services.clone(),
                 list: Listed(lost),
             });
         }
@@ -109,12 +109,12 @@ impl<'r, 'a> Prepared<'r, 'a> {
                 })?;
             run.held.shards.push(shard);
         }
-        let service = run.service;
+        let filter = Arc::new(Filter::services(&run.services));
         // One listing for all the processes.
-        let listed = Arc::new(SocketsByInode::list(run.netns, &Filter::service(service))?);
+        let listed = Arc::new(SocketsByInode::list(run.netns, &filter)?);
         let pids = run.config.pids.clone();
         let found = shard::run_all(&run.held.shards, move |k, sockets| {
-            prepare_process(pids[k], service, &listed, sockets)
+            prepare_process(pids[k], &filter, &listed, sockets)
         });
         let (mut noted, mut left) = (Vec::new(), Vec::new());
         for found in found {
@@ -158,7 +158,7 @@ impl<'r, 'a> Discovered<'r, 'a> {
         }
         run.held
             .freeze
-            .freeze_new_connections(&[run.service], FREEZE_TTL)?;
+            .freeze_new_connections(&run.services, FREEZE_TTL)?;
         for &pid in &run.config.pids {
             let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
             run.held.stopped.push(stopped);
@@ -184,14 +184,15 @@ impl<'r, 'a> Stopped<'r, 'a> {
     fn catch_up(self) -> Result<CaughtUp<'r, 'a>, MigrateError> {
         let Self { run, at } = self;
         let step = Instant::now();
-        let (pids, service) = (run.config.pids.clone(), run.service);
-        let filter = Filter::service(service);
+        let pids = run.config.pids.clone();
+        let filter = Arc::new(Filter::services(&run.services));
         // New SYNs are held: the handshakes in progress end within a round trip, in an accept
         // queue (taken below) or in the fd table.
         repair::settle_handshakes(run.netns, &filter, repair::HANDSHAKE_BOUND)?;
         let plan = Arc::new(AcceptPlan::list(run.netns, &filter)?);
+        let shared = Arc::clone(&filter);
         let caught = shard::run_all(&run.held.shards, move |k, sockets| {
-            catch_up_process(pids[k], service, &plan, sockets)
+            catch_up_process(pids[k], &shared, &plan, sockets)
         });
         let (mut noted, mut taken, mut closed) = (Vec::new(), 0, 0);
         let mut left = Vec::new();
@@ -274,9 +275,7 @@ impl<'r, 'a> CaughtUp<'r, 'a> {
         if let Some(hold) = &mut run.held.hold {
             hold.begin(Segments::All)?;
         }
-        run.held
-            .freeze
-            .freeze_services(&[run.service], FREEZE_TTL)?;
+        run.held.freeze.freeze_services(&run.services, FREEZE_TTL)?;
         run.report.phases.freeze_ms = millis(at.elapsed());
         test_pause("frozen");
         Ok(Frozen { run, at })
@@ -321,8 +320,9 @@ pub(super) struct Dumped<'r, 'a> {
 
 impl<'r, 'a> Dumped<'r, 'a> {
     /// Streams the image (each shard encodes its records: the connections are not copied out
-    /// of them), then deletes the service address while the agent restores: it is of no use
-    /// here any more (the freeze drops the service's traffic), and a rollback puts it back.
+    /// of them), then deletes the service's addresses while the agent restores: they are of no
+    /// use here any more (the freeze drops the service's traffic), and a rollback puts them
+    /// back.
     async fn send(self) -> Result<Sent<'r, 'a>, MigrateError> {
         let Self { run, frozen_at } = self;
         let step = Instant::now();
@@ -339,9 +339,12 @@ impl<'r, 'a> Dumped<'r, 'a> {
         report.recv_bytes = parts.iter().map(|p| p.recv_bytes).sum();
         report.phases.transfer_ms = millis(step.elapsed());
         let step = Instant::now();
-        let (dev, ip) = (&run.config.dev, run.service.ip());
-        net::delete_address(run.netns, dev, ip, run.prefix_len)?;
+        // Before the first: a rollback after any of them puts back all (adding one that is
+        // there is a no-op).
         run.held.address_deleted = true;
+        for &MovedAddress { ip, prefix_len } in &run.addresses {
+            net::delete_address(run.netns, &run.config.dev, ip, prefix_len)?;
+        }
         run.report.phases.address_ms = millis(step.elapsed());
         test_pause("address-deleted");
         Ok(Sent {
@@ -408,55 +411,6 @@ impl Restored<'_, '_> {
     }
 }
 
-/// One process's part of the image, and what its connections carry.
-struct Part {
-    records: Bytes,
-    connections: usize,
-    send_bytes: u64,
-    unsent_bytes: u64,
-    recv_bytes: u64,
-}
-
-impl Part {
-    fn of(connections: &[Connection]) -> Self {
-        let sum = |f: fn(&Connection) -> usize| connections.iter().map(|c| f(c) as u64).sum();
-        Self {
-            records: image::records(connections),
-            connections: connections.len(),
-            send_bytes: sum(|c| c.send_queue.len()),
-            unsent_bytes: sum(|c| c.unsent as usize),
-            recv_bytes: sum(|c| c.recv_queue.len()),
-        }
-    }
-}
-
-/// Sends the image of `parts` in pieces; returns its connections and bytes. `pause` names the
-/// test pause after the first piece.
-async fn send_image(
-    link: &mut Link,
-    parts: &[Part],
-    pause: Option<&str>,
-) -> Result<(usize, usize), MigrateError> {
-    let connections: usize = parts.iter().map(|p| p.connections).sum();
-    let mut pieces = vec![Image::header()];
-    pieces.extend(parts.iter().map(|p| p.records.clone()));
-    pieces.push(Image::end(connections));
-    let image_bytes = pieces.iter().map(Bytes::len).sum();
-    for (i, chunk) in pieces
-        .iter()
-        .flat_map(|p| p.chunks(IMAGE_PIECE))
-        .enumerate()
-    {
-        if i == 1
-            && let Some(pause) = pause
-        {
-            test_pause(pause);
-        }
-        link.send_image(chunk).await?;
-    }
-    Ok((connections, image_bytes))
-}
-
 /// What one process's shard knows of its sockets besides the prepared dump.
 #[derive(Default)]
 pub(super) struct Known {
@@ -477,17 +431,19 @@ struct Found {
     left: Vec<Unmovable>,
 }
 
-/// In the process's shard: takes its connections on `service` and reads what only it changes.
+/// In the process's shard: takes its connections of `filter`'s services and reads what only it
+/// changes.
 fn prepare_process(
     pid: u32,
-    service: SocketAddr,
+    filter: &Filter,
     listed: &SocketsByInode,
     sockets: &mut ProcessSockets,
 ) -> Result<Found, MigrateError> {
     let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
-    let mut discovery = repair::discover_among(listed, &netns, pid, &Filter::service(service))?;
+    let mut discovery = repair::discover_among(listed, &netns, pid, filter)?;
     if discovery.sockets.is_empty() {
-        return Err(MigrateError::NoConnections { pid, service });
+        let services = filter.services.clone();
+        return Err(MigrateError::NoConnections { pid, services });
     }
     let identified = identify(pid, &discovery.sockets)?;
     // A handshake now may be done by the catch-up (the stop gives it a round trip), which sees
@@ -544,7 +500,7 @@ struct Caught {
 /// says wait in its listeners' accept queues.
 fn catch_up_process(
     pid: u32,
-    service: SocketAddr,
+    filter: &Filter,
     plan: &AcceptPlan,
     sockets: &mut ProcessSockets,
 ) -> Result<Caught, MigrateError> {
@@ -555,7 +511,7 @@ fn catch_up_process(
             .zip(prepared.fds())
             .map(|(&(inode, fd), ours)| (fd, ours, inode))
             .collect();
-        repair::catch_up(pid, &taken, &known.seen, &Filter::service(service))?
+        repair::catch_up(pid, &taken, &known.seen, filter)?
     };
     // Not needed again: a megabyte of inodes at 50,000 connections.
     known.seen = HashSet::new();
@@ -575,7 +531,7 @@ fn catch_up_process(
         .map(|(k, reuse)| (known.taken[k].0, reuse))
         .collect();
     let identified = identify(pid, &found.sockets)?;
-    let accepted = plan.take(pid, &known.listeners, &Filter::service(service))?;
+    let accepted = plan.take(pid, &known.listeners, filter)?;
     let accepted_count = accepted.len();
     // The accepted ones are not noted: the guard finds sockets in the process, never theirs.
     let inodes = identified.iter().map(|&(inode, _)| inode).chain(

@@ -15,7 +15,6 @@ mod state;
 
 use std::{
     borrow::Borrow,
-    net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{
         Mutex, PoisonError,
@@ -127,9 +126,7 @@ pub fn restore_with(
     netns: &Netns,
     connections: &[Connection],
 ) -> Result<RestoredSockets, RepairError> {
-    // Any address: an empty pool fits no connection.
-    let none = SocketPool::empty(SocketAddr::from(([0, 0, 0, 0], 0)));
-    restore_with_pool(workers, netns, connections, none)
+    restore_with_pool(workers, netns, connections, SocketPool::none())
 }
 
 /// [`restore_with`] on the sockets of `pool` (made in `netns`) for the connections on its local
@@ -154,11 +151,7 @@ fn restore_on_pool<C: Borrow<Connection> + Sync>(
 ) -> Result<RestoredSockets, RepairError> {
     repair::check_net_admin()?;
     repair::raise_fd_limit();
-    let fitting = connections
-        .iter()
-        .filter(|c| pool.fits((*c).borrow()))
-        .count();
-    reserve_fds(connections.len() - fitting.min(pool.len()));
+    reserve_fds(connections.len() - pool.covers(connections.iter().map(Borrow::borrow)));
     let spare = Mutex::new(pool);
     let abort = AtomicBool::new(false);
     let batches = repair::sharded_in(workers, netns, connections, |batch| {
@@ -170,11 +163,7 @@ fn restore_on_pool<C: Borrow<Connection> + Sync>(
             if abort.load(Ordering::Relaxed) {
                 break;
             }
-            let socket = if mine.fits(conn) {
-                mine.sockets.pop()
-            } else {
-                None
-            };
+            let socket = mine.take(conn);
             let result = restore_one(conn, netns, socket, &mut local);
             if result.is_err() {
                 abort.store(true, Ordering::Relaxed);
@@ -196,12 +185,11 @@ fn restore_on_pool<C: Borrow<Connection> + Sync>(
     })
 }
 
-/// A worker's share of the pool: one socket for each of its connections that fits, while the
-/// pool lasts. One lock per worker.
+/// A worker's share of the pool: one socket for each of its connections on a local address of
+/// the pool, while the pool lasts. One lock per worker.
 fn take_sockets<C: Borrow<Connection>>(pool: &Mutex<SocketPool>, batch: &[C]) -> SocketPool {
     let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
-    let wanted = batch.iter().filter(|c| pool.fits((*c).borrow())).count();
-    pool.split_off(wanted)
+    pool.split_for(batch.iter().map(Borrow::borrow))
 }
 
 /// Grows this process's fd table once to hold `count` more fds. Grown one doubling at a time by

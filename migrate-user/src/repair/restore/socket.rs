@@ -1,6 +1,7 @@
 //! Socket build: TCP sockets in repair mode, bound to their local address (IP_TRANSPARENT where
 //! the namespace does not have it yet), made one per connection or ahead in a [`SocketPool`].
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
@@ -15,16 +16,18 @@ use crate::{
     sys::tcp_repair::{self as so, Queue},
 };
 
-/// Sockets made ahead of a restore: TCP sockets in repair mode, bound to one local address.
+/// Sockets made ahead of a restore: TCP sockets in repair mode, bound to their local addresses
+/// (one for most services, one per family for a dual-stack one).
 ///
 /// socket() (about 3 us) and bind are the costliest calls of a restore. Made while the source's
 /// application still runs (the migration agent makes them on Prepare, for the source's count of
 /// connections), they leave the blackout: [`restore_with_pool`](repair::restore_with_pool) only
 /// sets each connection's state. Dropping the pool closes the sockets it still holds, silently:
 /// they are unconnected and in repair mode.
+#[derive(Default)]
 pub struct SocketPool {
-    local: SocketAddr,
-    pub(super) sockets: Vec<OwnedFd>,
+    /// The sockets bound to each local address.
+    sockets: HashMap<SocketAddr, Vec<OwnedFd>>,
 }
 
 impl SocketPool {
@@ -38,9 +41,8 @@ impl SocketPool {
         local: SocketAddr,
         count: usize,
     ) -> Result<Self, RepairError> {
-        let mut pool = Self::empty(local);
         if count == 0 {
-            return Ok(pool);
+            return Ok(Self::none());
         }
         repair::check_net_admin()?;
         repair::raise_fd_limit();
@@ -54,47 +56,82 @@ impl SocketPool {
                 .map(|()| repair_socket(&local, true, &mut bound))
                 .collect::<Result<Vec<_>, _>>()
         })?;
+        let mut sockets = Vec::with_capacity(count);
         for batch in batches {
             // Returning early drops the sockets made so far: they close silently.
-            let sockets = batch.map_err(|(op, error)| RepairError::Pool {
+            sockets.extend(batch.map_err(|(op, error)| RepairError::Pool {
                 local,
                 count,
                 op,
                 error,
-            })?;
-            pool.sockets.extend(sockets);
+            })?);
         }
-        Ok(pool)
+        Ok(Self {
+            sockets: HashMap::from([(local, sockets)]),
+        })
     }
 
-    pub(super) fn empty(local: SocketAddr) -> Self {
-        Self {
-            local,
-            sockets: Vec::new(),
+    /// A pool with no sockets: every connection restored with it gets a fresh one.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds the sockets of `other` (of another local address, say) to this pool.
+    pub fn absorb(&mut self, other: SocketPool) {
+        for (local, sockets) in other.sockets {
+            self.sockets.entry(local).or_default().extend(sockets);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.sockets.len()
+        self.sockets.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
+        self.len() == 0
     }
 
-    /// Takes up to `count` of the sockets into a pool of their own.
-    pub fn split_off(&mut self, count: usize) -> SocketPool {
-        let from = self.sockets.len().saturating_sub(count);
-        SocketPool {
-            local: self.local,
-            sockets: self.sockets.split_off(from),
+    /// Takes one socket for each of `connections` on a local address of the pool, while the
+    /// pool lasts, into a pool of their own.
+    pub fn split_for<'c>(
+        &mut self,
+        connections: impl IntoIterator<Item = &'c Connection>,
+    ) -> SocketPool {
+        let mut split = SocketPool::none();
+        for (local, count) in per_local(connections) {
+            if let Some(sockets) = self.sockets.get_mut(&local) {
+                let from = sockets.len().saturating_sub(count);
+                split.sockets.insert(local, sockets.split_off(from));
+            }
         }
+        split
     }
 
-    /// Whether `conn` can have a socket of this pool (it may be empty by then).
-    pub(super) fn fits(&self, conn: &Connection) -> bool {
-        conn.tuple.local == self.local
+    /// How many of `connections` get a socket of the pool (the others, fresh ones).
+    pub(super) fn covers<'c>(
+        &self,
+        connections: impl IntoIterator<Item = &'c Connection>,
+    ) -> usize {
+        (per_local(connections).into_iter())
+            .map(|(local, count)| count.min(self.sockets.get(&local).map_or(0, Vec::len)))
+            .sum()
     }
+
+    /// A socket for `conn`, bound to its local address, if the pool has one left.
+    pub(super) fn take(&mut self, conn: &Connection) -> Option<OwnedFd> {
+        self.sockets.get_mut(&conn.tuple.local)?.pop()
+    }
+}
+
+/// How many of `connections` are on each local address.
+fn per_local<'c>(
+    connections: impl IntoIterator<Item = &'c Connection>,
+) -> HashMap<SocketAddr, usize> {
+    let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+    for conn in connections {
+        *counts.entry(conn.tuple.local).or_default() += 1;
+    }
+    counts
 }
 
 /// Whether each local IP of a batch needs IP_TRANSPARENT (is not an address of the namespace),
