@@ -59,24 +59,20 @@ fn keep_freeze(
 }
 
 /// While the application still runs (CRIU stops it after the pre-dump): lets the handshakes in
-/// progress finish and the application accept what they put in its queues, each up to
+/// progress finish and the application accept what they put in its queues, up to twice
 /// [`repair::HANDSHAKE_BOUND`]. What still waits then fails CRIU's dump ("in-flight"), named in
 /// the hook's log first.
 fn settle_accept_queues(netns: &Netns, services: &[SocketAddr]) -> Result<(), CriuError> {
-    for &service in services {
-        let filter = Filter::service(service);
-        let step = "waiting for the handshakes and accept queues of the services";
-        let pending =
-            repair::settle_handshakes(netns, &filter, repair::HANDSHAKE_BOUND).step(step)?;
-        let waiting = repair::wait_accepted(netns, &filter, repair::HANDSHAKE_BOUND).step(step)?;
-        if pending + waiting > 0 {
-            tracing::warn!(
-                %service,
-                handshakes = pending,
-                queued = waiting,
-                "connections still in a handshake or an accept queue: CRIU refuses to dump them"
-            );
-        }
+    let filter = Filter::services(services);
+    let bound = 2 * repair::HANDSHAKE_BOUND;
+    let waiting = repair::wait_until(netns, &filter, bound, repair::Waiting::is_empty)
+        .step("waiting for the handshakes and accept queues of the services")?;
+    if !waiting.is_empty() {
+        tracing::warn!(
+            handshakes = waiting.handshakes,
+            queued = waiting.queued(),
+            "connections still in a handshake or an accept queue: CRIU refuses to dump them"
+        );
     }
     Ok(())
 }

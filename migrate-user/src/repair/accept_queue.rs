@@ -33,46 +33,65 @@ const LISTENING: u32 = 1 << 10;
 /// Between two checks of the handshakes or the queues.
 const HANDSHAKE_POLL: Duration = Duration::from_millis(1);
 
-/// Waits, up to `bound`, until no handshake of `filter`'s service is in progress in `netns`;
-/// returns how many still are (they stay unmovable: see [`super::unaccepted`]). Call it once new
-/// SYNs to the service are held, or new handshakes keep starting.
-pub fn settle_handshakes(
-    netns: &Netns,
-    filter: &Filter,
-    bound: Duration,
-) -> Result<usize, RepairError> {
-    let deadline = Instant::now() + bound;
-    loop {
-        let pending = listed(netns, HANDSHAKE_STATES)?
-            .iter()
-            .filter(|s| s.state != TcpState::Listen && filter.matches(&s.tuple))
-            .count();
-        if pending == 0 || Instant::now() >= deadline {
-            return Ok(pending);
+/// What waits for a migration's services at one moment: handshakes in progress, and
+/// connections queued in their listeners.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// Handshakes not complete (SYN_SENT, SYN_RECV, request sockets).
+    pub handshakes: usize,
+    /// The services' listeners with connections queued (`queued`: how many).
+    pub listeners: Vec<DiagSocket>,
+}
+
+impl Waiting {
+    fn of(listed: Vec<DiagSocket>, filter: &Filter) -> Self {
+        let mut waiting = Self::default();
+        for socket in listed {
+            if socket.state != TcpState::Listen {
+                waiting.handshakes += usize::from(filter.matches(&socket.tuple));
+            } else if socket.queued > 0 && filter.matches_local(socket.tuple.local) {
+                waiting.listeners.push(socket);
+            }
         }
-        std::thread::sleep(HANDSHAKE_POLL);
+        waiting
+    }
+
+    /// Connections queued in the listeners.
+    pub fn queued(&self) -> usize {
+        self.listeners.iter().map(|l| l.queued as usize).sum()
+    }
+
+    /// No handshake in progress and no connection queued.
+    pub fn is_empty(&self) -> bool {
+        self.handshakes == 0 && self.listeners.is_empty()
     }
 }
 
-/// Waits, up to `bound`, until no listener of `filter`'s service in `netns` has connections
-/// waiting: for a running application to accept them. Returns how many still wait.
-pub fn wait_accepted(
+/// Waits, up to `bound`, until `done` holds for what waits for `filter`'s services in `netns`;
+/// returns what waits then. One sock_diag listing of the handshakes and listeners a
+/// millisecond, from one thread in the namespace: when nothing waits, one listing in all.
+pub fn wait_until(
     netns: &Netns,
     filter: &Filter,
     bound: Duration,
-) -> Result<usize, RepairError> {
+    done: impl Fn(&Waiting) -> bool + Sync,
+) -> Result<Waiting, RepairError> {
     let deadline = Instant::now() + bound;
-    loop {
-        let waiting: usize = listed(netns, LISTENING)?
-            .iter()
-            .filter(|s| s.state == TcpState::Listen && filter.matches_local(s.tuple.local))
-            .map(|s| s.queued as usize)
-            .sum();
-        if waiting == 0 || Instant::now() >= deadline {
-            return Ok(waiting);
+    netns.run(|| {
+        loop {
+            let listed = diag::tcp_sockets_in(HANDSHAKE_STATES | LISTENING).map_err(|source| {
+                RepairError::Diag {
+                    netns: netns.spec().to_owned(),
+                    source,
+                }
+            })?;
+            let waiting = Waiting::of(listed, filter);
+            if done(&waiting) || Instant::now() >= deadline {
+                return Ok(waiting);
+            }
+            std::thread::sleep(HANDSHAKE_POLL);
         }
-        std::thread::sleep(HANDSHAKE_POLL);
-    }
+    })?
 }
 
 /// How many connections to accept from each listener (by socket inode) of a service: those
@@ -82,25 +101,22 @@ pub fn wait_accepted(
 pub struct AcceptPlan(HashMap<u64, usize>);
 
 impl AcceptPlan {
-    /// The listeners of `filter`'s service in `netns` with connections queued. A listener is
-    /// left out (its connections stay unmovable) when a queued connection on its port is not on
-    /// the service (a wildcard listener also serving another address): taking it would end a
-    /// connection that is not ours. A filter naming 4-tuples plans nothing, for the same reason.
-    pub fn list(netns: &Netns, filter: &Filter) -> Result<Self, RepairError> {
-        let ours = |local| filter.tuples.is_empty() && filter.matches_local(local);
-        let listeners: Vec<DiagSocket> = listed(netns, LISTENING)?
-            .into_iter()
-            .filter(|s| s.state == TcpState::Listen && s.queued > 0 && ours(s.tuple.local))
-            .collect();
-        if listeners.is_empty() {
+    /// The listeners of `waiting` (of `filter`'s services in `netns`) with connections queued.
+    /// A listener is left out (its connections stay unmovable) when a queued connection on its
+    /// port is not on a service (a wildcard listener also serving another address): taking it
+    /// would end a connection that is not ours. A filter naming 4-tuples plans nothing, for the
+    /// same reason. Lists every socket only if a listener has connections queued.
+    pub fn list(netns: &Netns, filter: &Filter, waiting: &Waiting) -> Result<Self, RepairError> {
+        if waiting.listeners.is_empty() || !filter.tuples.is_empty() {
             return Ok(Self::default());
         }
+        let listeners = &waiting.listeners;
         let queued: Vec<DiagSocket> = super::list_tcp_sockets(netns)?
             .into_iter()
             .filter(|s| s.inode == 0 && s.state.repairable())
             .collect();
         let plan = listeners
-            .into_iter()
+            .iter()
             .filter(|listener| {
                 let port = listener.tuple.local.port();
                 (queued.iter())
@@ -157,14 +173,4 @@ impl AcceptPlan {
         }
         Ok(taken)
     }
-}
-
-/// The TCP sockets of `netns` in `states` (bits of 1 << state).
-fn listed(netns: &Netns, states: u32) -> Result<Vec<DiagSocket>, RepairError> {
-    netns
-        .run(|| diag::tcp_sockets_in(states))?
-        .map_err(|source| RepairError::Diag {
-            netns: netns.spec().to_owned(),
-            source,
-        })
 }

@@ -31,7 +31,7 @@ use std::{fmt, io, net::SocketAddr, num::NonZeroUsize};
 use bytes::Bytes;
 
 pub use self::{
-    accept_queue::{AcceptPlan, HANDSHAKE_BOUND, settle_handshakes, wait_accepted},
+    accept_queue::{AcceptPlan, HANDSHAKE_BOUND, Waiting, wait_until},
     diag::DiagSocket,
     discover::{
         CatchUp, Discovery, Filter, SocketsByInode, Taken, TakenSocket, catch_up,

@@ -188,8 +188,9 @@ impl<'r, 'a> Stopped<'r, 'a> {
         let filter = Arc::new(Filter::services(&run.services));
         // New SYNs are held: the handshakes in progress end within a round trip, in an accept
         // queue (taken below) or in the fd table.
-        repair::settle_handshakes(run.netns, &filter, repair::HANDSHAKE_BOUND)?;
-        let plan = Arc::new(AcceptPlan::list(run.netns, &filter)?);
+        let bound = repair::HANDSHAKE_BOUND;
+        let waiting = repair::wait_until(run.netns, &filter, bound, |w| w.handshakes == 0)?;
+        let plan = Arc::new(AcceptPlan::list(run.netns, &filter, &waiting)?);
         let shared = Arc::clone(&filter);
         let caught = shard::run_all(&run.held.shards, move |k, sockets| {
             catch_up_process(pids[k], &shared, &plan, sockets)
@@ -204,8 +205,11 @@ impl<'r, 'a> Stopped<'r, 'a> {
             noted.extend(caught.noted);
         }
         // What still waits in an accept queue (of a listener these processes do not hold) or
-        // in a handshake stays there (see repair::unaccepted).
-        left.extend(repair::unaccepted(run.netns, &filter)?);
+        // in a handshake stays there (see repair::unaccepted). Nothing waited: nothing can now,
+        // with new SYNs held.
+        if !waiting.is_empty() {
+            left.extend(repair::unaccepted(run.netns, &filter)?);
+        }
         run.leave(left)?;
         if taken > 0 {
             let all = shard::run_all(&run.held.shards, |_, sockets| {
