@@ -280,9 +280,10 @@ fn summary(r: &Report) -> String {
          {repair_off:.1}, {announcements} announcements\n\
          dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
          SYNs, {din} in, {dout} out\n\
-         held for the destination: {held} segments ({held_bytes} bytes), {replayed} replayed \
-         there in {replay:.1} ms ({replay_failed} failed); not held: {over_budget} over the \
-         budget, {queue_full} queue full, {too_long} too long; {listener}\n{stopped}{skipped}",
+         held for the destination: {held} segments ({held_bytes} bytes), and by the \
+         destination's own freeze {held_here}; {replayed} replayed there in {replay:.1} ms \
+         ({replay_failed} failed); not held: {over_budget} over the budget, {queue_full} queue \
+         full, {too_long} too long; {listener}\n{stopped}{skipped}",
         kept = r.kept,
         n = r.connections,
         accepted = match r.accepted {
@@ -330,6 +331,7 @@ fn summary(r: &Report) -> String {
         din = r.dropped_destination.ingress,
         dout = r.dropped_destination.egress,
         held = r.hold.packets,
+        held_here = d.held_here.packets,
         held_bytes = r.hold.bytes,
         replayed = d.replay.replayed,
         replay = d.replay_ms,

@@ -89,7 +89,13 @@ pub struct AgentReport {
     /// dual-stack service may have one listener of the agent and one of its own).
     #[serde(default)]
     pub listener: bool,
-    /// The source's held segments replayed into this host's stack, and how long that took.
+    /// What this host's own freeze dropped and kept between the address move and its lift
+    /// (new connections' SYNs, clients that learned the address early), replayed once the
+    /// connections were live: counted in `dropped` too, and its replays in `replay`.
+    #[serde(default)]
+    pub held_here: HoldReport,
+    /// The source's held segments (and `held_here`'s) replayed into this host's stack, and how
+    /// long that took.
     #[serde(default)]
     pub replay: ReplayReport,
     #[serde(default)]

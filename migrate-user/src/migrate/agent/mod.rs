@@ -158,6 +158,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         takeovers,
         listeners,
         replayer,
+        hold,
     } = or_fail(&mut link, ready).await?;
     report.listener = !listeners.is_empty();
     link.send(&Message::Prepared).await?;
@@ -191,7 +192,15 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     if let Err(error) = link.send(&Message::GoingLive).await {
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
-    let thawed = go_live(&takeovers, &groups, freeze, &services, &mut report)?;
+    let held_here = (hold, &replayer);
+    let thawed = go_live(
+        &takeovers,
+        &groups,
+        freeze,
+        &services,
+        held_here,
+        &mut report,
+    )?;
     replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {

@@ -15,11 +15,11 @@ use super::{
 use crate::{
     freeze::{
         Freeze,
-        hold::{HeldPackets, Replayer},
+        hold::{HeldPackets, Hold, HoldBudget, Replayer, Segments},
     },
     image::{Decoded, Decoder},
     migrate::{
-        AgentReport, MigrateError, millis,
+        AgentReport, MigrateError, millis, test_pause,
         transport::{Frame, Link, Message},
     },
     net::{self, Netns, Takeover},
@@ -38,7 +38,16 @@ pub(super) struct Ready<'a> {
     /// something listens on already).
     pub(super) listeners: Vec<(SocketAddr, OwnedFd)>,
     pub(super) replayer: Replayer,
+    /// Keeps what this host's freeze drops between the address move and its lift.
+    pub(super) hold: Hold,
 }
+
+/// What this host's own freeze may drop: the milliseconds between the address move and the
+/// freeze's lift bring a few segments per client that learned the address at once.
+const HOLD_HERE: HoldBudget = HoldBudget {
+    bytes: 4 << 20,
+    packets: 16_384,
+};
 
 /// What the blackout would otherwise pay for, done on Prepare, before the source stops its
 /// application: pools of as many sockets as the source counted connections, bound to each
@@ -113,6 +122,7 @@ pub(super) fn prepare<'a>(
         takeovers,
         listeners,
         replayer: Replayer::open(netns, &services)?,
+        hold: Hold::open(netns, &config.dev, &services, HOLD_HERE)?,
     })
 }
 
@@ -258,15 +268,21 @@ pub(super) fn go_live(
     groups: &[Shard<Group>],
     mut freeze: Freeze,
     services: &[SocketAddr],
+    (mut hold, replayer): (Hold, &Replayer),
     report: &mut AgentReport,
 ) -> Result<Freeze, MigrateError> {
     let committed_at = Instant::now();
+    // Clients answered by the address's announcements send here at once: a new connection's SYN
+    // dropped by the freeze would wait a second for its retry.
+    let holding = hold.begin(Segments::All);
     for takeover in takeovers {
         takeover.claim(net::ANNOUNCE_COUNT)?;
     }
     report.announcements = net::ANNOUNCE_COUNT;
     report.address_ms = millis(committed_at.elapsed());
+    test_pause("agent-claimed");
     freeze.thaw_services(services)?;
+    let held = holding.and_then(|()| hold.finish());
     report.live_after_commit_ms = millis(committed_at.elapsed());
     report.live_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -289,7 +305,28 @@ pub(super) fn go_live(
             report.first_failure = failures.into_iter().next();
         }
     }
+    // Past the commit a hold that failed costs only time: its senders retransmit.
+    match held {
+        Ok((held, held_report)) => {
+            report.held_here = held_report;
+            replay(replayer, &held, report);
+        }
+        Err(error) => tracing::warn!(%error, "holding what this host's freeze dropped"),
+    }
     Ok(freeze)
+}
+
+/// Hands `held` to this host's stack through `replayer`, counted in the report.
+fn replay(replayer: &Replayer, held: &HeldPackets, report: &mut AgentReport) {
+    if held.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    match HeldPackets::decode(held.encoded()) {
+        Ok(packets) => report.replay.absorb(replayer.replay(&packets)),
+        Err(error) => tracing::warn!(%error, "decoding the held segments"),
+    }
+    report.replay_ms += millis(started.elapsed());
 }
 
 /// Tells the source the connections are live, removes the (thawed) freeze, and replays what
