@@ -108,8 +108,10 @@ impl Hold {
         Ok(held)
     }
 
-    /// Stops holding: the rest of what was held, and the report of the whole hold.
-    pub fn finish(mut self) -> Result<(HeldPackets, HoldReport), HoldError> {
+    /// Stops holding: the rest of what was held, and the report of the whole hold. The socket
+    /// stays open: closing a packet socket waits for an RCU grace period (about 10 ms here), so
+    /// it goes later, off the path that waits ([`Hold::close_in_background`]).
+    pub fn finish(&mut self) -> Result<(HeldPackets, HoldReport), HoldError> {
         // Nothing more comes in: the queue is drained to its end.
         self.socket
             .set_filter(&[nothing()])
@@ -121,6 +123,12 @@ impl Hold {
             .map_err(self.error("reading the capture statistics"))?
             .into();
         Ok((held, self.report))
+    }
+
+    /// Closes the capture socket on a thread of its own: its close waits for an RCU grace
+    /// period that nobody needs to wait for.
+    pub fn close_in_background(self) {
+        std::thread::spawn(move || drop(self));
     }
 
     fn error(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> HoldError + use<> {

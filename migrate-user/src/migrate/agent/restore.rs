@@ -313,6 +313,7 @@ pub(super) fn go_live(
         }
         Err(error) => tracing::warn!(%error, "holding what this host's freeze dropped"),
     }
+    hold.close_in_background();
     Ok(freeze)
 }
 

@@ -351,7 +351,7 @@ async fn send_held(
         Message::Live => {}
         other => return Err(link.unexpected(waiting, &other)),
     }
-    let rest = match hold.map(Hold::finish).transpose() {
+    let rest = match hold.as_mut().map(Hold::finish).transpose() {
         Ok(Some((rest, hold))) => {
             report.hold = hold;
             rest
@@ -362,7 +362,11 @@ async fn send_held(
             HeldPackets::default()
         }
     };
-    send_held_batch(link, &rest, true).await
+    let sent = send_held_batch(link, &rest, true).await;
+    if let Some(hold) = hold {
+        hold.close_in_background();
+    }
+    sent
 }
 
 async fn send_held_batch(
