@@ -34,6 +34,15 @@ fn holder(bed: &TestBed, fds: Vec<OwnedFd>) -> Result<ChildGuard<'_>> {
     bed.source().spawn(&mut cmd)
 }
 
+/// KEPT connections accepted from `listener`, with SMALL bytes queued unread each way.
+fn kept_pairs(bed: &TestBed, listener: &TcpListener) -> Result<Vec<Pair>> {
+    let mut pairs = accept_pairs(bed, listener, KEPT)?;
+    for pair in &mut pairs {
+        queue_both_ways(pair)?;
+    }
+    Ok(pairs)
+}
+
 /// SMALL bytes written each way on `pair`, left unread.
 fn queue_both_ways(pair: &mut Pair) -> Result<()> {
     let client = pair.client_addr()?;
@@ -65,10 +74,7 @@ fn with_one_unaccepted(
     service: SocketAddr,
 ) -> Result<(TcpListener, Vec<Pair>, TcpStream)> {
     let listener = bed.source().run(|| TcpListener::bind(service))??;
-    let mut pairs = accept_pairs(bed, &listener, KEPT)?;
-    for pair in &mut pairs {
-        queue_both_ways(pair)?;
-    }
+    let pairs = kept_pairs(bed, &listener)?;
     let waiting = bed.client().run(|| TcpStream::connect(service))??;
     Ok((listener, pairs, waiting))
 }
@@ -287,10 +293,7 @@ fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
     let bed = TestBed::new()?;
     let service = SocketAddr::new(TestBed::service(ipv6), port);
     let listener = bed.source().run(|| TcpListener::bind(service))??;
-    let mut pairs = accept_pairs(&bed, &listener, KEPT)?;
-    for pair in &mut pairs {
-        queue_both_ways(pair)?;
-    }
+    let pairs = kept_pairs(&bed, &listener)?;
     let queued = queue_unaccepted(&bed, service, QUEUED)?;
     let before = resets(&bed)?;
     let (mut fds, mut clients) = split(pairs);
@@ -440,10 +443,7 @@ fn a_handshake_in_progress_at_the_discovery_moves_once_complete() -> Result<()> 
     let bed = TestBed::new()?;
     let service = support::service(PORT);
     let listener = bed.source().run(|| TcpListener::bind(service))??;
-    let mut pairs = accept_pairs(&bed, &listener, KEPT)?;
-    for pair in &mut pairs {
-        queue_both_ways(pair)?;
-    }
+    let pairs = kept_pairs(&bed, &listener)?;
     // A listener would keep the service's port from the outgoing socket.
     drop(listener);
     let peer = SocketAddr::new(bed.client().v4().into(), PEER_PORT);
