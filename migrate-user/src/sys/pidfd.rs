@@ -30,6 +30,8 @@ pub fn pidfd_getfd(pidfd: impl AsFd, fd: RawFd) -> io::Result<OwnedFd> {
 
 /// Whether the descriptor `fd` of process `pid` and our descriptor `ours` are the same open file
 /// (kcmp(2) KCMP_FILE): one call, no path lookup. EBADF when `pid` has no descriptor `fd`.
+/// `ours` is looked up in the calling thread's fd table (kcmp is given its thread id): a shard's
+/// thread has a table of its own, which the process id would not name.
 #[doc(alias = "kcmp")]
 pub fn same_file(pid: u32, fd: RawFd, ours: impl AsFd) -> io::Result<bool> {
     const KCMP_FILE: libc::c_int = 0;
@@ -39,7 +41,7 @@ pub fn same_file(pid: u32, fd: RawFd, ours: impl AsFd) -> io::Result<bool> {
         libc::syscall(
             libc::SYS_kcmp,
             pid as libc::pid_t,
-            std::process::id() as libc::pid_t,
+            nix::unistd::gettid().as_raw(),
             KCMP_FILE,
             fd,
             ours,
