@@ -241,17 +241,10 @@ pub fn catch_up(
     filter: &Filter,
 ) -> Result<CatchUp, RepairError> {
     let size = fd_table_size(pid)?;
-    let mut held = vec![false; taken.len()];
+    let mut held = still_held(pid, taken)?;
     let mut checked = vec![false; size];
-    for (k, &(fd, ours, _)) in taken.iter().enumerate() {
-        match crate::sys::same_file(pid, fd, ours) {
-            Ok(same) => held[k] = same,
-            Err(error) if error.raw_os_error() == Some(libc::EBADF) => {}
-            Err(source) => return Err(process_error(pid, format!("kcmp of its fd {fd}"), source)),
-        }
-        if held[k]
-            && let Some(checked) = usize::try_from(fd).ok().and_then(|i| checked.get_mut(i))
-        {
+    for (&(fd, _, _), _) in taken.iter().zip(&held).filter(|(_, held)| **held) {
+        if let Some(checked) = usize::try_from(fd).ok().and_then(|i| checked.get_mut(i)) {
             *checked = true;
         }
     }
@@ -271,14 +264,53 @@ pub fn catch_up(
     } else {
         (0..size).collect()
     };
-    for fd in numbers
-        .into_iter()
+    let numbers: Vec<i32> = (numbers.into_iter())
         .filter(|&fd| !checked.get(fd).unwrap_or(&false))
-    {
-        let fd = fd as i32;
-        let file = match crate::sys::pidfd_getfd(&pidfd, fd) {
+        .map(|fd| fd as i32)
+        .collect();
+    for (fd, file, inode) in probe_sockets(pid, &pidfd, &numbers)? {
+        // A taken socket moved to another fd (dup2) is still held.
+        if let Some(&k) = by_inode.get(&inode) {
+            held[k] = true;
+            continue;
+        }
+        // dup()ed fds share a socket: take it once.
+        if seen.contains(&inode) || !new.insert(inode) {
+            continue;
+        }
+        take_new(pid, fd, file, filter, &mut found)?;
+    }
+    found.closed = (0..taken.len()).filter(|&k| !held[k]).collect();
+    Ok(found)
+}
+
+/// Whether each of `taken` is still in `pid`'s fd table under its number: one kcmp each, on a
+/// thread per CPU. The threads share the calling thread's fd table, where our fds are (a
+/// shard's own).
+fn still_held(pid: u32, taken: &[Taken<'_>]) -> Result<Vec<bool>, RepairError> {
+    let checked = super::sharded(super::Workers::PerCpu, taken, |batch| {
+        (batch.iter())
+            .map(|&(fd, ours, _)| match crate::sys::same_file(pid, fd, ours) {
+                Ok(same) => Ok(same),
+                Err(error) if error.raw_os_error() == Some(libc::EBADF) => Ok(false),
+                Err(source) => Err(process_error(pid, format!("kcmp of its fd {fd}"), source)),
+            })
+            .collect::<Vec<_>>()
+    });
+    checked.into_iter().flatten().collect()
+}
+
+/// The sockets among `pid`'s fd `numbers`, taken into this thread's fd table with their inodes
+/// (a free number fails at once), probed on a thread per CPU.
+fn probe_sockets(
+    pid: u32,
+    pidfd: &OwnedFd,
+    numbers: &[i32],
+) -> Result<Vec<(i32, OwnedFd, u64)>, RepairError> {
+    let probe = |fd: i32| -> Result<Option<(i32, OwnedFd, u64)>, RepairError> {
+        let file = match crate::sys::pidfd_getfd(pidfd, fd) {
             Ok(file) => file,
-            Err(error) if error.raw_os_error() == Some(libc::EBADF) => continue,
+            Err(error) if error.raw_os_error() == Some(libc::EBADF) => return Ok(None),
             Err(source) => {
                 return Err(process_error(
                     pid,
@@ -289,22 +321,17 @@ pub fn catch_up(
         };
         let stat = nix::sys::stat::fstat(&file)
             .map_err(|errno| process_error(pid, format!("fstat of its fd {fd}"), errno.into()))?;
-        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            continue;
-        }
-        // A taken socket moved to another fd (dup2) is still held.
-        if let Some(&k) = by_inode.get(&stat.st_ino) {
-            held[k] = true;
-            continue;
-        }
-        // dup()ed fds share a socket: take it once.
-        if seen.contains(&stat.st_ino) || !new.insert(stat.st_ino) {
-            continue;
-        }
-        take_new(pid, fd, file, filter, &mut found)?;
+        let socket = stat.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+        Ok(socket.then_some((fd, file, stat.st_ino)))
+    };
+    let probed = super::sharded(super::Workers::PerCpu, numbers, |batch| {
+        batch.iter().map(|&fd| probe(fd)).collect::<Vec<_>>()
+    });
+    let mut sockets = Vec::new();
+    for found in probed.into_iter().flatten() {
+        sockets.extend(found?);
     }
-    found.closed = (0..taken.len()).filter(|&k| !held[k]).collect();
-    Ok(found)
+    Ok(sockets)
 }
 
 /// A socket the process opened since the discovery, ours as `file`: taken if `filter` selects
