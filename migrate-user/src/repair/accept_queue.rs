@@ -128,6 +128,11 @@ impl AcceptPlan {
         Ok(Self(plan))
     }
 
+    /// Nothing to accept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Accepts the planned connections of `pid`'s listeners (fd number and inode each) into
     /// this process, from our copies of the listeners: `pid` must be stopped, so that nothing
     /// else accepts meanwhile. They come with `source_fd` -1: the process never held them.

@@ -290,11 +290,13 @@ pub fn catch_up(
 fn still_held(pid: u32, taken: &[Taken<'_>]) -> Result<Vec<bool>, RepairError> {
     let checked = super::sharded(super::Workers::PerCpu, taken, |batch| {
         (batch.iter())
-            .map(|&(fd, ours, _)| match crate::sys::same_file(pid, fd, ours) {
-                Ok(same) => Ok(same),
-                Err(error) if error.raw_os_error() == Some(libc::EBADF) => Ok(false),
-                Err(source) => Err(process_error(pid, format!("kcmp of its fd {fd}"), source)),
-            })
+            .map(
+                |&(fd, ours, _)| match crate::sys::same_file(pid, fd, ours) {
+                    Ok(same) => Ok(same),
+                    Err(error) if error.raw_os_error() == Some(libc::EBADF) => Ok(false),
+                    Err(source) => Err(process_error(pid, format!("kcmp of its fd {fd}"), source)),
+                },
+            )
             .collect::<Vec<_>>()
     });
     checked.into_iter().flatten().collect()

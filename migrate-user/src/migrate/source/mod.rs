@@ -7,6 +7,7 @@
 //! connections in all, move in one migration.
 mod image;
 mod phases;
+mod shard_work;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -150,7 +151,7 @@ struct Held {
 #[derive(Default)]
 struct ProcessSockets {
     prepared: Option<PreparedDump>,
-    known: phases::Known,
+    known: shard_work::Known,
     dumped: Option<DumpedSockets>,
 }
 

@@ -7,30 +7,23 @@
 //! pre-copy, which needs the application stopped) lies between the stop and the freeze. Each
 //! phase borrows the [`Run`], which keeps what a rollback undoes: on an error the caller rolls
 //! back from there.
-use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    os::fd::{AsFd as _, OwnedFd},
-    sync::Arc,
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use super::{
-    Held, PRECOPY_QUIET, ProcessSockets, SourceConfig,
+    Held, PRECOPY_QUIET, SourceConfig,
     image::{Part, send_image},
+    shard_work::{Known, catch_up_process, held_unmovable, prepare_process, take_accepted},
 };
 use crate::{
     freeze::hold::Segments,
     migrate::{
         FREEZE_TTL, LeftConnection, MigrateError, MovedAddress, Report, StoppedTree,
-        guard::{self, Guardian, Note},
+        guard::{Guardian, Note},
         millis, test_pause,
         transport::{Link, Message},
     },
     net::{self, Netns},
-    repair::{
-        self, AcceptPlan, Filter, Listed, SocketsByInode, TakenSocket, TcpState, Unmovable, Workers,
-    },
+    repair::{self, AcceptPlan, Filter, Listed, SocketsByInode, Unmovable},
     shard::{self, Shard},
 };
 
@@ -184,25 +177,45 @@ impl<'r, 'a> Stopped<'r, 'a> {
     fn catch_up(self) -> Result<CaughtUp<'r, 'a>, MigrateError> {
         let Self { run, at } = self;
         let step = Instant::now();
-        let pids = run.config.pids.clone();
+        let (pids, netns) = (run.config.pids.clone(), run.netns);
         let filter = Arc::new(Filter::services(&run.services));
-        // New SYNs are held: the handshakes in progress end within a round trip, in an accept
-        // queue (taken below) or in the fd table.
-        let bound = repair::HANDSHAKE_BOUND;
-        let waiting = repair::wait_until(run.netns, &filter, bound, |w| w.handshakes == 0)?;
-        let plan = Arc::new(AcceptPlan::list(run.netns, &filter, &waiting)?);
         let shared = Arc::clone(&filter);
-        let caught = shard::run_all(&run.held.shards, move |k, sockets| {
-            catch_up_process(pids[k], &shared, &plan, sockets)
+        // New SYNs are held: the handshakes in progress end within a round trip, in an accept
+        // queue (taken below) or in the fd table. Their listing (a walk of the kernel's whole
+        // connection table, about 7 ms) runs beside the fd tables' catch-up.
+        let bound = repair::HANDSHAKE_BOUND;
+        let (waiting, caught) = std::thread::scope(|scope| {
+            let waiting =
+                scope.spawn(|| repair::wait_until(netns, &filter, bound, |w| w.handshakes == 0));
+            let caught = shard::run_all(&run.held.shards, move |k, sockets| {
+                catch_up_process(pids[k], &shared, sockets)
+            });
+            let waiting = waiting
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (waiting, caught)
         });
+        let waiting = waiting?;
         let (mut noted, mut taken, mut closed) = (Vec::new(), 0, 0);
         let mut left = Vec::new();
         for caught in caught {
             let caught = caught?;
             left.extend(caught.left);
             (taken, closed) = (taken + caught.taken, closed + caught.closed);
-            run.report.accepted += caught.accepted;
             noted.extend(caught.noted);
+        }
+        let plan = AcceptPlan::list(netns, &filter, &waiting)?;
+        if !plan.is_empty() {
+            let (plan, shared) = (Arc::new(plan), Arc::clone(&filter));
+            let pids = run.config.pids.clone();
+            let accepted = shard::run_all(&run.held.shards, move |k, sockets| {
+                take_accepted(pids[k], &shared, &plan, sockets)
+            });
+            for accepted in accepted {
+                let accepted = accepted?;
+                run.report.accepted += accepted;
+                taken += accepted;
+            }
         }
         // What still waits in an accept queue (of a listener these processes do not hold) or
         // in a handshake stays there (see repair::unaccepted). Nothing waited: nothing can now,
@@ -413,159 +426,4 @@ impl Restored<'_, '_> {
         run.report.phases.commit_ms = millis(commit_sent.elapsed());
         Ok(())
     }
-}
-
-/// What one process's shard knows of its sockets besides the prepared dump.
-#[derive(Default)]
-pub(super) struct Known {
-    /// The inode of each prepared socket and its fd number in the process, in the prepared
-    /// dump's order.
-    taken: Vec<(u64, i32)>,
-    /// Every socket inode the discovery saw in the process's fd table, taken or not.
-    seen: HashSet<u64>,
-    /// Its listeners on the service: fd number and inode.
-    listeners: Vec<(i32, u64)>,
-}
-
-/// What discovery found in one process.
-struct Found {
-    /// Inode and SO_REUSEADDR of each socket, for the guard.
-    sockets: Vec<(u64, bool)>,
-    /// Its connections on the service that do not move.
-    left: Vec<Unmovable>,
-}
-
-/// In the process's shard: takes its connections of `filter`'s services and reads what only it
-/// changes.
-fn prepare_process(
-    pid: u32,
-    filter: &Filter,
-    listed: &SocketsByInode,
-    sockets: &mut ProcessSockets,
-) -> Result<Found, MigrateError> {
-    let netns = Netns::open(&format!("/proc/{pid}/ns/net"))?;
-    let mut discovery = repair::discover_among(listed, &netns, pid, filter)?;
-    if discovery.sockets.is_empty() {
-        let services = filter.services.clone();
-        return Err(MigrateError::NoConnections { pid, services });
-    }
-    let identified = identify(pid, &discovery.sockets)?;
-    // A handshake now may be done by the catch-up (the stop gives it a round trip), which sees
-    // any socket the discovery did not: left for it to judge.
-    for inode in &discovery.handshakes {
-        discovery.seen.remove(inode);
-    }
-    discovery
-        .skipped
-        .retain(|(_, state)| !matches!(state, TcpState::SynSent | TcpState::SynRecv));
-    let left = held_unmovable(&discovery.skipped);
-    sockets.known = Known {
-        taken: (identified.iter().map(|&(inode, _)| inode))
-            .zip(discovery.sockets.iter().map(|s| s.source_fd))
-            .collect(),
-        seen: std::mem::take(&mut discovery.seen),
-        listeners: std::mem::take(&mut discovery.listeners),
-    };
-    sockets.prepared = Some(repair::prepare_dump(Workers::PerCpu, discovery.into_fds())?);
-    Ok(Found {
-        sockets: identified,
-        left,
-    })
-}
-
-/// Inode and SO_REUSEADDR of each socket taken from `pid`.
-fn identify(pid: u32, taken: &[TakenSocket]) -> Result<Vec<(u64, bool)>, MigrateError> {
-    taken
-        .iter()
-        .map(|taken| {
-            guard::identify(taken.fd.as_fd()).map_err(|source| MigrateError::Process {
-                pid,
-                what: "reading its sockets",
-                source,
-            })
-        })
-        .collect()
-}
-
-/// What the catch-up changed in one process.
-struct Caught {
-    /// Inode and SO_REUSEADDR of the sockets taken now and of those whose options changed.
-    noted: Vec<(u64, bool)>,
-    taken: usize,
-    closed: usize,
-    /// Connections taken from its listeners' accept queues (counted in `taken` too).
-    accepted: usize,
-    /// Connections it opened since that do not move.
-    left: Vec<Unmovable>,
-}
-
-/// In the stopped process's shard: lets go of the sockets it closed since the discovery, reads
-/// the options of the others again, and takes and prepares those it opened, and those `plan`
-/// says wait in its listeners' accept queues.
-fn catch_up_process(
-    pid: u32,
-    filter: &Filter,
-    plan: &AcceptPlan,
-    sockets: &mut ProcessSockets,
-) -> Result<Caught, MigrateError> {
-    let prepared = sockets.prepared.as_mut().expect("prepared at discovery");
-    let known = &mut sockets.known;
-    let found = {
-        let taken: Vec<repair::Taken<'_>> = (known.taken.iter())
-            .zip(prepared.fds())
-            .map(|(&(inode, fd), ours)| (fd, ours, inode))
-            .collect();
-        repair::catch_up(pid, &taken, &known.seen, filter)?
-    };
-    // Not needed again: a megabyte of inodes at 50,000 connections.
-    known.seen = HashSet::new();
-    let left = held_unmovable(&found.skipped);
-    let closed = found.closed.len();
-    if closed > 0 {
-        let open = |k: usize| found.closed.binary_search(&k).is_err();
-        prepared.retain(open);
-        known.taken = (known.taken.iter().enumerate())
-            .filter(|&(k, _)| open(k))
-            .map(|(_, &taken)| taken)
-            .collect();
-    }
-    let changed = prepared.reread_options()?;
-    let mut noted: Vec<(u64, bool)> = changed
-        .into_iter()
-        .map(|(k, reuse)| (known.taken[k].0, reuse))
-        .collect();
-    let identified = identify(pid, &found.sockets)?;
-    let accepted = plan.take(pid, &known.listeners, filter)?;
-    let accepted_count = accepted.len();
-    // The accepted ones are not noted: the guard finds sockets in the process, never theirs.
-    let inodes = identified.iter().map(|&(inode, _)| inode).chain(
-        identify(pid, &accepted)?
-            .into_iter()
-            .map(|(inode, _)| inode),
-    );
-    let new: Vec<TakenSocket> = found.sockets.into_iter().chain(accepted).collect();
-    known
-        .taken
-        .extend(inodes.zip(new.iter().map(|s| s.source_fd)));
-    let taken = new.len();
-    if taken > 0 {
-        let fds: Vec<OwnedFd> = new.into_iter().map(|s| s.fd).collect();
-        prepared.append(repair::prepare_dump(Workers::PerCpu, fds)?);
-    }
-    noted.extend(identified);
-    Ok(Caught {
-        noted,
-        taken,
-        closed,
-        accepted: accepted_count,
-        left,
-    })
-}
-
-/// The sockets of a process's fd table left out because of their state, and why.
-fn held_unmovable(skipped: &[(crate::tuple::Tuple, repair::TcpState)]) -> Vec<Unmovable> {
-    skipped
-        .iter()
-        .map(|&(t, s)| Unmovable::held(t, s))
-        .collect()
 }
