@@ -166,13 +166,30 @@ fn a_connection_waiting_in_the_accept_queue_refuses_the_migration() -> Result<()
     }
     let app = holder(&bed, fds)?;
     let before = resets(&bed)?;
-    let token = TokenFile::new(&bed, "refuse", "refusal token")?;
-    let scratch = support::Scratch::new(&bed)?;
+    refused_naming(&bed, app.pid(), service, &waiting)?;
+    for pair in &mut pairs {
+        carries_on(pair)?;
+    }
+    listener.set_nonblocking(true)?;
+    let (_, peer) = listener.accept().context("the waiting connection")?;
+    ensure!(peer == waiting.local_addr()?, "accepted {peer}");
+    let after = resets(&bed)?;
+    ensure!(after == before, "{} resets", after - before);
+    Ok(())
+}
+
+/// `tcpmig migrate` of `pid`'s connections on `service` fails before the freeze, naming the
+/// connection of `waiting` (a client) as waiting in an accept queue, and rolls back: the
+/// application runs on and nothing is left attached.
+fn refused_naming(bed: &TestBed, pid: u32, service: SocketAddr, waiting: &TcpStream) -> Result<()> {
+    let port = service.port();
+    let token = TokenFile::new(bed, &format!("refuse-{port}"), "refusal token")?;
+    let scratch = support::Scratch::new(bed)?;
     let socket = scratch.path("handoff.sock");
     let mut agent = support::start_handoff_agent(bed.destination(), &token.0, &[], &socket)?;
     let (source, destination) = (bed.source(), bed.destination());
     let mut migrate =
-        support::start_unpaused_migrate(source, destination, &[app.pid()], PORT, &token.0, &[])?;
+        support::start_unpaused_migrate(source, destination, &[pid], port, &token.0, &[])?;
     let migrate_pid = migrate.child.pid();
     let stderr = migrate.fails_saying("cannot move")?;
     eprintln!("{stderr}");
@@ -187,16 +204,52 @@ fn a_connection_waiting_in_the_accept_queue_refuses_the_migration() -> Result<()
     }
     agent.finish()?;
     ensure!(
-        support::process_state(app.pid()).is_some_and(|s| s != 'T'),
+        support::process_state(pid).is_some_and(|s| s != 'T'),
         "the application is not running"
     );
-    support::nothing_left(&bed, &[format!("migrate-{migrate_pid}")], bed.source())?;
-    for pair in &mut pairs {
-        carries_on(pair)?;
-    }
+    support::nothing_left(bed, &[format!("migrate-{migrate_pid}")], bed.source())
+}
+
+/// The application's listener on every address of the port (0.0.0.0) holds a connection to
+/// the service and one to another address of the host, neither accepted: taking from that queue
+/// would end the other address's connection, which is not the service's. So `migrate` takes
+/// nothing from it, refuses naming the service's connection, and after the rollback both are
+/// still there to accept, in their order; the accepted connection carries on, no reset.
+#[test]
+fn a_wildcard_listener_also_queueing_another_address_is_not_taken_from() -> Result<()> {
+    const PORT: u16 = 8317;
+    let bed = TestBed::new()?;
+    let service = support::service(PORT);
+    let other = SocketAddr::new(bed.source().v4().into(), PORT);
+    let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), PORT);
+    let listener = bed.source().run(|| TcpListener::bind(any))??;
+    let client = bed.client().run(|| TcpStream::connect(service))??;
+    let (server, _) = listener.accept()?;
+    let mut pair = Pair {
+        client,
+        server,
+        to_client: 0,
+        to_server: 0,
+    };
+    queue_both_ways(&mut pair)?;
+    let waiting = [service, other].map(|to| bed.client().run(|| TcpStream::connect(to)));
+    let [to_service, to_other] = waiting;
+    let (to_service, to_other) = (to_service??, to_other??);
+    // Lets the handshakes land in the queue.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let fds = vec![
+        OwnedFd::from(listener.try_clone()?),
+        OwnedFd::from(pair.server.try_clone()?),
+    ];
+    let app = holder(&bed, fds)?;
+    let before = resets(&bed)?;
+    refused_naming(&bed, app.pid(), service, &to_service)?;
+    carries_on(&mut pair)?;
     listener.set_nonblocking(true)?;
-    let (_, peer) = listener.accept().context("the waiting connection")?;
-    ensure!(peer == waiting.local_addr()?, "accepted {peer}");
+    for waiting in [&to_service, &to_other] {
+        let (_, peer) = listener.accept().context("a waiting connection")?;
+        ensure!(peer == waiting.local_addr()?, "accepted {peer}");
+    }
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
     Ok(())
