@@ -23,13 +23,10 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use criu_bed::{KillOnDrop, Migration, Mode, netns_inode_of, nothing_left, reap};
 use support::pairs::{
-    FINAL, Pair, SMALL, accept_pairs, check_every_state, every_state, join, read_stream, resets,
-    split, state_of, write_stream,
+    Pair, accept_pairs, check_every_state, every_state, join, resets, split, state_of,
 };
 use tcpmig::{net::Netns, repair::TcpState};
-use tcpmig_testbed::{
-    Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, pattern::Direction, sys,
-};
+use tcpmig_testbed::{Capture, ChildGuard, SERVICE_V4, SERVICE_V6, TestBed, sys};
 
 /// Connections in each migration.
 const ALL: usize = 1000;
@@ -195,11 +192,8 @@ fn a_connection_in_the_accept_queue_fails_the_dump_and_nothing_is_lost() -> Resu
         .source()
         .run(|| std::net::TcpListener::bind(service))??;
     let mut pairs = accept_pairs(&bed, &listener, 1)?;
-    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
     let pair = &mut pairs[0];
-    let client = pair.client_addr()?;
-    pair.to_client = write_stream(&pair.server, client, s2c, 0, Some(SMALL))?;
-    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(SMALL))?;
+    pair.queue_both_ways()?;
     let waiting = bed.client().run(|| TcpStream::connect(service))??;
     let before = resets(&bed)?;
     let probes = LoopbackResets::start(&bed)?;
@@ -223,10 +217,7 @@ fn a_connection_in_the_accept_queue_fails_the_dump_and_nothing_is_lost() -> Resu
         "the holder does not run on"
     );
     nothing_left(&bed)?;
-    let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
-    read_stream(&pair.client, client, s2c, (0, end), false)?;
-    let end = write_stream(&pair.client, client, c2s, pair.to_server, Some(FINAL))?;
-    read_stream(&pair.server, client, c2s, (0, end), false)?;
+    pair.carries_on()?;
     listener.set_nonblocking(true)?;
     let (_, peer) = listener.accept().context("the waiting connection")?;
     ensure!(peer == waiting.local_addr()?, "accepted {peer}");

@@ -7,43 +7,16 @@ mod support;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     os::unix::net::UnixListener,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use support::COMMAND_TIMEOUT;
 use tcpmig_testbed::{TestBed, TokenFile, nstat::TcpCounters};
 
 const PORT: u16 = 8420;
-
-/// A connection to the service begun from the client host (its SYN sent), not waited for.
-fn connect_begun(bed: &TestBed) -> Result<socket2::Socket> {
-    let service = support::service(PORT);
-    bed.client().run(|| -> Result<socket2::Socket> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_nonblocking(true)?;
-        match socket.connect(&service.into()) {
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
-            other => anyhow::bail!("connect: {other:?}"),
-        }
-    })?
-}
-
-/// Waits, bounded, for `listener` (non-blocking) to hand over a connection.
-fn accept_within(listener: &TcpListener, bound: Duration) -> Result<TcpStream> {
-    let deadline = Instant::now() + bound;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => return Ok(stream),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e).context("accepting the new connection"),
-        }
-    }
-}
 
 #[test]
 fn a_syn_the_destination_freeze_drops_is_answered_when_it_lifts() -> Result<()> {
@@ -72,7 +45,7 @@ fn a_syn_the_destination_freeze_drops_is_answered_when_it_lifts() -> Result<()> 
         .wait_for("test pause at agent-claimed", COMMAND_TIMEOUT)?;
     // The address is on the destination and announced; its freeze is still on.
     let before = TcpCounters::read_in(bed.client())?;
-    let client = connect_begun(&bed)?;
+    let client = support::pairs::connect_begun(bed.client(), None, support::service(PORT))?;
     std::thread::sleep(Duration::from_millis(50));
     agent.resume()?;
     let (status, stdout, stderr) = migrate.finish()?;
@@ -81,18 +54,13 @@ fn a_syn_the_destination_freeze_drops_is_answered_when_it_lifts() -> Result<()> 
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     let (_, fds) = support::receive_handoff_on(&unix, deadline, || Ok(()))?;
     agent.finish()?;
-    let mut listeners = Vec::new();
-    for fd in fds {
-        if socket2::SockRef::from(&fd).is_listener()? {
-            listeners.push(TcpListener::from(fd));
-        }
-    }
+    let (_, listeners) = support::split_listeners(fds)?;
     ensure!(
         listeners.len() == 1,
         "{} listeners handed over",
         listeners.len()
     );
-    let mut served = accept_within(&listeners[0], COMMAND_TIMEOUT)?;
+    let mut served = support::accept_within(&listeners[0], COMMAND_TIMEOUT)?;
     let mut client = TcpStream::from(client);
     client.set_nonblocking(false)?;
     ensure!(

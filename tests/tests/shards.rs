@@ -133,13 +133,9 @@ fn a_handoff_in_several_groups_sends_each_on_its_own_connection() -> Result<()> 
             "group {group}: {} fds, {names} names",
             fds.len()
         );
-        for fd in fds {
-            if socket2::SockRef::from(&fd).is_listener()? {
-                listeners += 1;
-            } else {
-                held.push(fd);
-            }
-        }
+        let (connections, handed_listeners) = support::split_listeners(fds)?;
+        listeners += handed_listeners.len();
+        held.extend(connections);
     }
     ensure!(
         listeners == 1,

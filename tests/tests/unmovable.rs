@@ -19,8 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use support::pairs::{
-    ClientHalf, FINAL, Pair, SMALL, accept_pairs, check_every_state, every_state, join,
-    read_stream, resets, split, write_stream,
+    ClientHalf, Pair, SMALL, accept_pairs, check_every_state, connect_begun, every_state, join,
+    resets, split, write_stream,
 };
 use tcpmig_testbed::{ChildGuard, TestBed, TokenFile, containers::DropRule, pattern::Direction};
 
@@ -38,18 +38,9 @@ fn holder(bed: &TestBed, fds: Vec<OwnedFd>) -> Result<ChildGuard<'_>> {
 fn kept_pairs(bed: &TestBed, listener: &TcpListener) -> Result<Vec<Pair>> {
     let mut pairs = accept_pairs(bed, listener, KEPT)?;
     for pair in &mut pairs {
-        queue_both_ways(pair)?;
+        pair.queue_both_ways()?;
     }
     Ok(pairs)
-}
-
-/// SMALL bytes written each way on `pair`, left unread.
-fn queue_both_ways(pair: &mut Pair) -> Result<()> {
-    let client = pair.client_addr()?;
-    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    pair.to_client = write_stream(&pair.server, client, s2c, 0, Some(SMALL))?;
-    pair.to_server = write_stream(&pair.client, client, c2s, 0, Some(SMALL))?;
-    Ok(())
 }
 
 /// `n` connections to `service` (whose listener is there) left in its accept queue, SMALL bytes
@@ -77,19 +68,6 @@ fn with_one_unaccepted(
     let pairs = kept_pairs(bed, &listener)?;
     let waiting = bed.client().run(|| TcpStream::connect(service))??;
     Ok((listener, pairs, waiting))
-}
-
-/// Every queued byte arrives both ways, then FINAL more each way.
-fn carries_on(pair: &mut Pair) -> Result<()> {
-    let client = pair.client_addr()?;
-    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    read_stream(&pair.server, client, c2s, (0, pair.to_server), false)?;
-    read_stream(&pair.client, client, s2c, (0, pair.to_client), false)?;
-    let end = write_stream(&pair.server, client, s2c, pair.to_client, Some(FINAL))?;
-    read_stream(&pair.client, client, s2c, (pair.to_client, end), false)?;
-    let end = write_stream(&pair.client, client, c2s, pair.to_server, Some(FINAL))?;
-    read_stream(&pair.server, client, c2s, (pair.to_server, end), false)?;
-    Ok(())
 }
 
 /// What an agent handed over: the server ends joined to the clients, and the listeners.
@@ -138,15 +116,8 @@ fn migrate_handing_over(
 fn handed_over(listener: &UnixListener, clients: Vec<ClientHalf>) -> Result<HandedOver> {
     let deadline = Instant::now() + support::COMMAND_TIMEOUT;
     let (_, fds) = support::receive_handoff_on(listener, deadline, || Ok(()))?;
-    let (mut servers, mut listeners) = (Vec::new(), Vec::new());
-    for fd in fds {
-        if socket2::SockRef::from(&fd).is_listener()? {
-            listeners.push(TcpListener::from(fd));
-        } else {
-            servers.push(TcpStream::from(fd));
-        }
-    }
-    let pairs = join(clients, servers)?;
+    let (servers, listeners) = support::split_listeners(fds)?;
+    let pairs = join(clients, servers.into_iter().map(TcpStream::from).collect())?;
     Ok(HandedOver { pairs, listeners })
 }
 
@@ -168,7 +139,7 @@ fn a_connection_waiting_in_the_accept_queue_refuses_the_migration() -> Result<()
     let before = resets(&bed)?;
     refused_naming(&bed, app.pid(), service, &waiting)?;
     for pair in &mut pairs {
-        carries_on(pair)?;
+        pair.carries_on()?;
     }
     listener.set_nonblocking(true)?;
     let (_, peer) = listener.accept().context("the waiting connection")?;
@@ -231,7 +202,7 @@ fn a_wildcard_listener_also_queueing_another_address_is_not_taken_from() -> Resu
         to_client: 0,
         to_server: 0,
     };
-    queue_both_ways(&mut pair)?;
+    pair.queue_both_ways()?;
     let waiting = [service, other].map(|to| bed.client().run(|| TcpStream::connect(to)));
     let [to_service, to_other] = waiting;
     let (to_service, to_other) = (to_service??, to_other??);
@@ -244,7 +215,7 @@ fn a_wildcard_listener_also_queueing_another_address_is_not_taken_from() -> Resu
     let app = holder(&bed, fds)?;
     let before = resets(&bed)?;
     refused_naming(&bed, app.pid(), service, &to_service)?;
-    carries_on(&mut pair)?;
+    pair.carries_on()?;
     listener.set_nonblocking(true)?;
     for waiting in [&to_service, &to_other] {
         let (_, peer) = listener.accept().context("a waiting connection")?;
@@ -284,7 +255,7 @@ fn skip_unmovable_moves_the_others_and_lists_it() -> Result<()> {
         "{left}"
     );
     for pair in &mut pairs {
-        carries_on(pair)?;
+        pair.carries_on()?;
     }
     Ok(())
 }
@@ -327,7 +298,7 @@ fn every_state_at_once_moves_through_migrate_and_the_agent() -> Result<()> {
     let mut queued = pairs.split_off(ALL - QUEUED);
     check_every_state(&mut pairs, client_read)?;
     for pair in &mut queued {
-        carries_on(pair)?;
+        pair.carries_on()?;
     }
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
@@ -366,7 +337,7 @@ fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
         listeners,
     } = handed;
     for pair in &mut pairs {
-        carries_on(pair)?;
+        pair.carries_on()?;
     }
     ensure!(
         listeners.len() == 1,
@@ -374,16 +345,7 @@ fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
         listeners.len()
     );
     let client = bed.client().run(|| TcpStream::connect(service))??;
-    let deadline = Instant::now() + support::COMMAND_TIMEOUT;
-    let server = loop {
-        match listeners[0].accept() {
-            Ok((server, _)) => break server,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Err(e) => return Err(e).context("accepting a new connection after the move"),
-        }
-    };
+    let server = support::accept_within(&listeners[0], support::COMMAND_TIMEOUT)?;
     server.set_nonblocking(false)?;
     let mut new = Pair {
         client,
@@ -391,7 +353,7 @@ fn the_accept_queue_moves(ipv6: bool, port: u16) -> Result<()> {
         to_client: 0,
         to_server: 0,
     };
-    carries_on(&mut new)?;
+    new.carries_on()?;
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);
     Ok(())
@@ -418,16 +380,7 @@ fn syn_sent<'bed>(
     peer: SocketAddr,
 ) -> Result<(socket2::Socket, DropRule<'bed>)> {
     let dropping = DropRule::insert(bed.client(), peer.ip())?;
-    let outgoing = bed.source().run(|| -> Result<socket2::Socket> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&service.into())?;
-        socket.set_nonblocking(true)?;
-        match socket.connect(&peer.into()) {
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
-            other => anyhow::bail!("connect: {other:?}"),
-        }
-    })??;
+    let outgoing = connect_begun(bed.source(), Some(service), peer)?;
     Ok((outgoing, dropping))
 }
 
@@ -555,7 +508,7 @@ fn a_handshake_in_progress_at_the_discovery_moves_once_complete() -> Result<()> 
     let HandedOver { mut pairs, .. } = handed_over(&unix, clients)?;
     agent.finish()?;
     for pair in &mut pairs {
-        carries_on(pair)?;
+        pair.carries_on()?;
     }
     let after = resets(&bed)?;
     ensure!(after == before, "{} resets", after - before);

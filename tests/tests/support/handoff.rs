@@ -1,10 +1,38 @@
 //! Receiving a hand-over (`tcpmig restore --handoff`): its text and the fds sent with it over a
 //! Unix socket.
 
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
+
+/// Handed-over fds told apart: the connections, and the listeners (SO_ACCEPTCONN).
+pub fn split_listeners(fds: Vec<OwnedFd>) -> Result<(Vec<OwnedFd>, Vec<TcpListener>)> {
+    let (mut connections, mut listeners) = (Vec::new(), Vec::new());
+    for fd in fds {
+        if socket2::SockRef::from(&fd).is_listener()? {
+            listeners.push(TcpListener::from(fd));
+        } else {
+            connections.push(fd);
+        }
+    }
+    Ok((connections, listeners))
+}
+
+/// Waits, up to `bound`, for the non-blocking `listener` to give a connection.
+pub fn accept_within(listener: &TcpListener, bound: Duration) -> Result<TcpStream> {
+    let deadline = Instant::now() + bound;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("accepting a connection on a handed-over listener"),
+        }
+    }
+}
 
 /// Waits until `deadline` for a hand-over's connection on `listener` (non-blocking), calling
 /// `waiting` between tries (to fail early when the sender is gone), and reads it whole.

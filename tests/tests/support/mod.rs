@@ -15,7 +15,7 @@ pub use agent::*;
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use announce::{announced_by, na_defaults};
 #[allow(unused_imports)] // Each test crate uses its own part.
-pub use handoff::receive_handoff_on;
+pub use handoff::{accept_within, receive_handoff_on, split_listeners};
 #[allow(unused_imports)] // Each test crate uses its own part.
 pub use moved::{Moved, move_sockets};
 

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use tcpmig::{repair::TcpState, sys::tcp_repair::tcp_info};
 use tcpmig_testbed::{
-    TestBed,
+    Namespace, TestBed,
     pattern::{Direction, fill},
 };
 
@@ -37,6 +37,28 @@ pub struct Pair {
 impl Pair {
     pub fn client_addr(&self) -> Result<SocketAddr> {
         Ok(self.client.local_addr()?)
+    }
+
+    /// SMALL bytes written each way, left unread.
+    pub fn queue_both_ways(&mut self) -> Result<()> {
+        let client = self.client_addr()?;
+        let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+        self.to_client = write_stream(&self.server, client, s2c, 0, Some(SMALL))?;
+        self.to_server = write_stream(&self.client, client, c2s, 0, Some(SMALL))?;
+        Ok(())
+    }
+
+    /// Every queued byte arrives both ways, then FINAL more each way.
+    pub fn carries_on(&mut self) -> Result<()> {
+        let client = self.client_addr()?;
+        let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+        read_stream(&self.server, client, c2s, (0, self.to_server), false)?;
+        read_stream(&self.client, client, s2c, (0, self.to_client), false)?;
+        let end = write_stream(&self.server, client, s2c, self.to_client, Some(FINAL))?;
+        read_stream(&self.client, client, s2c, (self.to_client, end), false)?;
+        let end = write_stream(&self.client, client, c2s, self.to_server, Some(FINAL))?;
+        read_stream(&self.server, client, c2s, (self.to_server, end), false)?;
+        Ok(())
     }
 }
 
@@ -84,6 +106,31 @@ pub fn join(clients: Vec<ClientHalf>, servers: Vec<TcpStream>) -> Result<Vec<Pai
             })
         })
         .collect()
+}
+
+/// A connection from `host` to `to` begun (its SYN sent) and not waited for, from `local` when
+/// given (SO_REUSEADDR on).
+pub fn connect_begun(
+    host: &Namespace,
+    local: Option<SocketAddr>,
+    to: SocketAddr,
+) -> Result<socket2::Socket> {
+    host.run(|| -> Result<socket2::Socket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        if let Some(local) = local {
+            socket.set_reuse_address(true)?;
+            socket.bind(&local.into())?;
+        }
+        socket.set_nonblocking(true)?;
+        match socket.connect(&to.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+            other => anyhow::bail!("connect to {to}: {other:?}"),
+        }
+    })?
 }
 
 /// `n` connections to `service`, served on the source.
