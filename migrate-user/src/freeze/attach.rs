@@ -40,13 +40,21 @@ pub(super) enum Pin {
 
 /// Loads the programs, their maps pinned in `dir` (the programs declare them pinned by name).
 fn load(dir: &Path) -> Result<Ebpf, FreezeError> {
+    load_object(PROGRAMS, dir)
+}
+
+/// Loads an eBPF `object`, its maps pinned in `dir`.
+pub(super) fn load_object(object: &[u8], dir: &Path) -> Result<Ebpf, FreezeError> {
     Ok(EbpfLoader::new()
         .default_map_pin_directory(dir)
-        .load(PROGRAMS)?)
+        .load(object)?)
 }
 
 /// Program `name` of `ebpf`, loaded into the kernel.
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, FreezeError> {
+pub(super) fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, FreezeError> {
     let classifier: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(ProgramError::UnexpectedProgramType)?
@@ -106,7 +114,7 @@ fn unknown_interface(netns: &Netns, dev: &str) -> FreezeError {
 }
 
 /// The index of `dev` in the namespace this thread is in.
-fn ifindex(netns: &Netns, dev: &str) -> Result<u32, FreezeError> {
+pub(super) fn ifindex(netns: &Netns, dev: &str) -> Result<u32, FreezeError> {
     nix::net::if_::if_nametoindex(dev).map_err(|_| unknown_interface(netns, dev))
 }
 
@@ -152,21 +160,23 @@ pub(super) fn detach_clsact(info: &FreezeInfo) -> Result<(), FreezeError> {
 
 pub(super) fn detach_tcx_links(name: &str) -> Result<(), FreezeError> {
     for (program, _) in programs() {
-        match sys::detach_pinned_link(&pins::dir(name).join(program)) {
-            // Already gone (a half-made freeze, or the interface was deleted) is fine: we are
-            // removing it.
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
-            Err(source) => {
-                return Err(FreezeError::Io {
-                    name: name.to_owned(),
-                    what: "detaching a program",
-                    source,
-                });
-            }
-        }
+        detach_pinned_link(name, &pins::dir(name).join(program))?;
     }
     Ok(())
+}
+
+/// Detaches the tcx link pinned at `path` (of freeze or steering `name`). Already gone (a
+/// half-made one, or the interface was deleted) is fine: we are removing it.
+pub(super) fn detach_pinned_link(name: &str, path: &Path) -> Result<(), FreezeError> {
+    match sys::detach_pinned_link(path) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => Ok(()),
+        Err(source) => Err(FreezeError::Io {
+            name: name.to_owned(),
+            what: "detaching a program",
+            source,
+        }),
+    }
 }
 
 /// Names of the tcpmig programs attached with tcx on `dev` in `netns`, both directions: how a

@@ -42,7 +42,7 @@ pub fn ensure_bpffs() -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-fn io_error(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> FreezeError {
+pub(super) fn io_error(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> FreezeError {
     let name = name.to_owned();
     move |source| FreezeError::Io { name, what, source }
 }

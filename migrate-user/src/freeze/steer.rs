@@ -18,10 +18,9 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{HashMap, Map, MapData},
     programs::{
-        SchedClassifier, TcAttachType,
+        TcAttachType,
         links::{FdLink, LinkOrder},
         tc::TcAttach,
     },
@@ -29,8 +28,9 @@ use aya::{
 use migrate_common::{STEER_MAP, SteerValue, TupleKey};
 
 use super::{
-    FreezeError, check_privileges, ensure_bpffs,
+    FreezeError, attach, check_privileges, ensure_bpffs,
     entries::{socket_addr, tuple_key},
+    pins::io_error,
     validate_name,
 };
 use crate::{net::Netns, sys, tuple::Tuple};
@@ -89,19 +89,10 @@ impl Steering {
             .mode(0o700)
             .create(&dir)
             .map_err(io_error(name, "creating the pin directory"))?;
-        let attached = netns.run(|| attach_here(dev, &dir))?;
-        if let Err(error) = attached {
+        if let Err(error) = netns.run(|| attach_here(netns, dev, &dir))? {
             // Nothing half-made stays pinned.
             let _ = fs::remove_dir_all(&dir);
-            return Err(match error {
-                FreezeError::Program(_) if nix::net::if_::if_nametoindex(dev).is_err() => {
-                    FreezeError::UnknownInterface {
-                        dev: dev.to_owned(),
-                        netns: netns.spec().to_owned(),
-                    }
-                }
-                error => error,
-            });
+            return Err(error);
         }
         Self::open(name)
     }
@@ -192,11 +183,7 @@ impl Steering {
     pub fn remove(name: &str) -> Result<(), FreezeError> {
         validate_name(name)?;
         let dir = dir(name);
-        match sys::detach_pinned_link(&dir.join(PROGRAM_NAME)) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOLINK)) => {}
-            Err(source) => return Err(io_error(name, "detaching the steering program")(source)),
-        }
+        attach::detach_pinned_link(name, &dir.join(PROGRAM_NAME))?;
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -209,27 +196,12 @@ fn dir(name: &str) -> PathBuf {
     Path::new(STEER_ROOT).join(name)
 }
 
-fn io_error(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> FreezeError {
-    let name = name.to_owned();
-    move |source| FreezeError::Io { name, what, source }
-}
-
 /// Loads the program (its map pinned in `dir`) and attaches it first on `dev`'s ingress, its
 /// tcx link pinned in `dir`; runs in the interface's namespace.
-fn attach_here(dev: &str, dir: &Path) -> Result<(), FreezeError> {
-    let ifindex = nix::net::if_::if_nametoindex(dev).map_err(|errno| FreezeError::Io {
-        name: dev.to_owned(),
-        what: "looking up the interface",
-        source: errno.into(),
-    })?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .load(PROGRAM)?;
-    let classifier: &mut SchedClassifier = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
-        .try_into()?;
-    classifier.load()?;
+fn attach_here(netns: &Netns, dev: &str, dir: &Path) -> Result<(), FreezeError> {
+    let ifindex = attach::ifindex(netns, dev)?;
+    let mut ebpf = attach::load_object(PROGRAM, dir)?;
+    let classifier = attach::classifier(&mut ebpf, PROGRAM_NAME)?;
     let attach = TcAttach::Tcx {
         attach_type: TcAttachType::Ingress,
         order: LinkOrder::first(),

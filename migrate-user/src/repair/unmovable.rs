@@ -6,7 +6,7 @@
 //! nothing to move.
 use std::fmt;
 
-use super::{RepairError, TcpState, diag, discover::Filter};
+use super::{RepairError, TcpState, discover::Filter};
 use crate::{net::Netns, tuple::Tuple};
 
 /// Why a connection does not move.
@@ -97,27 +97,11 @@ impl fmt::Display for Listed {
     }
 }
 
-/// sock_diag state bits of listeners and of handshakes a listener answered (request sockets are
-/// TCP_NEW_SYN_RECV, 12; a Fast Open child is SYN_RECV, 3).
-const LISTENING_STATES: u32 = 1 << 10 | 1 << 3 | 1 << 12;
-
 /// The connections of `filter`'s service waiting in an accept queue (ESTABLISHED or CLOSE_WAIT
 /// with no inode: no process holds them) or in a handshake a listener answered (SYN_RECV),
-/// seen in `netns`. One small listing of listeners and handshakes first: only when a listener
-/// has connections queued or a handshake is pending are all the sockets listed, to name them.
+/// seen in `netns`: a listing of every socket, to name them. [`super::wait_until`] tells more
+/// cheaply whether any may wait.
 pub fn unaccepted(netns: &Netns, filter: &Filter) -> Result<Vec<Unmovable>, RepairError> {
-    let pending = netns
-        .run(|| diag::tcp_sockets_in(LISTENING_STATES))?
-        .map_err(|source| RepairError::Diag {
-            netns: netns.spec().to_owned(),
-            source,
-        })?;
-    let waiting = pending.iter().any(|s| {
-        filter.matches_local(s.tuple.local) && (s.state != TcpState::Listen || s.queued > 0)
-    });
-    if !waiting {
-        return Ok(Vec::new());
-    }
     let all = super::list_tcp_sockets(netns)?;
     Ok(all
         .into_iter()

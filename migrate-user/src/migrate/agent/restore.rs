@@ -15,7 +15,7 @@ use super::{
 use crate::{
     freeze::{
         Freeze,
-        hold::{HeldPackets, Hold, HoldBudget, Replayer, Segments},
+        hold::{HeldPackets, Hold, HoldBudget, HoldError, Replayer, Segments},
     },
     image::{Decoded, Decoder},
     migrate::{
@@ -309,7 +309,9 @@ pub(super) fn go_live(
     match held {
         Ok((held, held_report)) => {
             report.held_here = held_report;
-            replay(replayer, &held, report);
+            if let Err(error) = replay(replayer, held.encoded(), report) {
+                tracing::warn!(%error, "replaying what this host's freeze held");
+            }
         }
         Err(error) => tracing::warn!(%error, "holding what this host's freeze dropped"),
     }
@@ -317,17 +319,15 @@ pub(super) fn go_live(
     Ok(freeze)
 }
 
-/// Hands `held` to this host's stack through `replayer`, counted in the report.
-fn replay(replayer: &Replayer, held: &HeldPackets, report: &mut AgentReport) {
-    if held.is_empty() {
-        return;
-    }
+/// Hands the `encoded` held packets to this host's stack through `replayer`, in their order,
+/// counted and timed in the report.
+fn replay(replayer: &Replayer, encoded: &[u8], report: &mut AgentReport) -> Result<(), HoldError> {
     let started = Instant::now();
-    match HeldPackets::decode(held.encoded()) {
-        Ok(packets) => report.replay.absorb(replayer.replay(&packets)),
-        Err(error) => tracing::warn!(%error, "decoding the held segments"),
-    }
+    report
+        .replay
+        .absorb(replayer.replay(&HeldPackets::decode(encoded)?));
     report.replay_ms += millis(started.elapsed());
+    Ok(())
 }
 
 /// Tells the source the connections are live, removes the (thawed) freeze, and replays what
@@ -390,10 +390,6 @@ async fn replay_batch(
             Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
         }
     }
-    let started = Instant::now();
-    report
-        .replay
-        .absorb(replayer.replay(&HeldPackets::decode(&encoded)?));
-    report.replay_ms += millis(started.elapsed());
+    replay(replayer, &encoded, report)?;
     Ok(last)
 }

@@ -218,9 +218,10 @@ impl<'r, 'a> Stopped<'r, 'a> {
             }
         }
         // What still waits in an accept queue (of a listener these processes do not hold) or
-        // in a handshake stays there (see repair::unaccepted). Nothing waited: nothing can now,
-        // with new SYNs held.
-        if !waiting.is_empty() {
+        // in a handshake stays there (see repair::unaccepted). With new SYNs held nothing
+        // queues now: when no handshake was pending and every queued connection was taken,
+        // none is left to name.
+        if waiting.handshakes > 0 || run.report.accepted < waiting.queued() {
             left.extend(repair::unaccepted(run.netns, &filter)?);
         }
         run.leave(left)?;
