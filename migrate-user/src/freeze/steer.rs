@@ -179,6 +179,44 @@ impl Steering {
         Ok(ended)
     }
 
+    /// The names of the steerings pinned on this host.
+    pub fn list() -> Result<Vec<String>, FreezeError> {
+        let entries = match fs::read_dir(STEER_ROOT) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("*", "listing the steerings")(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("*", "listing the steerings"))?;
+            names.extend(entry.file_name().to_str().map(str::to_owned));
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Sweeps (see [`Steering::sweep`]) every `every` until no entry is left, then removes the
+    /// steering: what keeps a rebalance's steering after the migration ends. Returns how many
+    /// entries it swept. It lives as long as the moved connections do.
+    pub fn keep(
+        name: &str,
+        grace: Duration,
+        idle: Duration,
+        every: Duration,
+    ) -> Result<usize, FreezeError> {
+        let mut steering = Self::open(name)?;
+        let mut swept = 0;
+        loop {
+            swept += steering.sweep(grace, idle)?.len();
+            if steering.entries()?.is_empty() {
+                drop(steering);
+                Self::remove(name)?;
+                return Ok(swept);
+            }
+            std::thread::sleep(every);
+        }
+    }
+
     /// Detaches the steering `name` and removes its pins.
     pub fn remove(name: &str) -> Result<(), FreezeError> {
         validate_name(name)?;

@@ -107,7 +107,7 @@ impl AcceptPlan {
     /// would end a connection that is not ours. A filter naming 4-tuples plans nothing, for the
     /// same reason. Lists every socket only if a listener has connections queued.
     pub fn list(netns: &Netns, filter: &Filter, waiting: &Waiting) -> Result<Self, RepairError> {
-        if waiting.listeners.is_empty() || !filter.tuples.is_empty() {
+        if waiting.listeners.is_empty() || filter.picks() {
             return Ok(Self::default());
         }
         let listeners = &waiting.listeners;

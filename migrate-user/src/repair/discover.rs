@@ -7,6 +7,7 @@ use std::{
     io,
     net::{SocketAddr, TcpStream},
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    sync::Arc,
 };
 
 use super::{DiagSocket, RepairError, TcpState, diag};
@@ -26,6 +27,9 @@ pub struct Filter {
     pub services: Vec<SocketAddr>,
     /// Exactly these connections: each must exist and be in a state repair handles.
     pub tuples: Vec<Tuple>,
+    /// Only these connections, when not empty; one a process does not hold is no error (a
+    /// rebalance's choice, spread over several processes, some closed since it was made).
+    pub among: Arc<HashSet<Tuple>>,
 }
 
 impl Filter {
@@ -42,7 +46,9 @@ impl Filter {
         }
     }
 
-    pub(super) fn matches_local(&self, local: SocketAddr) -> bool {
+    /// A socket on this local address belongs to the services (a listener on the unspecified
+    /// address too).
+    pub fn matches_local(&self, local: SocketAddr) -> bool {
         let on = |service: &SocketAddr| {
             let service = crate::tuple::canonical(*service);
             service.port() == local.port()
@@ -52,8 +58,24 @@ impl Filter {
             && (self.services.is_empty() || self.services.iter().any(on))
     }
 
+    /// Only `among` of the services' connections (see [`Filter::among`]).
+    pub fn among(services: &[SocketAddr], among: Arc<HashSet<Tuple>>) -> Self {
+        Self {
+            among,
+            ..Self::services(services)
+        }
+    }
+
+    /// The filter names connections one by one: what waits in accept queues or handshakes is
+    /// none of them.
+    pub fn picks(&self) -> bool {
+        !self.tuples.is_empty() || !self.among.is_empty()
+    }
+
     pub(super) fn matches(&self, tuple: &Tuple) -> bool {
-        self.matches_local(tuple.local) && (self.tuples.is_empty() || self.tuples.contains(tuple))
+        self.matches_local(tuple.local)
+            && (self.tuples.is_empty() || self.tuples.contains(tuple))
+            && (self.among.is_empty() || self.among.contains(tuple))
     }
 }
 
