@@ -199,7 +199,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     for status in &statuses {
         print_status(status);
     }
-    Ok(())
+    super::steer::print_steerings()
 }
 
 fn print_status(status: &FreezeStatus) {

@@ -8,6 +8,7 @@ mod handto;
 mod link;
 mod migrate;
 mod repair;
+mod steer;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,10 @@ enum Command {
     /// Internal: watches a `tcpmig migrate` and undoes it if it dies (it starts this itself).
     #[command(hide = true)]
     MigrateGuard(migrate::GuardArgs),
+    /// Internal: sweeps a rebalance's steering until its connections ended (`migrate
+    /// --keep-address` starts it).
+    #[command(hide = true)]
+    SteerKeeper(steer::KeeperArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::demo(args),
             Command::CriuHook(args) => criu::criu_hook(args),
             Command::MigrateGuard(args) => migrate::guard(args),
+            Command::SteerKeeper(args) => steer::keeper(args),
         }
     };
     match result {

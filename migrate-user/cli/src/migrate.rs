@@ -5,7 +5,10 @@ use clap::Args;
 use tcpmig::{
     freeze::hold::HoldBudget,
     handoff::{self, ExecCommand},
-    migrate::{self, AgentConfig, AgentReport, GuardOutcome, LeftConnection, Report, SourceConfig},
+    migrate::{
+        self, AgentConfig, AgentReport, GuardOutcome, KeepAddress, LeftConnection, RebalanceReport,
+        Report, Selector, SourceConfig,
+    },
     sys::{Capability, CapabilitySet},
     tuple::Addresses,
 };
@@ -75,6 +78,39 @@ pub struct MigrateArgs {
     /// naming each one, and the application carries on.
     #[arg(long)]
     skip_unmovable: bool,
+    /// Rebalance: move only the connections --select picks to the agent, whose application
+    /// already serves (hand them over with `tcpmig agent --handoff`), and keep the service
+    /// address here, where new connections keep arriving. This host then forwards the moved
+    /// connections' segments to the agent's MAC (the agent must be on this interface's Ethernet
+    /// segment); the agent holds the address on `lo`, silent. The application here pauses only
+    /// while the chosen sockets are dumped and restored; its copies of them then read
+    /// ECONNABORTED, and nothing is sent to their clients. Run from a host that holds the
+    /// address on `lo` (a rebalance's destination), it moves connections back to the agent's
+    /// host, which stops forwarding them. See docs/rebalance.md.
+    #[arg(long, conflicts_with_all = ["stop_source", "precopy"])]
+    keep_address: bool,
+    /// Which connections a rebalance moves: `count=N`, `fraction=F` (0 < F <= 1),
+    /// `client=CIDR[,CIDR...]` (their clients' networks) or `file=PATH` (one `LOCAL REMOTE`
+    /// 4-tuple per line). [default: all of the service's]
+    #[arg(long, value_name = "SELECTOR", requires = "keep_address")]
+    select: Option<Selector>,
+    /// Seconds a moved connection's forwarding lasts after its client closed it (its last ACK
+    /// must pass).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60.0,
+        requires = "keep_address"
+    )]
+    steer_grace: f64,
+    /// Seconds a moved connection's forwarding lasts without a segment from its client.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 3600.0,
+        requires = "keep_address"
+    )]
+    steer_idle: f64,
     /// Seconds to wait for each step of the agent.
     #[arg(long, value_name = "SECS", default_value_t = migrate::DEFAULT_STEP_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -156,10 +192,15 @@ pub struct AgentArgs {
 }
 
 fn timeout(secs: f64) -> anyhow::Result<Duration> {
+    seconds("--timeout", secs)
+}
+
+/// A positive duration in seconds, or an error naming `option`.
+pub fn seconds(option: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|t| !t.is_zero())
-        .ok_or_else(|| anyhow::anyhow!("--timeout {secs}: give a positive number of seconds"))
+        .ok_or_else(|| anyhow::anyhow!("{option} {secs}: give a positive number of seconds"))
 }
 
 /// `tcpmig migrate-guard` (hidden): started by `tcpmig migrate`, which writes its notes on our
@@ -184,6 +225,14 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             packets: args.hold_packets,
         },
         skip_unmovable: args.skip_unmovable,
+        keep_address: match args.keep_address {
+            true => Some(KeepAddress {
+                select: args.select,
+                steer_grace: seconds("--steer-grace", args.steer_grace)?,
+                steer_idle: seconds("--steer-idle", args.steer_idle)?,
+            }),
+            false => None,
+        },
         step_timeout: timeout(args.timeout)?,
         guard_exe: std::env::current_exe()?,
     };
@@ -344,12 +393,34 @@ fn summary(r: &Report) -> String {
         } else {
             "the service had a listener on the destination already"
         },
-        stopped = if r.source_stopped {
-            "the source application was ended\n".to_owned()
-        } else {
-            "the source application was resumed: it must close its migrated sockets\n".to_owned()
+        stopped = match (&r.rebalance, r.source_stopped) {
+            (Some(rebalance), _) => rebalance_summary(r, rebalance),
+            (None, true) => "the source application was ended\n".to_owned(),
+            (None, false) => {
+                "the source application was resumed: it must close its migrated sockets\n"
+                    .to_owned()
+            }
         },
         skipped = left_summary(&r.left),
+    )
+}
+
+/// What a rebalance moved, and what forwards it now.
+fn rebalance_summary(r: &Report, rebalance: &RebalanceReport) -> String {
+    let forwarding = match &rebalance.steering {
+        Some(name) => format!(
+            "this host forwards them to the agent (steering {name}, shown by `tcpmig status`)"
+        ),
+        None => "the host answering for the address forwards them no more".to_owned(),
+    };
+    format!(
+        "rebalance: {picked} of {of} connections picked ({selector}), the address kept here; \
+         {forwarding}\nthe application paused {paused:.1} ms, and was resumed: its copies of \
+         the moved connections read ECONNABORTED\n",
+        picked = rebalance.picked,
+        of = rebalance.of,
+        selector = rebalance.selector,
+        paused = r.application_paused_ms,
     )
 }
 

@@ -174,7 +174,7 @@ impl Checkpoint {
         let filter = Filter {
             port: self.port,
             services: self.service.into_iter().collect(),
-            tuples: Vec::new(),
+            ..Filter::default()
         };
         let started = Instant::now();
         let discovery = repair::discover(&netns, self.pid, &filter)?;

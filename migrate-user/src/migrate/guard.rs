@@ -163,6 +163,9 @@ pub(super) struct Plan {
     /// Each deleted while the agent restores, and put back by a rollback.
     pub(super) addresses: Vec<MovedAddress>,
     pub(super) freeze: String,
+    /// A rebalance's steering, made for this migration: a rollback removes it.
+    #[serde(default)]
+    pub(super) steering: Option<String>,
     pub(super) stop_source: bool,
 }
 
@@ -356,6 +359,11 @@ fn roll_back(start: &Start, progress: &Progress) -> Result<GuardOutcome, Migrate
     }
     if let Err(error) = remove_freeze(&start.plan.freeze) {
         first_error.get_or_insert(error);
+    }
+    if let Some(name) = &start.plan.steering
+        && let Err(error) = freeze::Steering::remove(name)
+    {
+        first_error.get_or_insert(error.into());
     }
     if progress.stopping {
         for pid in start.alive() {

@@ -64,9 +64,9 @@ pub use self::{
     },
     guard::{GuardOutcome, guard},
     process::StoppedTree,
-    report::{AgentReport, Dropped, LeftConnection, Phases, Report},
+    report::{AgentReport, Dropped, LeftConnection, Phases, RebalanceReport, Report},
     select::{SelectError, Selector},
-    source::{PRECOPY_QUIET, SourceConfig, migrate},
+    source::{KeepAddress, PRECOPY_QUIET, STEER_KEEPER_COMMAND, SourceConfig, migrate},
     tls::{ClientSecurity, ServerSecurity, TlsError, TlsFiles},
     token::Token,
     transport::{
@@ -210,6 +210,23 @@ pub enum MigrateError {
         services: Vec<SocketAddr>,
         list: crate::repair::Listed,
     },
+    #[error(
+        "some service addresses are on {dev} and some are not: a rebalance keeps each address \
+         where it is, so give the services of one host (nothing was changed)"
+    )]
+    MixedAddresses { dev: String },
+    #[error(
+        "the agent's interface has no Ethernet address to steer the moved connections to: a \
+         rebalance needs the destination on the source's Ethernet segment (nothing was changed)"
+    )]
+    NoSteerTarget,
+    #[error(
+        "--keep-address with --stop-source would end the connections that stay (nothing was \
+         changed)"
+    )]
+    KeepAddressStopsSource,
+    #[error("holding the service address quietly on this host (lo, arp_ignore, arp_announce)")]
+    QuietAddress { source: io::Error },
     #[error("starting the async runtime (nothing was changed)")]
     Runtime(#[source] io::Error),
     #[error("no process to migrate: give at least one pid (nothing was changed)")]

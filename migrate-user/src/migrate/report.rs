@@ -82,6 +82,10 @@ pub struct AgentReport {
     pub live_at_unix_ms: f64,
     /// Gratuitous ARPs or unsolicited NAs sent for each address.
     pub announcements: u32,
+    /// In a rebalance back to the host that answers for the address: the connections taken out
+    /// of its steerings.
+    #[serde(default)]
+    pub taken_back: usize,
     /// What the destination's freeze dropped before it was lifted.
     pub dropped: Dropped,
     /// Whether a listener of the agent took new connections from the address move on, handed to
@@ -147,9 +151,27 @@ pub struct Report {
     pub hold: HoldReport,
     /// Whether the application was ended after the commit (--stop-source).
     pub source_stopped: bool,
+    /// From the application stopped to resumed (0 when it was ended): in a rebalance, the pause
+    /// of the connections that stay.
+    pub application_paused_ms: f64,
+    /// A rebalance's choice and steering (`--keep-address`).
+    pub rebalance: Option<RebalanceReport>,
     /// This process's peak resident memory, in KiB.
     pub peak_resident_kib: u64,
     pub destination: AgentReport,
+}
+
+/// What a rebalance moved, and what forwards the moved connections.
+#[derive(Clone, Debug, Serialize)]
+pub struct RebalanceReport {
+    /// The selector, as given (`all`: every connection of the services, a move back).
+    pub selector: String,
+    /// The connections it picked, of those of the services the application held then.
+    pub picked: usize,
+    pub of: usize,
+    /// The steering forwarding the moved connections, under /sys/fs/bpf/tcpmig-steer (None when
+    /// this host held the address quietly: the host answering for it steers).
+    pub steering: Option<String>,
 }
 
 impl Report {
@@ -177,6 +199,8 @@ impl Report {
             dropped_destination: Dropped::default(),
             hold: HoldReport::default(),
             source_stopped: false,
+            application_paused_ms: 0.0,
+            rebalance: None,
             peak_resident_kib: 0,
             destination: AgentReport::default(),
         }

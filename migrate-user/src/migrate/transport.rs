@@ -31,7 +31,9 @@ use super::{
 /// Live (Held and their pieces); the agent replays them before Committed.
 /// 6: Prepare carries a list of services, each with its count of connections, and of the
 /// addresses they move (a dual-stack service in one migration), each with its prefix length.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: Prepare may keep the addresses on the source (a rebalance); Prepared gives the MAC the
+/// source steers to.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
 pub const MAX_FRAME: usize = 8 << 20;
@@ -65,13 +67,19 @@ pub enum Message {
     /// source's count of its connections before it stopped the application: the agent makes
     /// that many sockets ahead, outside the blackout (more may come, or fewer). With `precopy`,
     /// the image of a pre-copy follows Prepared, before the source freezes: the agent restores
-    /// it ahead and answers Precopied.
+    /// it ahead and answers Precopied. With `keep_address` (a rebalance) the addresses stay on
+    /// the source: the agent holds them quietly (on `lo`, answering no ARP or ND for them).
     Prepare {
         services: Vec<ExpectedService>,
         addresses: Vec<MovedAddress>,
         precopy: bool,
+        keep_address: bool,
     },
-    Prepared,
+    /// Ready; in a rebalance, with the MAC of the agent's interface, where the source steers
+    /// the moved connections' segments.
+    Prepared {
+        steer_to: Option<[u8; 6]>,
+    },
     /// The pre-copy's connections restored ahead, in repair mode (0 when the agent could not:
     /// it restores them all after the freeze then).
     Precopied {

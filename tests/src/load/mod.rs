@@ -27,7 +27,7 @@
 
 mod worker;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -85,6 +85,11 @@ pub struct LoadConfig {
     /// backoff after a long blackout can take seconds).
     pub drain: Duration,
     pub connect_timeout: Duration,
+    /// The id of the first connection, which also connects from port 1024 + id: two loads from
+    /// one client host at once need ranges apart.
+    pub first_id: u32,
+    /// The client address to connect from (an address of the client host), or any.
+    pub from: Option<IpAddr>,
 }
 
 impl Default for LoadConfig {
@@ -95,6 +100,8 @@ impl Default for LoadConfig {
             duration: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(60),
+            first_id: 0,
+            from: None,
         }
     }
 }
@@ -130,16 +137,17 @@ impl<'bed> LoadRun<'bed> {
     ) -> anyhow::Result<Self> {
         ensure!(connections > 0, "no connections to open");
         ensure!(
-            connections <= MAX_CONNECTIONS,
+            connections + config.first_id as usize <= MAX_CONNECTIONS,
             "{connections} connections: the client host has {MAX_CONNECTIONS} ports to connect from"
         );
         let interval = config.interval(connections);
         let sizes = worker_sizes(connections);
         let mut workers = Vec::with_capacity(sizes.len());
-        let mut first_id = 0u32;
+        let mut first_id = config.first_id;
         for size in sizes {
             let args = WorkerArgs {
                 connect: service,
+                from: config.from,
                 connections: size,
                 first_id,
                 interval_ns: duration_ns(interval),

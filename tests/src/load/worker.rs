@@ -6,7 +6,7 @@
 //! sockets.
 
 use std::io::{self, ErrorKind, Read as _, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -47,6 +47,9 @@ pub const MAX_CONNECTIONS: usize = (u16::MAX - FIRST_PORT) as usize + 1;
 pub struct WorkerArgs {
     #[arg(long)]
     pub connect: SocketAddr,
+    /// The local address to connect from (any when absent).
+    #[arg(long)]
+    pub from: Option<IpAddr>,
     #[arg(long)]
     pub connections: usize,
     /// Id of the first connection; ids are unique over the workers of a run, and every message
@@ -77,6 +80,9 @@ impl WorkerArgs {
             ("--connect-timeout-ms", self.connect_timeout_ms.to_string()),
         ] {
             args.extend([flag.to_owned(), value]);
+        }
+        if let Some(from) = self.from {
+            args.extend(["--from".to_owned(), from.to_string()]);
         }
         args
     }
@@ -555,6 +561,7 @@ mod tests {
     fn worker_args_parse_back() {
         let args = WorkerArgs {
             connect: "[fd54:636d::100]:8080".parse().unwrap(),
+            from: Some("fd54:636d::200".parse().unwrap()),
             connections: 15_000,
             first_id: 30_000,
             interval_ns: 2_500_000_000,

@@ -8,6 +8,7 @@
 //! to live sockets, [`live`] hands them to the application.
 mod groups;
 mod live;
+mod quiet;
 mod restore;
 
 use std::{
@@ -17,7 +18,9 @@ use std::{
 };
 
 pub use self::live::LiveConnections;
-use self::restore::{Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy};
+use self::restore::{
+    Frozen, Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy,
+};
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, MovedAddress, Privileged, Refusal, ServerSecurity,
     Token, check_privileges, require_token_in_plaintext, resident_memory, test_pause,
@@ -144,6 +147,8 @@ struct Request {
     services: Vec<ExpectedService>,
     addresses: Vec<MovedAddress>,
     precopy: bool,
+    /// A rebalance: the addresses stay on the source, held quietly here.
+    keep_address: bool,
 }
 
 async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, MigrateError> {
@@ -155,13 +160,14 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     let Ready {
         mut groups,
         mut freeze,
-        takeovers,
+        claim,
         listeners,
         replayer,
         hold,
+        steer_to,
     } = or_fail(&mut link, ready).await?;
     report.listener = !listeners.is_empty();
-    link.send(&Message::Prepared).await?;
+    link.send(&Message::Prepared { steer_to }).await?;
     test_pause("agent-prepared");
     let mut ahead = HashMap::new();
     if request.precopy {
@@ -172,11 +178,12 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     }
     let restoring = receive_and_restore(config, &mut link, &mut groups, &ahead, &mut report).await;
     let restoring = restoring.and_then(|restored| {
+        let frozen = Frozen::of(request.keep_address, &services, &groups);
         // The deadline counts from here, not from Prepare: one map update.
-        freeze.freeze_services(&services, FREEZE_TTL)?;
-        Ok(restored)
+        frozen.freeze(&mut freeze, FREEZE_TTL)?;
+        Ok((restored, frozen))
     });
-    let connections = or_fail(&mut link, restoring).await?;
+    let (connections, frozen) = or_fail(&mut link, restoring).await?;
     let restore_ms = report.restore_ms;
     link.send(&Message::Restored {
         connections,
@@ -193,14 +200,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         tracing::warn!(%error, "telling the source that the connections go live here");
     }
     let held_here = (hold, &replayer);
-    let thawed = go_live(
-        &takeovers,
-        &groups,
-        freeze,
-        &services,
-        held_here,
-        &mut report,
-    )?;
+    let thawed = go_live(&claim, &groups, freeze, &frozen, held_here, &mut report)?;
     replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
@@ -225,10 +225,12 @@ async fn receive_prepare(link: &mut Link) -> Result<Request, MigrateError> {
             services,
             addresses,
             precopy,
+            keep_address,
         } if !services.is_empty() => Ok(Request {
             services,
             addresses,
             precopy,
+            keep_address,
         }),
         other => Err(link.unexpected(waiting, &other)),
     }

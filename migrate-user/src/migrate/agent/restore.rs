@@ -1,6 +1,11 @@
 //! The agent's work between Prepare and live sockets: the pool and freeze programs made ahead,
 //! the pre-copy restored ahead, the image received and restored in repair mode, and going live.
-use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd, time::Instant};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    time::{Duration, Instant},
+};
 
 use bytes::BytesMut;
 use nix::sys::signal::{Signal, raise};
@@ -11,10 +16,11 @@ use super::{
         Group, group_sizes, on_each_group, pool_shares, spawn_groups, split_by_precopy,
         split_evenly,
     },
+    quiet::{self, QuietAddresses},
 };
 use crate::{
     freeze::{
-        Freeze,
+        Freeze, FreezeError,
         hold::{HeldPackets, Hold, HoldBudget, HoldError, Replayer, Segments},
     },
     image::{Decoded, Decoder},
@@ -32,14 +38,100 @@ use crate::{
 pub(super) struct Ready<'a> {
     pub(super) groups: Vec<Shard<Group>>,
     pub(super) freeze: Freeze,
-    /// One per address.
-    pub(super) takeovers: Vec<Takeover<'a>>,
+    /// How the addresses come here on the commit.
+    pub(super) claim: Claim<'a>,
     /// Take new connections from the address move on, one per service (none for a service
     /// something listens on already).
     pub(super) listeners: Vec<(SocketAddr, OwnedFd)>,
     pub(super) replayer: Replayer,
-    /// Keeps what this host's freeze drops between the address move and its lift.
-    pub(super) hold: Hold,
+    /// Keeps what this host's own freeze drops between the address move and its lift (None in
+    /// a rebalance: it captures by service, and would take the segments of this host's own
+    /// connections to it).
+    pub(super) hold: Option<Hold>,
+    /// In a rebalance, the MAC of the interface, where the source steers to (None when it is
+    /// not Ethernet).
+    pub(super) steer_to: Option<[u8; 6]>,
+}
+
+/// How the addresses come to this host on the commit.
+pub(super) enum Claim<'a> {
+    /// Moved here and announced: one takeover per address.
+    Move(Vec<Takeover<'a>>),
+    /// A rebalance: held quietly (see [`QuietAddresses`]).
+    Quiet(&'a Netns, QuietAddresses),
+}
+
+impl<'a> Claim<'a> {
+    fn prepare(
+        config: &'a AgentConfig,
+        netns: &'a Netns,
+        request: &Request,
+    ) -> Result<Self, MigrateError> {
+        if request.keep_address {
+            return Ok(Claim::Quiet(
+                netns,
+                QuietAddresses::prepare(netns, &request.addresses)?,
+            ));
+        }
+        let takeovers = (request.addresses.iter())
+            .map(|address| Takeover::prepare(netns, &config.dev, address.ip, address.prefix_len))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Claim::Move(takeovers))
+    }
+
+    /// The addresses here; in a rebalance, the connections of `frozen` out of this host's
+    /// steerings (they come back).
+    fn claim(&self, frozen: &Frozen, report: &mut AgentReport) -> Result<(), MigrateError> {
+        match self {
+            Claim::Move(takeovers) => {
+                for takeover in takeovers {
+                    takeover.claim(net::ANNOUNCE_COUNT)?;
+                }
+                report.announcements = net::ANNOUNCE_COUNT;
+            }
+            Claim::Quiet(netns, quiet) => {
+                quiet.claim(netns)?;
+                if let Frozen::Tuples(tuples) = frozen {
+                    report.taken_back = quiet::take_back(tuples)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What this host's freeze covers once the connections are restored: the services, or in a
+/// rebalance the restored connections only (the application here serves others on them).
+pub(super) enum Frozen {
+    Services(Vec<SocketAddr>),
+    Tuples(Vec<Tuple>),
+}
+
+impl Frozen {
+    pub(super) fn of(keep_address: bool, services: &[SocketAddr], groups: &[Shard<Group>]) -> Self {
+        if !keep_address {
+            return Self::Services(services.to_vec());
+        }
+        let tuples = shard::run_all(groups, |_, group| {
+            let restored = group.restored.as_ref();
+            restored.map_or_else(Vec::new, |r| r.tuples().collect::<Vec<_>>())
+        });
+        Self::Tuples(tuples.concat())
+    }
+
+    pub(super) fn freeze(&self, freeze: &mut Freeze, ttl: Duration) -> Result<(), FreezeError> {
+        match self {
+            Self::Services(services) => freeze.freeze_services(services, ttl),
+            Self::Tuples(tuples) => freeze.freeze_tuples(tuples, ttl),
+        }
+    }
+
+    fn thaw(&self, freeze: &mut Freeze) -> Result<(), FreezeError> {
+        match self {
+            Self::Services(services) => freeze.thaw_services(services),
+            Self::Tuples(tuples) => freeze.thaw_tuples(tuples),
+        }
+    }
 }
 
 /// What this host's own freeze may drop: the milliseconds between the address move and the
@@ -67,8 +159,9 @@ pub(super) fn prepare<'a>(
     let started = Instant::now();
     // Before the pools: their sockets bind with repair mode's forced reuse, which a listener
     // bound after them would not be granted.
+    // In a rebalance, new connections stay on the source.
     let mut listeners = Vec::new();
-    for &service in &services {
+    for &service in services.iter().filter(|_| !request.keep_address) {
         if let Some(listener) = net::listen_ahead(netns, service)? {
             listeners.push((service, listener));
         }
@@ -113,16 +206,24 @@ pub(super) fn prepare<'a>(
     }
     report.pool_ms = millis(started.elapsed());
     report.pooled = pooled;
-    let takeovers = (request.addresses.iter())
-        .map(|address| Takeover::prepare(netns, &config.dev, address.ip, address.prefix_len))
-        .collect::<Result<Vec<_>, _>>()?;
+    let hold = match request.keep_address {
+        true => None,
+        false => Some(Hold::open(netns, &config.dev, &services, HOLD_HERE)?),
+    };
+    let steer_to = request.keep_address.then(|| {
+        // A source that must steer refuses a None, naming why.
+        net::ethernet_link(netns, &config.dev)
+            .ok()
+            .map(|(_, mac)| mac)
+    });
     Ok(Ready {
         groups,
         freeze: freeze?,
-        takeovers,
+        claim: Claim::prepare(config, netns, request)?,
         listeners,
         replayer: Replayer::open(netns, &services)?,
-        hold: Hold::open(netns, &config.dev, &services, HOLD_HERE)?,
+        hold,
+        steer_to: steer_to.flatten(),
     })
 }
 
@@ -264,25 +365,25 @@ async fn receive_image(
 /// lost does not mean all are. Spaced 30 ms apart after the commit they delayed the hand-over to
 /// the application by 60 ms, which every client's catch-up showed.
 pub(super) fn go_live(
-    takeovers: &[Takeover<'_>],
+    claim: &Claim<'_>,
     groups: &[Shard<Group>],
     mut freeze: Freeze,
-    services: &[SocketAddr],
-    (mut hold, replayer): (Hold, &Replayer),
+    frozen: &Frozen,
+    (mut hold, replayer): (Option<Hold>, &Replayer),
     report: &mut AgentReport,
 ) -> Result<Freeze, MigrateError> {
     let committed_at = Instant::now();
     // Clients answered by the address's announcements send here at once: a new connection's SYN
     // dropped by the freeze would wait a second for its retry.
-    let holding = hold.begin(Segments::All);
-    for takeover in takeovers {
-        takeover.claim(net::ANNOUNCE_COUNT)?;
-    }
-    report.announcements = net::ANNOUNCE_COUNT;
+    let holding = hold.as_mut().map(|hold| hold.begin(Segments::All));
+    claim.claim(frozen, report)?;
     report.address_ms = millis(committed_at.elapsed());
     test_pause("agent-claimed");
-    freeze.thaw_services(services)?;
-    let held = holding.and_then(|()| hold.finish());
+    frozen.thaw(&mut freeze)?;
+    let held = match (holding, hold.as_mut()) {
+        (Some(begun), Some(hold)) => Some(begun.and_then(|()| hold.finish())),
+        _ => None,
+    };
     report.live_after_commit_ms = millis(committed_at.elapsed());
     report.live_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -306,7 +407,7 @@ pub(super) fn go_live(
         }
     }
     // Past the commit a hold that failed costs only time: its senders retransmit.
-    match held {
+    match held.unwrap_or_else(|| Ok(Default::default())) {
         Ok((held, held_report)) => {
             report.held_here = held_report;
             if let Err(error) = replay(replayer, held.encoded(), report) {
@@ -315,7 +416,9 @@ pub(super) fn go_live(
         }
         Err(error) => tracing::warn!(%error, "holding what this host's freeze dropped"),
     }
-    hold.close_in_background();
+    if let Some(hold) = hold {
+        hold.close_in_background();
+    }
     Ok(freeze)
 }
 

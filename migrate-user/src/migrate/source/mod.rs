@@ -7,6 +7,8 @@
 //! connections in all, move in one migration.
 mod image;
 mod phases;
+mod rebalance;
+mod rollback;
 mod shard_work;
 
 use std::{
@@ -15,10 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::phases::Run;
+pub use self::rebalance::{KeepAddress, STEER_KEEPER_COMMAND};
+use self::{phases::Run, rebalance::Rebalancing};
 use super::{
-    ClientSecurity, MigrateError, MovedAddress, Privileged, Report, StoppedTree, Token, chain,
-    check_privileges,
+    ClientSecurity, MigrateError, MovedAddress, Privileged, RebalanceReport, Report, StoppedTree,
+    Token, check_privileges,
     guard::{Guardian, Note, Plan},
     millis, require_token_in_plaintext, resident_memory, test_pause,
     transport::{ExpectedService, IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
@@ -71,9 +74,13 @@ pub struct SourceConfig {
     /// in an accept queue), and list those in the report; without it such a migration refuses
     /// before the freeze, naming them.
     pub skip_unmovable: bool,
+    /// A rebalance: only the chosen connections move, the addresses stay (see
+    /// [`KeepAddress`]).
+    pub keep_address: Option<KeepAddress>,
     /// Bound on each step of the agent.
     pub step_timeout: Duration,
-    /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`).
+    /// The tcpmig binary: started as `migrate-guard` to watch this migration (see `guard`), and
+    /// as `steer-keeper` after a rebalance.
     pub guard_exe: PathBuf,
 }
 
@@ -111,6 +118,7 @@ pub struct SourceConfig {
 ///     precopy: false,
 ///     hold: HoldBudget::DEFAULT,
 ///     skip_unmovable: false,
+///     keep_address: None,
 ///     step_timeout: DEFAULT_STEP_TIMEOUT,
 ///     // The tcpmig binary, which runs the guard of the migration.
 ///     guard_exe: "/usr/bin/tcpmig".into(),
@@ -143,6 +151,8 @@ struct Held {
     shards: Vec<Shard<ProcessSockets>>,
     /// The addresses were deleted and must come back on rollback.
     address_deleted: bool,
+    /// When the application was stopped: the connections that stay pause until it resumes.
+    stopped_at: Option<Instant>,
 }
 
 /// One application process's sockets, in its shard: prepared while the process runs (caught up
@@ -162,14 +172,24 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         return Err(MigrateError::NoService);
     }
     let netns = netns_of(&config.pids)?;
-    let addresses = distinct(services.iter().map(SocketAddr::ip))
-        .into_iter()
-        .map(|ip| {
-            let prefix_len = prefix_of(&netns, config, ip)?;
-            Ok(MovedAddress { ip, prefix_len })
-        })
-        .collect::<Result<Vec<_>, MigrateError>>()?;
-    let counted = repair::count_connections(&netns, &services)?;
+    if config.keep_address.is_some() && config.stop_source {
+        return Err(MigrateError::KeepAddressStopsSource);
+    }
+    let name = format!("migrate-{}", std::process::id());
+    let (addresses, rebalancing) = match &config.keep_address {
+        None => (moved_addresses(&netns, config, &services)?, None),
+        Some(keep) => {
+            let steers = rebalance::answers_for(&netns, config, &services)?;
+            let steering = steers.then(|| format!("rebalance-{}", std::process::id()));
+            let rebalancing =
+                Rebalancing::start(config, keep, &netns, &services, steering.as_deref())?;
+            (rebalance::quiet_addresses(&services), Some(rebalancing))
+        }
+    };
+    let counted = match &rebalancing {
+        Some(rebalancing) => rebalancing.counts(&services),
+        None => repair::count_connections(&netns, &services)?,
+    };
     let expected = (services.iter().zip(counted))
         .map(|(&service, connections)| ExpectedService {
             service,
@@ -181,9 +201,9 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
         services: expected,
         addresses: addresses.clone(),
         precopy: config.precopy,
+        keep_address: rebalancing.is_some(),
     })
     .await?;
-    let name = format!("migrate-{}", std::process::id());
     // Before anything changes, so that whatever happens to us is undone.
     let mut guardian = Guardian::start(
         &config.guard_exe,
@@ -192,30 +212,47 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
             pids: config.pids.clone(),
             services: services.clone(),
             dev: config.dev.clone(),
-            addresses: addresses.clone(),
+            // A rebalance deletes none.
+            addresses: match rebalancing {
+                Some(_) => Vec::new(),
+                None => addresses.clone(),
+            },
             freeze: name.clone(),
+            steering: rebalancing.as_ref().and_then(Rebalancing::steering_name),
             stop_source: config.stop_source,
         }),
     )?;
     let connected = started.elapsed();
-    let result = guarded(
-        config,
-        &netns,
-        &mut link,
-        &mut guardian,
-        &name,
+    let moving = Moving {
         services,
         addresses,
-    )
-    .await
-    .map(|mut report| {
-        report.phases.prepare_ms += millis(connected);
-        report.blackout_ms += millis(one_way);
-        report.total_ms = millis(started.elapsed());
-        report
-    });
+        rebalancing,
+    };
+    let result = guarded(config, &netns, &mut link, &mut guardian, &name, moving)
+        .await
+        .map(|mut report| {
+            report.phases.prepare_ms += millis(connected);
+            report.blackout_ms += millis(one_way);
+            report.total_ms = millis(started.elapsed());
+            report
+        });
     guardian.finish();
     result
+}
+
+/// The service addresses with their prefix lengths on the source interface: each moves.
+fn moved_addresses(
+    netns: &Netns,
+    config: &SourceConfig,
+    services: &[SocketAddr],
+) -> Result<Vec<MovedAddress>, MigrateError> {
+    distinct(services.iter().map(SocketAddr::ip))
+        .into_iter()
+        .map(|ip| {
+            let prefix_len = prefix_of(netns, config, ip)?;
+            Ok(MovedAddress { ip, prefix_len })
+        })
+        .collect()
 }
 
 /// Connects to the agent and passes the handshake; returns the link and half the handshake's
@@ -243,6 +280,14 @@ async fn connect(config: &SourceConfig) -> Result<(Link, Duration), MigrateError
     Ok((link, one_way))
 }
 
+/// What a migration moves: the connections of `services` (or a rebalance's choice of them), and
+/// the addresses.
+struct Moving {
+    services: Vec<SocketAddr>,
+    addresses: Vec<MovedAddress>,
+    rebalancing: Option<Rebalancing>,
+}
+
 /// The migration from the freeze programs on, with the guard watching: the phases up to
 /// GoingLive ([`phases`]), then the commit of the source, or the rollback.
 async fn guarded(
@@ -251,16 +296,24 @@ async fn guarded(
     link: &mut Link,
     guardian: &mut Guardian,
     name: &str,
-    services: Vec<SocketAddr>,
-    addresses: Vec<MovedAddress>,
+    moving: Moving,
 ) -> Result<Report, MigrateError> {
+    let Moving {
+        services,
+        addresses,
+        rebalancing,
+    } = moving;
     let started = Instant::now();
     // One port for every service (the usual dual-stack one): the reader reports only its
     // sockets; otherwise every socket, and the dump picks.
     let port = distinct(services.iter().map(SocketAddr::port));
     let held = Held {
         freeze: RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?),
-        hold: open_hold(config, netns, &services)?,
+        // A hold captures by service: it would take the segments of the connections that stay.
+        hold: match rebalancing {
+            Some(_) => None,
+            None => open_hold(config, netns, &services)?,
+        },
         reader: StateReader::load(if port.len() == 1 {
             port.first().copied()
         } else {
@@ -269,6 +322,7 @@ async fn guarded(
         stopped: Vec::new(),
         shards: Vec::new(),
         address_deleted: false,
+        stopped_at: None,
     };
     let report = Report::started(config.pids.clone(), services.clone(), link.peer());
     let mut run = Run {
@@ -279,12 +333,13 @@ async fn guarded(
         held,
         services,
         addresses,
+        rebalancing,
         report,
     };
     run.report.phases.prepare_ms = millis(started.elapsed());
     match phases::until_live(&mut run).await {
         Ok(()) => finish(run).await,
-        Err(cause) => Err(abort(run, cause).await),
+        Err(cause) => Err(rollback::abort(run, cause).await),
     }
 }
 
@@ -296,6 +351,7 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
         link,
         mut held,
         mut report,
+        rebalancing,
         ..
     } = run;
     let commit_sent = Instant::now();
@@ -311,6 +367,9 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     let finished = Instant::now();
     release(config, held, &mut report)?;
     report.phases.finish_ms = millis(finished.elapsed());
+    if let Some(rebalancing) = rebalancing {
+        rebalanced(config, rebalancing, &mut report);
+    }
     let destination = match committed {
         Ok(Message::Committed { report }) => *report,
         Ok(other) => {
@@ -412,6 +471,31 @@ fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
     seen
 }
 
+/// After a rebalance's commit: its account in the report, and a keeper for its steering, which
+/// sweeps the entries of the moved connections as they end. Past the commit a keeper that does
+/// not start costs only the entries' memory: logged.
+fn rebalanced(config: &SourceConfig, rebalancing: Rebalancing, report: &mut Report) {
+    let keep = config
+        .keep_address
+        .as_ref()
+        .expect("a rebalance keeps the address");
+    let steering = rebalancing.steering_name();
+    if let Some(name) = &steering
+        && let Err(error) = rebalance::start_keeper(&config.guard_exe, name, keep)
+    {
+        tracing::warn!(%error, %name, "starting the steering's keeper; sweep it with `tcpmig status`");
+    }
+    report.rebalance = Some(RebalanceReport {
+        selector: keep
+            .select
+            .as_ref()
+            .map_or("all".to_owned(), ToString::to_string),
+        picked: rebalancing.picked.len(),
+        of: rebalancing.of,
+        steering,
+    });
+}
+
 fn in_doubt(cause: MigrateError) -> MigrateError {
     MigrateError::InDoubt {
         cause: Box::new(cause),
@@ -433,79 +517,11 @@ fn release(config: &SourceConfig, mut held: Held, report: &mut Report) -> Result
         }
         report.source_stopped = true;
     }
+    held.stopped.clear();
+    report.application_paused_ms = held.stopped_at.map_or(0.0, |at| millis(at.elapsed()));
     report.dropped_source = held.freeze.counters()?.into();
     Freeze::remove(held.freeze.keep())?;
     Ok(())
-}
-
-/// A failure before GoingLive: the agent is told (unless it is the side that failed or
-/// refused), the guard too, and the source rolls back.
-async fn abort(run: Run<'_>, cause: MigrateError) -> MigrateError {
-    if !matches!(
-        cause,
-        MigrateError::Remote { .. } | MigrateError::Refused { .. }
-    ) {
-        // Best effort: the agent may be gone, which is often why we roll back.
-        let abort = Message::Abort {
-            reason: chain(&cause),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), run.link.send(&abort)).await;
-    }
-    // Past Committing, the guard must now roll back too if we die.
-    if let Err(error) = run.guardian.note(&Note::RollingBack) {
-        tracing::warn!(%error, "telling the guard about the rollback");
-    }
-    rollback(run, cause)
-}
-
-/// Undoes what the source did, in reverse: addresses back, sockets out of repair mode, freeze
-/// removed, application resumed.
-fn rollback(run: Run<'_>, cause: MigrateError) -> MigrateError {
-    tracing::warn!(%cause, "rolling back");
-    let Run {
-        config,
-        netns,
-        mut held,
-        addresses,
-        report,
-        ..
-    } = run;
-    if report.accepted > 0 {
-        // They were in no fd table of the application, and no call puts a connection back
-        // into an accept queue.
-        tracing::warn!(
-            connections = report.accepted,
-            "the connections taken from the accept queues end here: their clients see the \
-             connection closed"
-        );
-    }
-    let mut result: Result<(), MigrateError> = Ok(());
-    if held.address_deleted {
-        // All of them, even after a failure; adding one that is still there is a no-op.
-        for MovedAddress { ip, prefix_len } in addresses {
-            let added = net::add_address(netns, &config.dev, ip, prefix_len);
-            result = result.and(added.map_err(Into::into));
-        }
-    }
-    let rolled_back = shard::run_all(&held.shards, |_, sockets| {
-        sockets.prepared = None;
-        sockets.dumped.take().map(DumpedSockets::rollback)
-    });
-    for outcome in rolled_back.into_iter().flatten() {
-        result = result.and(outcome.map_err(Into::into));
-    }
-    result = result.and(Freeze::remove(held.freeze.keep()).map_err(Into::into));
-    // Dropping the stopped trees resumes them.
-    held.stopped.clear();
-    match result {
-        Ok(()) => MigrateError::RolledBack {
-            cause: Box::new(cause),
-        },
-        Err(rollback) => MigrateError::RollbackFailed {
-            cause: Box::new(cause),
-            rollback: Box::new(rollback),
-        },
-    }
 }
 
 /// The prefix length of `ip` on the source interface: the address is deleted and added with it.

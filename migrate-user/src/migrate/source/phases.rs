@@ -10,7 +10,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use super::{
-    Held, PRECOPY_QUIET, SourceConfig,
+    Held, PRECOPY_QUIET, Rebalancing, SourceConfig,
     image::{Part, send_image},
     shard_work::{Known, catch_up_process, held_unmovable, prepare_process, take_accepted},
 };
@@ -25,6 +25,7 @@ use crate::{
     net::{self, Netns},
     repair::{self, AcceptPlan, Filter, Listed, SocketsByInode, Unmovable},
     shard::{self, Shard},
+    tuple::Tuple,
 };
 
 /// What the phases work on: the link, the guard, what the source holds while the migration can
@@ -35,13 +36,24 @@ pub(super) struct Run<'a> {
     pub(super) link: &'a mut Link,
     pub(super) guardian: &'a mut Guardian,
     pub(super) held: Held,
-    /// The services whose connections move, and the addresses that move with them.
+    /// The services whose connections move, and the addresses that move with them (in a
+    /// rebalance, those the agent holds quietly).
     pub(super) services: Vec<SocketAddr>,
     pub(super) addresses: Vec<MovedAddress>,
+    /// A rebalance: the chosen connections move, the addresses stay.
+    pub(super) rebalancing: Option<Rebalancing>,
     pub(super) report: Report,
 }
 
 impl Run<'_> {
+    /// The connections that move: the services', or a rebalance's choice.
+    fn filter(&self) -> Arc<Filter> {
+        Arc::new(match &self.rebalancing {
+            Some(rebalancing) => Filter::among(&self.services, Arc::clone(&rebalancing.picked)),
+            None => Filter::services(&self.services),
+        })
+    }
+
     /// Connections that stay behind, found before the freeze: a refusal naming them if one of
     /// them is a connection lost (closed ones are not), unless `--skip-unmovable`; then listed in
     /// the report.
@@ -82,7 +94,15 @@ impl<'r, 'a> Prepared<'r, 'a> {
     async fn wait(run: &'r mut Run<'a>) -> Result<Self, MigrateError> {
         let step = "waiting for the agent to prepare";
         match run.link.recv_message(step, None).await? {
-            Message::Prepared => Ok(Self(run)),
+            Message::Prepared { steer_to } => {
+                if let Some(rebalancing) = &mut run.rebalancing {
+                    if rebalancing.steering.is_some() && steer_to.is_none() {
+                        return Err(MigrateError::NoSteerTarget);
+                    }
+                    rebalancing.steer_to = steer_to;
+                }
+                Ok(Self(run))
+            }
             other => Err(run.link.unexpected(step, &other)),
         }
     }
@@ -102,7 +122,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
                 })?;
             run.held.shards.push(shard);
         }
-        let filter = Arc::new(Filter::services(&run.services));
+        let filter = run.filter();
         // One listing for all the processes.
         let listed = Arc::new(SocketsByInode::list(run.netns, &filter)?);
         let pids = run.config.pids.clone();
@@ -116,6 +136,10 @@ impl<'r, 'a> Prepared<'r, 'a> {
             noted.extend(found.sockets);
         }
         run.leave(left)?;
+        if noted.is_empty() {
+            let (pid, services) = (run.config.pids[0], run.services.clone());
+            return Err(MigrateError::NoConnections { pid, services });
+        }
         refuse_shared(noted.iter().map(|&(inode, _)| inode).collect())?;
         run.guardian.note(&Note::Sockets { sockets: noted })?;
         run.report.phases.discover_ms = millis(step.elapsed());
@@ -149,9 +173,13 @@ impl<'r, 'a> Discovered<'r, 'a> {
         if let Some(hold) = &mut run.held.hold {
             hold.begin(Segments::Syns)?;
         }
-        run.held
-            .freeze
-            .freeze_new_connections(&run.services, FREEZE_TTL)?;
+        // In a rebalance new connections stay here.
+        if run.rebalancing.is_none() {
+            run.held
+                .freeze
+                .freeze_new_connections(&run.services, FREEZE_TTL)?;
+        }
+        run.held.stopped_at = Some(at);
         for &pid in &run.config.pids {
             let stopped = StoppedTree::stop(pid, run.config.stop_signal)?;
             run.held.stopped.push(stopped);
@@ -178,15 +206,22 @@ impl<'r, 'a> Stopped<'r, 'a> {
         let Self { run, at } = self;
         let step = Instant::now();
         let (pids, netns) = (run.config.pids.clone(), run.netns);
-        let filter = Arc::new(Filter::services(&run.services));
+        let filter = run.filter();
         let shared = Arc::clone(&filter);
         // New SYNs are held: the handshakes in progress end within a round trip, in an accept
         // queue (taken below) or in the fd table. Their listing (a walk of the kernel's whole
-        // connection table, about 7 ms) runs beside the fd tables' catch-up.
-        let bound = repair::HANDSHAKE_BOUND;
+        // connection table, about 7 ms) runs beside the fd tables' catch-up. A rebalance's
+        // choice is none of them (and new connections keep coming).
+        let bound = match filter.picks() {
+            true => std::time::Duration::ZERO,
+            false => repair::HANDSHAKE_BOUND,
+        };
         let (waiting, caught) = std::thread::scope(|scope| {
-            let waiting =
-                scope.spawn(|| repair::wait_until(netns, &filter, bound, |w| w.handshakes == 0));
+            let waiting = scope.spawn(|| {
+                repair::wait_until(netns, &filter, bound, |w| {
+                    filter.picks() || w.handshakes == 0
+                })
+            });
             let caught = shard::run_all(&run.held.shards, move |k, sockets| {
                 catch_up_process(pids[k], &shared, sockets)
             });
@@ -221,7 +256,7 @@ impl<'r, 'a> Stopped<'r, 'a> {
         // in a handshake stays there (see repair::unaccepted). With new SYNs held nothing
         // queues now: when no handshake was pending and every queued connection was taken,
         // none is left to name.
-        if waiting.handshakes > 0 || run.report.accepted < waiting.queued() {
+        if !filter.picks() && (waiting.handshakes > 0 || run.report.accepted < waiting.queued()) {
             left.extend(repair::unaccepted(run.netns, &filter)?);
         }
         run.leave(left)?;
@@ -293,7 +328,13 @@ impl<'r, 'a> CaughtUp<'r, 'a> {
         if let Some(hold) = &mut run.held.hold {
             hold.begin(Segments::All)?;
         }
-        run.held.freeze.freeze_services(&run.services, FREEZE_TTL)?;
+        match &run.rebalancing {
+            Some(rebalancing) => {
+                let picked: Vec<Tuple> = rebalancing.picked.iter().copied().collect();
+                run.held.freeze.freeze_tuples(&picked, FREEZE_TTL)?;
+            }
+            None => run.held.freeze.freeze_services(&run.services, FREEZE_TTL)?,
+        }
         run.report.phases.freeze_ms = millis(at.elapsed());
         test_pause("frozen");
         Ok(Frozen { run, at })
@@ -358,10 +399,12 @@ impl<'r, 'a> Dumped<'r, 'a> {
         report.phases.transfer_ms = millis(step.elapsed());
         let step = Instant::now();
         // Before the first: a rollback after any of them puts back all (adding one that is
-        // there is a no-op).
-        run.held.address_deleted = true;
-        for &MovedAddress { ip, prefix_len } in &run.addresses {
-            net::delete_address(run.netns, &run.config.dev, ip, prefix_len)?;
+        // there is a no-op). A rebalance keeps them.
+        if run.rebalancing.is_none() {
+            run.held.address_deleted = true;
+            for &MovedAddress { ip, prefix_len } in &run.addresses {
+                net::delete_address(run.netns, &run.config.dev, ip, prefix_len)?;
+            }
         }
         run.report.phases.address_ms = millis(step.elapsed());
         test_pause("address-deleted");
@@ -402,6 +445,19 @@ impl<'r, 'a> Sent<'r, 'a> {
     }
 }
 
+/// A rebalance's moved connections, forwarded to the agent from here on: the agent's freeze
+/// drops what comes before it is live (a rollback removes the steering).
+fn steer(run: &mut Run<'_>) -> Result<(), MigrateError> {
+    let Some(rebalancing) = &mut run.rebalancing else {
+        return Ok(());
+    };
+    let tuples = shard::run_all(&run.held.shards, |_, sockets| {
+        let dumped = sockets.dumped.as_ref().map_or(&[][..], |d| d.connections());
+        dumped.iter().map(|c| c.tuple).collect::<Vec<Tuple>>()
+    });
+    rebalancing.steer(run.netns, &run.config.dev, &tuples.concat())
+}
+
 /// The agent restored every connection in repair mode: the source can decide to commit.
 pub(super) struct Restored<'r, 'a> {
     run: &'r mut Run<'a>,
@@ -413,6 +469,7 @@ impl Restored<'_, '_> {
     /// commit instead of rolling back. Then Commit, and the agent's GoingLive.
     async fn commit(self) -> Result<(), MigrateError> {
         let Self { run, frozen_at } = self;
+        steer(run)?;
         run.guardian.note(&Note::Committing)?;
         let answer_within_ms = run.link.timeout().as_millis() as u64;
         run.link.send(&Message::Commit { answer_within_ms }).await?;

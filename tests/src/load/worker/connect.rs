@@ -30,7 +30,7 @@ pub(super) fn connect_all(poll: &mut Poll, args: &WorkerArgs) -> anyhow::Result<
                 .and_then(|i| args.first_id.checked_add(i))
                 .and_then(|id| u16::try_from(id).ok()?.checked_add(FIRST_PORT))
                 .context("more connections than ports to connect from")?;
-            let mut stream = connect_from(port, args.connect)
+            let mut stream = connect_from(args.from, port, args.connect)
                 .with_context(|| format!("connecting from port {port} to {}", args.connect))?;
             poll.registry()
                 .register(&mut stream, Token(streams.len()), Interest::WRITABLE)?;
@@ -69,19 +69,24 @@ pub(super) fn connect_all(poll: &mut Poll, args: &WorkerArgs) -> anyhow::Result<
     Ok(streams)
 }
 
-/// Starts a nonblocking connect to `service` from local port `port`.
-pub(super) fn connect_from(port: u16, service: SocketAddr) -> io::Result<TcpStream> {
+/// Starts a nonblocking connect to `service` from local port `port` of `from` (any address when
+/// None).
+pub(super) fn connect_from(
+    from: Option<IpAddr>,
+    port: u16,
+    service: SocketAddr,
+) -> io::Result<TcpStream> {
     let socket = Socket::new(
         Domain::for_address(service),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
     socket.set_nonblocking(true)?;
-    let any = match service {
+    let local = from.unwrap_or(match service {
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    socket.bind(&SocketAddr::new(any, port).into())?;
+    });
+    socket.bind(&SocketAddr::new(local, port).into())?;
     match socket.connect(&service.into()) {
         Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
         _ => {}
