@@ -10,7 +10,8 @@
 //! the migration. Each inherited fd is a listener (SO_ACCEPTCONN) to accept on, or a connection
 //! to echo on. Either way it prints `ready` once it listens or holds its sockets, and exits
 //! when it has neither a listener nor a connection left, or after `--idle-exit-secs` without
-//! any event.
+//! any event. `--handoff-socket PATH` (beside either) also takes sockets handed over on a Unix
+//! socket while it serves (see `handoff.rs`), and then it runs until idle.
 //!
 //! The echo is synchronous, so that a migration loses nothing: a chunk read is written back whole
 //! before anything more is read. If the send buffer is full, the rest of the chunk waits in the
@@ -22,7 +23,7 @@
 use std::io::{self, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,10 +35,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::line_process::LineProcess;
 use crate::{Host, load, sys};
 
+mod handoff;
+pub use handoff::HandoffEcho;
+
 /// A server binds and says `ready` in milliseconds; this bounds a broken start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Listener `k` has token `usize::MAX - k`; connections have their slot's index.
-const LAST_TOKEN: usize = usize::MAX;
+/// The hand-over socket's token; listener `k` has token `LAST_LISTENER - k`; connections have
+/// their slot's index.
+const HANDOFF_TOKEN: Token = Token(usize::MAX);
+const LAST_LISTENER: usize = usize::MAX - 1;
 /// Thousands of clients connect at once; std's 128 would drop their SYNs (net.core.somaxconn,
 /// 4096 in a new namespace, caps it).
 const BACKLOG: i32 = 4096;
@@ -57,6 +63,10 @@ pub struct EchoArgs {
     /// them that listen.
     #[arg(long)]
     pub from_listen_fds: bool,
+    /// Also take the sockets handed over on a Unix socket bound here, in tcpmig's hand-over
+    /// protocol (`tcpmig agent --handoff PATH`): a rebalance's destination that already serves.
+    #[arg(long)]
+    pub handoff_socket: Option<PathBuf>,
     /// Exit after this long without any event.
     #[arg(long, default_value_t = 600)]
     pub idle_exit_secs: u64,
@@ -99,6 +109,9 @@ pub fn serve(args: &EchoArgs) -> anyhow::Result<()> {
         Some(addr) => Server::listen(addr)?,
         None => Server::adopt(inherited_sockets()?)?,
     };
+    if let Some(path) = &args.handoff_socket {
+        server.listen_for_handoffs(path)?;
+    }
     println!("ready");
     server.run(Duration::from_secs(args.idle_exit_secs))
 }
@@ -198,8 +211,9 @@ struct Conn {
 
 struct Server {
     poll: Poll,
-    /// Indexed by `LAST_TOKEN - token`.
+    /// Indexed by `LAST_LISTENER - token`.
     listeners: Vec<TcpListener>,
+    handoff: Option<handoff::HandoffSocket>,
     /// Indexed by token; slots of closed connections are reused.
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -211,6 +225,7 @@ impl Server {
         Ok(Self {
             poll: Poll::new()?,
             listeners: Vec::new(),
+            handoff: None,
             conns: Vec::new(),
             free: Vec::new(),
             buf: vec![0; 64 * 1024],
@@ -229,22 +244,27 @@ impl Server {
     fn adopt(sockets: Vec<Socket>) -> anyhow::Result<Self> {
         let mut server = Self::new()?;
         for socket in sockets {
-            socket.set_nonblocking(true)?;
-            if socket
-                .is_listener()
-                .context("SO_ACCEPTCONN (is every fd a socket?)")?
-            {
-                server.add_listener(socket.into())?;
-            } else {
-                server.add(TcpStream::from_std(socket.into()))?;
-            }
+            server.take(socket)?;
         }
         Ok(server)
     }
 
+    /// Accepts on `socket` if it listens (SO_ACCEPTCONN), echoes on it otherwise.
+    fn take(&mut self, socket: Socket) -> anyhow::Result<()> {
+        socket.set_nonblocking(true)?;
+        if socket
+            .is_listener()
+            .context("SO_ACCEPTCONN (is every fd a socket?)")?
+        {
+            self.add_listener(socket.into())
+        } else {
+            self.add(TcpStream::from_std(socket.into()))
+        }
+    }
+
     fn add_listener(&mut self, listener: std::net::TcpListener) -> anyhow::Result<()> {
         let mut listener = TcpListener::from_std(listener);
-        let token = Token(LAST_TOKEN - self.listeners.len());
+        let token = Token(LAST_LISTENER - self.listeners.len());
         self.poll
             .registry()
             .register(&mut listener, token, Interest::READABLE)?;
@@ -254,7 +274,9 @@ impl Server {
 
     /// The listener of `token`, if it is one.
     fn listener_of(&self, token: Token) -> Option<usize> {
-        (LAST_TOKEN - token.0 < self.listeners.len()).then(|| LAST_TOKEN - token.0)
+        LAST_LISTENER
+            .checked_sub(token.0)
+            .filter(|&k| k < self.listeners.len())
     }
 
     fn add(&mut self, mut stream: TcpStream) -> anyhow::Result<()> {
@@ -285,7 +307,7 @@ impl Server {
     fn run(&mut self, idle: Duration) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_event = Instant::now();
-        while !self.listeners.is_empty() || self.open() > 0 {
+        while !self.listeners.is_empty() || self.open() > 0 || self.handoff.is_some() {
             let left = idle.saturating_sub(last_event.elapsed());
             if left.is_zero() {
                 eprintln!("echo-server: no event for {idle:?}, exiting");
@@ -310,18 +332,17 @@ impl Server {
                 last_event = Instant::now();
             }
             for event in &events {
-                match self.listener_of(event.token()) {
-                    Some(k) => self.accept(k)?,
-                    None => {
-                        let i = event.token().0;
-                        if let Err(e) = self.echo(i) {
-                            if TERMINATED.load(Ordering::Relaxed) {
-                                // Its sockets moved away: what it holds is reported, not echoed.
-                                return self.ended();
-                            }
-                            self.close(i, &e);
-                        }
+                let token = event.token();
+                if token == HANDOFF_TOKEN {
+                    self.receive_handoffs()?;
+                } else if let Some(k) = self.listener_of(token) {
+                    self.accept(k)?;
+                } else if let Err(e) = self.echo(token.0) {
+                    if TERMINATED.load(Ordering::Relaxed) {
+                        // Its sockets moved away: what it holds is reported, not echoed.
+                        return self.ended();
                     }
+                    self.close(token.0, &e);
                 }
                 if TERMINATED.load(Ordering::Relaxed) {
                     return self.ended();
@@ -462,6 +483,7 @@ mod tests {
         assert!(adopting.from_listen_fds && adopting.listen.is_none());
         assert_eq!(adopting.idle_exit_secs, 5);
         assert!(parse(&["--listen", "198.18.0.100:9000"]).is_ok());
+        assert!(parse(&["--from-listen-fds", "--handoff-socket", "/run/h.sock"]).is_ok());
         assert!(parse(&[]).is_err());
         assert!(parse(&["--listen", "198.18.0.100:9000", "--from-listen-fds"]).is_err());
     }
@@ -522,17 +544,21 @@ mod tests {
         assert_eq!((server.listeners.len(), server.open()), (1, 1));
         let server = thread::spawn(move || server.run(Duration::from_secs(1)));
         let mut new = std::net::TcpStream::connect(addr).unwrap();
-        for (client, message) in [(&mut moved, b"moved"), (&mut new, b"new!!")] {
-            client
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            client.write_all(message).unwrap();
-            let mut echo = [0; 5];
-            client.read_exact(&mut echo).unwrap();
-            assert_eq!(&echo, message);
-        }
+        assert_echoes(&mut moved, b"moved");
+        assert_echoes(&mut new, b"new!!");
         // It still listens, so it ends only when idle.
         server.join().unwrap().unwrap();
+    }
+
+    /// `message` comes back on `client`, within 10 s.
+    pub(super) fn assert_echoes(client: &mut std::net::TcpStream, message: &[u8]) {
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client.write_all(message).unwrap();
+        let mut echo = vec![0; message.len()];
+        client.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message);
     }
 
     /// A client that does not read for a while makes the server hold a chunk and stop reading;
