@@ -40,6 +40,9 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/s
 
 const PROGRAM_NAME: &str = "tcpmig_steer";
 pub const STEER_ROOT: &str = "/sys/fs/bpf/tcpmig-steer";
+/// Where each steering notes the network namespace (its inode) and interface it is attached in:
+/// one host's namespaces share its bpffs, and a steering belongs to one of them.
+const PLACE_ROOT: &str = "/run/tcpmig/steer";
 
 /// TCP flags the program notes from the client: a connection ending.
 const FIN: u32 = 0x01;
@@ -89,12 +92,26 @@ impl Steering {
             .mode(0o700)
             .create(&dir)
             .map_err(io_error(name, "creating the pin directory"))?;
-        if let Err(error) = netns.run(|| attach_here(netns, dev, &dir))? {
+        let attached = netns
+            .run(|| attach_here(netns, dev, &dir))?
+            .and_then(|()| note_place(name, netns, dev));
+        if let Err(error) = attached {
             // Nothing half-made stays pinned.
             let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_file(Path::new(PLACE_ROOT).join(name));
             return Err(error);
         }
         Self::open(name)
+    }
+
+    /// The steerings attached in `netns`.
+    pub fn list_in(netns: &Netns) -> Result<Vec<String>, FreezeError> {
+        let mut names = Self::list()?;
+        names.retain(|name| {
+            let place = fs::read_to_string(Path::new(PLACE_ROOT).join(name)).unwrap_or_default();
+            place.split_whitespace().next() == Some(&netns.inode().to_string())
+        });
+        Ok(names)
     }
 
     /// Opens the steering `name`, from any process.
@@ -222,12 +239,25 @@ impl Steering {
         validate_name(name)?;
         let dir = dir(name);
         attach::detach_pinned_link(name, &dir.join(PROGRAM_NAME))?;
+        let _ = fs::remove_file(Path::new(PLACE_ROOT).join(name));
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error(name, "removing the steering's pins")(e)),
         }
     }
+}
+
+/// Notes where the steering `name` is attached: `<netns inode> <dev>`.
+fn note_place(name: &str, netns: &Netns, dev: &str) -> Result<(), FreezeError> {
+    let note = io_error(name, "noting where the steering is attached");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(PLACE_ROOT)
+        .map_err(io_error(name, "noting where the steering is attached"))?;
+    let place = format!("{} {dev}\n", netns.inode());
+    fs::write(Path::new(PLACE_ROOT).join(name), place).map_err(note)
 }
 
 fn dir(name: &str) -> PathBuf {

@@ -74,11 +74,11 @@ fn at_least(key: &str, value: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes `tuples` out of every steering of this host: they were moved away and forwarded from
-/// here, and are back. Returns how many entries went.
-pub(super) fn take_back(tuples: &[Tuple]) -> Result<usize, MigrateError> {
+/// Takes `tuples` out of every steering of this host (of `netns`): they were moved away and
+/// forwarded from here, and are back. Returns how many entries went.
+pub(super) fn take_back(netns: &Netns, tuples: &[Tuple]) -> Result<usize, MigrateError> {
     let mut taken = 0;
-    for name in Steering::list()? {
+    for name in Steering::list_in(netns)? {
         let mut steering = Steering::open(&name)?;
         let before = steering.entries()?.len();
         steering.unsteer(tuples)?;

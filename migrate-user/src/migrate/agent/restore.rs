@@ -92,7 +92,7 @@ impl<'a> Claim<'a> {
             Claim::Quiet(netns, quiet) => {
                 quiet.claim(netns)?;
                 if let Frozen::Tuples(tuples) = frozen {
-                    report.taken_back = quiet::take_back(tuples)?;
+                    report.taken_back = quiet::take_back(netns, tuples)?;
                 }
             }
         }

@@ -116,6 +116,11 @@ impl Rebalancing {
         let dst_mac = self.steer_to.ok_or(MigrateError::NoSteerTarget)?;
         let (ifindex, src_mac) = net::ethernet_link(netns, dev)?;
         self.steered = true;
+        tracing::info!(
+            connections = tuples.len(),
+            steering = steering.name(),
+            "steering the moved connections to the agent"
+        );
         steering.steer(
             tuples,
             NextHop {

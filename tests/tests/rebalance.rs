@@ -1,0 +1,331 @@
+//! Rebalance (issue 20): `tcpmig migrate --keep-address --select ...` moves part of a busy
+//! server's connections to a destination whose application already serves its own clients, while
+//! the service address, the other connections and new connections stay on the source. The
+//! source's steering forwards the moved connections' segments; the destination answers them from
+//! the address it holds quietly on `lo`.
+//!
+//! Each test: an echo server on the source holding the service's connections, all sending all the
+//! time (the open-loop load, every byte checked), an echo server on the destination serving its
+//! own clients on its own address, and both taking hand-overs on a Unix socket. Asserted: every
+//! connection kept byte-exact on both hosts, no reset anywhere, the moved connections held by the
+//! destination's server (its fds hold their sockets) and none of the others, new connections to
+//! the service served by the source, and the steering gone once the moved connections closed.
+//! Moving back returns them all to the source, which stops forwarding them.
+//!
+//! Needs root; run with `--test-threads=1` (`cargo xtask test`).
+mod support;
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use support::{AGENT_PORT, COMMAND_TIMEOUT, PEER, Running, insecure};
+use tcpmig::{
+    freeze::Steering,
+    net::{self, Netns},
+    repair::{self, TcpState},
+    tuple::Tuple,
+};
+use tcpmig_testbed::{
+    Host, IFACE, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeRun, TestBed, TokenFile,
+    echo::HandoffEcho, tcpmig_bin,
+};
+
+/// The service's connections, and the destination application's own.
+const SERVICE_CONNECTIONS: usize = 2_000;
+const OWN_CONNECTIONS: usize = 200;
+const PORT: u16 = 9100;
+/// Long enough for the warm-up, a move, a move back and their settling.
+const LOAD_DURATION: Duration = Duration::from_secs(14);
+const WARMUP: Duration = Duration::from_secs(1);
+/// A second client address, in a /28 of its own, for the test that selects by client network.
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+const OTHER_CLIENTS: &str = "198.18.0.192/28";
+/// Of the service's connections, those from [`OTHER_CLIENT`] in that test.
+const FROM_OTHER: usize = 300;
+
+/// The two servers, the loads on them and the link's token.
+struct Rebalance<'bed> {
+    source: HandoffEcho<'bed>,
+    destination: HandoffEcho<'bed>,
+    /// The service's load (one or two runs, by client address) and the destination's own.
+    service_loads: Vec<LoadRun<'bed>>,
+    own_load: LoadRun<'bed>,
+    token: TokenFile,
+    dir: PathBuf,
+}
+
+impl<'bed> Rebalance<'bed> {
+    /// Servers up, then the loads: `from_other` of the service's connections from
+    /// [`OTHER_CLIENT`], the rest from the client's own address.
+    fn start(bed: &'bed TestBed, from_other: usize) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tcpmig-{}-rebalance", bed.prefix()));
+        std::fs::create_dir_all(&dir)?;
+        let service = SocketAddr::new(TestBed::service(false), PORT);
+        let own = SocketAddr::new(bed.destination().v4().into(), PORT);
+        let peer = Path::new(PEER);
+        let source = HandoffEcho::start(bed.source(), peer, service, &dir.join("source.sock"))?;
+        let destination =
+            HandoffEcho::start(bed.destination(), peer, own, &dir.join("destination.sock"))?;
+        let config = |first_id: usize, from: Option<IpAddr>| LoadConfig {
+            duration: LOAD_DURATION,
+            first_id: first_id as u32,
+            from,
+            ..LoadConfig::default()
+        };
+        let mut service_loads = Vec::new();
+        let from_own = SERVICE_CONNECTIONS - from_other;
+        service_loads.push(LoadRun::start(
+            bed,
+            peer,
+            service,
+            from_own,
+            &config(0, None),
+        )?);
+        if from_other > 0 {
+            let other = config(from_own, Some(OTHER_CLIENT.into()));
+            service_loads.push(LoadRun::start(bed, peer, service, from_other, &other)?);
+        }
+        let own_config = config(SERVICE_CONNECTIONS, None);
+        let own_load = LoadRun::start(bed, peer, own, OWN_CONNECTIONS, &own_config)?;
+        std::thread::sleep(WARMUP);
+        Ok(Self {
+            source,
+            destination,
+            service_loads,
+            own_load,
+            token: TokenFile::new(bed, "rebalance", "tcpmig rebalance test token\n")?,
+            dir,
+        })
+    }
+
+    fn service() -> SocketAddr {
+        SocketAddr::new(TestBed::service(false), PORT)
+    }
+
+    /// `tcpmig migrate --keep-address` of `pid` on `from` to an agent on `to` that hands the
+    /// connections to `handoff`; returns the source's JSON report once both ended.
+    fn rebalance(
+        &self,
+        (from, pid): (&Host, u32),
+        (to, handoff): (&Host, &Path),
+        extra: &[&str],
+    ) -> Result<serde_json::Value> {
+        let link = insecure(&self.token.0);
+        let mut agent = to.command(tcpmig_bin())?;
+        agent
+            .arg("agent")
+            .arg("--listen")
+            .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
+            .args(["--netns", to.name(), "--dev", IFACE, "--timeout", "10"])
+            .args(&link)
+            .arg("--handoff")
+            .arg(handoff);
+        let mut agent = Running::spawn(to, agent)?;
+        let mut migrate = from.command(tcpmig_bin())?;
+        migrate
+            .args(["migrate", "--pid", &pid.to_string()])
+            .args(["--service", &Self::service().to_string()])
+            .args(["--dev", IFACE, "--timeout", "10", "--to"])
+            .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
+            .args(["--keep-address", "--stop-signal", "USR1", "--json"])
+            .args(["--steer-grace", "1", "--steer-idle", "30"])
+            .args(&link)
+            .args(extra);
+        let (status, stdout, stderr) = {
+            migrate.arg("-v");
+            Running::spawn(from, migrate)?.finish()?
+        };
+        ensure!(status.success(), "tcpmig migrate failed: {stderr}");
+        let (status, _, stderr) = agent.finish()?;
+        ensure!(status.success(), "tcpmig agent failed: {stderr}");
+        serde_json::from_str(&stdout).with_context(|| format!("the report: {stdout}"))
+    }
+
+    /// Every load ran to its end with every message echoed byte-exact on every connection.
+    fn finish_loads(self) -> Result<PathBuf> {
+        let mut reports: Vec<LoadReport> = Vec::new();
+        for load in self.service_loads {
+            reports.push(load.finish()?);
+        }
+        reports.push(self.own_load.finish()?);
+        for report in &reports {
+            ensure!(
+                report.lost() == 0
+                    && report.missing == 0
+                    && report.verified == report.connections as u64,
+                "the clients lost connections or bytes: {report:#?}"
+            );
+        }
+        Ok(self.dir)
+    }
+}
+
+/// The established connections on `service` in `host`'s namespace, and whether `pid` holds each
+/// (one of its fds is the socket).
+fn held_by(host: &Host, service: SocketAddr, pid: u32) -> Result<(HashSet<Tuple>, usize)> {
+    let sockets = repair::list_tcp_sockets(&Netns::open(host.name())?)?;
+    let inodes = socket_inodes(pid)?;
+    let mine: Vec<_> = (sockets.iter())
+        .filter(|s| s.tuple.local == service && s.state == TcpState::Established)
+        .collect();
+    let held = mine.iter().filter(|s| inodes.contains(&s.inode)).count();
+    Ok((mine.iter().map(|s| s.tuple).collect(), held))
+}
+
+/// Resets sent by any host, and seen by the clients. Not the servers' EstabResets: the host a
+/// connection leaves disconnects its copy in repair mode, which sends nothing but counts there as
+/// an established connection reset.
+fn sent_or_seen_resets(bed: &TestBed) -> Result<u64> {
+    let mut total = bed.client().tcp_counter("EstabResets")?;
+    for host in [bed.client(), bed.source(), bed.destination()] {
+        total += host.tcp_counter("OutRsts")?;
+    }
+    Ok(total)
+}
+
+/// The inodes of the sockets among `pid`'s fds.
+fn socket_inodes(pid: u32) -> Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let inode: Option<u64> = (target.to_str())
+            .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+        inodes.extend(inode);
+    }
+    Ok(inodes)
+}
+
+/// Waits (bounded) until no steering is left on the host: the keeper removed it once the moved
+/// connections closed.
+fn steerings_gone(within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = Steering::list()?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "steerings left: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Moves what `select` picks (`expected` of them) while every connection sends; checks the
+/// hosts, new connections, the loads, resets and the steering's end. With `back`, moves them
+/// all back to the source before the loads end.
+fn rebalance_under_load(
+    select: &str,
+    from_other: usize,
+    expected: usize,
+    back: bool,
+) -> Result<()> {
+    let bed = TestBed::new()?;
+    if from_other > 0 {
+        let client = Netns::open(bed.client().name())?;
+        net::add_address(&client, IFACE, OTHER_CLIENT.into(), 24)?;
+    }
+    let mut run = Rebalance::start(&bed, from_other)?;
+    let resets_before = sent_or_seen_resets(&bed)?;
+    let service = Rebalance::service();
+    let prober = ProbeRun::start(bed.client(), Path::new(PEER), &ProbeArgs::new(service))?;
+    let to_destination = (bed.destination(), run.dir.join("destination.sock"));
+    let report = run.rebalance(
+        (bed.source(), run.source.pid()),
+        (to_destination.0, &to_destination.1),
+        &["--select", select],
+    )?;
+    ensure!(
+        report["kept"] == expected && report["connections"] == expected,
+        "moved {} of {expected}: {report}",
+        report["kept"]
+    );
+    ensure!(
+        run.destination.handed(COMMAND_TIMEOUT)? == expected,
+        "the destination's server did not take them all"
+    );
+    let steering = report["rebalance"]["steering"].as_str().map(str::to_owned);
+    ensure!(steering.is_some(), "no steering: {report}");
+    // The moved connections are the destination server's, the others still the source's.
+    let (moved, held) = held_by(bed.destination(), service, run.destination.pid())?;
+    ensure!(
+        moved.len() == expected && held == expected,
+        "destination holds {held} of {}",
+        moved.len()
+    );
+    let (stayed, held) = held_by(bed.source(), service, run.source.pid())?;
+    ensure!(
+        stayed.is_disjoint(&moved) && held >= SERVICE_CONNECTIONS - expected,
+        "source holds {held} of {} after the move",
+        stayed.len()
+    );
+    let new_connections = prober.finish()?;
+    ensure!(
+        new_connections.attempted > 0 && new_connections.served == new_connections.attempted,
+        "new connections through the rebalance: {new_connections:?}"
+    );
+    if back {
+        move_back(&mut run, &bed, expected)?;
+    }
+    ensure!(
+        sent_or_seen_resets(&bed)? == resets_before,
+        "resets: {} before, {} after",
+        resets_before,
+        sent_or_seen_resets(&bed)?
+    );
+    let dir = run.finish_loads()?;
+    steerings_gone(Duration::from_secs(20))?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+/// All of the service's connections on the destination go back to the source, which holds the
+/// address: its agent takes them out of its steering.
+fn move_back(run: &mut Rebalance<'_>, bed: &TestBed, expected: usize) -> Result<()> {
+    let back = run.rebalance(
+        (bed.destination(), run.destination.pid()),
+        (bed.source(), &run.dir.join("source.sock")),
+        &[],
+    )?;
+    ensure!(
+        back["kept"] == expected && back["rebalance"]["steering"].is_null(),
+        "moved back: {back}"
+    );
+    ensure!(
+        back["destination"]["taken_back"] == expected,
+        "the source's steering still forwards some: {back}"
+    );
+    ensure!(
+        run.source.handed(COMMAND_TIMEOUT)? == expected,
+        "handed back"
+    );
+    let (here, _) = held_by(
+        bed.destination(),
+        Rebalance::service(),
+        run.destination.pid(),
+    )?;
+    ensure!(here.is_empty(), "{} left on the destination", here.len());
+    let (all, held) = held_by(bed.source(), Rebalance::service(), run.source.pid())?;
+    ensure!(
+        held >= SERVICE_CONNECTIONS && held == all.len(),
+        "the source holds {held} of {}",
+        all.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn thirty_percent_move_to_a_serving_destination_and_back() -> Result<()> {
+    rebalance_under_load("fraction=0.3", 0, SERVICE_CONNECTIONS * 3 / 10, true)
+}
+
+#[test]
+fn the_clients_of_one_network_move() -> Result<()> {
+    let select = format!("client={OTHER_CLIENTS}");
+    rebalance_under_load(&select, FROM_OTHER, FROM_OTHER, false)
+}
