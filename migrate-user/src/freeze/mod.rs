@@ -49,7 +49,7 @@ pub use self::{
     entries::{service_key, tuple_key, unfrozen},
     pins::{PIN_ROOT, ensure_bpffs},
     status::{Counters, FreezeStatus, FrozenEntry, statuses},
-    steer::{NextHop, STEER_ROOT, Steered, Steering},
+    steer::{NextHop, STEER_ROOT, SteerCost, Steered, Steering},
 };
 use crate::{
     net::{Netns, NetnsError},

@@ -248,6 +248,38 @@ impl Steering {
     }
 }
 
+/// What the steering programs of this host cost: the segments they ran on, and their CPU time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerCost {
+    pub runs: u64,
+    pub cpu: Duration,
+}
+
+impl SteerCost {
+    /// The kernel counts programs' runs and time only while someone asks it to: this asks, until
+    /// the returned fd is closed (BPF_ENABLE_STATS).
+    pub fn count() -> Result<std::os::fd::OwnedFd, FreezeError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| FreezeError::Io {
+            name: PROGRAM_NAME.to_owned(),
+            what: "asking the kernel to count the programs' run time",
+            source: source.io_error,
+        })
+    }
+
+    /// The totals so far over every steering program loaded (see [`SteerCost::count`]).
+    pub fn now() -> Result<Self, FreezeError> {
+        let mut total = Self::default();
+        for info in aya::programs::loaded_programs() {
+            let info = info?;
+            if info.name_as_str() == Some(PROGRAM_NAME) {
+                total.runs += info.run_count();
+                total.cpu += info.run_time();
+            }
+        }
+        Ok(total)
+    }
+}
+
 /// Notes where the steering `name` is attached: `<netns inode> <dev>`.
 fn note_place(name: &str, netns: &Netns, dev: &str) -> Result<(), FreezeError> {
     let note = io_error(name, "noting where the steering is attached");
