@@ -1,6 +1,7 @@
-//! The bed: three hosts, each a network namespace with one veth `eth0` whose peer is a port of
-//! the bridge `br0` in a fourth namespace. The namespaces are a [`Namespaces`] group (suffixes
-//! `cli`, `src`, `dst`, `br`), removed with the bed.
+//! The bed: four hosts, each a network namespace with one veth `eth0` whose peer is a port of
+//! the bridge `br0` in a namespace of its own: the client, the source, the destination, and a
+//! second destination (`third`: where a rebalance moves connections on to). The namespaces are a
+//! [`Namespaces`] group (suffixes `cli`, `src`, `dst`, `thd`, `br`), removed with the bed.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -39,17 +40,18 @@ pub enum Role {
     Client,
     Source,
     Destination,
+    Third,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Client, Role::Source, Role::Destination];
+    pub const ALL: [Role; 4] = [Role::Client, Role::Source, Role::Destination, Role::Third];
 
-    /// The host's own IPv4 address: 198.18.0.{1,2,3}.
+    /// The host's own IPv4 address: 198.18.0.{1,2,3,4}.
     pub fn v4(self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, 0, self.number())
     }
 
-    /// The host's own IPv6 address: fd54:636d::{1,2,3}.
+    /// The host's own IPv6 address: fd54:636d::{1,2,3,4}.
     pub fn v6(self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd54, 0x636d, 0, 0, 0, 0, 0, self.number().into())
     }
@@ -64,6 +66,7 @@ impl Role {
             Role::Client => "cli",
             Role::Source => "src",
             Role::Destination => "dst",
+            Role::Third => "thd",
         }
     }
 }
@@ -132,9 +135,9 @@ impl Host {
 /// Three hosts on a bridge. Dropping it kills what its hosts still run and deletes its namespaces,
 /// which removes the veths and the bridge with them.
 pub struct TestBed {
-    hosts: [Host; 3],
+    hosts: [Host; 4],
     /// Declared last: the namespaces go after the hosts' handles.
-    namespaces: Namespaces<4>,
+    namespaces: Namespaces<5>,
 }
 
 impl TestBed {
@@ -155,12 +158,14 @@ impl TestBed {
             Role::Client.suffix(),
             Role::Source.suffix(),
             Role::Destination.suffix(),
+            Role::Third.suffix(),
         ])?;
-        let [_, cli, src, dst] = namespaces.members();
+        let [_, cli, src, dst, thd] = namespaces.members();
         let hosts = [
             (Role::Client, cli),
             (Role::Source, src),
             (Role::Destination, dst),
+            (Role::Third, thd),
         ]
         .map(|(role, netns)| Host {
             role,
@@ -260,6 +265,11 @@ impl TestBed {
 
     pub fn destination(&self) -> &Host {
         self.host(Role::Destination)
+    }
+
+    /// A second destination: where a rebalance moves connections on to.
+    pub fn third(&self) -> &Host {
+        self.host(Role::Third)
     }
 
     /// The service address of one family: [`SERVICE_V6`] if `ipv6`, else [`SERVICE_V4`].

@@ -2,8 +2,9 @@
 //! benchmarks and `tcpmig demo` make namespaces and traffic.
 //!
 //! # Namespaces
-//! A [`TestBed`] is three hosts (`client`, `source`, `destination`), each a network namespace with
-//! one veth `eth0` plugged into a bridge that lives in a fourth namespace. The source also carries
+//! A [`TestBed`] is four hosts (`client`, `source`, `destination` and `third`, a second
+//! destination), each a network namespace with one veth `eth0` plugged into a bridge that lives
+//! in a namespace of its own. The source also carries
 //! the service address ([`SERVICE_V4`], [`SERVICE_V6`]) that a migration later moves
 //! ([`TestBed::without_service`] leaves it out, for tests of the network plane). Whatever needs
 //! another shape (one namespace with only `lo`, the repair benchmark's two places of the

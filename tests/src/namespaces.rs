@@ -27,7 +27,7 @@ use crate::{ns, sys, wait_until};
 const NAME_PREFIX: &str = "tmb";
 /// The suffixes a namespace of ours may have: the bed's bridge and hosts, and `lo` for a
 /// namespace that only has its loopback.
-pub const SUFFIXES: [&str; 5] = ["br", "cli", "src", "dst", "lo"];
+pub const SUFFIXES: [&str; 6] = ["br", "cli", "src", "dst", "thd", "lo"];
 /// Namespaces appear and disappear within milliseconds; this bounds a broken kernel or `ip`.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 

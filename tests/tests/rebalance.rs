@@ -10,7 +10,8 @@
 //! connection kept byte-exact on both hosts, no reset anywhere, the moved connections held by the
 //! destination's server (its fds hold their sockets) and none of the others, new connections to
 //! the service served by the source, and the steering gone once the moved connections closed.
-//! Moving back returns them all to the source, which stops forwarding them.
+//! Moving back returns them all to the source, which stops forwarding them; moving on sends them
+//! to a third host, through the destination, which forwards them there in turn.
 //!
 //! Needs root; run with `--test-threads=1` (`cargo xtask test`).
 mod support;
@@ -48,10 +49,12 @@ const OTHER_CLIENTS: &str = "198.18.0.192/28";
 /// Of the service's connections, those from [`OTHER_CLIENT`] in that test.
 const FROM_OTHER: usize = 300;
 
-/// The two servers, the loads on them and the link's token.
+/// The servers, the loads on them and the link's token.
 struct Rebalance<'bed> {
     source: HandoffEcho<'bed>,
     destination: HandoffEcho<'bed>,
+    /// A second destination (serving nobody of its own), where connections move on to.
+    third: HandoffEcho<'bed>,
     /// The service's load (one or two runs, by client address) and the destination's own.
     service_loads: Vec<LoadRun<'bed>>,
     own_load: LoadRun<'bed>,
@@ -71,6 +74,8 @@ impl<'bed> Rebalance<'bed> {
         let source = HandoffEcho::start(bed.source(), peer, service, &dir.join("source.sock"))?;
         let destination =
             HandoffEcho::start(bed.destination(), peer, own, &dir.join("destination.sock"))?;
+        let third_own = SocketAddr::new(bed.third().v4().into(), PORT);
+        let third = HandoffEcho::start(bed.third(), peer, third_own, &dir.join("third.sock"))?;
         let config = |first_id: usize, from: Option<IpAddr>| LoadConfig {
             duration: LOAD_DURATION,
             first_id: first_id as u32,
@@ -96,6 +101,7 @@ impl<'bed> Rebalance<'bed> {
         Ok(Self {
             source,
             destination,
+            third,
             service_loads,
             own_load,
             token: TokenFile::new(bed, "rebalance", "tcpmig rebalance test token\n")?,
@@ -216,14 +222,23 @@ fn steerings_gone(within: Duration) -> Result<()> {
     }
 }
 
+/// What happens to the moved connections after the move, before the loads end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Stay,
+    /// All back to the source.
+    Back,
+    /// All on to the third host.
+    On,
+}
+
 /// Moves what `select` picks (`expected` of them) while every connection sends; checks the
-/// hosts, new connections, the loads, resets and the steering's end. With `back`, moves them
-/// all back to the source before the loads end.
+/// hosts, new connections, the loads, resets and the steering's end; then `then`.
 fn rebalance_under_load(
     select: &str,
     from_other: usize,
     expected: usize,
-    back: bool,
+    then: Then,
 ) -> Result<()> {
     let bed = TestBed::new()?;
     if from_other > 0 {
@@ -269,8 +284,10 @@ fn rebalance_under_load(
         new_connections.attempted > 0 && new_connections.served == new_connections.attempted,
         "new connections through the rebalance: {new_connections:?}"
     );
-    if back {
-        move_back(&mut run, &bed, expected)?;
+    match then {
+        Then::Stay => {}
+        Then::Back => move_back(&mut run, &bed, expected)?,
+        Then::On => move_on(&mut run, &bed, expected)?,
     }
     ensure!(
         sent_or_seen_resets(&bed)? == resets_before,
@@ -319,13 +336,43 @@ fn move_back(run: &mut Rebalance<'_>, bed: &TestBed, expected: usize) -> Result<
     Ok(())
 }
 
+/// All of the service's connections on the destination move on to the third host, which has not
+/// the address: the destination forwards them there (the source still forwards them to it).
+fn move_on(run: &mut Rebalance<'_>, bed: &TestBed, expected: usize) -> Result<()> {
+    let on = run.rebalance(
+        (bed.destination(), run.destination.pid()),
+        (bed.third(), &run.dir.join("third.sock")),
+        &[],
+    )?;
+    ensure!(
+        on["kept"] == expected && on["rebalance"]["steering"].is_string(),
+        "moved on: {on}"
+    );
+    ensure!(run.third.handed(COMMAND_TIMEOUT)? == expected, "handed on");
+    let service = Rebalance::service();
+    let (here, _) = held_by(bed.destination(), service, run.destination.pid())?;
+    ensure!(here.is_empty(), "{} left on the destination", here.len());
+    let (there, held) = held_by(bed.third(), service, run.third.pid())?;
+    ensure!(
+        there.len() == expected && held == expected,
+        "the third host holds {held} of {}",
+        there.len()
+    );
+    Ok(())
+}
+
 #[test]
 fn thirty_percent_move_to_a_serving_destination_and_back() -> Result<()> {
-    rebalance_under_load("fraction=0.3", 0, SERVICE_CONNECTIONS * 3 / 10, true)
+    rebalance_under_load("fraction=0.3", 0, SERVICE_CONNECTIONS * 3 / 10, Then::Back)
 }
 
 #[test]
 fn the_clients_of_one_network_move() -> Result<()> {
     let select = format!("client={OTHER_CLIENTS}");
-    rebalance_under_load(&select, FROM_OTHER, FROM_OTHER, false)
+    rebalance_under_load(&select, FROM_OTHER, FROM_OTHER, Then::Stay)
+}
+
+#[test]
+fn moved_connections_move_on_to_a_third_host() -> Result<()> {
+    rebalance_under_load("count=500", 0, 500, Then::On)
 }

@@ -234,12 +234,15 @@ impl Steering {
         }
     }
 
-    /// Detaches the steering `name` and removes its pins.
+    /// Detaches the steering `name` and removes its pins; one that is not there is no error.
     pub fn remove(name: &str) -> Result<(), FreezeError> {
         validate_name(name)?;
         let dir = dir(name);
-        attach::detach_pinned_link(name, &dir.join(PROGRAM_NAME))?;
         let _ = fs::remove_file(Path::new(PLACE_ROOT).join(name));
+        if !dir.exists() {
+            return Ok(());
+        }
+        attach::detach_pinned_link(name, &dir.join(PROGRAM_NAME))?;
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -34,6 +34,11 @@ impl QuietAddresses {
         Ok(Self { missing })
     }
 
+    /// Whether this host has every address already (on any interface).
+    pub(super) fn holds_all(&self) -> bool {
+        self.missing.is_empty()
+    }
+
     /// On the commit: the missing addresses on `lo`, after ARP is told to answer only for the
     /// addresses of the interface asked on (`arp_ignore` 1) and never to use them as a source
     /// (`arp_announce` 2). An address on `lo` draws no neighbour advertisement: IPv6 needs

@@ -79,6 +79,18 @@ impl<'a> Claim<'a> {
         Ok(Claim::Move(takeovers))
     }
 
+    /// In a rebalance to a host without the addresses, the MAC the source steers to (None when
+    /// the interface is not Ethernet: a source that must steer refuses it, naming why). None
+    /// when this host has them: the connections come back, and it stops forwarding them.
+    fn steer_to(&self, netns: &Netns, dev: &str) -> Option<[u8; 6]> {
+        match self {
+            Claim::Quiet(_, quiet) if !quiet.holds_all() => {
+                net::ethernet_link(netns, dev).ok().map(|(_, mac)| mac)
+            }
+            _ => None,
+        }
+    }
+
     /// The addresses here; in a rebalance, the connections of `frozen` out of this host's
     /// steerings (they come back).
     fn claim(&self, frozen: &Frozen, report: &mut AgentReport) -> Result<(), MigrateError> {
@@ -210,20 +222,15 @@ pub(super) fn prepare<'a>(
         true => None,
         false => Some(Hold::open(netns, &config.dev, &services, HOLD_HERE)?),
     };
-    let steer_to = request.keep_address.then(|| {
-        // A source that must steer refuses a None, naming why.
-        net::ethernet_link(netns, &config.dev)
-            .ok()
-            .map(|(_, mac)| mac)
-    });
+    let claim = Claim::prepare(config, netns, request)?;
     Ok(Ready {
         groups,
         freeze: freeze?,
-        claim: Claim::prepare(config, netns, request)?,
+        steer_to: claim.steer_to(netns, &config.dev),
+        claim,
         listeners,
         replayer: Replayer::open(netns, &services)?,
         hold,
-        steer_to: steer_to.flatten(),
     })
 }
 

@@ -179,10 +179,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
     let (addresses, rebalancing) = match &config.keep_address {
         None => (moved_addresses(&netns, config, &services)?, None),
         Some(keep) => {
-            let steers = rebalance::answers_for(&netns, config, &services)?;
-            let steering = steers.then(|| format!("rebalance-{}", std::process::id()));
-            let rebalancing =
-                Rebalancing::start(config, keep, &netns, &services, steering.as_deref())?;
+            let rebalancing = Rebalancing::start(config, keep, &netns, &services)?;
             (rebalance::quiet_addresses(&services), Some(rebalancing))
         }
     };
@@ -218,7 +215,7 @@ async fn run(config: &SourceConfig) -> Result<Report, MigrateError> {
                 None => addresses.clone(),
             },
             freeze: name.clone(),
-            steering: rebalancing.as_ref().and_then(Rebalancing::steering_name),
+            steering: rebalancing.as_ref().map(Rebalancing::planned_steering),
             stop_source: config.stop_source,
         }),
     )?;

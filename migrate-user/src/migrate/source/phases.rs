@@ -96,10 +96,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
         match run.link.recv_message(step, None).await? {
             Message::Prepared { steer_to } => {
                 if let Some(rebalancing) = &mut run.rebalancing {
-                    if rebalancing.steering.is_some() && steer_to.is_none() {
-                        return Err(MigrateError::NoSteerTarget);
-                    }
-                    rebalancing.steer_to = steer_to;
+                    rebalancing.prepared(run.netns, &run.config.dev, steer_to)?;
                 }
                 Ok(Self(run))
             }

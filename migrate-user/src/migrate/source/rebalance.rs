@@ -44,25 +44,25 @@ pub(super) struct Rebalancing {
     pub(super) picked: Arc<HashSet<Tuple>>,
     /// The service's connections when they were picked.
     pub(super) of: usize,
-    /// Attached before the application stops when the address is on the interface.
-    pub(super) steering: Option<Steering>,
+    /// This host answers ARP and ND for the addresses (they are on the interface): it must steer.
+    answers: bool,
+    /// The name of this migration's steering, made once the agent gives a MAC to steer to.
+    name: String,
+    steering: Option<Steering>,
     /// The agent's MAC (from Prepared), where the steering sends.
-    pub(super) steer_to: Option<[u8; 6]>,
-    /// Entries are set: a rollback removes the steering.
-    pub(super) steered: bool,
+    steer_to: Option<[u8; 6]>,
 }
 
 impl Rebalancing {
     /// Picks the connections among those of `services` that a process holds (one waiting in
-    /// an accept queue is none of them) and attaches the steering when the addresses are on
-    /// the interface.
+    /// an accept queue is none of them).
     pub(super) fn start(
         config: &SourceConfig,
         keep: &KeepAddress,
         netns: &Netns,
         services: &[SocketAddr],
-        steering_name: Option<&str>,
     ) -> Result<Self, MigrateError> {
+        let answers = answers_for(netns, config, services)?;
         let filter = repair::Filter::services(services);
         let held: Vec<Tuple> = (repair::list_tcp_sockets(netns)?.into_iter())
             .filter(|s| s.inode != 0 && s.state.repairable() && filter.matches_local(s.tuple.local))
@@ -78,16 +78,41 @@ impl Rebalancing {
                 services: services.to_vec(),
             });
         }
-        let steering = steering_name
-            .map(|name| Steering::attach(netns, &config.dev, name))
-            .transpose()?;
         Ok(Self {
             picked: Arc::new(picked.into_iter().collect()),
             of: held.len(),
-            steering,
+            answers,
+            name: format!("rebalance-{}", std::process::id()),
+            steering: None,
             steer_to: None,
-            steered: false,
         })
+    }
+
+    /// The steering this migration may make: a rollback removes it.
+    pub(super) fn planned_steering(&self) -> String {
+        self.name.clone()
+    }
+
+    /// On the agent's Prepared: `steer_to` is its MAC when it does not hold the addresses yet.
+    /// Then the moved connections' segments must reach it through this host: the steering is
+    /// attached now, before the application stops (loading the program takes milliseconds).
+    /// When the host holding them answers here, this host must steer; when the agent holds them
+    /// (a move back to the host that forwarded them here), nothing forwards to it.
+    pub(super) fn prepared(
+        &mut self,
+        netns: &Netns,
+        dev: &str,
+        steer_to: Option<[u8; 6]>,
+    ) -> Result<(), MigrateError> {
+        match (steer_to, self.answers) {
+            (None, true) => Err(MigrateError::NoSteerTarget),
+            (None, false) => Ok(()),
+            (Some(mac), _) => {
+                self.steering = Some(Steering::attach(netns, dev, &self.name)?);
+                self.steer_to = Some(mac);
+                Ok(())
+            }
+        }
     }
 
     /// How many of the picked connections are on each of `services`: the agent's pools.
@@ -115,7 +140,6 @@ impl Rebalancing {
         };
         let dst_mac = self.steer_to.ok_or(MigrateError::NoSteerTarget)?;
         let (ifindex, src_mac) = net::ethernet_link(netns, dev)?;
-        self.steered = true;
         tracing::info!(
             connections = tuples.len(),
             steering = steering.name(),
@@ -140,7 +164,7 @@ impl Rebalancing {
 
 /// Whether every service address is on the source's interface: then this host answers for it,
 /// and steers. Otherwise it must hold none there (a quiet copy, on `lo`).
-pub(super) fn answers_for(
+fn answers_for(
     netns: &Netns,
     config: &SourceConfig,
     services: &[SocketAddr],
