@@ -96,16 +96,9 @@ impl StoppedTree {
     }
 
     /// Ends the tree after a commit: SIGTERM and SIGCONT (a stopped process only acts on SIGTERM
-    /// once continued), SIGKILL for whoever is still there after a grace period. Each process
-    /// first goes to SCHED_IDLE: its exit closes its sockets (thousands of them), work nobody
-    /// waits for, which on a shared host would compete with the destination's hand-over.
+    /// once continued), SIGKILL for whoever is still there after a grace period.
     pub fn terminate(mut self) -> Result<(), MigrateError> {
         let members = std::mem::take(&mut self.members);
-        for (pid, _) in &members {
-            if let Err(error) = crate::sys::idle_priority_process(*pid) {
-                tracing::debug!(pid, %error, "lowering the ended process's priority");
-            }
-        }
         for (pid, fd) in &members {
             pidfd_send_signal(fd, libc::SIGTERM)
                 .and_then(|()| pidfd_send_signal(fd, libc::SIGCONT))

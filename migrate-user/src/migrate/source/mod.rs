@@ -502,14 +502,7 @@ fn in_doubt(cause: MigrateError) -> MigrateError {
 /// The connections live on at the destination: the source's sockets are disconnected silently,
 /// the application ends (--stop-source) or resumes, and the freeze goes.
 fn release(config: &SourceConfig, mut held: Held, report: &mut Report) -> Result<(), MigrateError> {
-    // Closing thousands of sockets is work nobody waits for: on a shared host (containers, the
-    // test bed) it would compete with the destination's hand-over. Not in a rebalance: the
-    // application, and its other connections, wait for it.
-    let idle = config.keep_address.is_none();
-    shard::run_all(&held.shards, move |_, sockets| {
-        if let Err(error) = idle.then(|| crate::sys::idle_priority(0)).transpose() {
-            tracing::debug!(%error, "lowering the priority of the sockets' close");
-        }
+    shard::run_all(&held.shards, |_, sockets| {
         if let Some(dumped) = sockets.dumped.take() {
             dumped.commit();
         }
