@@ -208,12 +208,19 @@ fn socket_inodes(pid: u32) -> Result<HashSet<u64>> {
     Ok(inodes)
 }
 
-/// Waits (bounded) until no steering is left on the host: the keeper removed it once the moved
-/// connections closed.
-fn steerings_gone(within: Duration) -> Result<()> {
+/// Waits (bounded) until no steering is left in the bed's hosts: each keeper removed its own once
+/// the moved connections closed.
+fn steerings_gone(bed: &TestBed, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
+    let netns = [bed.source(), bed.destination(), bed.third()]
+        .iter()
+        .map(|host| Netns::open(host.name()))
+        .collect::<Result<Vec<_>, _>>()?;
     loop {
-        let left = Steering::list()?;
+        let mut left = Vec::new();
+        for netns in &netns {
+            left.extend(Steering::list_in(netns)?);
+        }
         if left.is_empty() {
             return Ok(());
         }
@@ -296,7 +303,7 @@ fn rebalance_under_load(
         sent_or_seen_resets(&bed)?
     );
     let dir = run.finish_loads()?;
-    steerings_gone(Duration::from_secs(20))?;
+    steerings_gone(&bed, Duration::from_secs(20))?;
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
