@@ -121,17 +121,36 @@ impl<'bed> Rebalance<'bed> {
         (to, handoff): (&Host, &Path),
         extra: &[&str],
     ) -> Result<serde_json::Value> {
-        let link = insecure(&self.token.0);
+        let mut agent = Running::spawn(to, self.agent_command(to, handoff)?)?;
+        let migrate = self.migrate_command((from, pid), to, extra)?;
+        let (status, stdout, stderr) = Running::spawn(from, migrate)?.finish()?;
+        ensure!(status.success(), "tcpmig migrate failed: {stderr}");
+        let (status, _, stderr) = agent.finish()?;
+        ensure!(status.success(), "tcpmig agent failed: {stderr}");
+        serde_json::from_str(&stdout).with_context(|| format!("the report: {stdout}"))
+    }
+
+    /// `tcpmig agent` on `to`, handing the connections to `handoff`.
+    fn agent_command(&self, to: &Host, handoff: &Path) -> Result<std::process::Command> {
         let mut agent = to.command(tcpmig_bin())?;
         agent
             .arg("agent")
             .arg("--listen")
             .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
             .args(["--netns", to.name(), "--dev", IFACE, "--timeout", "10"])
-            .args(&link)
+            .args(insecure(&self.token.0))
             .arg("--handoff")
             .arg(handoff);
-        let mut agent = Running::spawn(to, agent)?;
+        Ok(agent)
+    }
+
+    /// `tcpmig migrate --keep-address --json` of `pid` on `from` to the agent on `to`.
+    fn migrate_command(
+        &self,
+        (from, pid): (&Host, u32),
+        to: &Host,
+        extra: &[&str],
+    ) -> Result<std::process::Command> {
         let mut migrate = from.command(tcpmig_bin())?;
         migrate
             .args(["migrate", "--pid", &pid.to_string()])
@@ -140,16 +159,9 @@ impl<'bed> Rebalance<'bed> {
             .arg(SocketAddr::new(to.v4().into(), AGENT_PORT).to_string())
             .args(["--keep-address", "--stop-signal", "USR1", "--json"])
             .args(["--steer-grace", "1", "--steer-idle", "30"])
-            .args(&link)
+            .args(insecure(&self.token.0))
             .args(extra);
-        let (status, stdout, stderr) = {
-            migrate.arg("-v");
-            Running::spawn(from, migrate)?.finish()?
-        };
-        ensure!(status.success(), "tcpmig migrate failed: {stderr}");
-        let (status, _, stderr) = agent.finish()?;
-        ensure!(status.success(), "tcpmig agent failed: {stderr}");
-        serde_json::from_str(&stdout).with_context(|| format!("the report: {stdout}"))
+        Ok(migrate)
     }
 
     /// Every load ran to its end with every message echoed byte-exact on every connection.
@@ -377,6 +389,60 @@ fn thirty_percent_move_to_a_serving_destination_and_back() -> Result<()> {
 fn the_clients_of_one_network_move() -> Result<()> {
     let select = format!("client={OTHER_CLIENTS}");
     rebalance_under_load(&select, FROM_OTHER, FROM_OTHER, Then::Stay)
+}
+
+/// The agent dies after Commit reached it, before it went live: the source, which had steered
+/// the chosen connections already, rolls back: no steering left, every connection on the source,
+/// byte-exact (the loads check every byte), none reset.
+#[test]
+fn a_rebalance_that_fails_after_the_steering_rolls_back() -> Result<()> {
+    let bed = TestBed::new()?;
+    let run = Rebalance::start(&bed, 0)?;
+    let (client, source) = (bed.client(), bed.source());
+    let client_before = client.tcp_counter("EstabResets")? + client.tcp_counter("OutRsts")?;
+    let source_before = source.tcp_counter("OutRsts")?;
+    let (to, handoff) = (bed.destination(), run.dir.join("destination.sock"));
+    let mut agent = run.agent_command(to, &handoff)?;
+    agent.env("TCPMIG_TEST_PAUSE_AT", "agent-commit");
+    let mut agent = Running::spawn(to, agent)?;
+    let extra = ["--select", "fraction=0.3"];
+    let mut migrate = Running::spawn(
+        bed.source(),
+        run.migrate_command((bed.source(), run.source.pid()), to, &extra)?,
+    )?;
+    agent
+        .stderr
+        .wait_for("test pause at agent-commit", COMMAND_TIMEOUT)?;
+    let steered: usize = (Steering::list_in(&Netns::open(bed.source().name())?)?.iter())
+        .map(|name| Ok(Steering::open(name)?.entries()?.len()))
+        .sum::<Result<_>>()?;
+    ensure!(
+        steered == 600,
+        "{steered} connections steered before the commit"
+    );
+    agent.kill()?;
+    let (status, _, stderr) = migrate.finish()?;
+    ensure!(
+        !status.success() && stderr.contains("rolled back"),
+        "tcpmig migrate should have rolled back: {stderr}"
+    );
+    let (all, held) = held_by(bed.source(), Rebalance::service(), run.source.pid())?;
+    ensure!(
+        all.len() == SERVICE_CONNECTIONS && held == SERVICE_CONNECTIONS,
+        "the source holds {held} of {}",
+        all.len()
+    );
+    steerings_gone(&bed, Duration::from_secs(1))?;
+    // The killed agent's end of the link sends a reset, to `migrate`: none else may.
+    let (client, source) = (bed.client(), bed.source());
+    ensure!(
+        client.tcp_counter("EstabResets")? + client.tcp_counter("OutRsts")? == client_before
+            && source.tcp_counter("OutRsts")? == source_before,
+        "connections reset by the rollback"
+    );
+    let dir = run.finish_loads()?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
 }
 
 #[test]
