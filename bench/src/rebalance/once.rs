@@ -41,6 +41,10 @@ const MOVE_ALLOWANCE: Duration = Duration::from_secs(3);
 const SETTLE: Duration = Duration::from_secs(3);
 /// Bound on `tcpmig migrate`, the agent, and the hand-over to the destination's server.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// The counters that end with the connections (the steering's) or that their closing moves (the
+/// resets: the echo server sends some when thousands of clients close at once, with or without a
+/// move) are read this long before the first load stops sending.
+const READ_AHEAD: Duration = Duration::from_millis(200);
 /// Bound on the keeper removing the steering once the moved connections closed (1 s of grace).
 const STEERING_GONE: Duration = Duration::from_secs(30);
 
@@ -63,7 +67,8 @@ pub struct RebalanceRun {
     pub own: LoadReport,
     /// The client host's counters from before the move to the end of the loads (all three).
     pub client_tcp: TcpCounters,
-    /// TCP resets sent by the client, source and destination hosts meanwhile (OutRsts).
+    /// TCP resets sent by the client, source and destination hosts from before the move to
+    /// shortly before the first load ended (OutRsts).
     pub resets_sent: u64,
     /// New connections to the service tried through the move.
     pub new_connections: ProbeReport,
@@ -113,7 +118,7 @@ pub struct Phases {
     pub finish_ms: f64,
 }
 
-/// What the steering program cost from before the move to the end of the moved load's schedule.
+/// What the steering program cost from before the move to shortly before the first load ended.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct SteerFigures {
     /// Frames the program ran on (the source's `eth0` ingress: the forwarded segments and every
@@ -198,8 +203,7 @@ fn measure(
     let steering = report.rebalance.steering.clone();
     let steering = steering.with_context(|| format!("no steering: {raw}"))?;
     handed(&mut destination, moved)?;
-    // The steering's counters go with it once the connections close: read while they send.
-    thread::sleep(loads.end.saturating_duration_since(Instant::now()));
+    thread::sleep((loads.end - READ_AHEAD).saturating_duration_since(Instant::now()));
     let steering_figures = steer_figures(&steering, cost)?;
     let resets_sent = resets_sent(bed)?.saturating_sub(resets);
     let (moved_load, staying, own_load) = loads.finish()?;
@@ -230,7 +234,7 @@ struct Loads<'bed> {
     moved: LoadRun<'bed>,
     own: LoadRun<'bed>,
     warmup: Duration,
-    /// The end of the moved load's schedule.
+    /// The end of the first load's schedule (the staying one, started first).
     end: Instant,
 }
 
@@ -255,9 +259,9 @@ impl<'bed> Loads<'bed> {
         };
         let stay = n - moved;
         let staying = LoadRun::start(bed, peer, service, stay, &config(stay, 0, None))?;
+        let end = Instant::now() + duration;
         let moved_config = config(moved, stay, Some(MOVED_FROM));
         let moved = LoadRun::start(bed, peer, service, moved, &moved_config)?;
-        let end = Instant::now() + duration;
         let own_config = config(OWN_CONNECTIONS, n, None);
         let own = LoadRun::start(bed, peer, own, OWN_CONNECTIONS, &own_config)?;
         Ok(Self {

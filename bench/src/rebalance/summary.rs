@@ -246,8 +246,11 @@ the load. Longest stall: the longest any connection of the load waited for an ec
 Lost: connections reset, closed or corrupted (a run with any is failed, not counted). Clients' \
 retransmissions and RTO timeouts: the client host's counters from before the move to the end of \
 the loads, all loads together (one host). Steering: the `tcpmig_steer` programs' run time as the \
-kernel counts it with BPF_ENABLE_STATS, from before the move to the end of the moved load's \
-schedule. Per program run: every frame the program looked at on the source's eth0 ingress, the \
+kernel counts it with BPF_ENABLE_STATS, from before the move to 200 ms before the first load \
+stopped sending (read with the steering's counters and the resets while every connection is \
+open). Resets sent: the three hosts' OutRsts over the same time (the load's end is left out: \
+the echo server sends some when thousands of clients close at once, with or without a move). \
+Per program run: every frame the program looked at on the source's eth0 ingress, the \
 forwarded segments and every other (the staying connections' segments, new connections, ARP). Per \
 steered packet: the same time over the steering's own counters of the segments it forwarded, so \
 it includes the lookups of the frames not forwarded. New connections: one every 2 ms from 200 ms \
