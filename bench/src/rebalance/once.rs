@@ -56,8 +56,12 @@ pub struct RebalanceRun {
     pub picked: usize,
     pub of: usize,
     pub kept: usize,
-    /// From the freeze of the moved connections to the first of them live at the destination.
+    /// From the application stopped to the freeze (the picked connections found again, among
+    /// the stopped application's), then from the freeze of the moved connections to the first
+    /// of them live at the destination, and `tcpmig migrate` from start to end.
+    pub stop_to_freeze_ms: f64,
     pub blackout_ms: f64,
+    pub total_ms: f64,
     /// From the application stopped to resumed: the pause of the connections that stayed.
     pub application_paused_ms: f64,
     pub phases: Phases,
@@ -135,7 +139,9 @@ pub struct SteerFigures {
 #[derive(Deserialize)]
 struct ReportJson {
     kept: usize,
+    stop_to_freeze_ms: f64,
     blackout_ms: f64,
+    total_ms: f64,
     application_paused_ms: f64,
     phases: Phases,
     rebalance: RebalanceJson,
@@ -213,7 +219,9 @@ fn measure(
         picked,
         of: report.rebalance.of,
         kept,
+        stop_to_freeze_ms: report.stop_to_freeze_ms,
         blackout_ms: report.blackout_ms,
+        total_ms: report.total_ms,
         application_paused_ms: report.application_paused_ms,
         phases: report.phases,
         moved: moved_load,

@@ -41,8 +41,9 @@ const TABLE: (bool, bool) = (false, false);
 const HEADLINE: (bool, bool) = (true, false);
 const PLOTTED: (bool, bool) = (true, true);
 
-const FIGURES: [Figure; 27] = [
+const FIGURES: [Figure; 31] = [
     figure("moved (picked)", |r| r.picked as f64, 0, TABLE),
+    figure("stop to freeze (ms)", |r| r.stop_to_freeze_ms, 1, HEADLINE),
     figure("moved: blackout (ms)", |r| r.blackout_ms, 1, PLOTTED),
     figure(
         "staying: application paused (ms)",
@@ -50,6 +51,9 @@ const FIGURES: [Figure; 27] = [
         1,
         PLOTTED,
     ),
+    figure("tcpmig migrate total (ms)", |r| r.total_ms, 0, TABLE),
+    figure("phase: prepare (ms)", |r| r.phases.prepare_ms, 2, TABLE),
+    figure("phase: discover (ms)", |r| r.phases.discover_ms, 2, TABLE),
     figure("phase: stop (ms)", |r| r.phases.stop_ms, 2, TABLE),
     figure("phase: freeze (ms)", |r| r.phases.freeze_ms, 2, TABLE),
     figure("phase: dump (ms)", |r| r.phases.dump_ms, 2, TABLE),
@@ -239,7 +243,8 @@ fn fraction_table(point: &FractionPoint) -> String {
 const NOTES: &str = "\nMoved: the connections from the client's second address \
 (198.18.0.200), which `--select client=198.18.0.200/32` picks; staying: the service's others, from \
 the client's own address; each a load of its own, both at the same interval per connection. \
-Blackout: from the freeze of the moved connections to the first of them live at the destination. \
+Stop to freeze: from the source's application stopped to the freeze of the moved connections \
+(they are found again among the stopped application's). Blackout: from the freeze of the moved connections to the first of them live at the destination. \
 Application paused: from the source's application stopped to resumed, during which the staying \
 connections got no answer. Latency p99: from the scheduled send to the echo, over every message of \
 the load. Longest stall: the longest any connection of the load waited for an echo that was due. \
@@ -275,9 +280,13 @@ pub fn plot(r: &Rebalance, path: &Path) -> anyhow::Result<()> {
     if points.is_empty() {
         return Ok(());
     }
+    let fractions: Vec<String> = (r.points.iter())
+        .map(|p| format!("{:.0}%", p.fraction * 100.0))
+        .collect();
     let title = format!(
-        "Rebalance of {} connections: against the connections moved",
-        r.connections
+        "Rebalance of {} connections: against the connections moved ({})",
+        r.connections,
+        fractions.join(", ")
     );
     plot::against_connections(path, &title, "time (ms)", &points)
 }
