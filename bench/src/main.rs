@@ -10,6 +10,7 @@ mod criu;
 mod freeze;
 mod gap;
 mod plot;
+mod rebalance;
 mod repair;
 mod report;
 mod scaling;
@@ -42,6 +43,10 @@ enum Which {
     /// Dry run of the scaling benchmark's clients: open-loop echo traffic through a service
     /// freeze, no migration (gaps, catch-up after the thaw, nothing lost).
     Gap(gap::GapArgs),
+    /// A fraction of N busy connections moved to a serving destination with `tcpmig migrate
+    /// --keep-address --select`, the address staying: the moved connections' blackout, the
+    /// staying ones' pause, what the clients of each saw, the steering's cost per segment.
+    Rebalance(rebalance::RebalanceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             out.write("gap", &results, &gap::markdown(&results))?;
             gap::plot(&results, out.path())?;
         }
+        Some(Which::Rebalance(args)) => rebalance::run(&args, quick, &out)?,
     }
     println!("results in {}", out.path().display());
     Ok(())
