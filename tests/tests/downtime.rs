@@ -85,10 +85,12 @@ fn clients_wait_for_no_timer() -> Result<()> {
         "the clients waited for their timers: {tcp:?}"
     );
     let hold = &outcome.report["hold"];
-    let replay = &outcome.report["destination"]["replay"];
+    let forwarded = &outcome.report["forwarded"];
     ensure!(
-        hold["over_budget"] == 0 && replay["failed"] == 0 && replay["replayed"] == hold["packets"],
-        "held {hold}, replayed {replay}"
+        hold["over_budget"] == 0
+            && forwarded["failed"] == 0
+            && forwarded["replayed"] == hold["packets"],
+        "held {hold}, forwarded {forwarded}"
     );
     ensure!(
         outcome.report["destination"]["listener"] == true,

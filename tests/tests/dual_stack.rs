@@ -67,7 +67,7 @@ fn both_families_move_in_one_migration() -> Result<()> {
     migrate
         .stderr
         .wait_for("test pause at frozen", support::COMMAND_TIMEOUT)?;
-    // Into the freeze: held at the source, replayed at the destination.
+    // Into the freeze: held at the source, forwarded to the destination once it is live.
     command_all(&mut traffic.clients, PeerCommand::Send { bytes: HELD })?;
     migrate.resume()?;
     agent.expect_line("ready")?;
@@ -102,19 +102,19 @@ fn both_families_move_in_one_migration() -> Result<()> {
 }
 
 /// Every connection moved and kept, both services listed, and what the freeze held (a segment
-/// of each connection at least) replayed at the destination, none failing.
+/// of each connection at least) forwarded to the destination, none failing.
 fn check_report(report: &serde_json::Value, services: &[SocketAddr]) -> Result<()> {
     for field in ["connections", "kept"] {
         ensure!(report[field].as_u64() == Some(2 * N as u64), "{report}");
     }
     let listed: Vec<String> = services.iter().map(ToString::to_string).collect();
     ensure!(report["services"] == serde_json::json!(listed), "{report}");
-    let (hold, replay) = (&report["hold"], &report["destination"]["replay"]);
+    let (hold, forwarded) = (&report["hold"], &report["forwarded"]);
     ensure!(
         hold["packets"].as_u64() >= Some(2 * N as u64)
-            && replay["replayed"] == hold["packets"]
-            && replay["failed"] == 0,
-        "held {hold}, replayed {replay}"
+            && forwarded["replayed"] == hold["packets"]
+            && forwarded["failed"] == 0,
+        "held {hold}, forwarded {forwarded}"
     );
     eprintln!(
         "both families, {} connections: blackout {} ms, total {} ms; held {hold}; destination {}",

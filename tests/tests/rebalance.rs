@@ -32,8 +32,8 @@ use tcpmig::{
     tuple::Tuple,
 };
 use tcpmig_testbed::{
-    Host, IFACE, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeRun, TestBed, TokenFile,
-    echo::HandoffEcho, tcpmig_bin,
+    Host, IFACE, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeRun, TcpCounters, TestBed,
+    TokenFile, echo::HandoffEcho, tcpmig_bin,
 };
 
 /// The service's connections, and the destination application's own.
@@ -266,6 +266,7 @@ fn rebalance_under_load(
     }
     let mut run = Rebalance::start(&bed, from_other)?;
     let resets_before = sent_or_seen_resets(&bed)?;
+    let counters = TcpCounters::read_in(bed.client())?;
     let service = Rebalance::service();
     let prober = ProbeRun::start(bed.client(), Path::new(PEER), &ProbeArgs::new(service))?;
     let to_destination = (bed.destination(), run.dir.join("destination.sock"));
@@ -297,6 +298,17 @@ fn rebalance_under_load(
         stayed.is_disjoint(&moved) && held >= SERVICE_CONNECTIONS - expected,
         "source holds {held} of {} after the move",
         stayed.len()
+    );
+    // What the moved connections' clients sent into the freeze was held, and forwarded to the
+    // destination (how much depends on the load's schedule): none waited for a retransmission
+    // timer.
+    ensure!(report["forwarded"]["failed"] == 0, "{report}");
+    let timeouts = TcpCounters::read_in(bed.client())?
+        .since(&counters)
+        .timeouts;
+    ensure!(
+        timeouts == 0,
+        "{timeouts} retransmission timeouts in the clients"
     );
     let new_connections = prober.finish()?;
     ensure!(

@@ -63,7 +63,7 @@ pub struct MigrateArgs {
     /// connections); those that moved are restored on fresh sockets.
     #[arg(long)]
     precopy: bool,
-    /// Most bytes of segments the freeze holds for the destination, which replays them once
+    /// Most bytes of segments the freeze holds for the destination, forwarded to its MAC once
     /// its connections are live (the clients are answered without waiting for their
     /// retransmission timers). Past it, or past --hold-packets, segments are dropped and their
     /// senders retransmit them. 0: hold nothing.
@@ -329,9 +329,10 @@ fn summary(r: &Report) -> String {
          {repair_off:.1}, {announcements} announcements\n\
          dropped while frozen: source {ssyn} SYNs, {sin} in, {sout} out; destination {dsyn} \
          SYNs, {din} in, {dout} out\n\
-         held for the destination: {held} segments ({held_bytes} bytes), and by the \
-         destination's own freeze {held_here}; {replayed} replayed there in {replay:.1} ms \
-         ({replay_failed} failed); not held: {over_budget} over the budget, {queue_full} queue \
+         held for the destination: {held} segments ({held_bytes} bytes), {forwarded} forwarded \
+         to it in {forward:.1} ms ({forward_failed} failed); held by the destination's own \
+         freeze {held_here}, {replayed} replayed there in {replay:.1} ms ({replay_failed} \
+         failed); not held: {over_budget} over the budget, {queue_full} queue \
          full, {too_long} too long; {listener}\n{stopped}{skipped}",
         kept = r.kept,
         n = r.connections,
@@ -382,6 +383,9 @@ fn summary(r: &Report) -> String {
         held = r.hold.packets,
         held_here = d.held_here.packets,
         held_bytes = r.hold.bytes,
+        forwarded = r.forwarded.replayed,
+        forward = p.forward_ms,
+        forward_failed = r.forwarded.failed,
         replayed = d.replay.replayed,
         replay = d.replay_ms,
         replay_failed = d.replay.failed,

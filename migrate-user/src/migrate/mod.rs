@@ -221,6 +221,12 @@ pub enum MigrateError {
     )]
     NoSteerTarget,
     #[error(
+        "the agent's host has the service addresses too, as this one does on its interface: the \
+         moved connections' segments would reach this host's stack, which has no socket for \
+         them (nothing was changed)"
+    )]
+    AddressOnBothHosts,
+    #[error(
         "--keep-address with --stop-source would end the connections that stay (nothing was \
          changed)"
     )]

@@ -98,8 +98,8 @@ pub struct AgentReport {
     /// connections were live: counted in `dropped` too, and its replays in `replay`.
     #[serde(default)]
     pub held_here: HoldReport,
-    /// The source's held segments (and `held_here`'s) replayed into this host's stack, and how
-    /// long that took.
+    /// What this host's own freeze held (`held_here`), replayed into its stack, and how long that
+    /// took (the source forwards its own hold to this host's MAC: `forwarded` in its report).
     #[serde(default)]
     pub replay: ReplayReport,
     #[serde(default)]
@@ -149,6 +149,9 @@ pub struct Report {
     /// What the source's freeze held for the destination instead of dropping it (counted in
     /// `dropped_source` too), and what it could not hold.
     pub hold: HoldReport,
+    /// Those held segments forwarded to the destination's MAC once it was live (`replayed`: sent),
+    /// and the failures.
+    pub forwarded: ReplayReport,
     /// Whether the application was ended after the commit (--stop-source).
     pub source_stopped: bool,
     /// From the application stopped to resumed (0 when it was ended): in a rebalance, the pause
@@ -198,6 +201,7 @@ impl Report {
             dropped_source: Dropped::default(),
             dropped_destination: Dropped::default(),
             hold: HoldReport::default(),
+            forwarded: ReplayReport::default(),
             source_stopped: false,
             application_paused_ms: 0.0,
             rebalance: None,
@@ -254,8 +258,10 @@ pub struct Phases {
     /// From the address deleted to the agent's Restored.
     pub restore_ms: f64,
     /// From Commit sent to Committed received: address, announcements and repair off there,
-    /// then the held segments read here, sent, and replayed there.
+    /// and the held segments read here and forwarded there.
     pub commit_ms: f64,
+    /// Of that, forwarding the held segments to the destination once it was live.
+    pub forward_ms: f64,
     /// Closing the source sockets, ending the application, removing the freeze.
     pub finish_ms: f64,
 }

@@ -31,8 +31,9 @@ use super::{
 /// Live (Held and their pieces); the agent replays them before Committed.
 /// 6: Prepare carries a list of services, each with its count of connections, and of the
 /// addresses they move (a dual-stack service in one migration), each with its prefix length.
-/// 7: Prepare may keep the addresses on the source (a rebalance); Prepared gives the MAC the
-/// source steers to.
+/// 7: Prepare may keep the addresses on the source (a rebalance); Prepared gives the agent's MAC,
+/// where the source forwards what its freeze held (no Held messages any more) and a rebalance
+/// steers to.
 pub const PROTOCOL_VERSION: u16 = 7;
 /// The largest frame either side accepts once the peer is authenticated: image pieces are much
 /// smaller.
@@ -47,8 +48,7 @@ const TAG_IMAGE: u8 = 1;
 
 /// What the two sides say to each other, in this order: Hello, Welcome (or Refused), Prepare,
 /// Prepared, [the pre-copy's image pieces, Precopied,] image pieces, Restored, Commit,
-/// GoingLive, Held and its pieces, Live, Held and its pieces, Committed. Either side may send Abort or
-/// Failed instead of its next step.
+/// GoingLive, Live, Committed. Either side may send Abort or Failed instead of its next step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
@@ -75,10 +75,13 @@ pub enum Message {
         precopy: bool,
         keep_address: bool,
     },
-    /// Ready; in a rebalance, with the MAC of the agent's interface, where the source steers
-    /// the moved connections' segments.
+    /// Ready, with the MAC of the agent's interface (None if it is not Ethernet): where the
+    /// source forwards what its freeze held, and in a rebalance steers the moved connections'
+    /// segments. `has_addresses`: in a rebalance, the agent's host has the addresses already
+    /// (the connections come back to the host answering for them, which stops forwarding them).
     Prepared {
-        steer_to: Option<[u8; 6]>,
+        mac: Option<[u8; 6]>,
+        has_addresses: bool,
     },
     /// The pre-copy's connections restored ahead, in repair mode (0 when the agent could not:
     /// it restores them all after the freeze then).
@@ -99,16 +102,8 @@ pub enum Message {
     /// roll back, since the connections may go live at the destination.
     GoingLive,
     /// The connections are live at the destination and its address announced: the source stops
-    /// holding and sends the rest of what its freeze held.
+    /// holding and forwards what its freeze held to the agent's MAC.
     Live,
-    /// `bytes` of held segments follow in image pieces (`packets` of them, see
-    /// [`HeldPackets`](crate::freeze::hold::HeldPackets)): the agent replays them. The source
-    /// sends two: what was held up to GoingLive (`last` false), and the rest after Live.
-    Held {
-        packets: u64,
-        bytes: u64,
-        last: bool,
-    },
     Committed {
         report: Box<AgentReport>,
     },

@@ -114,9 +114,32 @@ fn checked_for(packet: &mut [u8], allowed: SocketAddr) -> Result<SocketAddr, Inj
     Ok(destination)
 }
 
+/// The connection a TCP packet to a local socket belongs to: local = its destination, remote =
+/// its source. None when it is not a whole IPv4 or IPv6 TCP packet.
+pub(crate) fn tcp_tuple(packet: &[u8]) -> Option<crate::tuple::Tuple> {
+    let (source, destination, header_len): (IpAddr, IpAddr, usize) = match *packet.first()? >> 4 {
+        4 if packet.get(9) == Some(&IPPROTO_TCP) => {
+            let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            (src.into(), dst.into(), usize::from(packet[0] & 0x0f) * 4)
+        }
+        6 if packet.get(6) == Some(&IPPROTO_TCP) => {
+            let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            (src.into(), dst.into(), 40)
+        }
+        _ => return None,
+    };
+    let ports = packet.get(header_len..header_len + 4)?;
+    Some(crate::tuple::Tuple {
+        local: SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
+        remote: SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
+    })
+}
+
 /// Recomputes the TCP checksum (and IPv4's header checksum) of an IP packet of the expected
 /// family; returns its destination address and port, or None when it is not a whole TCP packet.
-fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<SocketAddr> {
+pub(crate) fn fix_checksums(packet: &mut [u8], ipv4: bool) -> Option<SocketAddr> {
     let (destination, header_len, pseudo) = if ipv4 {
         let header_len = usize::from(*packet.first()? & 0x0f) * 4;
         let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
@@ -184,6 +207,14 @@ mod tests {
         let pseudo = sum(&packet[12..20]) + 6 + 20;
         assert!(verifies(&packet, 20, pseudo), "TCP checksum");
         assert_eq!(&packet[10..12], &SYN_V4[10..12]);
+    }
+
+    #[test]
+    fn a_packet_belongs_to_the_connection_of_its_destination() {
+        let tuple = tcp_tuple(&SYN_V4).expect("a TCP packet");
+        assert_eq!(tuple.local, "10.0.0.2:80".parse().unwrap());
+        assert_eq!(tuple.remote, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(tcp_tuple(&SYN_V4[..22]), None);
     }
 
     #[test]

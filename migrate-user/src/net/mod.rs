@@ -22,7 +22,7 @@ pub use announce::{
     ANNOUNCE_COUNT, ANNOUNCE_INTERVAL, MAX_ANNOUNCE_COUNT, MAX_ANNOUNCE_INTERVAL, announce,
     ethernet_link,
 };
-pub(crate) use inject::{InjectError, TcpInjector};
+pub(crate) use inject::{InjectError, TcpInjector, fix_checksums, tcp_tuple};
 pub use listener::listen_ahead;
 pub use netns::{Netns, NetnsError};
 pub use takeover::Takeover;

@@ -264,6 +264,12 @@ pub fn catch_up(
 ) -> Result<CatchUp, RepairError> {
     let size = fd_table_size(pid)?;
     let mut held = still_held(pid, taken)?;
+    // A filter that picks its connections one by one takes no new socket: when each taken one
+    // is still under its number, nothing else in the table matters (a rebalance that moves 10%
+    // of 10,000 connections would otherwise probe 9,000 fds, about 70 ms).
+    if filter.picks() && held.iter().all(|&h| h) {
+        return Ok(CatchUp::default());
+    }
     let mut checked = vec![false; size];
     for (&(fd, _, _), _) in taken.iter().zip(&held).filter(|(_, held)| **held) {
         if let Some(checked) = usize::try_from(fd).ok().and_then(|i| checked.get_mut(i)) {

@@ -7,10 +7,10 @@
 //! program on tc ingress drops them ([`Hold`], on the source). Its classic BPF filter takes the
 //! TCP segments to the service's address and port, from the freeze on; they wait in the
 //! socket's kernel queue, costing no CPU during the blackout. Once the destination is live, the
-//! source reads them, sends them over the migration link, and the destination writes them into
-//! its own stack through a raw IP socket ([`Replayer`]). docs/architecture.md says why this path
-//! was chosen over the others (forwarding frames to the destination's MAC, a tun device, a BPF
-//! qdisc). The hold is bounded ([`HoldBudget`]): past it, segments are dropped as without a
+//! source reads them and sends them out of its interface to the destination's MAC
+//! ([`Forwarder`]); what the destination's own freeze held goes into its stack through a raw IP
+//! socket ([`Replayer`]). docs/hold-replay.md says why these paths were chosen over the others (the
+//! migration link, a tun device, a BPF qdisc). The hold is bounded ([`HoldBudget`]): past it, segments are dropped as without a
 //! hold, and counted ([`HoldReport`]).
 mod capture;
 mod filter;
@@ -23,7 +23,7 @@ pub use self::{
     capture::Hold,
     filter::Segments,
     held::{HeldPackets, HoldBudget, HoldReport, MAX_PACKET},
-    replay::{ReplayReport, Replayer},
+    replay::{Forwarder, ReplayReport, Replayer},
 };
 use crate::{net::NetnsError, tuple::Addresses};
 
@@ -46,4 +46,6 @@ pub enum HoldError {
     },
     #[error("the held segments are corrupt at byte {at}")]
     Corrupt { at: usize },
+    #[error("opening a packet socket on {dev} to forward the held segments to the destination")]
+    Forward { dev: String, source: std::io::Error },
 }

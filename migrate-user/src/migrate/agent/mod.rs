@@ -19,7 +19,7 @@ use std::{
 
 pub use self::live::LiveConnections;
 use self::restore::{
-    Frozen, Ready, go_live, prepare, receive_and_restore, replay_held, restore_precopy,
+    Frozen, Ready, go_live, prepare, receive_and_restore, restore_precopy, tell_live,
 };
 use super::{
     AgentReport, FREEZE_TTL, MigrateError, MovedAddress, Privileged, Refusal, ServerSecurity,
@@ -164,10 +164,11 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
         listeners,
         replayer,
         hold,
-        steer_to,
+        mac,
     } = or_fail(&mut link, ready).await?;
     report.listener = !listeners.is_empty();
-    link.send(&Message::Prepared { steer_to }).await?;
+    let has_addresses = claim.has_addresses();
+    link.send(&Message::Prepared { mac, has_addresses }).await?;
     test_pause("agent-prepared");
     let mut ahead = HashMap::new();
     if request.precopy {
@@ -201,7 +202,7 @@ async fn run(config: &AgentConfig, netns: &Netns) -> Result<AgentOutcome, Migrat
     }
     let held_here = (hold, &replayer);
     let thawed = go_live(&claim, &groups, freeze, &frozen, held_here, &mut report)?;
-    replay_held(config, &mut link, &replayer, thawed, &mut report).await?;
+    tell_live(&mut link, thawed, &mut report).await?;
     (report.resident_kib, report.peak_resident_kib) = resident_memory();
     let committed = Message::Committed {
         report: Box::new(report.clone()),

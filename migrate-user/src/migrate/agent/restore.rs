@@ -48,9 +48,9 @@ pub(super) struct Ready<'a> {
     /// a rebalance: it captures by service, and would take the segments of this host's own
     /// connections to it).
     pub(super) hold: Option<Hold>,
-    /// In a rebalance, the MAC of the interface, where the source steers to (None when it is
-    /// not Ethernet).
-    pub(super) steer_to: Option<[u8; 6]>,
+    /// The MAC of the interface (None when it is not Ethernet): where the source forwards what
+    /// its freeze held, and in a rebalance steers to.
+    pub(super) mac: Option<[u8; 6]>,
 }
 
 /// How the addresses come to this host on the commit.
@@ -79,16 +79,10 @@ impl<'a> Claim<'a> {
         Ok(Claim::Move(takeovers))
     }
 
-    /// In a rebalance to a host without the addresses, the MAC the source steers to (None when
-    /// the interface is not Ethernet: a source that must steer refuses it, naming why). None
-    /// when this host has them: the connections come back, and it stops forwarding them.
-    fn steer_to(&self, netns: &Netns, dev: &str) -> Option<[u8; 6]> {
-        match self {
-            Claim::Quiet(_, quiet) if !quiet.holds_all() => {
-                net::ethernet_link(netns, dev).ok().map(|(_, mac)| mac)
-            }
-            _ => None,
-        }
+    /// In a rebalance, whether this host has the addresses already: the connections come back
+    /// to the host answering for them, which stops forwarding them.
+    pub(super) fn has_addresses(&self) -> bool {
+        matches!(self, Claim::Quiet(_, quiet) if quiet.holds_all())
     }
 
     /// The addresses here; in a rebalance, the connections of `frozen` out of this host's
@@ -226,7 +220,10 @@ pub(super) fn prepare<'a>(
     Ok(Ready {
         groups,
         freeze: freeze?,
-        steer_to: claim.steer_to(netns, &config.dev),
+        // A source that needs it refuses a None, naming why.
+        mac: net::ethernet_link(netns, &config.dev)
+            .ok()
+            .map(|(_, mac)| mac),
         claim,
         listeners,
         replayer: Replayer::open(netns, &services)?,
@@ -365,7 +362,7 @@ async fn receive_image(
 }
 
 /// Addresses and their announcements, unfreeze, repair off: the blackout ends. Returns the thawed
-/// freeze, removed later (detaching its programs takes milliseconds, see [`replay_held`]).
+/// freeze, removed later (detaching its programs takes milliseconds, see [`tell_live`]).
 ///
 /// The announcements go out together, right after the address, as keepalived sends its
 /// gratuitous ARPs: the interface is quiet then (the destination is still frozen), so one frame
@@ -440,66 +437,18 @@ fn replay(replayer: &Replayer, encoded: &[u8], report: &mut AgentReport) -> Resu
     Ok(())
 }
 
-/// Tells the source the connections are live, removes the (thawed) freeze, and replays what
-/// the source's freeze held into this host's stack, in arrival order: the early part (held up to
-/// GoingLive, sent meanwhile) first, then the rest. Past the commit nothing here may fail the
-/// migration: a hold that does not arrive costs only time (its senders retransmit).
-pub(super) async fn replay_held(
-    config: &AgentConfig,
+/// Tells the source the connections are live (it forwards what its freeze held to this host's
+/// MAC from then on, straight into this host's stack) and removes the thawed freeze: its detach
+/// (25-30 ms) is left to a keeper process, off the hand-over's path.
+pub(super) async fn tell_live(
     link: &mut Link,
-    replayer: &Replayer,
     thawed: Freeze,
     report: &mut AgentReport,
 ) -> Result<(), MigrateError> {
     if let Err(error) = link.send(&Message::Live).await {
         tracing::warn!(%error, "telling the source the connections are live");
     }
-    let mut thawed = Some(thawed);
-    for batch in 0..2 {
-        let replayed = replay_batch(config, link, replayer, report).await;
-        // Out of the way of the early batch, and meanwhile the source reads the rest; the
-        // detach itself (25-30 ms) is left to a keeper process, off the hand-over's path.
-        if let Some(freeze) = thawed.take() {
-            report.dropped = freeze.counters()?.into();
-            freeze.remove_in_background()?;
-        }
-        match replayed {
-            Ok(true) => break,
-            Ok(false) if batch == 0 => {}
-            Ok(false) => tracing::warn!("the source sent held segments past its last batch"),
-            Err(error) => {
-                tracing::warn!(%error, "replaying the source's held segments; their senders retransmit them");
-                break;
-            }
-        }
-    }
+    report.dropped = thawed.counters()?.into();
+    thawed.remove_in_background()?;
     Ok(())
-}
-
-/// One batch of held segments, replayed; says whether it was the last.
-async fn replay_batch(
-    config: &AgentConfig,
-    link: &mut Link,
-    replayer: &Replayer,
-    report: &mut AgentReport,
-) -> Result<bool, MigrateError> {
-    let waiting = "waiting for the held segments";
-    let (bytes, last) = match link.recv_message(waiting, None).await? {
-        Message::Held { bytes, last, .. } if bytes <= config.max_image_bytes => (bytes, last),
-        Message::Held { .. } => {
-            return Err(MigrateError::ImageTooLarge {
-                limit: config.max_image_bytes,
-            });
-        }
-        other => return Err(link.unexpected(waiting, &other)),
-    };
-    let mut encoded = BytesMut::with_capacity(bytes as usize);
-    while (encoded.len() as u64) < bytes {
-        match link.recv(waiting, None).await? {
-            Frame::Image(piece) => encoded.extend_from_slice(&piece),
-            Frame::Message(other) => return Err(link.unexpected(waiting, &other)),
-        }
-    }
-    replay(replayer, &encoded, report)?;
-    Ok(last)
 }

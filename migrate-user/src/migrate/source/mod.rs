@@ -24,12 +24,12 @@ use super::{
     Token, check_privileges,
     guard::{Guardian, Note, Plan},
     millis, require_token_in_plaintext, resident_memory, test_pause,
-    transport::{ExpectedService, IMAGE_PIECE, Link, Message, PROTOCOL_VERSION},
+    transport::{ExpectedService, Link, Message, PROTOCOL_VERSION},
 };
 use crate::{
     freeze::{
         Freeze, RemoveOnDrop,
-        hold::{HeldPackets, Hold, HoldBudget},
+        hold::{Forwarder, HeldPackets, Hold, HoldBudget},
     },
     net::{self, Netns},
     repair::{self, DumpedSockets, PreparedDump, StateReader},
@@ -144,6 +144,8 @@ struct Held {
     freeze: RemoveOnDrop,
     /// Opened before the freeze, holding from it on (None with a budget of nothing).
     hold: Option<Hold>,
+    /// Where the hold goes, opened on Prepared (None without a hold, or without the agent's MAC).
+    forwarder: Option<Forwarder>,
     /// The dump's socket reader, loaded before the application stops.
     reader: StateReader,
     stopped: Vec<StoppedTree>,
@@ -306,11 +308,9 @@ async fn guarded(
     let port = distinct(services.iter().map(SocketAddr::port));
     let held = Held {
         freeze: RemoveOnDrop::new(Freeze::attach(netns, &config.dev, name)?),
-        // A hold captures by service: it would take the segments of the connections that stay.
-        hold: match rebalancing {
-            Some(_) => None,
-            None => open_hold(config, netns, &services)?,
-        },
+        // In a rebalance it takes every segment to the services, and forwards only those of
+        // the moved connections.
+        hold: open_hold(config, netns, &services)?,
         reader: StateReader::load(if port.len() == 1 {
             port.first().copied()
         } else {
@@ -320,6 +320,7 @@ async fn guarded(
         shards: Vec::new(),
         address_deleted: false,
         stopped_at: None,
+        forwarder: None,
     };
     let report = Report::started(config.pids.clone(), services.clone(), link.peer());
     let mut run = Run {
@@ -352,7 +353,8 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
         ..
     } = run;
     let commit_sent = Instant::now();
-    let committed = match send_held(link, held.hold.take(), &mut report).await {
+    let forwarding = forward_held(link, held.hold.take(), held.forwarder.take(), &mut report);
+    let committed = match forwarding.await {
         Ok(()) => {
             link.recv_message("waiting for the agent to commit", None)
                 .await
@@ -383,13 +385,15 @@ async fn finish(run: Run<'_>) -> Result<Report, MigrateError> {
     Ok(report)
 }
 
-/// Sends what the freeze held for the agent to replay: what came during the blackout at once,
-/// while the agent goes live, and the rest once it says Live (its sockets out of repair mode,
-/// its address announced, so nothing more comes here). A hold that cannot be read costs only
-/// time: its segments are retransmitted by their senders, as without a hold.
-async fn send_held(
+/// Forwards what the freeze held to the agent's MAC once it says Live (its sockets out of repair
+/// mode, its address announced): its kernel takes the segments as if the clients had just sent
+/// them there. What came during the blackout is read while the agent goes live, the rest (what
+/// reached this host until the clients learned the new address) after Live. A hold that cannot
+/// be read or forwarded costs only time: its senders retransmit, as without a hold.
+async fn forward_held(
     link: &mut Link,
     mut hold: Option<Hold>,
+    forwarder: Option<Forwarder>,
     report: &mut Report,
 ) -> Result<(), MigrateError> {
     let early = match hold.as_mut().map(Hold::take).transpose() {
@@ -400,9 +404,6 @@ async fn send_held(
             HeldPackets::default()
         }
     };
-    send_held_batch(link, &early, false).await?;
-    // Most of what was held: gone before the rest is read.
-    drop(early);
     let waiting = "waiting for the agent to go live";
     match link.recv_message(waiting, None).await? {
         Message::Live => {}
@@ -419,27 +420,18 @@ async fn send_held(
             HeldPackets::default()
         }
     };
-    let sent = send_held_batch(link, &rest, true).await;
+    if let Some(forwarder) = forwarder {
+        let started = Instant::now();
+        for held in [&early, &rest] {
+            match HeldPackets::decode(held.encoded()) {
+                Ok(packets) => report.forwarded.absorb(forwarder.forward(&packets)),
+                Err(error) => tracing::warn!(%error, "forwarding the held segments"),
+            }
+        }
+        report.phases.forward_ms = millis(started.elapsed());
+    }
     if let Some(hold) = hold {
         hold.close_in_background();
-    }
-    sent
-}
-
-async fn send_held_batch(
-    link: &mut Link,
-    packets: &HeldPackets,
-    last: bool,
-) -> Result<(), MigrateError> {
-    let encoded = packets.encoded();
-    link.send(&Message::Held {
-        packets: packets.len() as u64,
-        bytes: encoded.len() as u64,
-        last,
-    })
-    .await?;
-    for piece in encoded.chunks(IMAGE_PIECE) {
-        link.send_image(piece).await?;
     }
     Ok(())
 }

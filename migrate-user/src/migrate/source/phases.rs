@@ -15,7 +15,7 @@ use super::{
     shard_work::{Known, catch_up_process, held_unmovable, prepare_process, take_accepted},
 };
 use crate::{
-    freeze::hold::Segments,
+    freeze::hold::{Forwarder, Segments},
     migrate::{
         FREEZE_TTL, LeftConnection, MigrateError, MovedAddress, Report, StoppedTree,
         guard::{Guardian, Note},
@@ -94,9 +94,15 @@ impl<'r, 'a> Prepared<'r, 'a> {
     async fn wait(run: &'r mut Run<'a>) -> Result<Self, MigrateError> {
         let step = "waiting for the agent to prepare";
         match run.link.recv_message(step, None).await? {
-            Message::Prepared { steer_to } => {
+            Message::Prepared { mac, has_addresses } => {
                 if let Some(rebalancing) = &mut run.rebalancing {
-                    rebalancing.prepared(run.netns, &run.config.dev, steer_to)?;
+                    rebalancing.prepared(run.netns, &run.config.dev, mac, has_addresses)?;
+                }
+                if let (Some(_), Some(mac)) = (&run.held.hold, mac) {
+                    let (dev, services) = (&run.config.dev, &run.services);
+                    let only = run.rebalancing.as_ref().map(|r| Arc::clone(&r.picked));
+                    let forwarder = Forwarder::open(run.netns, dev, mac, services, only)?;
+                    run.held.forwarder = Some(forwarder);
                 }
                 Ok(Self(run))
             }
@@ -167,11 +173,11 @@ impl<'r, 'a> Discovered<'r, 'a> {
         let run = self.0;
         let at = Instant::now();
         run.guardian.note(&Note::Stopping)?;
-        if let Some(hold) = &mut run.held.hold {
-            hold.begin(Segments::Syns)?;
-        }
         // In a rebalance new connections stay here.
         if run.rebalancing.is_none() {
+            if let Some(hold) = &mut run.held.hold {
+                hold.begin(Segments::Syns)?;
+            }
             run.held
                 .freeze
                 .freeze_new_connections(&run.services, FREEZE_TTL)?;

@@ -93,26 +93,26 @@ impl Rebalancing {
         self.name.clone()
     }
 
-    /// On the agent's Prepared: `steer_to` is its MAC when it does not hold the addresses yet.
-    /// Then the moved connections' segments must reach it through this host: the steering is
-    /// attached now, before the application stops (loading the program takes milliseconds).
-    /// When the host holding them answers here, this host must steer; when the agent holds them
-    /// (a move back to the host that forwarded them here), nothing forwards to it.
+    /// On the agent's Prepared. When its host lacks the addresses, the moved connections'
+    /// segments must reach it through this host: the steering is attached now, before the
+    /// application stops (loading the program takes milliseconds), to its `mac`. When it has
+    /// them (a move back to the host that forwarded them here), nothing forwards to it.
     pub(super) fn prepared(
         &mut self,
         netns: &Netns,
         dev: &str,
-        steer_to: Option<[u8; 6]>,
+        mac: Option<[u8; 6]>,
+        has_addresses: bool,
     ) -> Result<(), MigrateError> {
-        match (steer_to, self.answers) {
-            (None, true) => Err(MigrateError::NoSteerTarget),
-            (None, false) => Ok(()),
-            (Some(mac), _) => {
-                self.steering = Some(Steering::attach(netns, dev, &self.name)?);
-                self.steer_to = Some(mac);
-                Ok(())
-            }
+        match (has_addresses, self.answers) {
+            (true, true) => return Err(MigrateError::AddressOnBothHosts),
+            (true, false) => return Ok(()),
+            _ => {}
         }
+        let mac = mac.ok_or(MigrateError::NoSteerTarget)?;
+        self.steering = Some(Steering::attach(netns, dev, &self.name)?);
+        self.steer_to = Some(mac);
+        Ok(())
     }
 
     /// How many of the picked connections are on each of `services`: the agent's pools.
