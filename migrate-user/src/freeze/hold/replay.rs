@@ -35,6 +35,17 @@ pub struct ReplayReport {
 }
 
 impl ReplayReport {
+    /// Counts one packet's outcome.
+    fn count(&mut self, sent: Result<(), InjectError>, services: &[SocketAddr]) {
+        match sent {
+            Ok(()) => self.replayed += 1,
+            Err(error) => {
+                self.failed += 1;
+                (self.first_failure).get_or_insert_with(|| failure(&error, services));
+            }
+        }
+    }
+
     /// Adds the counts of another replay (the first failure stays the first).
     pub fn absorb(&mut self, other: ReplayReport) {
         self.replayed += other.replayed;
@@ -76,15 +87,7 @@ impl Replayer {
         for packet in packets {
             scratch.clear();
             scratch.extend_from_slice(packet);
-            match self.send(&mut scratch) {
-                Ok(()) => report.replayed += 1,
-                Err(error) => {
-                    report.failed += 1;
-                    report
-                        .first_failure
-                        .get_or_insert_with(|| failure(&error, &self.services));
-                }
-            }
+            report.count(self.send(&mut scratch), &self.services);
         }
         report
     }
@@ -169,15 +172,7 @@ impl Forwarder {
                 report.stayed += 1;
                 continue;
             }
-            match self.send(packet, &mut frame) {
-                Ok(()) => report.replayed += 1,
-                Err(error) => {
-                    report.failed += 1;
-                    report
-                        .first_failure
-                        .get_or_insert_with(|| failure(&error, &self.services));
-                }
-            }
+            report.count(self.send(packet, &mut frame), &self.services);
         }
         report
     }

@@ -409,6 +409,10 @@ async fn forward_held(
         Message::Live => {}
         other => return Err(link.unexpected(waiting, &other)),
     }
+    let started = Instant::now();
+    // What came during the blackout goes at once; the rest is read after.
+    forward(forwarder.as_ref(), &early, report);
+    drop(early);
     let rest = match hold.as_mut().map(Hold::finish).transpose() {
         Ok(Some((rest, hold))) => {
             report.hold = hold;
@@ -420,20 +424,24 @@ async fn forward_held(
             HeldPackets::default()
         }
     };
-    if let Some(forwarder) = forwarder {
-        let started = Instant::now();
-        for held in [&early, &rest] {
-            match HeldPackets::decode(held.encoded()) {
-                Ok(packets) => report.forwarded.absorb(forwarder.forward(&packets)),
-                Err(error) => tracing::warn!(%error, "forwarding the held segments"),
-            }
-        }
-        report.phases.forward_ms = millis(started.elapsed());
-    }
+    forward(forwarder.as_ref(), &rest, report);
+    report.phases.forward_ms = millis(started.elapsed());
     if let Some(hold) = hold {
         hold.close_in_background();
     }
     Ok(())
+}
+
+/// Sends `held` to the agent by `forwarder`, counted in the report (without a forwarder, the
+/// agent's interface has no MAC: the senders retransmit).
+fn forward(forwarder: Option<&Forwarder>, held: &HeldPackets, report: &mut Report) {
+    let Some(forwarder) = forwarder else {
+        return;
+    };
+    match HeldPackets::decode(held.encoded()) {
+        Ok(packets) => report.forwarded.absorb(forwarder.forward(&packets)),
+        Err(error) => tracing::warn!(%error, "forwarding the held segments"),
+    }
 }
 
 /// The hold of `config`, opened on the services' interface (None with a budget of nothing).
