@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{DiagSocket, RepairError, TakenSocket, TcpState, diag, discover, discover::Filter};
+use super::{DiagSocket, Filter, RepairError, TakenSocket, TcpState, diag, discover};
 use crate::net::Netns;
 
 /// sock_diag state bits of handshakes in progress: SYN_SENT, SYN_RECV (a Fast Open child) and

@@ -22,6 +22,7 @@ mod btf;
 mod diag;
 mod discover;
 mod dump;
+mod filter;
 mod kernel_state;
 mod restore;
 mod unmovable;
@@ -34,10 +35,11 @@ pub use self::{
     accept_queue::{AcceptPlan, HANDSHAKE_BOUND, Waiting, wait_until},
     diag::DiagSocket,
     discover::{
-        CatchUp, Discovery, Filter, SocketsByInode, Taken, TakenSocket, catch_up,
-        count_connections, discover, discover_among, list_tcp_sockets,
+        CatchUp, Discovery, SocketsByInode, Taken, TakenSocket, catch_up, count_connections,
+        discover, discover_among, list_tcp_sockets,
     },
     dump::{DumpedSockets, PreparedDump, dump, prepare_dump},
+    filter::Filter,
     kernel_state::{SocketState, StateReader},
     restore::{
         Committed, RestoredAhead, RestoredSocket, RestoredSockets, SocketPool, restore,

@@ -6,7 +6,7 @@
 //! nothing to move.
 use std::fmt;
 
-use super::{RepairError, TcpState, discover::Filter};
+use super::{Filter, RepairError, TcpState};
 use crate::{net::Netns, tuple::Tuple};
 
 /// Why a connection does not move.
