@@ -133,7 +133,7 @@ fn frozen_service_holds_everything(ipv6: bool) -> Result<()> {
     );
 
     let status = status_json(&bed)?;
-    let counters = &status[0]["counters"];
+    let counters = &status["freezes"][0]["counters"];
     ensure!(counters["syn_dropped"].as_u64() >= Some(3), "{counters}");
     ensure!(counters["ingress_dropped"].as_u64() > Some(0), "{counters}");
     ensure!(counters["egress_dropped"].as_u64() > Some(0), "{counters}");
@@ -314,7 +314,7 @@ fn ten_freezes_attach_one_program_per_direction() -> Result<()> {
     let attached = freeze::attached_programs(&Netns::open(bed.source().name())?, IFACE)?;
     ensure!(attached.len() == 2, "attached: {attached:?}");
     let status = status_json(&bed)?;
-    ensure!(status[0]["services"].as_array().map(Vec::len) == Some(10));
+    ensure!(status["freezes"][0]["services"].as_array().map(Vec::len) == Some(10));
     tcpmig_ok(["unfreeze", "--netns", bed.source().name(), "--name", &name])?;
     nothing_left(&bed, &name)
 }
@@ -396,7 +396,7 @@ fn tuples_of_pid_freezes_that_process_only() -> Result<()> {
         "--deadline",
         "120",
     ])?;
-    ensure!(status_json(&bed)?[0]["tuple_count"].as_u64() == Some(N as u64));
+    ensure!(status_json(&bed)?["freezes"][0]["tuple_count"].as_u64() == Some(N as u64));
 
     traffic.send_all(MORE)?;
     // The port itself is not frozen: a new connection still gets the kernel's handshake.

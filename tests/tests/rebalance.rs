@@ -33,7 +33,7 @@ use tcpmig::{
 };
 use tcpmig_testbed::{
     Host, IFACE, LoadConfig, LoadReport, LoadRun, ProbeArgs, ProbeRun, TcpCounters, TestBed,
-    TokenFile, echo::HandoffEcho, tcpmig_bin,
+    TokenFile, echo::HandoffEcho, tcpmig_bin, tcpmig_ok,
 };
 
 /// The service's connections, and the destination application's own.
@@ -284,8 +284,19 @@ fn rebalance_under_load(
         run.destination.handed(COMMAND_TIMEOUT)? == expected,
         "the destination's server did not take them all"
     );
-    let steering = report["rebalance"]["steering"].as_str().map(str::to_owned);
-    ensure!(steering.is_some(), "no steering: {report}");
+    let steering = report["rebalance"]["steering"]
+        .as_str()
+        .context("no steering")?;
+    // `tcpmig status` shows the steering and each connection it forwards.
+    let status = tcpmig_ok(["status", "--json", "--netns", bed.source().name()])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    let shown = &status["steerings"][0];
+    ensure!(
+        shown["name"] == steering
+            && shown["dev"] == IFACE
+            && shown["connections"].as_array().map(Vec::len) == Some(expected),
+        "tcpmig status showed {status}"
+    );
     // The moved connections are the destination server's, the others still the source's.
     let (moved, held) = held_by(bed.destination(), service, run.destination.pid())?;
     ensure!(
@@ -320,9 +331,16 @@ fn rebalance_under_load(
         Then::Back => move_back(&mut run, &bed, expected)?,
         Then::On => move_on(&mut run, &bed, expected)?,
     }
+    let mut counts = Vec::new();
+    for host in [bed.client(), bed.source(), bed.destination(), bed.third()] {
+        counts.push((
+            host.tcp_counter("OutRsts")?,
+            host.tcp_counter("EstabResets")?,
+        ));
+    }
     ensure!(
         sent_or_seen_resets(&bed)? == resets_before,
-        "resets: {} before, {} after",
+        "resets: {} before, {} after; (OutRsts, EstabResets) of client, source, destination, third: {counts:?}",
         resets_before,
         sent_or_seen_resets(&bed)?
     );

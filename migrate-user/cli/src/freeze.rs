@@ -73,10 +73,10 @@ pub struct UnfreezeArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Only freezes in this namespace (name under /run/netns or path).
+    /// Only freezes and steerings in this namespace (name under /run/netns or path).
     #[arg(long, value_name = "NS")]
     netns: Option<String>,
-    /// Print the result as JSON.
+    /// Print the result as JSON: `{"freezes": [...], "steerings": [...]}`.
     #[arg(long)]
     json: bool,
 }
@@ -190,8 +190,12 @@ pub fn unfreeze(args: UnfreezeArgs) -> anyhow::Result<()> {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let netns = args.netns.as_deref().map(Netns::open).transpose()?;
     let statuses = freeze::statuses(netns.as_ref())?;
+    let steerings = freeze::steering_statuses(netns.as_ref())?;
     if args.json {
-        return print_json(&statuses);
+        return print_json(&serde_json::json!({
+            "freezes": statuses,
+            "steerings": steerings,
+        }));
     }
     if statuses.is_empty() {
         println!("no freeze");
@@ -199,7 +203,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     for status in &statuses {
         print_status(status);
     }
-    super::steer::print_steerings()
+    super::steer::print_steerings(&steerings);
+    Ok(())
 }
 
 fn print_status(status: &FreezeStatus) {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use tcpmig::freeze::{Steered, Steering};
+use tcpmig::freeze::{SteeredStatus, Steering, SteeringStatus};
 
 use super::migrate::seconds;
 
@@ -33,37 +33,39 @@ pub fn keeper(args: KeeperArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The steerings of this host, for `tcpmig status`.
-pub fn print_steerings() -> anyhow::Result<()> {
-    for name in Steering::list()? {
-        let entries = Steering::open(&name)?.entries()?;
-        let packets: u64 = entries.iter().map(|e| e.packets).sum();
+/// The steerings, as `tcpmig status` prints them.
+pub fn print_steerings(steerings: &[SteeringStatus]) {
+    for steering in steerings {
+        let segments: u64 = steering.connections.iter().map(|c| c.segments).sum();
         println!(
-            "steering {name}: {} connection(s) forwarded, {packets} segment(s) so far",
-            entries.len()
+            "steering {} on {}: {} connection(s) forwarded, {segments} segment(s) so far",
+            steering.name,
+            steering.dev.as_deref().unwrap_or("?"),
+            steering.connections.len()
         );
-        for entry in entries.iter().take(STATUS_LIST_MAX) {
-            println!("  {}", entry_text(entry));
+        for connection in steering.connections.iter().take(STATUS_LIST_MAX) {
+            println!("  {}", connection_text(connection));
         }
-        if entries.len() > STATUS_LIST_MAX {
-            println!("  ... and {} more", entries.len() - STATUS_LIST_MAX);
+        if steering.connections.len() > STATUS_LIST_MAX {
+            println!(
+                "  ... and {} more",
+                steering.connections.len() - STATUS_LIST_MAX
+            );
         }
     }
-    Ok(())
 }
 
 /// Status lists connections one by one only up to this many.
 const STATUS_LIST_MAX: usize = 32;
 
-fn entry_text(entry: &Steered) -> String {
-    let mac = entry.dst_mac.map(|b| format!("{b:02x}")).join(":");
-    let ended = match (entry.rst, entry.fin) {
+fn connection_text(c: &SteeredStatus) -> String {
+    let ended = match (c.client_reset, c.client_closed) {
         (true, _) => ", reset by the client",
         (false, true) => ", closed by the client",
         _ => "",
     };
     format!(
-        "{} <-> {} to {mac}: {} segment(s){ended}",
-        entry.tuple.local, entry.tuple.remote, entry.packets
+        "{} <-> {} to {}: {} segment(s), quiet {:.1} s{ended}",
+        c.local, c.remote, c.to_mac, c.segments, c.quiet_s
     )
 }

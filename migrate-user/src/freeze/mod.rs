@@ -48,7 +48,10 @@ pub use self::{
     attach::{attached_programs, check_privileges, test_run_ingress},
     entries::{service_key, tuple_key, unfrozen},
     pins::{PIN_ROOT, ensure_bpffs},
-    status::{Counters, FreezeStatus, FrozenEntry, statuses},
+    status::{
+        Counters, FreezeStatus, FrozenEntry, SteeredStatus, SteeringStatus, statuses,
+        steering_statuses,
+    },
     steer::{NextHop, STEER_ROOT, SteerCost, Steered, Steering},
 };
 use crate::{

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use migrate_common::{Counter, FreezeValue, SCOPE_NEW_CONNECTIONS, ServiceKey, TupleKey};
 use serde::Serialize;
 
-use super::{Freeze, FreezeError, FreezeInfo, entries::socket_addr, infos};
+use super::{Freeze, FreezeError, FreezeInfo, Steering, entries::socket_addr, infos};
 use crate::{net::Netns, sys};
 
 /// Status lists tuples one by one only up to this many.
@@ -107,6 +107,61 @@ pub fn statuses(netns: Option<&Netns>) -> Result<Vec<FreezeStatus>, FreezeError>
         .into_iter()
         .map(|info| Freeze::open_with(info)?.status())
         .collect()
+}
+
+/// A rebalance's steering as `tcpmig status` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SteeringStatus {
+    pub name: String,
+    /// The interface it is attached to, and its namespace's inode (None when its note is gone).
+    pub dev: Option<String>,
+    pub netns_inode: Option<u64>,
+    pub connections: Vec<SteeredStatus>,
+}
+
+/// One steered connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct SteeredStatus {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Where its segments go.
+    pub to_mac: String,
+    pub segments: u64,
+    /// Seconds since its last segment (or its steering).
+    pub quiet_s: f64,
+    pub client_closed: bool,
+    pub client_reset: bool,
+}
+
+/// Every steering, or those attached in `netns`.
+pub fn steering_statuses(netns: Option<&Netns>) -> Result<Vec<SteeringStatus>, FreezeError> {
+    let names = match netns {
+        Some(netns) => Steering::list_in(netns)?,
+        None => Steering::list()?,
+    };
+    let now = sys::monotonic_now().as_nanos() as f64;
+    let mut statuses = Vec::with_capacity(names.len());
+    for name in names {
+        let place = Steering::place(&name);
+        let connections = (Steering::open(&name)?.entries()?.into_iter())
+            .map(|e| SteeredStatus {
+                local: e.tuple.local,
+                remote: e.tuple.remote,
+                to_mac: e.dst_mac.map(|b| format!("{b:02x}")).join(":"),
+                segments: e.packets,
+                quiet_s: (now - e.last_ns as f64) / 1e9,
+                client_closed: e.fin,
+                client_reset: e.rst,
+            })
+            .collect();
+        statuses.push(SteeringStatus {
+            name,
+            netns_inode: place.as_ref().map(|(inode, _)| *inode),
+            dev: place.map(|(_, dev)| dev),
+            connections,
+        });
+    }
+    Ok(statuses)
 }
 
 fn frozen_entry(

@@ -107,11 +107,16 @@ impl Steering {
     /// The steerings attached in `netns`.
     pub fn list_in(netns: &Netns) -> Result<Vec<String>, FreezeError> {
         let mut names = Self::list()?;
-        names.retain(|name| {
-            let place = fs::read_to_string(Path::new(PLACE_ROOT).join(name)).unwrap_or_default();
-            place.split_whitespace().next() == Some(&netns.inode().to_string())
-        });
+        names.retain(|name| Self::place(name).is_some_and(|(inode, _)| inode == netns.inode()));
         Ok(names)
+    }
+
+    /// Where the steering `name` is attached: its network namespace's inode and interface (None
+    /// for one whose note is gone).
+    pub fn place(name: &str) -> Option<(u64, String)> {
+        let place = fs::read_to_string(Path::new(PLACE_ROOT).join(name)).ok()?;
+        let (inode, dev) = place.trim().split_once(' ')?;
+        Some((inode.parse().ok()?, dev.to_owned()))
     }
 
     /// Opens the steering `name`, from any process.
