@@ -48,6 +48,8 @@ const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const OTHER_CLIENTS: &str = "198.18.0.192/28";
 /// Of the service's connections, those from [`OTHER_CLIENT`] in that test.
 const FROM_OTHER: usize = 300;
+/// Read by the test's own thread: the root namespace's, which no agent may change.
+const ROOT_ARP_IGNORE: &str = "/proc/sys/net/ipv4/conf/all/arp_ignore";
 
 /// The servers, the loads on them and the link's token.
 struct Rebalance<'bed> {
@@ -259,6 +261,7 @@ fn rebalance_under_load(
     expected: usize,
     then: Then,
 ) -> Result<()> {
+    let root_arp_ignore = std::fs::read_to_string(ROOT_ARP_IGNORE)?;
     let bed = TestBed::new()?;
     if from_other > 0 {
         let client = Netns::open(bed.client().name())?;
@@ -296,6 +299,20 @@ fn rebalance_under_load(
             && shown["dev"] == IFACE
             && shown["connections"].as_array().map(Vec::len) == Some(expected),
         "tcpmig status showed {status}"
+    );
+    // The destination holds the address quietly: its ARP answers only for the addresses of the
+    // interface asked on, and the machine's own setting is untouched.
+    let destination = bed.destination();
+    for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        let key = format!("net.ipv4.conf.all.{key}");
+        ensure!(
+            destination.sysctl(&key)? == value,
+            "{key} on the destination"
+        );
+    }
+    ensure!(
+        std::fs::read_to_string(ROOT_ARP_IGNORE)? == root_arp_ignore,
+        "the agent changed the root namespace's arp_ignore"
     );
     // The moved connections are the destination server's, the others still the source's.
     let (moved, held) = held_by(bed.destination(), service, run.destination.pid())?;

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The hidden subcommand of the tcpmig binary that sweeps a steering until it is empty
-/// ([`crate::freeze::keep_steering`]).
+/// ([`crate::freeze::Steering::keep`]).
 pub const STEER_KEEPER_COMMAND: &str = "steer-keeper";
 
 /// How a rebalance chooses and then follows its connections (`--keep-address`).
