@@ -19,12 +19,12 @@ mod support;
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
-use support::{AGENT_PORT, COMMAND_TIMEOUT, PEER, Running, insecure};
+use support::{AGENT_PORT, COMMAND_TIMEOUT, PEER, Running, Scratch, insecure};
 use tcpmig::{
     freeze::Steering,
     net::{self, Netns},
@@ -61,23 +61,23 @@ struct Rebalance<'bed> {
     service_loads: Vec<LoadRun<'bed>>,
     own_load: LoadRun<'bed>,
     token: TokenFile,
-    dir: PathBuf,
+    /// The hand-over sockets, removed with it.
+    dir: Scratch,
 }
 
 impl<'bed> Rebalance<'bed> {
     /// Servers up, then the loads: `from_other` of the service's connections from
     /// [`OTHER_CLIENT`], the rest from the client's own address.
     fn start(bed: &'bed TestBed, from_other: usize) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("tcpmig-{}-rebalance", bed.prefix()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = Scratch::new(bed)?;
         let service = SocketAddr::new(TestBed::service(false), PORT);
         let own = SocketAddr::new(bed.destination().v4().into(), PORT);
         let peer = Path::new(PEER);
-        let source = HandoffEcho::start(bed.source(), peer, service, &dir.join("source.sock"))?;
+        let source = HandoffEcho::start(bed.source(), peer, service, &dir.path("source.sock"))?;
         let destination =
-            HandoffEcho::start(bed.destination(), peer, own, &dir.join("destination.sock"))?;
+            HandoffEcho::start(bed.destination(), peer, own, &dir.path("destination.sock"))?;
         let third_own = SocketAddr::new(bed.third().v4().into(), PORT);
-        let third = HandoffEcho::start(bed.third(), peer, third_own, &dir.join("third.sock"))?;
+        let third = HandoffEcho::start(bed.third(), peer, third_own, &dir.path("third.sock"))?;
         let config = |first_id: usize, from: Option<IpAddr>| LoadConfig {
             duration: LOAD_DURATION,
             first_id: first_id as u32,
@@ -167,7 +167,7 @@ impl<'bed> Rebalance<'bed> {
     }
 
     /// Every load ran to its end with every message echoed byte-exact on every connection.
-    fn finish_loads(self) -> Result<PathBuf> {
+    fn finish_loads(self) -> Result<()> {
         let mut reports: Vec<LoadReport> = Vec::new();
         for load in self.service_loads {
             reports.push(load.finish()?);
@@ -181,7 +181,7 @@ impl<'bed> Rebalance<'bed> {
                 "the clients lost connections or bytes: {report:#?}"
             );
         }
-        Ok(self.dir)
+        Ok(())
     }
 }
 
@@ -272,7 +272,7 @@ fn rebalance_under_load(
     let counters = TcpCounters::read_in(bed.client())?;
     let service = Rebalance::service();
     let prober = ProbeRun::start(bed.client(), Path::new(PEER), &ProbeArgs::new(service))?;
-    let to_destination = (bed.destination(), run.dir.join("destination.sock"));
+    let to_destination = (bed.destination(), run.dir.path("destination.sock"));
     let report = run.rebalance(
         (bed.source(), run.source.pid()),
         (to_destination.0, &to_destination.1),
@@ -361,10 +361,8 @@ fn rebalance_under_load(
         resets_before,
         sent_or_seen_resets(&bed)?
     );
-    let dir = run.finish_loads()?;
-    steerings_gone(&bed, Duration::from_secs(20))?;
-    let _ = std::fs::remove_dir_all(dir);
-    Ok(())
+    run.finish_loads()?;
+    steerings_gone(&bed, Duration::from_secs(20))
 }
 
 /// All of the service's connections on the destination go back to the source (`Then::Back`) or
@@ -381,7 +379,7 @@ fn move_all_from_destination(
         _ => (bed.source(), "source.sock"),
     };
     let from = (bed.destination(), run.destination.pid());
-    let report = run.rebalance(from, (to, &run.dir.join(socket)), &[])?;
+    let report = run.rebalance(from, (to, &run.dir.path(socket)), &[])?;
     ensure!(report["kept"] == expected, "moved: {report}");
     let server = match then {
         Then::On => &mut run.third,
@@ -446,7 +444,7 @@ fn a_rebalance_that_fails_after_the_steering_rolls_back() -> Result<()> {
     let (client, source) = (bed.client(), bed.source());
     let client_before = client.tcp_counter("EstabResets")? + client.tcp_counter("OutRsts")?;
     let source_before = source.tcp_counter("OutRsts")?;
-    let (to, handoff) = (bed.destination(), run.dir.join("destination.sock"));
+    let (to, handoff) = (bed.destination(), run.dir.path("destination.sock"));
     let mut agent = run.agent_command(to, &handoff)?;
     agent.env("TCPMIG_TEST_PAUSE_AT", "agent-commit");
     let mut agent = Running::spawn(to, agent)?;
@@ -485,9 +483,7 @@ fn a_rebalance_that_fails_after_the_steering_rolls_back() -> Result<()> {
             && source.tcp_counter("OutRsts")? == source_before,
         "connections reset by the rollback"
     );
-    let dir = run.finish_loads()?;
-    let _ = std::fs::remove_dir_all(dir);
-    Ok(())
+    run.finish_loads()
 }
 
 #[test]
