@@ -155,15 +155,19 @@ impl Steering {
         Ok(())
     }
 
-    /// Stops forwarding `tuples`; one that is not steered is no error.
-    pub fn unsteer(&mut self, tuples: &[Tuple]) -> Result<(), FreezeError> {
+    /// Stops forwarding `tuples`; one that is not steered is no error (the kernel says ENOENT).
+    /// Returns how many were.
+    pub fn unsteer(&mut self, tuples: &[Tuple]) -> Result<usize, FreezeError> {
+        let mut removed = 0;
         for tuple in tuples {
             match self.map.remove(&tuple_key(tuple)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::SyscallError(error))
+                    if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(error) => return Err(error.into()),
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Every steered connection.

@@ -84,10 +84,7 @@ fn at_least(key: &str, value: u32) -> io::Result<()> {
 pub(super) fn take_back(netns: &Netns, tuples: &[Tuple]) -> Result<usize, MigrateError> {
     let mut taken = 0;
     for name in Steering::list_in(netns)? {
-        let mut steering = Steering::open(&name)?;
-        let before = steering.entries()?.len();
-        steering.unsteer(tuples)?;
-        taken += before - steering.entries()?.len();
+        taken += Steering::open(&name)?.unsteer(tuples)?;
     }
     Ok(taken)
 }
